@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Iterable, Mapping, Sequence, TypeVar
 
 import numpy as np
 
+from mlink.models.assets import AssetStore, default_store
 from mlink.models.spec import OutputSpec
 
 # One model output for one frame: output name -> array that matches that output's spec.
@@ -65,7 +66,10 @@ class BlackBoxModel(abc.ABC):
     assets: ClassVar[tuple[str, ...]] = ()
     description: ClassVar[str] = ""
 
-    def __init__(self, **params: Any) -> None:
+    def __init__(self, store: AssetStore | None = None, **params: Any) -> None:
+        # Assets are resolved at load time, not here, so listing or configuring a model never
+        # touches the disk or the network.
+        self.store = store if store is not None else default_store()
         self.params = dict(params)
         self.device = "cpu"
         self._loaded = False

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import cv2
 import numpy as np
+
+if TYPE_CHECKING:
+    from mlink.models.assets import AssetStore
 
 
 class FrameSourceError(RuntimeError):
@@ -38,6 +41,15 @@ def open_capture(url: str | int) -> cv2.VideoCapture:
         cap.release()
         raise FrameSourceError(f"video {url}: OpenCV cannot open it (unknown format, bad URL or unreachable)")
     return cap
+
+
+def resolve_url(url: str, store: "AssetStore | None" = None) -> str:
+    """``asset://NAME`` -> verified local path of that sample video; anything else unchanged."""
+    if url.startswith("asset://"):
+        from mlink.models.assets import default_store
+
+        return str((store or default_store()).path(url.removeprefix("asset://")))
+    return url
 
 
 def read_frames(

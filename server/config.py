@@ -1,0 +1,204 @@
+"""The site config: one YAML file, ``${VAR}`` substitution, validated by pydantic.
+
+One file describes a site: the device and memory budget, the zoo models it needs and which of
+their outputs it serves, and its camera streams. Validation reports every error with its path
+in the file (``models.1.outputs.0: ...``) so an operator can fix a file in one pass; a file
+that fails validation is never half-applied.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mlink.models.base import ModelError, model_info
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+ASSET_SCHEME = "asset://"
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; ``errors`` holds (path, message) pairs."""
+
+    def __init__(self, source: str, errors: list[tuple[str, str]]) -> None:
+        self.source = source
+        self.errors = errors
+        lines = "\n".join(f"  {path or '<root>'}: {msg}" for path, msg in errors)
+        super().__init__(f"invalid config {source}:\n{lines}")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelEntry(_Strict):
+    """A zoo model the site needs, and the outputs of it the site serves."""
+
+    name: str = Field(description="zoo entry, see `mlink models list`")
+    outputs: list[str] | None = Field(default=None, description="outputs served; default: the model's primary output")
+    params: dict[str, Any] = Field(default_factory=dict, description="adapter parameters, e.g. score_threshold")
+
+    @model_validator(mode="after")
+    def _known(self) -> "ModelEntry":
+        try:
+            info = model_info(self.name)
+        except ModelError as exc:
+            raise ValueError(str(exc)) from None
+        declared = [s.name for s in info.outputs]
+        for out in self.outputs or []:
+            if out not in declared:
+                raise ValueError(f"model {self.name} has no output {out!r}; it has {declared}")
+        if self.outputs is not None and not self.outputs:
+            raise ValueError("outputs must name at least one output (or be left out)")
+        return self
+
+    @property
+    def served(self) -> list[str]:
+        return list(self.outputs) if self.outputs else [model_info(self.name).primary]
+
+
+class StreamEntry(_Strict):
+    id: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="camera id used in the API")
+    url: str = Field(description="file path, rtsp/http(s) URL, device index, or asset://NAME for a sample video")
+    fps: float = Field(default=1.0, gt=0, le=60, description="frames sampled per second")
+    loop: bool = Field(default=False, description="replay a file from the start when it ends (demos)")
+    accuracy_target: float | None = Field(default=None, ge=0, le=1)
+
+
+class SiteConfig(_Strict):
+    site: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    device: str = Field(default="cpu", description='"cpu", "cuda" or "cuda:N"')
+    budget: float | str = Field(
+        default="0.5x",
+        description="memory budget: bytes ('3GiB', 4e9), a share of the device's memory (0.8), or a share of the site's models' measured cost ('0.5x')",
+    )
+    models: list[ModelEntry] = Field(min_length=1)
+    streams: list[StreamEntry] = Field(default_factory=list)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", v):
+            raise ValueError(f'device must be "cpu", "cuda" or "cuda:N", got {v!r}')
+        return v
+
+    @field_validator("budget")
+    @classmethod
+    def _budget(cls, v: float | str) -> float | str:
+        parse_budget(v)
+        return v
+
+    @model_validator(mode="after")
+    def _unique(self) -> "SiteConfig":
+        for what, ids in (("model", [m.name for m in self.models]), ("stream id", [s.id for s in self.streams])):
+            dupes = sorted({i for i in ids if ids.count(i) > 1})
+            if dupes:
+                raise ValueError(f"duplicate {what}: {', '.join(dupes)}")
+        return self
+
+    def nodes(self) -> list[str]:
+        """The served outputs as link-graph nodes, ``model:output``, in config order."""
+        return [f"{m.name}:{out}" for m in self.models for out in m.served]
+
+    def model(self, name: str) -> ModelEntry:
+        for m in self.models:
+            if m.name == name:
+                return m
+        raise KeyError(name)
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+BudgetKind = Literal["bytes", "device", "models"]
+
+
+def parse_budget(value: float | str) -> tuple[BudgetKind, float]:
+    """Parse a budget into (kind, amount).
+
+    - ``"4GiB"``, ``"500MB"``, ``4e9`` (a number > 1): bytes;
+    - ``0.8`` (a number in (0, 1]): that share of the device's memory (GPU, or system RAM on CPU);
+    - ``"0.5x"``: that share of the site's models' measured costs added up, which is how a
+      demo on a big machine still has a budget that cannot hold every model.
+    """
+    if isinstance(value, str):
+        text = value.strip().lower()
+        m = re.fullmatch(r"([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*(x|[a-z]*)", text)
+        if m and m.group(2) == "x":
+            share = float(m.group(1))
+            if not 0 < share:
+                raise ValueError(f"budget {value!r}: the share of the models' cost must be > 0")
+            return "models", share
+        if not m or m.group(2) not in _UNITS:
+            raise ValueError(
+                f"budget {value!r}: expected bytes (4GiB, 500MB), a device share (0.8) or a share of the models' cost (0.5x)"
+            )
+        if m.group(2) == "":
+            return parse_budget(float(m.group(1)))
+        amount = float(m.group(1)) * _UNITS[m.group(2)]
+        if amount < 1:
+            raise ValueError(f"budget {value!r} is under one byte")
+        return "bytes", amount
+    if value <= 0:
+        raise ValueError(f"budget must be > 0, got {value}")
+    return ("device", float(value)) if value <= 1 else ("bytes", float(value))
+
+
+def substitute_env(text: str, env: dict[str, str] | None = None) -> str:
+    """Replace ``${VAR}`` and ``${VAR:-default}``; an unset variable without default is an error."""
+    env = dict(os.environ) if env is None else env
+    missing: list[str] = []
+
+    def repl(m: re.Match[str]) -> str:
+        if m.group(1) in env:
+            return env[m.group(1)]
+        if m.group(2) is not None:
+            return m.group(2)
+        missing.append(m.group(1))
+        return ""
+
+    out = _ENV.sub(repl, text)
+    if missing:
+        raise ConfigError("<env>", [("", f"environment variable ${{{v}}} is not set") for v in sorted(set(missing))])
+    return out
+
+
+def parse_config(text: str, source: str = "<string>") -> SiteConfig:
+    try:
+        data = yaml.safe_load(substitute_env(text))
+    except ConfigError as exc:
+        raise ConfigError(source, exc.errors) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(source, [("", f"not valid YAML: {exc}")]) from None
+    if not isinstance(data, dict):
+        raise ConfigError(source, [("", "the file must hold a mapping at the top level")])
+    try:
+        return SiteConfig.model_validate(data)
+    except ValidationError as exc:
+        errors = [(".".join(str(p) for p in e["loc"]), e["msg"].removeprefix("Value error, ")) for e in exc.errors()]
+        raise ConfigError(source, errors) from None
+
+
+def load_config(path: str | Path) -> SiteConfig:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise ConfigError(str(p), [("", f"cannot read: {exc.strerror or exc}")]) from None
+    return parse_config(text, str(p))
+
+
+def site_config_path(site: str) -> Path:
+    """``--site NAME`` means ``configs/NAME.yaml``."""
+    # configs/ sits beside server/ both in a checkout and in an installed wheel (mlink/configs).
+    path = CONFIG_DIR / f"{site}.yaml"
+    if path.is_file():
+        return path
+    known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    raise ConfigError(f"site {site}", [("", f"no configs/{site}.yaml; known sites: {', '.join(known) or 'none'}")])

@@ -1,0 +1,36 @@
+# The two commands a newcomer types: `make run` (set up, fetch assets, serve the default site)
+# and `make test`. Everything else is for developers.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+CONFIG ?= configs/default.yaml
+# Offline machines: a folder holding the asset files (see models/assets.py). The checkout's
+# sibling shared/assets is used when it exists and nothing else was set.
+SHARED_MIRROR := $(abspath ../shared/assets)
+export MLINK_ASSET_MIRROR ?= $(if $(wildcard $(SHARED_MIRROR)/README.md),$(SHARED_MIRROR),)
+
+.PHONY: install run demo test bench assets gpu-check clean
+
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+install: $(BIN)/.installed
+
+assets: install
+	$(BIN)/mlink assets fetch --config $(CONFIG)
+
+run: assets
+	$(BIN)/mlink demo --config $(CONFIG)
+
+test: install
+	$(BIN)/python -m pytest -q
+
+bench: assets
+	$(BIN)/python -m mlink.bench.zoo
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

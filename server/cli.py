@@ -1,0 +1,260 @@
+"""The ``mlink`` command line: assets, models, configs, and the one-shot demo.
+
+Every command exits non-zero with a one-line reason on bad input (missing asset, unreadable
+video, invalid config) instead of a traceback; ``--json`` output is one JSON value per line so
+it can be piped into ``jq``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional, TypeVar
+
+import typer
+
+from mlink.models.assets import MANIFEST, AssetError, default_store
+from mlink.models.base import ModelError, create_model, model_info, zoo
+from mlink.server.config import ConfigError, SiteConfig, load_config, site_config_path
+from mlink.server.frames import FrameSourceError, read_frames, resolve_url
+
+app = typer.Typer(help="mlink: serve many vision models under a memory budget, predicting the ones not loaded.", no_args_is_help=True)
+assets_app = typer.Typer(help="Model weights and sample videos: list, fetch, verify.", no_args_is_help=True)
+models_app = typer.Typer(help="The model zoo: list entries, run one on a video.", no_args_is_help=True)
+config_app = typer.Typer(help="Site config files.", no_args_is_help=True)
+app.add_typer(assets_app, name="assets")
+app.add_typer(models_app, name="models")
+app.add_typer(config_app, name="config")
+
+F = TypeVar("F", bound=Callable[..., Any])
+_EXPECTED = (AssetError, ModelError, ConfigError, FrameSourceError, ValueError)
+
+
+def fail(message: str, code: int = 2) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def run_guarded(fn: Callable[[], Any]) -> Any:
+    """Run a command body, turning the errors users cause into a message and exit code 2."""
+    try:
+        return fn()
+    except _EXPECTED as exc:
+        fail(str(exc))
+
+
+def resolve_config(site: Optional[str], config: Optional[Path]) -> SiteConfig:
+    """``--site NAME`` means configs/NAME.yaml; ``--config FILE`` takes any file."""
+    if site and config:
+        raise ConfigError("command line", [("", "give --site or --config, not both")])
+    return load_config(config if config else site_config_path(site or "default"))
+
+
+SiteOpt = typer.Option(None, "--site", help="site name: configs/NAME.yaml")
+ConfigOpt = typer.Option(None, "--config", help="path of a site config file")
+
+
+# -- assets ---------------------------------------------------------------------------------
+@assets_app.command("list")
+def assets_list(as_json: bool = typer.Option(False, "--json")) -> None:
+    """Every manifest entry and whether its verified copy is in the cache."""
+    store = default_store()
+    rows = []
+    for name, asset in MANIFEST.items():
+        cached = store.cached_path(name).exists()
+        rows.append(
+            {
+                "name": name,
+                "file": asset.file,
+                "kind": asset.kind,
+                "cached": cached,
+                "available_offline": store.present(name),
+                "sha256": asset.sha256 or f"{asset.sha256_prefix}...",
+                "size": asset.size,
+                "license": asset.license,
+                "upstream": list(asset.urls)
+                + ([f"pypi:{asset.pypi.distribution}=={asset.pypi.version}/{asset.pypi.path}"] if asset.pypi else []),
+            }
+        )
+    if as_json:
+        typer.echo(json.dumps({"cache": str(store.cache_dir), "mirror": str(store.mirror or ""), "assets": rows}))
+        return
+    typer.echo(f"cache: {store.cache_dir}   mirror: {store.mirror or '(MLINK_ASSET_MIRROR not set)'}")
+    for r in rows:
+        state = "cached" if r["cached"] else ("offline-ok" if r["available_offline"] else "missing")
+        typer.echo(f"  {r['name']:<40} {r['kind']:<6} {state:<10} {r['file']}")
+
+
+@assets_app.command("fetch")
+def assets_fetch(
+    names: list[str] = typer.Argument(None, help="assets to fetch (default: those of the config, or all)"),
+    site: Optional[str] = SiteOpt,
+    config: Optional[Path] = ConfigOpt,
+    force: bool = typer.Option(False, help="fetch again even when a verified copy is cached"),
+) -> None:
+    """Fetch and verify assets (sha256) into the cache."""
+
+    def body() -> None:
+        wanted = list(names or [])
+        if not wanted:
+            wanted = config_assets(resolve_config(site, config)) if (site or config) else list(MANIFEST)
+        store = default_store()
+        failed = []
+        for name in wanted:
+            try:
+                path = store.fetch(name, force=force)
+                typer.echo(f"ok      {name:<40} {path}")
+            except AssetError as exc:
+                failed.append(name)
+                typer.echo(f"FAILED  {name}: {exc}", err=True)
+        if failed:
+            fail(f"{len(failed)} asset(s) not fetched: {', '.join(failed)}")
+
+    run_guarded(body)
+
+
+@assets_app.command("verify")
+def assets_verify() -> None:
+    """Check every cached file against its sha256; exit 1 if any is corrupt."""
+    store = default_store()
+    bad = 0
+    for name in MANIFEST:
+        st = store.status(name)
+        bad += st.state == "corrupt"
+        typer.echo(f"{st.state:<8} {name:<40} {st.detail if st.state == 'corrupt' else st.path}")
+    if bad:
+        fail(f"{bad} corrupt file(s); `mlink assets fetch --force NAME` replaces them", code=1)
+
+
+def config_assets(cfg: SiteConfig) -> list[str]:
+    """Assets a site needs: its models' weights and its asset:// streams."""
+    names = [a for m in cfg.models for a in model_info(m.name).assets]
+    names += [s.url.removeprefix("asset://") for s in cfg.streams if s.url.startswith("asset://")]
+    return list(dict.fromkeys(names))
+
+
+# -- models ---------------------------------------------------------------------------------
+@models_app.command("list")
+def models_list(as_json: bool = typer.Option(False, "--json")) -> None:
+    """Zoo entries: name, task, output specs, backend, whether their assets are available."""
+    store = default_store()
+    rows = []
+    for name, cls in zoo().items():
+        info = cls.info()
+        rows.append(
+            {
+                "name": name,
+                "task": info.task,
+                "backend": info.backend,
+                "outputs": [o.describe() for o in info.outputs],
+                "primary": info.primary,
+                "assets": {a: store.present(a) for a in info.assets},
+                "note": info.pretrained_note,
+            }
+        )
+    if as_json:
+        typer.echo(json.dumps(rows))
+        return
+    for r in rows:
+        assets = ", ".join(f"{a}:{'yes' if ok else 'MISSING'}" for a, ok in r["assets"].items()) or "none needed"
+        typer.echo(f"{r['name']}  [{r['backend']}, {r['task']}]  assets: {assets}")
+        for o in r["outputs"]:
+            typer.echo(f"    {o}{'  (primary)' if o.startswith(r['primary'] + ':') else ''}")
+        if r["note"]:
+            typer.echo(f"    note: {r['note']}")
+
+
+@models_app.command("run")
+def models_run(
+    name: str = typer.Argument(..., help="zoo model name"),
+    video: str = typer.Option(..., "--video", help="video file, URL, or asset://NAME"),
+    frames: int = typer.Option(10, "--frames", min=1),
+    fps: Optional[float] = typer.Option(None, "--fps", help="sample rate (default: every frame)"),
+    device: str = typer.Option("cpu", "--device"),
+    as_json: bool = typer.Option(False, "--json", help="one JSON object per frame"),
+) -> None:
+    """Run one zoo model on a video and print its output per frame."""
+
+    def body() -> None:
+        model = create_model(name)
+        model.load(device)
+        try:
+            for frame in read_frames(resolve_url(video), sample_fps=fps, max_frames=frames):
+                out = model.infer([frame.image])[0]
+                record = {"frame": frame.index, "timestamp": frame.timestamp, "model": name, "output": model.derived(out)}
+                if as_json:
+                    typer.echo(json.dumps(record))
+                else:
+                    typer.echo(f"frame {frame.index:>5} t={frame.timestamp:>8.2f}s  {_summary(record['output'])}")
+        finally:
+            model.unload()
+
+    run_guarded(body)
+
+
+def _summary(derived: dict[str, Any]) -> str:
+    parts = []
+    for key, value in derived.items():
+        if isinstance(value, dict) and "count" in value:
+            parts.append(f"{key}={value['count']}")
+        elif isinstance(value, dict) and "label" in value:
+            parts.append(f"{key}={value['label']} ({value['score']:.2f})")
+        elif isinstance(value, list):
+            parts.append(f"{key}=[{len(value)} boxes]")
+    return "  ".join(parts)
+
+
+# -- config ---------------------------------------------------------------------------------
+@config_app.command("validate")
+def config_validate(path: Path = typer.Argument(..., help="config file")) -> None:
+    """Validate a config file; print every error with its path in the file."""
+    try:
+        cfg = load_config(path)
+    except ConfigError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(1)
+    typer.echo(f"ok: site {cfg.site}: {len(cfg.models)} models ({', '.join(cfg.nodes())}), {len(cfg.streams)} streams")
+
+
+# -- demo -----------------------------------------------------------------------------------
+@app.command("demo")
+def demo(
+    site: Optional[str] = SiteOpt,
+    config: Optional[Path] = ConfigOpt,
+    frames: int = typer.Option(5, "--frames", min=1, help="frames per stream"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """One-shot demo: play each stream of a site through every one of its models, print results.
+
+    Every model runs on every frame here (nothing is predicted): this shows the zoo on the
+    site's cameras, not the scheduler.
+    """
+
+    def body() -> None:
+        cfg = resolve_config(site, config)
+        models = {m.name: create_model(m.name, **m.params) for m in cfg.models}
+        for m in models.values():
+            m.load(cfg.device)
+        for stream in cfg.streams:
+            for frame in read_frames(resolve_url(stream.url), sample_fps=stream.fps, max_frames=frames):
+                result = {"camera": stream.id, "frame": frame.index, "timestamp": frame.timestamp, "outputs": {}}
+                for entry in cfg.models:
+                    derived = models[entry.name].derived(models[entry.name].infer([frame.image])[0])
+                    for out in entry.served:
+                        result["outputs"][f"{entry.name}:{out}"] = {"provenance": "executed", "value": derived[out]}
+                if as_json:
+                    typer.echo(json.dumps(result))
+                else:
+                    flat = {k: v["value"] for k, v in result["outputs"].items()}
+                    typer.echo(f"[{stream.id}] frame {frame.index:>5} t={frame.timestamp:>7.2f}s  {_summary(flat)}")
+
+    run_guarded(body)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

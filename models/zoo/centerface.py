@@ -122,26 +122,26 @@ def _retype(value_info: bytes, dims: dict[str, tuple[int | str, ...]]) -> bytes:
 
 def dynamicize(model: bytes, dims: dict[str, tuple[int | str, ...]]) -> bytes:
     """ModelProto bytes with the graph (7) inputs (11) and outputs (12) named in ``dims`` retyped."""
-    out = b""
+    out: list[bytes] = []
     found: set[str] = set()
     for number, wire, payload, raw in _fields(model):
         if number == 7 and wire == 2:
-            graph = b""
+            graph: list[bytes] = []
             for gn, gw, gp, graw in _fields(payload):
                 if gn in (11, 12) and gw == 2:
                     new = _retype(gp, dims)
-                    if new is not gp:
+                    if new != gp:
                         found.add(next(p.decode() for n, w, p, _ in _fields(gp) if n == 1 and w == 2))
-                    graph += _len_field(gn, new)
+                    graph.append(_len_field(gn, new))
                 else:
-                    graph += graw
-            out += _len_field(7, graph)
+                    graph.append(graw)
+            out.append(_len_field(7, b"".join(graph)))
         else:
-            out += raw
+            out.append(raw)
     missing = set(dims) - found
     if missing:
         raise ValueError(f"the ONNX graph declares no input/output named {sorted(missing)}")
-    return out
+    return b"".join(out)
 
 
 # -- the adapter -------------------------------------------------------------------------------

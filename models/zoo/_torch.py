@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import gc
-import logging
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -25,8 +24,6 @@ from torchvision.models import MobileNet_V2_Weights
 from mlink.models.assets import AssetError
 from mlink.models.base import BlackBoxModel, ModelError, ModelOutput
 from mlink.models.spec import OutputSpec, Task
-
-log = logging.getLogger(__name__)
 
 # The 1000 ImageNet-1k class names in index order; torchvision ships them in the weights
 # metadata, so reading them needs no weights file and no network.

@@ -296,7 +296,7 @@ class AssetStore:
         asset = self.asset(name)
         if self.cached_path(name).exists():
             return True
-        return any(kind != "network" for kind, _ in self._sources(asset))
+        return any(kind != "network" and Path(loc).is_file() for kind, loc in self._sources(asset))
 
     # -- internals ---------------------------------------------------------------------------
     def _is_verified(self, asset: Asset, path: Path) -> bool:

@@ -217,6 +217,32 @@ def config_validate(path: Path = typer.Argument(..., help="config file")) -> Non
     typer.echo(f"ok: site {cfg.site}: {len(cfg.models)} models ({', '.join(cfg.nodes())}), {len(cfg.streams)} streams")
 
 
+# -- profiling ------------------------------------------------------------------------------
+@app.command("profile")
+def profile_cmd(
+    site: Optional[str] = SiteOpt,
+    config: Optional[Path] = ConfigOpt,
+    frames: int = typer.Option(1000, "--frames", min=2, help="profiling frames, spread over the site's streams"),
+    out: Optional[Path] = typer.Option(None, "--out", help="dataset folder (default: $MLINK_HOME/profiles/SITE/VERSION)"),
+) -> None:
+    """Run every model of a site on sampled frames and store the aligned output tuples."""
+
+    def body() -> None:
+        from mlink.scheduler.profiler import profile_site, save_profile
+
+        cfg = resolve_config(site, config)
+        store = default_store()
+        tuples = profile_site(cfg, frames, store)
+        if out:
+            tuples.save(out)
+            path = out
+        else:
+            path = save_profile(tuples, store.home, cfg.site)
+        typer.echo(f"profiled {len(tuples)} frames x {len(tuples.specs)} outputs of site {cfg.site} -> {path}")
+
+    run_guarded(body)
+
+
 # -- demo -----------------------------------------------------------------------------------
 @app.command("demo")
 def demo(

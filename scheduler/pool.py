@@ -174,6 +174,7 @@ class ModelPool:
         on_failure: Callable[[str, str], None] | None = None,
         accounting: Literal["measured", "costs"] | None = None,
         warmup_frame: np.ndarray | None = None,
+        warmup_batch: int = 1,
         pin_timeout: float = 30.0,
         sticky_tolerance: float = 0.25,
         sticky_floor: int = 8 * MiB,
@@ -190,6 +191,9 @@ class ModelPool:
         self.on_failure = on_failure
         self.accounting = accounting or ("measured" if self.meter.gpu else "costs")
         self.warmup_frame = warmup_frame if warmup_frame is not None else synthetic_frame()
+        # The warm-up batch should be the serving batch: activations grow with it, and the
+        # cost is the peak of load + warm-up.
+        self.warmup_batch = max(1, int(warmup_batch))
         self.pin_timeout = pin_timeout
         self.sticky_tolerance = sticky_tolerance
         self.sticky_floor = sticky_floor
@@ -383,11 +387,11 @@ class ModelPool:
 
         try:
             model = slot.model = self.factory(name)
-            frame = self.warmup_frame
+            frames = [self.warmup_frame] * self.warmup_batch
 
             def load_and_warm() -> None:
                 model.load(self.device)
-                model.infer([frame])
+                model.infer(frames)
 
             _, m = self.meter.measure_call(load_and_warm)
         except Exception as exc:  # AssetError, ModelError, MemoryError, torch OOM, adapter bugs

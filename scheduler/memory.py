@@ -45,7 +45,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, TypeVar
+from typing import Any, Callable, Iterable, Literal, TypeVar
 
 import psutil
 
@@ -85,39 +85,63 @@ def parse_bytes(spec: int | float | str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
-def resolve_budget(spec: int | float | str, total: int, models_cost: int | None = None) -> int:
-    """A budget in bytes from bytes, a share of ``total``, or a share of the models' cost.
+BudgetKind = Literal["bytes", "device", "models"]
 
-    The forms of the site config (``server.config.parse_budget``): a number in (0, 1] (or a
-    string such as ``"0.5"``, or ``"50%"``) is that share of ``total`` (the device's memory);
-    ``"0.5x"`` is that share of ``models_cost`` (every model's measured cost added up); anything
-    else is a size (see :func:`parse_bytes`). ``1`` means the whole device, not one byte.
+
+def parse_budget(spec: int | float | str) -> tuple[BudgetKind, float]:
+    """The one parser of budget specs (the site config validates with it): (kind, amount).
+
+    - a number in (0, 1], ``"0.8"`` or ``"80%"``: that share of the device's memory
+      (``"device"``; GPU memory, or system memory on a CPU); ``1`` is the whole device;
+    - ``"0.5x"``: that share of the site's models' measured costs added up (``"models"``),
+      which gives a demo on a big machine a budget that cannot hold every model;
+    - anything else is a size in bytes (``4e9``, ``"4GiB"``, ``"500MB"``, see :func:`parse_bytes`).
     """
-    if isinstance(spec, str):
-        s = spec.strip().lower()
-        if s.endswith("%"):
-            frac = float(s[:-1]) / 100.0
-            if not 0.0 < frac <= 1.0:
-                raise ValueError(f"a budget percentage must be in (0, 100]: {spec!r}")
-            return int(frac * total)
-        if s.endswith("x"):
-            share = float(s[:-1])
-            if share <= 0:
-                raise ValueError(f"budget {spec!r}: the share of the models' cost must be > 0")
-            if models_cost is None:
-                raise ValueError(f"budget {spec!r} is a share of the models' cost, and no cost was given")
-            return int(share * models_cost)
-        try:
-            spec = float(s)
-        except ValueError:
-            return parse_bytes(s)
     if isinstance(spec, bool):
         raise ValueError(f"not a budget: {spec!r}")
+    if isinstance(spec, str):
+        s = spec.strip().lower()
+        try:
+            if s.endswith("%"):
+                frac = float(s[:-1]) / 100.0
+                if not 0.0 < frac <= 1.0:
+                    raise ValueError(f"a budget percentage must be in (0, 100]: {spec!r}")
+                return "device", frac
+            if s.endswith("x"):
+                share = float(s[:-1])
+                if share <= 0:
+                    raise ValueError(f"budget {spec!r}: the share of the models' cost must be > 0")
+                return "models", share
+            spec = float(s)
+        except ValueError as exc:
+            if "budget" in str(exc):
+                raise
+            try:
+                amount = parse_bytes(s)
+            except ValueError:
+                raise ValueError(
+                    f"budget {spec!r}: expected bytes (4GiB, 500MB), a device share (0.8, 80%) or a share of the models' cost (0.5x)"
+                ) from None
+            if amount < 1:
+                raise ValueError(f"budget {spec!r} is under one byte") from None
+            return "bytes", float(amount)
     if float(spec) <= 0:
         raise ValueError(f"a budget must be > 0, got {spec!r}")
     if float(spec) <= 1.0:
-        return int(float(spec) * total)
-    return parse_bytes(spec)
+        return "device", float(spec)
+    return "bytes", float(parse_bytes(spec))
+
+
+def resolve_budget(spec: int | float | str, total: int, models_cost: int | None = None) -> int:
+    """A budget in bytes: ``total`` is the device's memory, ``models_cost`` every model's cost added up."""
+    kind, amount = parse_budget(spec)
+    if kind == "device":
+        return int(amount * total)
+    if kind == "models":
+        if models_cost is None:
+            raise ValueError(f"budget {spec!r} is a share of the models' cost, and no cost was given")
+        return int(amount * models_cost)
+    return int(amount)
 
 
 # -- releasing memory -------------------------------------------------------------------------

@@ -11,12 +11,13 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mlink.models.base import ModelError, model_info
+from mlink.scheduler.memory import parse_budget
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 ASSET_SCHEME = "asset://"
@@ -111,43 +112,6 @@ class SiteConfig(_Strict):
             if m.name == name:
                 return m
         raise KeyError(name)
-
-
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
-
-
-BudgetKind = Literal["bytes", "device", "models"]
-
-
-def parse_budget(value: float | str) -> tuple[BudgetKind, float]:
-    """Parse a budget into (kind, amount).
-
-    - ``"4GiB"``, ``"500MB"``, ``4e9`` (a number > 1): bytes;
-    - ``0.8`` (a number in (0, 1]): that share of the device's memory (GPU, or system RAM on CPU);
-    - ``"0.5x"``: that share of the site's models' measured costs added up, which is how a
-      demo on a big machine still has a budget that cannot hold every model.
-    """
-    if isinstance(value, str):
-        text = value.strip().lower()
-        m = re.fullmatch(r"([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*(x|[a-z]*)", text)
-        if m and m.group(2) == "x":
-            share = float(m.group(1))
-            if not 0 < share:
-                raise ValueError(f"budget {value!r}: the share of the models' cost must be > 0")
-            return "models", share
-        if not m or m.group(2) not in _UNITS:
-            raise ValueError(
-                f"budget {value!r}: expected bytes (4GiB, 500MB), a device share (0.8) or a share of the models' cost (0.5x)"
-            )
-        if m.group(2) == "":
-            return parse_budget(float(m.group(1)))
-        amount = float(m.group(1)) * _UNITS[m.group(2)]
-        if amount < 1:
-            raise ValueError(f"budget {value!r} is under one byte")
-        return "bytes", amount
-    if value <= 0:
-        raise ValueError(f"budget must be > 0, got {value}")
-    return ("device", float(value)) if value <= 1 else ("bytes", float(value))
 
 
 def substitute_env(text: str, env: dict[str, str] | None = None) -> str:

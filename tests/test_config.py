@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from mlink.server.config import CONFIG_DIR, ConfigError, load_config, parse_budget, parse_config, substitute_env
+from mlink.scheduler.memory import parse_budget
+from mlink.server.config import CONFIG_DIR, ConfigError, load_config, parse_config, substitute_env
 
 
 @pytest.mark.parametrize("name", ["default", "building", "city"])
@@ -56,6 +57,8 @@ def test_budget_forms() -> None:
     assert parse_budget("4GiB") == ("bytes", 4 * 2**30)
     assert parse_budget(0.8) == ("device", 0.8)
     assert parse_budget("0.5x") == ("models", 0.5)
+    assert parse_budget("80%") == ("device", 0.8)
+    assert parse_budget("500MB") == ("bytes", 500e6)
     for bad in ("lots", -3, "0x"):
         with pytest.raises(ValueError):
             parse_budget(bad)

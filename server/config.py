@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -72,6 +72,33 @@ class StreamEntry(_Strict):
     accuracy_target: float | None = Field(default=None, ge=0, le=1)
 
 
+class LinksConfig(_Strict):
+    store: str | None = Field(default=None, description="link store folder; default: $MLINK_HOME/links/SITE")
+    profile_frames: int = Field(default=1000, ge=20, description="frames profiled through every model for the first training")
+    fine_tune: bool = Field(default=True, description="fine-tune links on each period's profiling tuples")
+
+
+class SchedulerConfig(_Strict):
+    selector: Literal["paper", "objective"] = "objective"
+    period_s: float = Field(default=3600.0, gt=0, description="re-profile and re-select once per period (paper: 1 hour)")
+    profile_share: float = Field(default=0.01, gt=0, le=1, description="share of a period's frames run through all models (paper: 1%)")
+    min_residency_s: float = Field(default=0.0, ge=0, description="a loaded model stays at least this long")
+    switch_margin: float = Field(default=0.01, ge=0, le=1, description="a new plan must beat the current one by this much accuracy")
+    batch_size: int = Field(default=4, ge=1, le=64)
+
+
+class CacheConfig(_Strict):
+    redis_url: str | None = Field(default=None, description="redis://host:port/db; unset: an embedded redis-server on a private socket")
+    history: int = Field(default=10000, ge=1, description="results kept per camera")
+    buffer: int = Field(default=10000, ge=1, description="results held in memory while Redis is unreachable")
+
+
+class ApiConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    token: str | None = Field(default=None, description="bearer token for operator actions (reload); unset: they are refused")
+
+
 class SiteConfig(_Strict):
     site: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     device: str = Field(default="cpu", description='"cpu", "cuda" or "cuda:N"')
@@ -81,6 +108,10 @@ class SiteConfig(_Strict):
     )
     models: list[ModelEntry] = Field(min_length=1)
     streams: list[StreamEntry] = Field(default_factory=list)
+    links: LinksConfig = Field(default_factory=LinksConfig)
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+    api: ApiConfig = Field(default_factory=ApiConfig)
 
     @field_validator("device")
     @classmethod

@@ -93,6 +93,18 @@ class CacheConfig(_Strict):
     buffer: int = Field(default=10000, ge=1, description="results held in memory while Redis is unreachable")
 
 
+class IngestConfig(_Strict):
+    """How camera readers queue frames and reconnect (server/ingest.py)."""
+
+    queue: int = Field(default=4, ge=1, le=1000, description="frames held per camera; when full the oldest is dropped and counted")
+    backoff_base_s: float = Field(default=0.5, gt=0, description="first reconnect delay; doubles per failed try")
+    backoff_max_s: float = Field(default=30.0, gt=0, description="longest reconnect delay")
+    backoff_jitter: float = Field(default=0.2, ge=0, le=1, description="each delay is scaled by a random factor in [1-j, 1+j]")
+    open_timeout_s: float = Field(default=10.0, gt=0, description="RTSP/HTTP open timeout")
+    read_timeout_s: float = Field(default=10.0, gt=0, description="RTSP/HTTP read timeout; a stream silent this long is reopened")
+    realtime: bool = Field(default=True, description="pace files at their sampled rate (false: as fast as they decode)")
+
+
 class ApiConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
@@ -111,6 +123,7 @@ class SiteConfig(_Strict):
     links: LinksConfig = Field(default_factory=LinksConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
     api: ApiConfig = Field(default_factory=ApiConfig)
 
     @field_validator("device")

@@ -1,0 +1,317 @@
+"""A site's whole set of links and ensembles: training, prediction, evaluation, persistence."""
+
+from __future__ import annotations
+
+import time
+import zlib
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import numpy as np
+import torch
+
+from mlink.links.arch import Link, make_link
+from mlink.links.encode import Batch, encode_source, encode_target
+from mlink.links.ensemble import Ensemble, trivial_output
+from mlink.links.errors import LinkError, LinkStoreError
+from mlink.links.matrix import LinkMatrix, compute_matrix, ensemble_accuracy
+from mlink.links.train import FitResult, TrainConfig, fit_link, torch_threads
+from mlink.links.tuples import TupleSet, node_model
+from mlink.models.spec import OutputSpec
+
+ProgressArg = Callable[[int, int, str], None] | bool | str | None
+
+
+class _Progress:
+    """``progress``: None/False (silent), True/"tqdm" (a tqdm bar), or ``callback(done, total, what)``."""
+
+    def __init__(self, progress: ProgressArg, total: int, desc: str) -> None:
+        self.total, self.done, self.bar, self.cb = total, 0, None, None
+        if progress is True or progress == "tqdm":
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit="link")
+        elif callable(progress):
+            self.cb = progress
+
+    def update(self, what: str) -> None:
+        self.done += 1
+        if self.bar is not None:
+            self.bar.set_postfix_str(what, refresh=False)
+            self.bar.update(1)
+        if self.cb is not None:
+            self.cb(self.done, self.total, what)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _link_seed(seed: int, source: str, target: str) -> int:
+    return (seed * 1_000_003 + zlib.crc32(f"{source}->{target}".encode())) % (2**31 - 1)
+
+
+class LinkSet:
+    """All links and ensembles of one site.
+
+    ``ensembles[target]`` is h_{.,target}; its ``links`` are the single links g_{source,target}
+    from every node of every other model. Build one with :meth:`train` or :meth:`load`.
+    """
+
+    def __init__(
+        self,
+        specs: Mapping[str, OutputSpec],
+        ensembles: Mapping[str, Ensemble],
+        config: TrainConfig,
+        *,
+        data_version: str | None = None,
+        metrics: dict | None = None,
+        created_at: str | None = None,
+        history: list | None = None,
+    ) -> None:
+        self.specs = dict(specs)
+        self.ensembles = dict(ensembles)
+        self.config = config
+        self.data_version = data_version
+        self.metrics = metrics or {}
+        self.created_at = created_at or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        self.history = history or []
+
+    # -- description ------------------------------------------------------------------------
+    @property
+    def nodes(self) -> list[str]:
+        return list(self.specs)
+
+    @property
+    def models(self) -> list[str]:
+        return sorted({node_model(k) for k in self.specs})
+
+    @property
+    def targets(self) -> list[str]:
+        return list(self.ensembles)
+
+    @property
+    def links(self) -> dict[tuple[str, str], Link]:
+        """Every single link, keyed (source node, target node)."""
+        return {(s, t): ens.links[i] for t, ens in self.ensembles.items() for i, s in enumerate(ens.sources)}
+
+    def link(self, source: str, target: str) -> Link:
+        return self.ensembles[target].link(source)
+
+    # -- training ---------------------------------------------------------------------------
+    @classmethod
+    def train(
+        cls,
+        tuples: TupleSet,
+        val_share: float = 0.2,
+        *,
+        config: TrainConfig | None = None,
+        targets: Iterable[str] | None = None,
+        sources: Iterable[str] | None = None,
+        progress: ProgressArg = None,
+    ) -> "LinkSet":
+        """Train every link (source node -> target node of another model) and one ensemble per
+        target on ``tuples`` (split into train/validation by ``val_share`` and the config's seed).
+
+        ``targets``/``sources`` restrict the nodes (default: every node is both).
+        """
+        config = config or TrainConfig()
+        t0 = time.perf_counter()
+        specs = dict(tuples.specs)
+        targets = list(targets) if targets is not None else list(specs)
+        sources = list(sources) if sources is not None else list(specs)
+        for k in targets + sources:
+            if k not in specs:
+                raise LinkError(f"node {k} is not in the tuples (nodes: {sorted(specs)})")
+        pairs = [(s, t) for t in targets for s in sources if node_model(s) != node_model(t)]
+        targets = [t for t in targets if any(tt == t for _, tt in pairs)]
+        if not pairs:
+            raise LinkError("no links to train: links need nodes of at least two models")
+        train, val = tuples.split(val_share, config.seed)
+        cap = config.cap
+        used_sources = sorted({s for s, _ in pairs})
+        src_tr = {s: encode_source(specs[s], train.values[s], cap) for s in used_sources}
+        src_va = {s: encode_source(specs[s], val.values[s], cap) for s in used_sources}
+        bar = _Progress(progress, len(pairs) + len(targets), "training links")
+        ensembles: dict[str, Ensemble] = {}
+        link_metrics: dict[str, Any] = {}
+        with torch_threads(config.threads):
+            try:
+                for t in targets:
+                    spec = specs[t]
+                    y_tr = encode_target(spec, train.values[t], cap)
+                    y_va = encode_target(spec, val.values[t], cap)
+                    links: dict[str, Link] = {}
+                    for s, tt in pairs:
+                        if tt != t:
+                            continue
+                        link = make_link(specs[s], spec, **config.link_hparams())
+                        if link.head is not None:
+                            link.head.fit(y_tr.x)
+                        fit = fit_link(link, src_tr[s], y_tr, src_va[s], y_va, config, seed=_link_seed(config.seed, s, t))
+                        links[s] = link
+                        link_metrics[f"{s}->{t}"] = {"arch": link.arch, "fit": fit.to_dict()}
+                        bar.update(f"{s} -> {t}")
+                    ens = Ensemble(t, spec, links)
+                    if ens.head is not None:
+                        first = next(iter(links.values()))
+                        ens.head.set_stats(first.head.mean, first.head.std)  # type: ignore[union-attr]
+                    ens.trivial = trivial_output(spec, train.values[t])
+                    ens.fit_combiner(src_va, y_va, config.combiner_steps, config.combiner_lr, _link_seed(config.seed, "*", t))
+                    ens.fit_routes(src_va, val.values[t])
+                    ens.invalidate()
+                    for s in ens.sources:
+                        link_metrics[f"{s}->{t}"]["val_accuracy"] = ens.link_val_accuracy.get(s)
+                    ensembles[t] = ens
+                    bar.update(f"ensemble {t}")
+            finally:
+                bar.close()
+        metrics = {
+            "n_train": len(train),
+            "n_val": len(val),
+            "train_seconds": time.perf_counter() - t0,
+            "torch_threads": torch.get_num_threads(),
+            "links": link_metrics,
+        }
+        return cls(specs, ensembles, config, data_version=tuples.version(), metrics=metrics)
+
+    def fine_tune(
+        self,
+        new_tuples: TupleSet,
+        *,
+        epochs: int | None = None,
+        lr_scale: float | None = None,
+        progress: ProgressArg = None,
+    ) -> dict[str, FitResult]:
+        """Update every link with a few new tuples (a few epochs at a reduced learning rate).
+
+        Meant for the scheduler's periodic re-profiling: the links follow a drifting scene
+        without retraining from scratch. Ensemble weights and routes are kept (a handful of new
+        tuples is too few to refit them reliably); re-measure with :meth:`matrix`.
+        """
+        cfg = self.config
+        epochs = cfg.fine_tune_epochs if epochs is None else epochs
+        scale = cfg.fine_tune_lr_scale if lr_scale is None else lr_scale
+        if len(new_tuples) == 0:
+            return {}
+        for k, spec in self.specs.items():
+            if k in new_tuples.specs and new_tuples.specs[k] != spec:
+                raise LinkError(f"fine-tuning: node {k} has another spec in the new tuples")
+        results: dict[str, FitResult] = {}
+        bar = _Progress(progress, len(self.links), "fine-tuning links")
+        enc: dict[str, Batch] = {}
+        with torch_threads(cfg.threads):
+            try:
+                for t, ens in self.ensembles.items():
+                    y = encode_target(self.specs[t], new_tuples.values[t], cfg.cap)
+                    for s, link in zip(ens.sources, ens.links):
+                        if s not in enc:
+                            enc[s] = encode_source(self.specs[s], new_tuples.values[s], cfg.cap)
+                        base = cfg.seq_lr if (link.source.kind == "sequence" or link.target.kind == "sequence") else cfg.lr
+                        results[f"{s}->{t}"] = fit_link(
+                            link, enc[s], y, None, None, cfg, epochs=epochs, lr=base * scale,
+                            seed=_link_seed(cfg.seed + len(self.history) + 1, s, t),
+                        )
+                        bar.update(f"{s} -> {t}")
+                    ens.invalidate()
+            finally:
+                bar.close()
+        self.history.append(
+            {
+                "fine_tuned_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "data_version": new_tuples.version(),
+                "n": len(new_tuples),
+                "epochs": epochs,
+                "lr_scale": scale,
+            }
+        )
+        return results
+
+    # -- prediction -------------------------------------------------------------------------
+    def predict(
+        self,
+        active_models: Iterable[str],
+        source_outputs: Mapping[str, np.ndarray],
+        targets: Iterable[str] | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Predict, for one frame, every target node whose model is not active.
+
+        ``source_outputs`` maps node keys ("model:output") of the active models to their arrays.
+        Returns node key -> array in the target's spec format. Targets none of whose source
+        models is active get their trivial output.
+        """
+        active = frozenset(active_models)
+        cache: dict[str, Batch] = {}
+        wanted = self.ensembles if targets is None else {t: self.ensembles[t] for t in targets}
+        return {
+            t: ens.predict(active, source_outputs, cache)
+            for t, ens in wanted.items()
+            if node_model(t) not in active
+        }
+
+    def predict_tuples(self, active_models: Iterable[str], tuples: TupleSet) -> dict[str, list[np.ndarray]]:
+        """Batched :meth:`predict` over a tuple set (for evaluation)."""
+        from mlink.links.matrix import encode_sources
+
+        active = frozenset(active_models)
+        enc = encode_sources(self, tuples)
+        out = {}
+        for t, ens in self.ensembles.items():
+            if node_model(t) in active:
+                continue
+            plan = ens.plan(active)
+            out[t] = ens.predict_encoded(plan, enc) if plan else [ens.trivial.copy() for _ in range(len(tuples))]
+        return out
+
+    # -- evaluation -------------------------------------------------------------------------
+    def matrix(self, test_tuples: TupleSet, subsets: bool = False) -> LinkMatrix:
+        """The link accuracy matrix on held-out tuples (see :mod:`mlink.links.matrix`)."""
+        return compute_matrix(self, test_tuples, subsets=subsets)
+
+    def ensemble_accuracy(self, test_tuples: TupleSet, target: str, active_models: Iterable[str]) -> float:
+        return ensemble_accuracy(self, test_tuples, target, active_models)
+
+    # -- persistence ------------------------------------------------------------------------
+    def save(self, directory: str | Path) -> dict:
+        """Write the link set (weights + manifest with checksum) into ``directory``; return the manifest."""
+        from mlink.links.store import save_linkset
+
+        return save_linkset(self, directory)
+
+    @classmethod
+    def load(
+        cls,
+        directory: str | Path,
+        expect_specs: Mapping[str, OutputSpec] | None = None,
+        expect_data_version: str | None = None,
+    ) -> "LinkSet":
+        """Load a saved link set; raise :class:`LinkStoreError` (corrupt) or
+        :class:`IncompatibleLinksError` (other specs / data version) instead of using it."""
+        from mlink.links.store import load_linkset
+
+        return load_linkset(directory, expect_specs=expect_specs, expect_data_version=expect_data_version)
+
+    @classmethod
+    def load_or_train(
+        cls,
+        directory: str | Path,
+        tuples: TupleSet,
+        *,
+        expect_specs: Mapping[str, OutputSpec] | None = None,
+        require_same_data: bool = False,
+        **train_kw: Any,
+    ) -> tuple["LinkSet", str | None]:
+        """Load the link set at ``directory``; if it is missing, corrupt or incompatible, train a
+        new one on ``tuples`` and save it there. Returns (link set, why it was retrained or None)."""
+        try:
+            loaded = cls.load(
+                directory,
+                expect_specs=expect_specs if expect_specs is not None else tuples.specs,
+                expect_data_version=tuples.version() if require_same_data else None,
+            )
+            return loaded, None
+        except LinkStoreError as exc:
+            reason = str(exc)
+        fresh = cls.train(tuples, **train_kw)
+        fresh.save(directory)
+        return fresh, reason

@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 log = logging.getLogger("mlink.redis")
 
@@ -107,7 +109,13 @@ class EmbeddedRedis:
         return f"unix://{self.socket_path}?db=0"
 
     def client(self, **kwargs: object) -> redis.Redis:
+        """A client on the socket (it reconnects by itself after a restart)."""
         return redis.Redis(unix_socket_path=str(self.socket_path), **kwargs)  # type: ignore[arg-type]
+
+    def _control_client(self) -> redis.Redis:
+        # No retries: redis-py's default retry would re-send SHUTDOWN to a dead socket with
+        # backoff for seconds, and a PING at start must fail fast until the server listens.
+        return self.client(socket_timeout=1.0, socket_connect_timeout=1.0, retry=Retry(NoBackoff(), 0))
 
     @property
     def pid(self) -> int | None:
@@ -156,7 +164,7 @@ class EmbeddedRedis:
             start_new_session=True,  # a Ctrl-C to the daemon's terminal is the daemon's to handle
         )
         deadline = time.monotonic() + self.startup_timeout
-        client = self.client(socket_timeout=1.0, socket_connect_timeout=1.0)
+        client = self._control_client()
         try:
             while True:
                 if self._proc.poll() is not None:
@@ -186,7 +194,7 @@ class EmbeddedRedis:
             self._proc = None
             return
         assert self._proc is not None
-        client = self.client(socket_timeout=1.0, socket_connect_timeout=1.0)
+        client = self._control_client()
         try:
             client.shutdown(nosave=True)
         except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError):

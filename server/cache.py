@@ -1,0 +1,475 @@
+"""The result cache: per camera, the latest result and a time-indexed history, in Redis.
+
+Key layout (``P`` is the prefix, default ``mlink``; the daemon uses ``mlink:SITE``)::
+
+    P:cameras               SET     camera ids that ever had a result
+    P:cam:ID:latest         STRING  envelope of the last result put for camera ID
+    P:cam:ID:history        ZSET    envelopes scored by their timestamp (unix seconds, float)
+
+An envelope is the JSON text ``{"id": UNIQUE, "ts": SECONDS, "result": {...}}``. The history is a
+sorted set rather than a stream because the score is the time the result was *produced*: a result
+buffered during an outage is written later with its own timestamp, out-of-order or equal
+timestamps and clock steps are harmless (a stream's ids must grow, and its ``*`` ids would stamp
+the flush time), ``ZRANGEBYSCORE``/``ZREVRANGEBYSCORE ... LIMIT`` answer time-range queries, and
+``ZREMRANGEBYRANK`` keeps the newest N. The unique id makes members distinct and makes every write
+idempotent, so a batch re-sent after an ambiguous failure (applied, reply lost) adds nothing twice.
+
+Availability: ``put`` never raises on Redis errors. While Redis is unreachable, results go into a
+bounded in-memory FIFO (``buffer``); a background flusher reconnects with exponential backoff and
+writes the buffer in put order, in batches, before any newer result (a put while the buffer is
+non-empty joins the queue). When the buffer is full the oldest entry is dropped and counted
+(``stats().dropped``, per camera in ``dropped_by_camera``) and logged; nothing is lost silently,
+and results still buffered at ``close()`` are counted as dropped too.
+
+Reads: the buffer always holds the newest results, so ``latest`` answers from it when it holds
+the camera, even while Redis is down; otherwise, and for ``history`` and ``cameras``, a down Redis
+raises ``CacheUnavailable`` (the API answers 503) rather than serving a partial history as if it
+were complete. While Redis is up, reads merge any not-yet-flushed entries.
+
+Results must be JSON objects; they round-trip exactly (``json`` writes floats by ``repr``), except
+that tuples come back as lists.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import random
+import re
+import threading
+import time
+import uuid
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Iterable
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+if TYPE_CHECKING:
+    from mlink.server.config import CacheConfig
+    from mlink.server.redis_embedded import EmbeddedRedis
+
+log = logging.getLogger("mlink.cache")
+
+_CAMERA = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+class CacheUnavailable(RuntimeError):
+    """Redis is unreachable and the answer cannot be given from the buffer."""
+
+
+@dataclass(frozen=True)
+class Record:
+    camera: str
+    ts: float  # unix seconds when the result was produced
+    result: dict[str, Any]
+    id: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"camera": self.camera, "ts": self.ts, "result": self.result}
+
+
+@dataclass
+class CacheStats:
+    connected: bool
+    buffered: int  # results waiting in memory for Redis
+    buffer_limit: int
+    written: int  # results written straight to Redis by put()
+    flushed: int  # results written to Redis from the buffer
+    dropped: int  # results lost: buffer overflow (oldest first) or still buffered at close
+    reconnects: int  # times Redis came back after being unreachable
+    errors: int  # Redis errors seen
+    last_error: str | None
+    dropped_by_camera: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class _Entry:
+    camera: str
+    ts: float
+    id: str
+    member: str  # the envelope JSON
+
+
+def _redis_url_redacted(url: str) -> str:
+    return re.sub(r"(://)[^/@\s]*@", r"\1***@", url)
+
+
+class ResultCache:
+    """Latest result and history per camera in Redis, with an outage buffer. Thread-safe."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        history: int = 10000,
+        buffer: int = 10000,
+        prefix: str = "mlink",
+        batch: int = 500,
+        backoff_base: float = 0.05,
+        backoff_max: float = 5.0,
+        socket_timeout: float = 2.0,
+    ) -> None:
+        if history < 1 or buffer < 1 or batch < 1:
+            raise ValueError("history, buffer and batch must be >= 1")
+        self.url = url
+        self.history_limit = history
+        self.buffer_limit = buffer
+        self.prefix = prefix
+        self.batch = batch
+        self.backoff_base = backoff_base
+        self.backoff_max = backoff_max
+        # No retries inside redis-py: an outage must send results to the buffer at once, and the
+        # flusher owns reconnection and its backoff.
+        self._client = redis.Redis.from_url(
+            url,
+            decode_responses=True,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=socket_timeout,
+            retry=Retry(NoBackoff(), 0),
+        )
+        self._lock = threading.RLock()
+        self._drained = threading.Condition(self._lock)
+        self._buffer: deque[_Entry] = deque()
+        self._node = uuid.uuid4().hex[:10]
+        self._ids = itertools.count()
+        self._written = 0
+        self._flushed = 0
+        self._dropped: Counter[str] = Counter()
+        self._reconnects = 0
+        self._errors = 0
+        self._last_error: str | None = None
+        self._attempt = 0
+        self._connected = True
+        self._closing = False
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._connected = self._ping()
+        if not self._connected:
+            log.warning("redis %s unreachable at start; results are buffered until it answers", self._safe_url)
+        self._thread = threading.Thread(target=self._run, name="mlink-cache-flusher", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_config(cls, cfg: "CacheConfig", url: str | None = None, *, prefix: str = "mlink", **kwargs: Any) -> "ResultCache":
+        """A cache for ``cfg``; ``url`` (an embedded server's) is used when cfg has no redis_url."""
+        target = cfg.redis_url or url
+        if not target:
+            raise ValueError("no Redis URL: the config has none and no embedded server URL was given")
+        return cls(target, history=cfg.history, buffer=cfg.buffer, prefix=prefix, **kwargs)
+
+    # -- keys ------------------------------------------------------------------------------
+    def _k_cameras(self) -> str:
+        return f"{self.prefix}:cameras"
+
+    def _k_latest(self, camera: str) -> str:
+        return f"{self.prefix}:cam:{camera}:latest"
+
+    def _k_history(self, camera: str) -> str:
+        return f"{self.prefix}:cam:{camera}:history"
+
+    @property
+    def _safe_url(self) -> str:
+        return _redis_url_redacted(self.url)
+
+    # -- writing ---------------------------------------------------------------------------
+    def put(self, camera: str, result: dict[str, Any], ts: float | None = None) -> bool:
+        """Store ``result`` as camera's latest and in its history. True: written to Redis now;
+        False: buffered (Redis unreachable, or older results still waiting). Never raises on Redis
+        errors; raises ValueError/TypeError for a bad camera id or a result that is not a JSON object.
+        """
+        if not isinstance(camera, str) or not _CAMERA.match(camera):
+            raise ValueError(f"camera id must match {_CAMERA.pattern}, got {camera!r}")
+        if not isinstance(result, dict):
+            raise TypeError(f"a result must be a dict (a JSON object), got {type(result).__name__}")
+        ts = time.time() if ts is None else float(ts)
+        if not math.isfinite(ts):
+            raise ValueError(f"timestamp must be finite, got {ts}")
+        rid = f"{self._node}-{next(self._ids):x}"
+        try:
+            member = json.dumps({"id": rid, "ts": ts, "result": result}, separators=(",", ":"), ensure_ascii=False)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"result for camera {camera} is not JSON-serialisable: {exc}") from None
+        entry = _Entry(camera, ts, rid, member)
+        with self._lock:
+            if self._closing:
+                raise RuntimeError("the cache is closed")
+            if not self._buffer and self._connected:
+                try:
+                    self._write([entry])
+                    self._written += 1
+                    return True
+                except redis.RedisError as exc:
+                    self._mark_down(exc)
+            self._enqueue(entry)
+        self._wake.set()
+        return False
+
+    def _enqueue(self, entry: _Entry) -> None:
+        # caller holds the lock
+        if len(self._buffer) >= self.buffer_limit:
+            old = self._buffer.popleft()
+            self._dropped[old.camera] += 1
+            total = sum(self._dropped.values())
+            if total == 1 or total % 1000 == 0:
+                log.error(
+                    "result buffer full (%d): dropped the oldest result (camera %s); %d dropped so far",
+                    self.buffer_limit, old.camera, total,
+                )
+        self._buffer.append(entry)
+
+    def _write(self, entries: list[_Entry]) -> None:
+        """One MULTI/EXEC: every entry's ZADD, each camera's last SET, SADD, and the trims."""
+        pipe = self._client.pipeline(transaction=True)
+        last: dict[str, _Entry] = {}
+        for e in entries:
+            pipe.zadd(self._k_history(e.camera), {e.member: e.ts})
+            last[e.camera] = e
+        for cam, e in last.items():
+            pipe.set(self._k_latest(cam), e.member)
+            pipe.zremrangebyrank(self._k_history(cam), 0, -(self.history_limit + 1))
+        pipe.sadd(self._k_cameras(), *last)
+        pipe.execute()
+
+    def _mark_down(self, exc: BaseException) -> None:
+        # caller holds the lock
+        self._errors += 1
+        self._last_error = f"{type(exc).__name__}: {exc}"
+        if self._connected:
+            log.warning("redis %s unreachable (%s); buffering results (limit %d)", self._safe_url, self._last_error, self.buffer_limit)
+        self._connected = False
+
+    def _drain(self) -> bool:
+        """Write the buffer in order, batch by batch; True when it is empty, False on an error."""
+        while True:
+            with self._lock:
+                if not self._buffer:
+                    self._drained.notify_all()
+                    return True
+                batch = list(itertools.islice(self._buffer, 0, self.batch))
+                try:
+                    self._write(batch)
+                except redis.RedisError as exc:
+                    self._mark_down(exc)
+                    return False
+                for _ in batch:
+                    self._buffer.popleft()
+                self._flushed += len(batch)
+                if not self._connected:
+                    self._connected = True
+                    self._reconnects += 1
+                    log.info("redis %s reachable again; flushing %d buffered results", self._safe_url, len(self._buffer) + len(batch))
+
+    def _reconnect_if_idle(self) -> None:
+        # Down with an empty buffer (every buffered result dropped at close, or down since the
+        # start): a PING is the only way to learn that Redis is back.
+        if self._ping():
+            with self._lock:
+                if not self._connected:
+                    self._connected = True
+                    self._reconnects += 1
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with self._lock:
+                pending = bool(self._buffer)
+                connected = self._connected
+            if not pending and connected:
+                self._wake.wait()
+                self._wake.clear()
+                continue
+            ok = self._drain() if pending else (self._reconnect_if_idle() or self._connected)
+            if ok:
+                self._attempt = 0
+                continue
+            delay = min(self.backoff_max, self.backoff_base * (2 ** min(self._attempt, 30)))
+            delay *= 0.5 + random.random() * 0.5  # jitter: many daemons must not reconnect in step
+            self._attempt += 1
+            self._stop.wait(delay)
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wake the flusher and wait until the buffer is empty; False if it is not within timeout."""
+        self._attempt = 0
+        self._wake.set()
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while self._buffer:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._wake.set()
+                self._drained.wait(min(left, 0.05))
+            return True
+
+    # -- reading ---------------------------------------------------------------------------
+    def _decode(self, camera: str, raw: str) -> Record:
+        env = json.loads(raw)
+        return Record(camera=camera, ts=env["ts"], result=env["result"], id=env["id"])
+
+    def _buffered(self, camera: str) -> list[_Entry]:
+        with self._lock:
+            return [e for e in self._buffer if e.camera == camera]
+
+    def _fail(self, exc: redis.RedisError) -> CacheUnavailable:
+        with self._lock:
+            self._mark_down(exc)
+            n = len(self._buffer)
+        self._wake.set()
+        return CacheUnavailable(f"redis {self._safe_url} unreachable ({exc}); {n} results buffered")
+
+    def _down(self) -> CacheUnavailable | None:
+        with self._lock:
+            if self._connected:
+                return None
+            return CacheUnavailable(f"redis {self._safe_url} unreachable ({self._last_error}); {len(self._buffer)} results buffered")
+
+    def latest(self, camera: str) -> Record | None:
+        """The last result put for camera, None if it has none."""
+        pending = self._buffered(camera)
+        if pending:
+            e = pending[-1]
+            return self._decode(camera, e.member)
+        err = self._down()
+        if err:
+            raise err
+        try:
+            raw = self._client.get(self._k_latest(camera))
+        except redis.RedisError as exc:
+            raise self._fail(exc) from None
+        return self._decode(camera, raw) if raw is not None else None
+
+    def history(
+        self,
+        camera: str,
+        since: float | None = None,
+        until: float | None = None,
+        limit: int | None = None,
+    ) -> list[Record]:
+        """Results with since <= ts <= until, oldest first; with ``limit``, the newest ``limit`` of them."""
+        if limit is not None and limit < 1:
+            raise ValueError(f"limit must be >= 1, got {limit}")
+        if since is not None and until is not None and since > until:
+            raise ValueError(f"since ({since}) is after until ({until})")
+        err = self._down()
+        if err:
+            raise err
+        lo = "-inf" if since is None else repr(float(since))
+        hi = "+inf" if until is None else repr(float(until))
+        try:
+            if limit is None:
+                raw = self._client.zrangebyscore(self._k_history(camera), lo, hi)
+            else:
+                raw = list(reversed(self._client.zrevrangebyscore(self._k_history(camera), hi, lo, start=0, num=limit)))
+        except redis.RedisError as exc:
+            raise self._fail(exc) from None
+        records = [self._decode(camera, r) for r in raw]
+        pending = [
+            e for e in self._buffered(camera)
+            if (since is None or e.ts >= since) and (until is None or e.ts <= until)
+        ]
+        if pending:
+            seen = {r.id for r in records}
+            records += [self._decode(camera, e.member) for e in pending if e.id not in seen]
+            records.sort(key=lambda r: r.ts)  # stable: equal timestamps keep put order
+            if limit is not None:
+                records = records[-limit:]
+        return records
+
+    def cameras(self) -> list[str]:
+        """Camera ids that have results (in Redis or still buffered), sorted."""
+        err = self._down()
+        if err:
+            raise err
+        try:
+            ids = set(self._client.smembers(self._k_cameras()))
+        except redis.RedisError as exc:
+            raise self._fail(exc) from None
+        with self._lock:
+            ids |= {e.camera for e in self._buffer}
+        return sorted(ids)
+
+    def _ping(self) -> bool:
+        try:
+            return bool(self._client.ping())
+        except redis.RedisError as exc:
+            with self._lock:
+                self._errors += 1
+                self._last_error = f"{type(exc).__name__}: {exc}"
+            return False
+
+    def ping(self) -> bool:
+        """True when Redis answers PING now (never raises); wakes the flusher when it does."""
+        ok = self._ping()
+        if ok:
+            self._wake.set()
+        return ok
+
+    @property
+    def connected(self) -> bool:
+        with self._lock:
+            return self._connected
+
+    def stats(self) -> CacheStats:
+        with self._lock:
+            return CacheStats(
+                connected=self._connected,
+                buffered=len(self._buffer),
+                buffer_limit=self.buffer_limit,
+                written=self._written,
+                flushed=self._flushed,
+                dropped=sum(self._dropped.values()),
+                reconnects=self._reconnects,
+                errors=self._errors,
+                last_error=self._last_error,
+                dropped_by_camera=dict(self._dropped),
+            )
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def close(self, flush_timeout: float = 2.0) -> None:
+        """Try to flush what is buffered, stop the flusher; what is left is counted as dropped."""
+        if self._stop.is_set():
+            return
+        if flush_timeout > 0:
+            self.flush(flush_timeout)
+        with self._lock:
+            self._closing = True
+            left = list(self._buffer)
+            self._buffer.clear()
+            for e in left:
+                self._dropped[e.camera] += 1
+        if left:
+            log.error("cache closed with %d results still buffered (Redis unreachable): counted as dropped", len(left))
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=5.0)
+        self._client.close()
+
+    def __enter__(self) -> "ResultCache":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_cache(cfg: "CacheConfig", *, prefix: str = "mlink", directory: str | None = None) -> tuple[ResultCache, "EmbeddedRedis | None"]:
+    """The daemon's cache: cfg.redis_url, or an embedded redis-server (returned, to be closed after
+    the cache) when it has none."""
+    server = None
+    if not cfg.redis_url:
+        from mlink.server.redis_embedded import EmbeddedRedis
+
+        server = EmbeddedRedis(directory, appendonly=True).start()
+    try:
+        return ResultCache.from_config(cfg, server.url if server else None, prefix=prefix), server
+    except BaseException:
+        if server is not None:
+            server.close()
+        raise
+
+
+def records_json(records: Iterable[Record]) -> list[dict[str, Any]]:
+    return [r.to_dict() for r in records]

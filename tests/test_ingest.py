@@ -1,0 +1,302 @@
+"""Camera ingestion on real sample videos and a real HTTP MJPEG stream on loopback: sampling,
+looping, pacing, drop-oldest, reconnects with redacted errors, apply() as a diff, round-robin."""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import cv2
+import numpy as np
+import pytest
+
+from mlink.server.config import IngestConfig, StreamEntry
+from mlink.server.frames import read_frames, resolve_url
+from mlink.server.ingest import Backoff, CameraReader, Ingest, is_live, redact
+
+FAST = IngestConfig(realtime=False, queue=4, backoff_base_s=0.05, backoff_max_s=0.2, backoff_jitter=0.1,
+                    open_timeout_s=2, read_timeout_s=2)
+
+
+def wait_for(pred, timeout: float = 10.0, step: float = 0.02) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(step)
+    return pred()
+
+
+def drain(reader: CameraReader) -> list:
+    out = []
+    while (f := reader.get_nowait()) is not None:
+        out.append(f)
+    return out
+
+
+@pytest.fixture(scope="module")
+def megamind(store) -> str:
+    return resolve_url("asset://megamind", store)  # 270 frames at 23.976 fps (11.3 s)
+
+
+# -- pure helpers ----------------------------------------------------------------------------
+
+def test_redact_hides_credentials() -> None:
+    assert redact("rtsp://admin:hunter2@10.0.0.5:554/s1") == "rtsp://***@10.0.0.5:554/s1"
+    assert redact("error opening http://bob@cam.local/video.mjpg now") == "error opening http://***@cam.local/video.mjpg now"
+    assert redact("https://h/x.mjpg?user=a&password=p4ss&token=abc") == "https://h/x.mjpg?user=a&password=***&token=***"
+    assert redact("/videos/a.mp4") == "/videos/a.mp4" and redact("rtsp://host/s") == "rtsp://host/s"
+    assert is_live("rtsp://h/s") and is_live("HTTPS://h/v.mjpg") and is_live("0")
+    assert not is_live("/v/a.mp4") and not is_live("asset://vtest")
+
+
+def test_backoff_doubles_caps_and_resets() -> None:
+    b = Backoff(0.5, 4.0, jitter=0)
+    assert [b.next() for _ in range(6)] == [0.5, 1.0, 2.0, 4.0, 4.0, 4.0]
+    b.reset()
+    assert b.next() == 0.5
+    j = Backoff(1.0, 8.0, jitter=0.2, rng=random.Random(7))
+    delays = [j.next() for _ in range(5)]
+    for d, nominal in zip(delays, [1, 2, 4, 8, 8]):
+        assert 0.8 * nominal <= d <= 1.2 * nominal
+    assert len(set(delays[3:])) == 2  # jittered, not in lock-step
+
+
+# -- files -----------------------------------------------------------------------------------
+
+def test_file_is_sampled_by_video_time(megamind: str) -> None:
+    settings = FAST.model_copy(update={"queue": 1000})
+    r = CameraReader(StreamEntry(id="m", url=megamind, fps=2), settings).start()
+    assert wait_for(lambda: r.status().state == "ended")
+    frames = drain(r)
+    expected = list(read_frames(megamind, sample_fps=2))
+    assert [(f.index, f.pts) for f in frames] == [(e.index, e.timestamp) for e in expected]
+    assert len(frames) == 23  # 0.0, 0.5, ... 11.0 s
+    assert np.array_equal(frames[5].image, expected[5].image)
+    assert [f.seq for f in frames] == list(range(23))
+    st = r.status()
+    assert (st.frames_in, st.drops, st.loops, st.reconnects, st.live, st.last_error) == (23, 0, 0, 0, False, None)
+    r.stop()
+    assert r.status().state == "stopped" and not r.alive
+
+
+def test_looped_file_restarts_from_the_start(megamind: str) -> None:
+    settings = FAST.model_copy(update={"queue": 1000})
+    r = CameraReader(StreamEntry(id="m", url=megamind, fps=1, loop=True), settings).start()
+    assert wait_for(lambda: r.status().frames_in >= 25)  # two passes of 12 frames, and one more
+    r.stop()
+    frames = drain(r)
+    firsts = [f for f in frames if f.pts == 0.0]
+    assert [f.loop for f in firsts][:3] == [0, 1, 2]
+    pass0 = [f.pts for f in frames if f.loop == 0]
+    assert pass0 == pytest.approx([float(s) for s in range(12)], abs=0.05)  # one pass: t = 0..11 s
+    assert r.status().reconnects == 0 and r.status().state == "stopped"
+
+
+def test_realtime_paces_a_file_at_its_sampled_rate(megamind: str) -> None:
+    settings = FAST.model_copy(update={"realtime": True, "queue": 100})
+    r = CameraReader(StreamEntry(id="m", url=megamind, fps=5), settings).start()
+    try:
+        first = r.get(timeout=5)
+        t0 = time.monotonic()
+        got = [r.get(timeout=5) for _ in range(4)]
+        elapsed = time.monotonic() - t0
+        assert first is not None and all(got)
+        assert [round(f.pts, 1) for f in [first, *got]] == [0.0, 0.2, 0.4, 0.6, 0.8]
+        assert 0.6 <= elapsed <= 1.5, elapsed  # 4 periods of 0.2 s, not as fast as it decodes
+        assert r.status().drops == 0
+    finally:
+        r.stop()
+
+
+def test_slow_consumer_gets_the_newest_frames_and_drops_are_counted(store) -> None:
+    settings = FAST.model_copy(update={"queue": 3})
+    r = CameraReader(StreamEntry(id="v", url="asset://vtest", fps=5, loop=True), settings, store=store).start()
+    consumed = []
+    try:
+        for _ in range(5):  # a consumer slower than decoding
+            f = r.get(timeout=5)
+            assert f is not None
+            consumed.append(f)
+            r.mark_processed()
+            time.sleep(0.05)
+    finally:
+        r.stop()
+    left = drain(r)
+    st = r.status()
+    assert st.drops > 0
+    assert st.frames_in == len(consumed) + len(left) + st.drops  # every frame accounted for
+    assert [f.seq for f in left] == list(range(st.frames_in - 3, st.frames_in))  # the newest 3
+    assert st.frames_processed == 5 and st.fps_processed > 0 and st.queued == 0
+
+
+# -- failures --------------------------------------------------------------------------------
+
+def test_bad_url_reports_a_redacted_error_and_retries_while_another_camera_flows(
+    store, megamind: str, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
+) -> None:
+    caplog.set_level("INFO", logger="mlink.ingest")
+    settings = FAST.model_copy(update={"realtime": True})
+    with Ingest(settings, store=store) as ing:
+        ing.apply([
+            StreamEntry(id="bad", url="rtsp://admin:hunter2@127.0.0.1:9/live", fps=5),
+            StreamEntry(id="good", url=megamind, fps=10, loop=True),
+        ])
+        got = []
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 1.5:
+            f = ing.next_frame(timeout=0.5)
+            if f is not None:
+                got.append(f.camera)
+                ing.mark_processed(f.camera)
+        bad, good = ing.status()["bad"], ing.status()["good"]
+    assert got.count("good") >= 8 and "bad" not in got  # ~10 fps despite the dead camera
+    assert good.state == "connected" and good.frames_processed == got.count("good")
+    assert bad.state == "retrying" and bad.healthy and bad.live
+    assert bad.reconnects >= 3 and bad.frames_in == 0
+    assert bad.url == "rtsp://***@127.0.0.1:9/live"
+    assert "rtsp://***@127.0.0.1:9/live" in bad.last_error and "cannot open" in bad.last_error
+    assert bad.retry_at is not None and bad.last_error_at is not None
+    out, err = capfd.readouterr()
+    everything = json.dumps(bad.to_dict()) + caplog.text + out + err
+    assert "hunter2" not in everything and "admin" not in everything
+    assert "camera bad (rtsp://***@127.0.0.1:9/live)" in caplog.text
+
+
+def test_missing_file_unknown_asset_and_absent_device_retry(store) -> None:
+    with Ingest(FAST, store=store) as ing:
+        ing.apply([
+            StreamEntry(id="nofile", url="/nonexistent/cam.mp4"),
+            StreamEntry(id="noasset", url="asset://no_such_video"),
+            StreamEntry(id="nodev", url="57"),
+        ])
+        assert wait_for(lambda: all(s.reconnects >= 2 for s in ing.status().values()))
+        st = ing.status()
+    assert "no such file" in st["nofile"].last_error
+    assert "no_such_video" in st["noasset"].last_error
+    assert st["nodev"].live and st["nodev"].last_error
+    assert all(s.state == "retrying" for s in st.values())
+
+
+class _MJPEG:
+    """A real multipart/x-mixed-replace MJPEG server on 127.0.0.1 (no auth check)."""
+
+    def __init__(self, port: int = 0, fps: float = 25.0) -> None:
+        self.stopping = threading.Event()
+        jpegs = [cv2.imencode(".jpg", np.full((96, 128, 3), 40 * i, np.uint8))[1].tobytes() for i in range(6)]
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                self.send_response(200)
+                self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
+                self.end_headers()
+                i = 0
+                try:
+                    while not owner.stopping.is_set():
+                        j = jpegs[i % len(jpegs)]
+                        self.wfile.write(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n" % len(j) + j + b"\r\n")
+                        i += 1
+                        time.sleep(1.0 / fps)
+                except OSError:
+                    pass
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_http_mjpeg_stream_sampled_by_wall_clock_and_reconnected() -> None:
+    srv = _MJPEG()
+    port = srv.port
+    url = f"http://viewer:pa55w0rd@127.0.0.1:{port}/video.mjpg"
+    r = CameraReader(StreamEntry(id="mj", url=url, fps=5), FAST.model_copy(update={"queue": 100})).start()
+    try:
+        assert wait_for(lambda: r.status().state == "connected", 10)
+        first = r.get(timeout=5)
+        assert first is not None and first.image.shape == (96, 128, 3)
+        time.sleep(1.0)
+        frames = drain(r)
+        assert 3 <= len(frames) <= 8, len(frames)  # ~5 fps sampled from a 25 fps stream
+        gaps = np.diff([first.wall] + [f.wall for f in frames])
+        assert gaps.min() >= 0.09  # bursts are not passed on: at least half a period (0.2 s) apart
+        st = r.status()
+        assert st.live and st.url == f"http://***@127.0.0.1:{port}/video.mjpg"
+        srv.close()  # the camera goes away
+        assert wait_for(lambda: r.status().reconnects >= 2, 10)
+        st = r.status()
+        assert st.state == "retrying" and "pa55w0rd" not in (st.last_error or "") and st.last_error
+        srv = _MJPEG(port)  # ... and comes back on the same address
+        assert wait_for(lambda: r.status().state == "connected", 10)
+        drain(r)
+        assert r.get(timeout=5) is not None
+    finally:
+        r.stop()
+        srv.close()
+
+
+# -- the manager -----------------------------------------------------------------------------
+
+def test_apply_is_a_diff(store, megamind: str) -> None:
+    settings = FAST.model_copy(update={"realtime": True})
+    a = StreamEntry(id="a", url=megamind, fps=2, loop=True)
+    b = StreamEntry(id="b", url="asset://vtest", fps=1, loop=True)
+    with Ingest(settings, store=store) as ing:
+        res = ing.apply([a, b])
+        assert (res.added, res.removed, res.restarted, res.unchanged) == (["a", "b"], [], [], [])
+        ra, rb = ing.reader("a"), ing.reader("b")
+        thread_a = ra.thread
+        assert wait_for(lambda: ra.status().frames_in >= 2 and rb.status().frames_in >= 1)
+        before = ra.status().frames_in
+
+        c = StreamEntry(id="c", url=megamind, fps=1, loop=True)
+        res = ing.apply([a.model_copy(update={"accuracy_target": 0.9}), b.model_copy(update={"fps": 2.0}), c])
+        assert (res.added, res.removed, res.restarted, res.unchanged) == (["c"], [], ["b"], ["a"])
+        assert ing.reader("a") is ra and ra.thread is thread_a and thread_a.is_alive()
+        assert ra.stream.accuracy_target == 0.9  # the new entry, without a restart
+        assert ing.reader("b") is not rb and not rb.alive and rb.status().state == "stopped"
+        assert ing.reader("b").stream.fps == 2.0 and ing.reader("b").alive
+        assert ing.cameras == ["a", "b", "c"]
+        assert wait_for(lambda: ra.status().frames_in > before)  # a kept running, counters kept
+        assert ra.status().reconnects == 0
+
+        rb2, rc = ing.reader("b"), ing.reader("c")
+        res = ing.apply([a])
+        assert (res.added, res.removed, res.restarted, res.unchanged) == ([], ["b", "c"], [], ["a"])
+        assert not rb2.alive and not rc.alive and ing.cameras == ["a"]
+        assert ing.reader("a") is ra and thread_a.is_alive()
+
+        res = ing.apply([a], settings.model_copy(update={"queue": 8}))  # new ingest settings
+        assert res.restarted == ["a"] and ing.reader("a") is not ra and not thread_a.is_alive()
+        assert ing.reader("a").settings.queue == 8
+        with pytest.raises(ValueError):
+            ing.apply([a, a])
+        last = ing.reader("a")
+    assert not last.alive and last.status().state == "stopped"
+
+
+def test_round_robin_serves_cameras_in_turn(megamind: str) -> None:
+    settings = FAST.model_copy(update={"queue": 4})
+    with Ingest(settings) as ing:
+        ing.apply([StreamEntry(id="x", url=megamind, fps=1), StreamEntry(id="y", url=megamind, fps=1)])
+        assert wait_for(lambda: all(s.state == "ended" for s in ing.status().values()))
+        order = [ing.next_frame(timeout=1) for _ in range(8)]
+        assert [f.camera for f in order] == ["x", "y"] * 4  # neither starves the other
+        assert [f.pts for f in order[::2]] == pytest.approx([8.0, 9.0, 10.0, 11.0], abs=0.05)  # the newest 4
+        assert ing.next_frame(timeout=0.1) is None
+        st = ing.status()["x"]
+        assert (st.frames_in, st.drops) == (12, 8)
+        assert ing.get("x", timeout=0.05) is None

@@ -96,7 +96,7 @@ class _Entry:
 
 
 def _redis_url_redacted(url: str) -> str:
-    return re.sub(r"(://)[^/@\s]*@", r"\1***@", url)
+    return re.sub(r"(://)[^/?#\s]*@", r"\1***@", url)
 
 
 class ResultCache:

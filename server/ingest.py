@@ -41,7 +41,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mlink.ingest")
 
-_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
+# the userinfo runs to the LAST "@" of the authority: an unencoded "@" in a password leaks nothing
+_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/?#\s]*@")
 _SECRET_QUERY = re.compile(r"([?&](?:password|passwd|pwd|pass|token|access_token|auth|key|api_key|apikey|secret|signature|sig)=)[^&#\s]*", re.I)
 _LIVE_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "rtmps://", "http://", "https://", "udp://", "tcp://", "srt://")
 

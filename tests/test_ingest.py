@@ -48,7 +48,10 @@ def test_redact_hides_credentials() -> None:
     assert redact("rtsp://admin:hunter2@10.0.0.5:554/s1") == "rtsp://***@10.0.0.5:554/s1"
     assert redact("error opening http://bob@cam.local/video.mjpg now") == "error opening http://***@cam.local/video.mjpg now"
     assert redact("https://h/x.mjpg?user=a&password=p4ss&token=abc") == "https://h/x.mjpg?user=a&password=***&token=***"
+    assert redact("rtsp://u:p@ss@cam:554/s?x=1") == "rtsp://***@cam:554/s?x=1"  # unencoded @ in a password
+    assert redact("a rtsp://u:pw@h1/s and http://v:pw2@h2/m") == "a rtsp://***@h1/s and http://***@h2/m"
     assert redact("/videos/a.mp4") == "/videos/a.mp4" and redact("rtsp://host/s") == "rtsp://host/s"
+    assert redact("http://h/p?mail=a@b.c") == "http://h/p?mail=a@b.c"
     assert is_live("rtsp://h/s") and is_live("HTTPS://h/v.mjpg") and is_live("0")
     assert not is_live("/v/a.mp4") and not is_live("asset://vtest")
 
@@ -293,7 +296,12 @@ def test_round_robin_serves_cameras_in_turn(megamind: str) -> None:
     with Ingest(settings) as ing:
         ing.apply([StreamEntry(id="x", url=megamind, fps=1), StreamEntry(id="y", url=megamind, fps=1)])
         assert wait_for(lambda: all(s.state == "ended" for s in ing.status().values()))
-        order = [ing.next_frame(timeout=1) for _ in range(8)]
+        stop = threading.Event()
+        order = []
+        for f in ing.frames(stop):
+            order.append(f)
+            if len(order) == 8:
+                stop.set()
         assert [f.camera for f in order] == ["x", "y"] * 4  # neither starves the other
         assert [f.pts for f in order[::2]] == pytest.approx([8.0, 9.0, 10.0, 11.0], abs=0.05)  # the newest 4
         assert ing.next_frame(timeout=0.1) is None

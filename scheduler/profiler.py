@@ -165,6 +165,11 @@ def profile_dir(home: Path, site: str) -> Path:
     return home / "profiles" / site
 
 
+def link_store_dir(cfg: SiteConfig, home: Path) -> Path:
+    """Where a site's trained links live: ``links.store`` of the config, else ``HOME/links/SITE``."""
+    return Path(cfg.links.store).expanduser() if cfg.links.store else home / "links" / cfg.site
+
+
 def save_profile(tuples: TupleSet, home: Path, site: str) -> Path:
     """Save under ``profiles/SITE/VERSION`` and point ``profiles/SITE/latest`` at it."""
     root = profile_dir(home, site)

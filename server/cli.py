@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional, TypeVar
 
 import typer
 
+from mlink.links.errors import LinkError
 from mlink.models.assets import MANIFEST, AssetError, default_store
 from mlink.models.base import ModelError, create_model, model_info, zoo
 from mlink.server.config import ConfigError, SiteConfig, load_config, site_config_path
@@ -28,7 +29,7 @@ app.add_typer(models_app, name="models")
 app.add_typer(config_app, name="config")
 
 F = TypeVar("F", bound=Callable[..., Any])
-_EXPECTED = (AssetError, ModelError, ConfigError, FrameSourceError, ValueError)
+_EXPECTED: tuple[type[BaseException], ...] = (AssetError, ModelError, ConfigError, FrameSourceError, LinkError, ValueError)
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -239,6 +240,124 @@ def profile_cmd(
         else:
             path = save_profile(tuples, store.home, cfg.site)
         typer.echo(f"profiled {len(tuples)} frames x {len(tuples.specs)} outputs of site {cfg.site} -> {path}")
+
+    run_guarded(body)
+
+
+# -- links ----------------------------------------------------------------------------------
+links_app = typer.Typer(help="Model links: train, evaluate and show a site's links.", no_args_is_help=True)
+app.add_typer(links_app, name="links")
+TEST_SHARE = 0.2  # held-out share of the profile: links never train on it, the matrix is measured on it
+
+
+def _site_tuples(cfg: SiteConfig, frames: Optional[int]):
+    """The site's latest profile, or a fresh one of ``frames`` (default links.profile_frames)."""
+    from mlink.links import TupleSet
+    from mlink.scheduler.profiler import latest_profile, profile_site, save_profile
+
+    store = default_store()
+    path = latest_profile(store.home, cfg.site)
+    if path is not None and frames is None:
+        tuples = TupleSet.load(path)
+        if set(tuples.specs) == set(cfg.nodes()):
+            typer.echo(f"profile: {path} ({len(tuples)} tuples)", err=True)
+            return tuples
+        typer.echo(f"profile {path} has other outputs than the config; profiling again", err=True)
+    tuples = profile_site(cfg, frames or cfg.links.profile_frames, store)
+    typer.echo(f"profile: {save_profile(tuples, store.home, cfg.site)} ({len(tuples)} tuples)", err=True)
+    return tuples
+
+
+def _report_matrix(cfg: SiteConfig, matrix, png: Optional[Path], as_json: bool) -> None:
+    from mlink.scheduler.profiler import link_store_dir
+
+    png = png or link_store_dir(cfg, default_store().home) / "matrix.png"
+    matrix.plot_heatmap(png, title=f"link accuracy, site {cfg.site} ({matrix.n} held-out frames)")
+    if as_json:
+        typer.echo(json.dumps({"site": cfg.site, "heatmap": str(png), **matrix.to_json()}))
+        return
+    typer.echo(matrix.table())
+    losers = [f"{s} -> {t}" for (s, t), ok in matrix.beats_trivial().items() if not ok]
+    if losers:
+        typer.echo(f"links not beating their target's trivial predictor: {', '.join(losers)}")
+    typer.echo(f"heatmap: {png}")
+
+
+@links_app.command("train")
+def links_train(
+    site: Optional[str] = SiteOpt,
+    config: Optional[Path] = ConfigOpt,
+    frames: Optional[int] = typer.Option(None, "--frames", help="profile this many frames first (default: use the latest profile)"),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="training epochs (default: the paper's 100, early-stopped)"),
+    png: Optional[Path] = typer.Option(None, "--png", help="heatmap path (default: in the link store)"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Train every link and ensemble of a site, store them, print the accuracy matrix."""
+
+    def body() -> None:
+        from mlink.links import LinkSet, TrainConfig
+        from mlink.scheduler.profiler import link_store_dir
+
+        cfg = resolve_config(site, config)
+        tuples = _site_tuples(cfg, frames)
+        train, test = tuples.split(TEST_SHARE, seed=0)
+        tc = TrainConfig() if epochs is None else TrainConfig(epochs=epochs)
+        links = LinkSet.train(train, config=tc, progress=not as_json)
+        out = link_store_dir(cfg, default_store().home)
+        links.save(out)
+        typer.echo(f"links: {out}", err=True)
+        _report_matrix(cfg, links.matrix(test), png, as_json)
+
+    run_guarded(body)
+
+
+@links_app.command("eval")
+def links_eval(
+    site: Optional[str] = SiteOpt,
+    config: Optional[Path] = ConfigOpt,
+    png: Optional[Path] = typer.Option(None, "--png"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Measure the stored links on the held-out share of the latest profile."""
+
+    def body() -> None:
+        from mlink.links import LinkSet
+        from mlink.scheduler.profiler import link_store_dir
+
+        cfg = resolve_config(site, config)
+        tuples = _site_tuples(cfg, None)
+        _, test = tuples.split(TEST_SHARE, seed=0)
+        links = LinkSet.load(link_store_dir(cfg, default_store().home), expect_specs=tuples.specs)
+        _report_matrix(cfg, links.matrix(test), png, as_json)
+
+    run_guarded(body)
+
+
+@links_app.command("show")
+def links_show(site: Optional[str] = SiteOpt, config: Optional[Path] = ConfigOpt, as_json: bool = typer.Option(False, "--json")) -> None:
+    """What is stored for a site: links, their training data version and metrics."""
+
+    def body() -> None:
+        from mlink.links import LinkSet
+        from mlink.scheduler.profiler import link_store_dir
+
+        cfg = resolve_config(site, config)
+        path = link_store_dir(cfg, default_store().home)
+        links = LinkSet.load(path)
+        info = {
+            "site": cfg.site,
+            "path": str(path),
+            "created_at": links.created_at,
+            "data_version": links.data_version,
+            "links": [f"{s} -> {t} ({type(l).__name__})" for (s, t), l in links.links.items()],
+            "metrics": links.metrics,
+        }
+        if as_json:
+            typer.echo(json.dumps(info, default=str))
+            return
+        typer.echo(f"site {cfg.site}: {path}\ncreated {links.created_at}, training data {links.data_version}")
+        for line in info["links"]:
+            typer.echo(f"  {line}")
 
     run_guarded(body)
 

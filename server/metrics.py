@@ -1,0 +1,57 @@
+"""Prometheus text exposition (format 0.0.4) for ``/metrics``, without a client library.
+
+The daemon's numbers already live in its parts (pool counters, cache stats, camera status);
+this module only renders them, so a scrape never contends with the pipeline for locks beyond
+reading those snapshots. Names follow the conventions page: ``mlink_`` prefix, ``_total`` for
+counters, ``_bytes``/``_seconds`` units.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterable, Literal, Mapping
+
+MetricType = Literal["counter", "gauge"]
+
+
+@dataclass
+class Metric:
+    name: str
+    help: str
+    type: MetricType
+    samples: list[tuple[dict[str, str], float]] = field(default_factory=list)
+
+    def add(self, value: float, **labels: str) -> "Metric":
+        self.samples.append((labels, float(value)))
+        return self
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _number(value: float) -> str:
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(int(value)) if float(value).is_integer() and abs(value) < 2**53 else repr(value)
+
+
+def render(metrics: Iterable[Metric]) -> str:
+    lines: list[str] = []
+    for m in metrics:
+        lines.append(f"# HELP {m.name} {m.help}")
+        lines.append(f"# TYPE {m.name} {m.type}")
+        for labels, value in m.samples:
+            label_text = ",".join(f'{k}="{_escape(str(v))}"' for k, v in sorted(labels.items()))
+            lines.append(f"{m.name}{{{label_text}}} {_number(value)}" if label_text else f"{m.name} {_number(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def per_label(name: str, help: str, type: MetricType, label: str, values: Mapping[str, float]) -> Metric:
+    metric = Metric(name, help, type)
+    for key, value in values.items():
+        metric.add(value, **{label: key})
+    return metric

@@ -26,6 +26,17 @@ charged against the budget: every link of the site stays in host memory all the 
 once, run on the CPU), so it does not depend on A and is not part of the memory the pool spends
 on models.
 
+Costs and the budget
+--------------------
+Costs are the pool's measurements (peak across load + warm-up at the serving batch, the largest
+of the last three loads). The same model measures a little differently from load to load (up to
+~20% on the CPU meter, much less under NVML), so selection charges each cost plus
+``cost_margin`` (default 10%), and profiling makes room for a model's cost plus that margin
+(capped at the whole budget) before loading it: the pool's admission check then holds for the
+load as measured, not only for the last figure. A budget relative to the models' cost
+(``"0.5x"``) is resolved once, from period 0's measurements, and then stays fixed: a promise
+that drifted with every measurement would not be one.
+
 Periods
 -------
 Time is cut into periods of ``scheduler.period_s``. At each period boundary the planner starts
@@ -385,6 +396,57 @@ def merge_tuples(parts: Mapping[str, TupleSet]) -> TupleSet:
     return TupleSet(specs=specs, values=values, streams=list(first.streams), timestamps=list(first.timestamps))
 
 
+def select_models(
+    selector: str,
+    costs: Mapping[str, int],
+    accuracy: Callable[[frozenset[str], str], float],
+    budget: int,
+    *,
+    models: Sequence[str],
+    exclude: Iterable[str] = (),
+    forced: Iterable[str] = (),
+    cost_margin: float = 0.1,
+) -> Selection:
+    """Run the ``"paper"`` or ``"objective"`` selector as the planner does.
+
+    ``costs`` are measured costs; each is raised by ``cost_margin`` (a load can measure a little
+    more than the last time) before it counts against ``budget``. ``exclude``: models that cannot
+    be loaded (failed, or already loaded and unloaded this period). ``forced``: models that stay
+    loaded whatever is chosen: the selector chooses the rest under the budget they leave, with
+    Eq. 1 evaluated over the forced ones plus its choice. ``accuracy`` is p(h_{A,j}) per model
+    (:class:`LinkAccuracy`); the paper's greedy takes its single links p(g_ij) = p(h_{{i},j}).
+    The objective selector searches every subset (no pruning) up to 8 candidates, since
+    measured ensemble accuracies need not grow with the active set.
+    """
+    f = 1.0 + max(0.0, cost_margin)
+    excluded = set(exclude)
+    fixed = set(forced) - excluded
+    avail = {m: int(math.ceil(c * f)) for m, c in costs.items() if m in set(models) and m not in excluded}
+    forced_cost = sum(avail.get(m, 0) for m in fixed)
+    if fixed:
+
+        def acc(active: frozenset[str], target: str) -> float:
+            return 1.0 if target in fixed else accuracy(active | fixed, target)
+
+    else:
+        acc = accuracy  # type: ignore[assignment]
+    cand = {m: c for m, c in avail.items() if m not in fixed}
+    room = budget - forced_cost
+    if selector == "paper":
+        single = accuracy.single() if isinstance(accuracy, LinkAccuracy) else {
+            (i, j): accuracy(frozenset([i]), j) for i in models for j in models if i != j
+        }
+        sel = paper_greedy(cand, single, room, ensemble_acc=acc, models=models, exclude=excluded | fixed)
+    elif selector == "objective":
+        sel = objective_select(cand, acc, room, models=models, exclude=excluded | fixed, prune=len(cand) > 8)
+    else:
+        raise ValueError(f"selector must be paper or objective, got {selector!r}")
+    if not fixed:
+        return sel
+    full = evaluate(sel.active | fixed, avail, accuracy, budget, models=models, selector=sel.selector)
+    return Selection(full.active, full.objective, full.cost, full.budget, sel.selector, full.expected, full.feasible, sel.evaluations)
+
+
 # -- the planner ------------------------------------------------------------------------------
 
 
@@ -641,36 +703,17 @@ class Planner:
 
     def _select(self) -> Selection:
         """The selector's choice under this period's constraints (unavailable, deferred, kept)."""
-        costs = self._costs()
         unavailable = set(self.pool.unavailable())
-        exclude = unavailable | self._spent()
-        forced = self._pinned_in() - unavailable
-        avail = {m: c for m, c in costs.items() if m not in exclude}
-        forced_cost = sum(avail.get(m, 0) for m in forced)
-        acc = self.accuracy
-        if forced:
-
-            def acc_f(active: frozenset[str], target: str) -> float:
-                return 1.0 if target in forced else acc(active | forced, target)
-
-        else:
-            acc_f = acc  # type: ignore[assignment]
-        cand_costs = {m: c for m, c in avail.items() if m not in forced}
-        budget = self.budget - forced_cost
-        if self.selector == "paper":
-            link_acc = acc.single()
-            sel = paper_greedy(
-                cand_costs, link_acc, budget, ensemble_acc=acc_f, models=self.universe, exclude=exclude | forced
-            )
-        else:
-            n_cand = len([m for m in cand_costs if m not in exclude])
-            sel = objective_select(
-                cand_costs, acc_f, budget, models=self.universe, exclude=exclude | forced, prune=n_cand > 8
-            )
-        if not forced:
-            return sel
-        full = evaluate(sel.active | forced, avail, acc, self.budget, models=self.universe, selector=sel.selector)
-        return Selection(full.active, full.objective, full.cost, full.budget, sel.selector, full.expected, full.feasible, sel.evaluations)
+        return select_models(
+            self.selector,
+            {m: c for m, c in self.pool.costs().items() if m in self.served},
+            self.accuracy,
+            self.budget,
+            models=self.universe,
+            exclude=unavailable | self._spent(),
+            forced=self._pinned_in() - unavailable,
+            cost_margin=self.cost_margin,
+        )
 
     def _evaluate(self, active: Iterable[str], selector: str = "evaluated") -> Selection:
         unavailable = set(self.pool.unavailable())

@@ -145,10 +145,11 @@ class LinkSet:
                     for s, tt in pairs:
                         if tt != t:
                             continue
-                        link = make_link(specs[s], spec, **config.link_hparams())
+                        seed = _link_seed(config.seed, s, t)
+                        link = make_link(specs[s], spec, seed=seed, **config.link_hparams())
                         if link.head is not None:
                             link.head.fit(y_tr.x)
-                        fit = fit_link(link, src_tr[s], y_tr, src_va[s], y_va, config, seed=_link_seed(config.seed, s, t))
+                        fit = fit_link(link, src_tr[s], y_tr, src_va[s], y_va, config, seed=seed)
                         links[s] = link
                         link_metrics[f"{s}->{t}"] = {"arch": link.arch, "fit": fit.to_dict()}
                         bar.update(f"{s} -> {t}")

@@ -108,8 +108,8 @@ class LinkMatrix:
             data[r, -2] = self.ensemble[t]
             data[r, -1] = self.trivial[t]
         fig, ax = plt.subplots(figsize=(1.1 * len(cols) + 3, 0.6 * len(self.targets) + 2.5))
-        cmap = matplotlib.colormaps["viridis"].copy()
-        cmap.set_bad("#dddddd")
+        cmap = matplotlib.colormaps["viridis"]
+        cmap = cmap.with_extremes(bad="#dddddd") if hasattr(cmap, "with_extremes") else cmap
         im = ax.imshow(np.ma.masked_invalid(data), cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto")
         ax.set_xticks(range(len(cols)), labels=cols, rotation=45, ha="right", fontsize=8)
         ax.set_yticks(range(len(self.targets)), labels=self.targets, fontsize=8)

@@ -167,6 +167,19 @@ class TupleSet:
             timestamps=[self.timestamps[i] for i in idx],
         )
 
+    def select(self, nodes: Iterable[str]) -> "TupleSet":
+        """The same frames restricted to ``nodes`` (e.g. the outputs a site serves)."""
+        keep = list(nodes)
+        missing = [k for k in keep if k not in self.specs]
+        if missing:
+            raise KeyError(f"nodes {missing} are not in this tuple set (it has {self.nodes})")
+        return TupleSet(
+            specs={k: self.specs[k] for k in keep},
+            values={k: list(self.values[k]) for k in keep},
+            streams=list(self.streams),
+            timestamps=list(self.timestamps),
+        )
+
     def head(self, n: int) -> "TupleSet":
         return self.subset(range(min(max(n, 0), len(self))))
 

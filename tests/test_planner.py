@@ -315,3 +315,61 @@ def test_periods_reprofile_reselect_and_load_once_per_period(store: AssetStore, 
     assert replay_within_budget(pool, budget) <= budget
     assert planner.peak_charged <= budget
     pool.close()
+
+
+# -- the CLI and the GPU check ----------------------------------------------------------------
+
+
+def test_schedule_plan_cli_measures_costs_selects_and_reuses_what_it_stored(store: AssetStore, trained, tmp_path, monkeypatch) -> None:
+    import json as _json
+
+    import typer
+    from typer.testing import CliRunner
+
+    import mlink.models.assets as assets
+    from mlink.scheduler.profiler import link_store_dir, save_profile
+    from mlink.server.cli_schedule import schedule_app
+
+    home = tmp_path / "home"
+    monkeypatch.setattr(assets, "_default_store", AssetStore(home=home, mirror=store.mirror, offline=True))
+    cfg_path = tmp_path / "site.yaml"
+    cfg_path.write_text(SITE.format(budget="60MB", selector="objective"))
+    cfg = site_cfg(budget="60MB")
+    save_profile(trained[2], home, cfg.site)
+    app = typer.Typer()
+    app.add_typer(schedule_app, name="schedule")
+    runner = CliRunner()
+
+    res = runner.invoke(app, ["schedule", "plan", "--config", str(cfg_path), "--json", "--epochs", "3"])
+    assert res.exit_code == 0, res.output
+    out = _json.loads(res.stdout.strip().splitlines()[-1])
+    models = set(site_served(cfg))
+    assert set(out["costs"]) == models and all(c > 0 for c in out["costs"].values())
+    assert out["cost_source"].startswith("measured now")
+    assert out["budget_bytes"] == 60_000_000 and out["held_out"] == 8 and out["tuples"] == 40
+    assert out["links_retrained"]  # nothing was stored: trained on the profile's training split
+    assert (link_store_dir(cfg, home) / "manifest.json").is_file()
+    active = set(out["active"])
+    assert active <= models and set(out["predicted"]) == models - active
+    assert out["cost_bytes"] == sum(out["costs"][m] for m in active) <= out["budget_bytes"]
+    assert out["objective"] == pytest.approx(sum(out["expected"].values()) / len(models))
+    assert all(out["expected"][m] == 1.0 for m in active)
+    assert set(out["selections"]) == {"paper", "objective"}
+    # Eq. 1 is what the objective selector maximises: the paper's greedy cannot beat it.
+    assert out["selections"]["objective"]["objective"] >= out["selections"]["paper"]["objective"] - 1e-9
+
+    res = runner.invoke(app, ["schedule", "plan", "--config", str(cfg_path), "--saved-costs", "--selector", "paper"])
+    assert res.exit_code == 0, res.output
+    assert "saved table" in res.stdout and "selector paper" in res.stdout and "expected objective" in res.stdout
+    assert "training links" not in res.output  # the stored links match the split: reused
+
+
+def test_gpu_check_skips_cleanly_without_cuda() -> None:
+    import subprocess
+    import sys
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the check would run for real")
+    proc = subprocess.run([sys.executable, "-m", "mlink.bench.gpu_check"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("skipped: no CUDA device (")

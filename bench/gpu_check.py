@@ -1,0 +1,289 @@
+"""GPU check for a CUDA machine: measured model costs, a few planner periods, the peak vs the budget.
+
+    python -m mlink.bench.gpu_check [--device cuda] [--budget 0.6x] [--periods 3] [--frames 32] [--json]
+
+1. Loads each torch model of the zoo on the GPU through a :class:`ModelPool` (load + warm-up
+   at the serving batch), one at a time, and prints the pool's NVML figures per model (peak
+   cost, what stayed resident, what the unload freed), with the device-level delta across the
+   load as a cross-check, and whether each fits the budget alone. Detectors whose official
+   weights are not in the asset store run with seeded random weights (their memory and speed
+   are the real ones); a classifier without its weights is left out, with the reason printed.
+2. Builds a site of those models on the GPU, lets :class:`Planner` profile ``--frames`` frames,
+   train links (few epochs: this checks memory, not accuracy) and choose a plan under the
+   budget, then runs ``--periods`` short periods (re-profiling every model through the pool,
+   fine-tuning, re-selecting, applying) while serving frames, with a sampler thread reading
+   this process's GPU memory through NVML all along.
+3. Prints the measured peak (above the pool's baseline, which holds the CUDA context) against
+   the budget, and the per-period load/unload counts. Exit status 1 when the peak exceeded the
+   budget, or a period loaded or unloaded a model twice.
+
+On a machine without a usable CUDA device it prints ``skipped: no CUDA device (...)`` with the
+reason and exits 0. About a minute on an H100 with the default settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any
+
+MiB = 1 << 20
+
+
+def _mib(n: float | None) -> str:
+    return "-" if n is None else f"{n / MiB:8.1f} MiB"
+
+
+def cuda_status(device: str) -> str | None:
+    """None when ``device`` is usable, else why not (for the skip message)."""
+    try:
+        import torch
+    except Exception as exc:  # pragma: no cover - torch is a dependency
+        return f"torch cannot be imported: {exc}"
+    if not torch.cuda.is_available():
+        built = getattr(torch.version, "cuda", None)
+        why = "torch was built without CUDA" if not built else f"torch {torch.__version__} (CUDA {built}) sees no GPU"
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if visible is not None:
+            why += f", CUDA_VISIBLE_DEVICES={visible!r}"
+        return why
+    index = torch.device(device).index or 0
+    if index >= torch.cuda.device_count():
+        return f"{device} requested, torch sees {torch.cuda.device_count()} GPU(s)"
+    return None
+
+
+def torch_models(store: Any) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """{model: params} of the zoo's torch models that can load here, and {model: why not}."""
+    from mlink.models.base import model_info, zoo
+
+    chosen: dict[str, dict[str, Any]] = {}
+    left_out: dict[str, str] = {}
+    for name in zoo():
+        info = model_info(name)
+        if info.backend != "torch":
+            continue
+        have = all(store.present(a) for a in info.assets)
+        if have:
+            chosen[name] = {}
+        elif info.task == "detection":
+            chosen[name] = {"allow_random_weights": True}
+        else:
+            left_out[name] = f"weights {', '.join(info.assets)} not in the asset store"
+    return chosen, left_out
+
+
+def sample_frames(store: Any, n: int, fps: float) -> list[Any]:
+    """Frames of vtest.avi when the asset is there, topped up with deterministic synthetic ones."""
+    import numpy as np
+
+    from mlink.scheduler.pool import synthetic_frame
+    from mlink.scheduler.profiler import ProfileFrame
+
+    out: list[Any] = []
+    try:
+        from mlink.server.frames import read_frames
+
+        path = str(store.path("vtest"))
+        out = [ProfileFrame("walkway", f.timestamp, f.image) for f in read_frames(path, sample_fps=fps, max_frames=n)]
+    except Exception:  # no asset store or no video here: synthetic frames only
+        out = []
+    t = out[-1].timestamp + 1.0 / fps if out else 0.0
+    for i in range(n - len(out)):
+        img = np.roll(synthetic_frame(640, 480, seed=i), 8 * i, axis=1)  # moving texture: outputs vary
+        out.append(ProfileFrame("synthetic", t + i / fps, img))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--budget", default="0.6x", help="budget for the planner (default 0.6x: not every model fits)")
+    ap.add_argument("--periods", type=int, default=3)
+    ap.add_argument("--frames", type=int, default=32, help="initial profiling frames")
+    ap.add_argument("--period-frames", type=int, default=12, help="frames served per period")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--dry-run-cpu", action="store_true", help=argparse.SUPPRESS)  # the same steps on the CPU meter
+    args = ap.parse_args(argv)
+
+    if args.dry_run_cpu:
+        args.device = "cpu"
+    else:
+        why = cuda_status(args.device)
+        if why is not None:
+            print(f"skipped: no CUDA device ({why})")
+            return 0
+
+    import torch
+
+    from mlink.links import TrainConfig
+    from mlink.models.assets import default_store
+    from mlink.scheduler.memory import MemoryMeter, resolve_budget
+    from mlink.scheduler.planner import Planner, model_factory
+    from mlink.scheduler.pool import ModelPool
+    from mlink.server.config import parse_config
+
+    meter = MemoryMeter(args.device)
+    if not meter.gpu and not args.dry_run_cpu:
+        print(f"error: CUDA works but NVML does not ({meter.nvml_error}); GPU memory cannot be measured", file=sys.stderr)
+        return 2
+    torch.set_num_threads(min(4, os.cpu_count() or 1))
+    store = default_store()
+    params, left_out = torch_models(store)
+    if len(params) < 2:
+        print(f"error: fewer than two torch models can load here ({left_out})", file=sys.stderr)
+        return 2
+    names = sorted(params)
+    site_yaml = "\n".join(
+        [f"site: gpu-check\ndevice: {args.device}\nbudget: {args.budget}\nmodels:"]
+        + [f"  - name: {n}\n    params: {json.dumps(params[n])}" for n in names]
+        + [
+            f"links:\n  profile_frames: {args.frames}",
+            f"scheduler:\n  period_s: 1.0\n  profile_share: 0.34\n  switch_margin: 0.0\n  batch_size: {args.batch}",
+        ]
+    )
+    cfg = parse_config(site_yaml, "<gpu-check>")
+    fps = 4.0
+    total_frames = args.frames + args.periods * args.period_frames + args.period_frames
+    frames = sample_frames(store, total_frames, fps)
+
+    gpu = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "no GPU (dry run on the CPU)"
+    out: dict[str, Any] = {"device": args.device, "gpu": gpu, "left_out": left_out}
+    t_all = time.perf_counter()
+
+    # 1. per-model NVML costs, each model alone.
+    probe = ModelPool(meter.total(), args.device, meter=meter, factory=model_factory(cfg, store), warmup_batch=args.batch, models=names)
+    rows = []
+    for n in names:
+        dev0 = meter.device_used()
+        ok = probe.load(n)
+        dev1 = meter.device_used()
+        rec = probe.load_records[-1] if ok and probe.load_records else None
+        unload = probe.unload(n, reason="measure") if ok else None
+        rows.append(
+            {
+                "model": n,
+                "ok": ok,
+                "why": probe.unavailable_reason(n),
+                "cost": probe.cost(n),
+                "resident": rec.resident if rec else None,
+                "freed": unload.freed if unload else None,
+                "sticky": bool(unload.sticky) if unload else None,
+                "device_delta": (dev1 - dev0) if (dev0 is not None and dev1 is not None) else None,
+                "source": rec.source if rec else None,
+                "load_s": rec.seconds if rec else None,
+                "random_weights": bool(params[n].get("allow_random_weights")),
+            }
+        )
+    costs = {r["model"]: r["cost"] for r in rows if r["ok"] and r["cost"]}
+    budget = resolve_budget(args.budget, meter.total(), sum(costs.values()))
+    for r in rows:
+        r["fits_alone"] = r["cost"] is not None and r["cost"] <= budget
+    out["models"] = rows
+    out["budget_bytes"] = budget
+    out["nvml_source"] = meter.source
+    probe.close()
+    del probe
+
+    # 2. the planner over a few short periods, sampled all along.
+    pool = ModelPool(
+        budget, args.device, meter=meter, factory=model_factory(cfg, store), costs=costs, warmup_batch=args.batch, models=names
+    )
+    planner = Planner(
+        cfg,
+        pool,
+        budget=budget,
+        train_config=TrainConfig(epochs=5, patience=2, combiner_steps=50, fine_tune_epochs=2),
+        frame_rate=fps,
+        clock=lambda: 0.0,
+    )
+    watcher = MemoryMeter(args.device)
+    served_frames = 0
+
+    def run() -> None:
+        nonlocal served_frames
+        planner.initial(frames[: args.frames], now=frames[args.frames - 1].timestamp)
+        rest = frames[args.frames :]
+        step = max(1, args.batch)
+        for i in range(0, len(rest), step):
+            chunk = rest[i : i + step]
+            tick = planner.on_frames(chunk, now=chunk[-1].timestamp)
+            planner.serve(chunk)
+            served_frames += len(chunk)
+            if planner.period >= args.periods and tick.period is not None:
+                break
+
+    _, m = watcher.measure_call(run, release_before=True)
+    peak_above_baseline = m.peak - pool.baseline if m.source == pool.meter.source else None
+    out["planner"] = {
+        "periods": planner.period,
+        "served_frames": served_frames,
+        "plans": [r.to_json() for r in planner.reports],
+        "final_plan": planner.plan.to_json() if planner.plan else None,
+        "peak_charged": planner.peak_charged,
+        "refusals": dict(pool.refusals),
+        "sticky": [r.name for r in pool.sticky],
+    }
+    out["measured"] = {
+        "source": m.source,
+        "baseline": pool.baseline,
+        "peak": m.peak,
+        "peak_above_baseline": peak_above_baseline,
+        "parts": list(m.parts),
+        "samples": m.samples,
+        "device_used_now": meter.device_used(),
+    }
+    twice = {
+        r.period: {k: (r.loads.get(k, 0), r.unloads.get(k, 0)) for k in names if r.loads.get(k, 0) > 1 or r.unloads.get(k, 0) > 1}
+        for r in planner.reports
+        if r.period >= 1
+    }
+    twice = {p: v for p, v in twice.items() if v}
+    over = peak_above_baseline is not None and peak_above_baseline > budget
+    out["ok"] = not over and not twice
+    out["seconds"] = time.perf_counter() - t_all
+    pool.close()
+
+    if args.json:
+        print(json.dumps(out, default=str))
+        return 0 if out["ok"] else 1
+    print(f"GPU check on {out['gpu']} ({args.device}), memory from {out['nvml_source']}")
+    for n, w in left_out.items():
+        print(f"  left out {n}: {w}")
+    print(f"{'model':<40} {'peak cost':>13} {'resident':>13} {'unload freed':>13} {'device delta':>13} {'load s':>7}  fits {_mib(budget).strip()}?")
+    for r in rows:
+        if not r["ok"]:
+            print(f"{r['model']:<40} FAILED: {r['why']}")
+            continue
+        note = " (random weights)" if r["random_weights"] else ""
+        note += " STICKY" if r["sticky"] else ""
+        print(
+            f"{r['model']:<40} {_mib(r['cost']):>13} {_mib(r['resident']):>13} {_mib(r['freed']):>13} {_mib(r['device_delta']):>13}"
+            f" {r['load_s']:>7.2f}  {'yes' if r['fits_alone'] else 'NO'}{note}"
+        )
+    print(f"budget {args.budget} = {_mib(budget).strip()} (sum of costs {_mib(sum(costs.values())).strip()})")
+    for r in planner.reports:
+        print(
+            f"  period {r.period}: profiled {len(r.profiled)} models on {r.frames} frames, skipped {list(r.skipped) or 'none'}, "
+            f"plan {r.plan_id} active {r.candidate and r.candidate.get('active')}, loads {sum(r.loads.values())}, "
+            f"unloads {sum(r.unloads.values())}, peak charged {_mib(r.peak_charged).strip()}, {r.total_s:.1f} s"
+        )
+    peak_txt = _mib(peak_above_baseline).strip() if peak_above_baseline is not None else f"n/a (source changed to {m.source})"
+    print(
+        f"measured peak above the pool's baseline: {peak_txt} vs budget {_mib(budget).strip()}"
+        f" -> {'OK' if not over else 'OVER BUDGET'}  ({m.samples} NVML samples; planner's peak charged {_mib(planner.peak_charged).strip()})"
+    )
+    if twice:
+        print(f"loaded/unloaded twice in a period: {twice}")
+    if pool.refusals:
+        print(f"refused loads (measured over budget): {dict(pool.refusals)}")
+    print(f"{'PASS' if out['ok'] else 'FAIL'} in {out['seconds']:.0f} s")
+    return 0 if out["ok"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

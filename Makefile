@@ -24,6 +24,9 @@ assets: install
 	$(BIN)/mlink assets fetch --config $(CONFIG)
 
 run: assets
+	$(BIN)/mlink serve --config $(CONFIG)
+
+demo: assets
 	$(BIN)/mlink demo --config $(CONFIG)
 
 test: install

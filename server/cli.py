@@ -362,6 +362,51 @@ def links_show(site: Optional[str] = SiteOpt, config: Optional[Path] = ConfigOpt
     run_guarded(body)
 
 
+# -- the daemon -----------------------------------------------------------------------------
+@app.command("serve")
+def serve_cmd(
+    site: Optional[str] = SiteOpt,
+    config: Optional[Path] = ConfigOpt,
+    host: Optional[str] = typer.Option(None, "--host", help="bind address (default: api.host of the config, 127.0.0.1)"),
+    port: Optional[int] = typer.Option(None, "--port", help="port (default: api.port of the config, 8000)"),
+    log_level: str = typer.Option("info", "--log-level"),
+) -> None:
+    """Run the daemon: ingest the cameras, schedule, serve results over HTTP (SIGHUP reloads)."""
+    import logging
+    import signal
+    import threading
+
+    import uvicorn
+
+    from mlink.server.api import create_app
+    from mlink.server.daemon import Daemon
+    from mlink.server.ingest import redact
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = run_guarded(lambda: resolve_config(site, config))
+    path = config if config else site_config_path(site or "default")
+    daemon = Daemon(cfg, path)
+    try:
+        daemon.start()
+    except Exception as exc:
+        fail(f"cannot start: {redact(str(exc))}")
+
+    def on_hup(*_: object) -> None:
+        def work() -> None:
+            result = daemon.reload_file()
+            logging.getLogger("mlink.daemon").info("SIGHUP reload: %s", result.to_json())
+
+        threading.Thread(target=work, name="mlink-reload", daemon=True).start()
+
+    signal.signal(signal.SIGHUP, on_hup)
+    bind_host, bind_port = host or cfg.api.host, port if port is not None else cfg.api.port
+    typer.echo(f"mlink: site {cfg.site}, {len(cfg.streams)} cameras, API on http://{bind_host}:{bind_port} (docs at /docs)", err=True)
+    try:
+        uvicorn.run(create_app(daemon), host=bind_host, port=bind_port, log_level=log_level.lower())
+    finally:
+        daemon.stop()
+
+
 # -- demo -----------------------------------------------------------------------------------
 @app.command("demo")
 def demo(

@@ -1,0 +1,181 @@
+"""The HTTP API (FastAPI; OpenAPI at ``/docs``): health, metrics, cameras, results, models,
+schedule, links, and the operator's config reload.
+
+Reads come from Redis (results) and from the daemon's snapshots (everything else), never from
+the pipeline thread's working state. Errors are JSON ``{"error": message, "errors": [...]}``
+with, for validation, the path of each error. Camera URLs are redacted everywhere.
+"""
+
+from __future__ import annotations
+
+import hmac
+import math
+from typing import Any, Optional
+
+from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
+
+from mlink.server.cache import CacheUnavailable, records_json
+from mlink.server.daemon import Daemon
+from mlink.server.metrics import Metric, per_label, render
+
+
+def create_app(daemon: Daemon) -> FastAPI:
+    app = FastAPI(
+        title="mlink",
+        version="0.1.0",
+        description="Results of every model on every camera: executed, or predicted by model links, with expected accuracy.",
+    )
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(_: Request, exc: HTTPException) -> JSONResponse:
+        body = exc.detail if isinstance(exc.detail, dict) else {"error": str(exc.detail)}
+        return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [{"path": ".".join(str(p) for p in e["loc"]), "message": e["msg"]} for e in exc.errors()]
+        return JSONResponse({"error": "invalid request", "errors": errors}, status_code=422)
+
+    def camera_or_404(camera_id: str) -> None:
+        if camera_id not in {s.id for s in daemon.cfg.streams}:
+            raise HTTPException(404, {"error": f"no camera {camera_id!r}", "cameras": [s.id for s in daemon.cfg.streams]})
+
+    def require_token(authorization: Optional[str] = Header(None)) -> None:
+        token = daemon.cfg.api.token
+        if not token:
+            raise HTTPException(403, {"error": "operator actions are disabled: set api.token in the config"})
+        given = (authorization or "").removeprefix("Bearer ").strip()
+        if not authorization or not authorization.startswith("Bearer ") or not hmac.compare_digest(given, token):
+            raise HTTPException(401, {"error": "a valid bearer token is required"}, headers={"WWW-Authenticate": "Bearer"})
+
+    @app.get("/healthz", tags=["health"])
+    def healthz() -> dict[str, Any]:
+        """The process is alive (not that it is ready: see /readyz)."""
+        return {"status": "ok", "state": daemon.state}
+
+    @app.get("/readyz", tags=["health"])
+    def readyz() -> JSONResponse:
+        """200 when Redis is reachable, a plan is loaded and every stream is open or retrying."""
+        ok, reasons = daemon.readiness()
+        return JSONResponse({"ready": ok, "reasons": reasons}, status_code=200 if ok else 503)
+
+    @app.get("/metrics", tags=["health"], response_class=PlainTextResponse)
+    def metrics() -> PlainTextResponse:
+        return PlainTextResponse(render(collect_metrics(daemon)), media_type="text/plain; version=0.0.4")
+
+    @app.get("/api/v1/cameras", tags=["cameras"])
+    def cameras() -> list[dict[str, Any]]:
+        status = daemon.ingest.status() if daemon.ingest else {}
+        return [status[s.id].to_dict() if s.id in status else {"id": s.id, "state": "unknown"} for s in daemon.cfg.streams]
+
+    @app.get("/api/v1/cameras/{camera_id}", tags=["cameras"])
+    def camera(camera_id: str) -> dict[str, Any]:
+        camera_or_404(camera_id)
+        status = daemon.ingest.status() if daemon.ingest else {}
+        return status[camera_id].to_dict() if camera_id in status else {"id": camera_id, "state": "unknown"}
+
+    @app.get("/api/v1/cameras/{camera_id}/results/latest", tags=["results"])
+    def latest(camera_id: str) -> dict[str, Any]:
+        camera_or_404(camera_id)
+        try:
+            rec = daemon.cache.latest(camera_id) if daemon.cache else None
+        except CacheUnavailable as exc:
+            raise HTTPException(503, {"error": str(exc)}) from None
+        if rec is None:
+            raise HTTPException(404, {"error": f"no result for camera {camera_id!r} yet"})
+        return rec.to_dict()
+
+    @app.get("/api/v1/cameras/{camera_id}/results", tags=["results"])
+    def results(
+        camera_id: str,
+        since: Optional[float] = Query(None, description="unix seconds, inclusive"),
+        until: Optional[float] = Query(None, description="unix seconds, inclusive"),
+        limit: int = Query(100, ge=1, le=10000, description="the newest results in the range"),
+    ) -> dict[str, Any]:
+        camera_or_404(camera_id)
+        if since is not None and until is not None and since > until:
+            raise HTTPException(400, {"error": "since is after until"})
+        try:
+            recs = daemon.cache.history(camera_id, since, until, limit) if daemon.cache else []
+        except CacheUnavailable as exc:
+            raise HTTPException(503, {"error": str(exc)}) from None
+        return {"camera": camera_id, "count": len(recs), "results": records_json(recs)}
+
+    @app.get("/api/v1/models", tags=["scheduler"])
+    def models() -> list[dict[str, Any]]:
+        return daemon.models_json()
+
+    @app.get("/api/v1/schedule", tags=["scheduler"])
+    def schedule() -> dict[str, Any]:
+        plan = daemon.plan
+        if plan is None:
+            raise HTTPException(503, {"error": f"no plan yet (daemon is {daemon.state})"})
+        return {"state": daemon.state, "plan": plan.to_json(), "pool": daemon.pool.metrics() if daemon.pool else None}
+
+    @app.get("/api/v1/links", tags=["scheduler"])
+    def links() -> dict[str, Any]:
+        matrix = daemon.link_matrix_json()
+        if matrix is None:
+            raise HTTPException(503, {"error": f"no links yet (daemon is {daemon.state})"})
+        return matrix
+
+    @app.post("/api/v1/config/reload", tags=["operator"], dependencies=[Depends(require_token)])
+    async def reload(request: Request) -> JSONResponse:
+        """Reload the config file (empty body) or apply the YAML in the body. Invalid: 400, nothing changes."""
+        body = (await request.body()).decode("utf-8", "replace")
+        import anyio
+
+        if body.strip():
+            result = await anyio.to_thread.run_sync(daemon.reload_text, body)
+        else:
+            result = await anyio.to_thread.run_sync(daemon.reload_file)
+        status = 200 if result.ok else (400 if result.errors else 409)
+        payload = result.to_json()
+        if not result.ok:
+            payload["error"] = result.message
+        return JSONResponse(payload, status_code=status)
+
+    return app
+
+
+def collect_metrics(daemon: Daemon) -> list[Metric]:
+    ms: list[Metric] = []
+    ms.append(per_label("mlink_frames_total", "Frames served per camera.", "counter", "camera", dict(daemon.frames_total)))
+    outputs = Metric("mlink_outputs_total", "Outputs served, by model and provenance (executed/predicted/unavailable).", "counter")
+    for (model, prov), n in sorted(daemon.outputs_total.items()):
+        outputs.add(n, model=model, provenance=prov)
+    ms.append(outputs)
+    if daemon.ingest is not None:
+        status = daemon.ingest.status()
+        ms.append(per_label("mlink_frames_dropped_total", "Frames dropped by full camera queues.", "counter", "camera", {c: s.drops for c, s in status.items()}))
+        ms.append(per_label("mlink_stream_reconnects_total", "Camera reconnect attempts.", "counter", "camera", {c: s.reconnects for c, s in status.items()}))
+        ms.append(per_label("mlink_stream_connected", "1 while the camera is connected.", "gauge", "camera", {c: float(s.state == "connected") for c, s in status.items()}))
+    if daemon.pool is not None:
+        pm = daemon.pool.metrics()
+        ms.append(Metric("mlink_gpu_budget_bytes", "Memory budget of the model pool.", "gauge").add(pm["budget_bytes"]))
+        ms.append(Metric("mlink_gpu_memory_used_bytes", f"Memory charged to loaded models ({pm['source']}).", "gauge").add(pm["charged_bytes"]))
+        names = [m.name for m in daemon.cfg.models]
+        ms.append(per_label("mlink_model_loaded", "1 when the model is loaded.", "gauge", "model", {n: float(n in pm["loaded"]) for n in names}))
+        ms.append(per_label("mlink_model_memory_bytes", "Measured memory cost (peak over load + warm-up).", "gauge", "model", {n: pm["costs"][n] for n in names if n in pm["costs"]}))
+        ms.append(per_label("mlink_model_load_seconds", "Duration of the model's last load.", "gauge", "model", {n: v[-1] for n, v in pm["load_seconds"].items() if v}))
+        ms.append(per_label("mlink_model_unloads_total", "Unloads by reason.", "counter", "reason", pm["unloads"]))
+    plan = daemon.plan
+    if plan is not None:
+        ms.append(Metric("mlink_plan_id", "Id of the plan being served.", "gauge").add(plan.id))
+        ms.append(Metric("mlink_plan_expected_accuracy", "Expected mean output accuracy of the plan (Eq. 1).", "gauge").add(plan.objective))
+        ms.append(per_label("mlink_output_expected_accuracy", "Expected accuracy per served output.", "gauge", "output", dict(plan.expected_nodes)))
+    links = Metric("mlink_link_accuracy", "Held-out accuracy of each single link.", "gauge")
+    if daemon.planner is not None and daemon.planner.accuracy is not None:
+        for (src, dst), acc in sorted(daemon.planner.accuracy.single().items()):
+            if not math.isnan(acc):
+                links.add(acc, source=src, target=dst)
+    ms.append(links)
+    if daemon.cache is not None:
+        st = daemon.cache.stats()
+        ms.append(Metric("mlink_cache_buffered", "Results waiting in memory for Redis.", "gauge").add(st.buffered))
+        ms.append(Metric("mlink_cache_dropped_total", "Results dropped because the outage buffer was full.", "counter").add(st.dropped))
+        ms.append(Metric("mlink_cache_reconnects_total", "Reconnects to Redis.", "counter").add(st.reconnects))
+        ms.append(Metric("mlink_cache_up", "1 while Redis is reachable.", "gauge").add(float(st.connected)))
+    return ms

@@ -1,0 +1,364 @@
+"""The daemon: cameras in, the scheduler's serving step in the middle, Redis out.
+
+One worker thread owns the pipeline: it takes frames round-robin from the camera readers,
+hands them to the planner (which may run a period's re-profiling inside the call; the readers
+keep ingesting meanwhile, dropping their oldest frames if the pause is long, and count it),
+serves them (loaded models execute, links predict the rest) and writes every result to the
+cache. Because only that thread touches the planner and the pool, a config reload that changes
+the plan is handed to it and applied between two batches; stream-only changes go straight to
+the ingest manager, which restarts only the cameras that changed.
+
+Startup: links and held-out tuples are taken from the link store and the site's latest profile
+when they match the config; otherwise the initial phase profiles ``links.profile_frames`` frames
+of the site's streams and trains them (with progress on stderr). The HTTP API is up during
+that time and ``/readyz`` says why it is not ready yet.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mlink.links import LinkError, LinkSet, TupleSet
+from mlink.models.assets import AssetStore, default_store
+from mlink.models.base import model_info
+from mlink.scheduler.planner import Plan, Planner, build_pool
+from mlink.scheduler.profiler import (
+    ProfileFrame,
+    latest_profile,
+    link_store_dir,
+    plan_stream_frames,
+    site_frames,
+)
+from mlink.scheduler.serving import serve
+from mlink.server.cache import ResultCache, open_cache
+from mlink.server.config import ConfigError, SiteConfig, load_config
+from mlink.server.ingest import Ingest
+
+log = logging.getLogger("mlink.daemon")
+
+HELDOUT_SHARE = 0.2  # the same split `mlink links train` holds out (seeded), so the figures agree
+PLAN_FIELDS = ("device", "budget", "models", "scheduler", "links")
+
+
+@dataclass
+class ReloadResult:
+    ok: bool
+    changed: list[str] = field(default_factory=list)
+    cameras: dict[str, list[str]] = field(default_factory=dict)
+    replanned: bool = False
+    restart_needed: list[str] = field(default_factory=list)
+    errors: list[dict[str, str]] = field(default_factory=list)
+    message: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "changed": self.changed,
+            "cameras": self.cameras,
+            "replanned": self.replanned,
+            "restart_needed": self.restart_needed,
+            "errors": self.errors,
+            "message": self.message,
+        }
+
+
+@dataclass
+class _PlanRequest:
+    cfg: SiteConfig
+    done: threading.Event = field(default_factory=threading.Event)
+    error: str | None = None
+
+
+class Daemon:
+    """Owns ingest, planner, pool, links and cache for one site config."""
+
+    def __init__(
+        self,
+        cfg: SiteConfig,
+        config_path: Path | None = None,
+        store: AssetStore | None = None,
+        *,
+        progress: bool = True,
+        poll_s: float = 0.25,
+    ) -> None:
+        self.cfg = cfg
+        self.config_path = config_path
+        self.store = store or default_store()
+        self.progress = progress
+        self.poll_s = poll_s
+        self.started_at = time.time()
+        self.state = "starting"  # starting -> profiling -> serving -> stopped | failed
+        self.error: str | None = None
+        self.cache: ResultCache | None = None
+        self._redis = None
+        self.ingest: Ingest | None = None
+        self.pool = None
+        self.planner: Planner | None = None
+        self.links: LinkSet | None = None
+        self.frames_total: Counter[str] = Counter()
+        self.outputs_total: Counter[tuple[str, str]] = Counter()
+        self.results_failed = 0
+        self.step_seconds = 0.0
+        self.model_seconds: Counter[str] = Counter()
+        self.reloads: Counter[str] = Counter()
+        self._stop = threading.Event()
+        self._requests: queue.Queue[_PlanRequest] = queue.Queue()
+        self._reload_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        """Open the cache and the cameras now; plan and serve on the worker thread."""
+        self.cache, self._redis = open_cache(self.cfg.cache, prefix=f"mlink:{self.cfg.site}")
+        self.ingest = Ingest(self.cfg.ingest, store=self.store)
+        self.ingest.apply(self.cfg.streams)
+        self._thread = threading.Thread(target=self._run, name="mlink-pipeline", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        if self.ingest is not None:
+            self.ingest.close()
+        if self.pool is not None:
+            self.pool.close()
+        if self.cache is not None:
+            self.cache.close()
+        if self._redis is not None:
+            self._redis.close()
+        self.state = "stopped"
+
+    def wait_ready(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.state == "serving":
+                return True
+            if self.state == "failed":
+                return False
+            time.sleep(0.1)
+        return self.state == "serving"
+
+    @property
+    def plan(self) -> Plan | None:
+        return self.planner.plan if self.planner is not None else None
+
+    # -- planning ----------------------------------------------------------------------------
+    def _stored_links(self, cfg: SiteConfig) -> tuple[LinkSet | None, TupleSet | None]:
+        """Links and held-out tuples from disk, when they match the config's outputs."""
+        path = latest_profile(self.store.home, cfg.site)
+        if path is None:
+            return None, None
+        try:
+            tuples = TupleSet.load(path)
+            if set(tuples.specs) != set(cfg.nodes()):
+                log.info("stored profile %s has other outputs than the config; profiling again", path)
+                return None, None
+            _, heldout = tuples.split(HELDOUT_SHARE, seed=0)
+            links = LinkSet.load(link_store_dir(cfg, self.store.home), expect_specs=tuples.specs)
+            return links, heldout
+        except LinkError as exc:
+            log.warning("stored links not used (%s); profiling and training again", exc)
+            return None, None
+
+    def _build_planner(self, cfg: SiteConfig) -> tuple[Any, Planner]:
+        links, heldout = self._stored_links(cfg)
+        pool = build_pool(cfg, store=self.store)
+        planner = Planner(cfg, pool, links, heldout, progress=self.progress)
+        frames = None
+        if links is None or heldout is None:
+            self.state = "profiling"
+            frames = site_frames(plan_stream_frames(cfg, cfg.links.profile_frames, self.store))
+        planner.initial(frames)
+        if links is None and planner.links is not None:
+            planner.links.save(link_store_dir(cfg, self.store.home))
+        return pool, planner
+
+    def _apply_plan_request(self, req: _PlanRequest) -> None:
+        old_pool, old_planner = self.pool, self.planner
+        try:
+            if old_pool is not None:
+                old_pool.close()  # unload everything: the new plan measures and loads its own set
+            self.pool, self.planner = self._build_planner(req.cfg)
+            self.links = self.planner.links
+            self.cfg = req.cfg
+        except Exception as exc:
+            log.exception("reload: the new plan could not be applied; restoring the previous one")
+            req.error = f"{type(exc).__name__}: {exc}"
+            try:
+                self.pool, self.planner = self._build_planner(self.cfg)
+                self.links = self.planner.links
+            except Exception:
+                log.exception("reload: restoring the previous plan failed too")
+                self.pool, self.planner = old_pool, old_planner
+        finally:
+            self.state = "serving"
+            req.done.set()
+
+    # -- the pipeline ------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            self.pool, self.planner = self._build_planner(self.cfg)
+            self.links = self.planner.links
+            self.state = "serving"
+        except Exception as exc:
+            log.exception("startup failed")
+            self.error = f"{type(exc).__name__}: {exc}"
+            self.state = "failed"
+            return
+        assert self.ingest is not None
+        while not self._stop.is_set():
+            try:
+                req = self._requests.get_nowait()
+            except queue.Empty:
+                req = None
+            if req is not None:
+                self._apply_plan_request(req)
+                continue
+            batch = self._take_batch()
+            if batch:
+                self._step(batch)
+
+    def _take_batch(self) -> list[Any]:
+        assert self.ingest is not None
+        batch = []
+        first = self.ingest.next_frame(timeout=self.poll_s)
+        if first is None:
+            return batch
+        batch.append(first)
+        while len(batch) < self.cfg.scheduler.batch_size:
+            more = self.ingest.next_frame(timeout=0)
+            if more is None:
+                break
+            batch.append(more)
+        return batch
+
+    def _step(self, batch: list[Any]) -> None:
+        assert self.planner is not None and self.cache is not None and self.ingest is not None
+        t0 = time.perf_counter()
+        frames = [ProfileFrame(f.camera, f.pts, f.image) for f in batch]
+        tick = self.planner.on_frames(frames)
+        results = serve(frames, tick.plan, self.pool, self.planner.links, batch_size=self.cfg.scheduler.batch_size)
+        for f, r in zip(batch, results):
+            record = r.to_json()
+            record["frame_index"] = f.index
+            record["wall_time"] = f.wall
+            try:
+                self.cache.put(f.camera, record, ts=f.wall)
+            except (TypeError, ValueError):
+                self.results_failed += 1
+                log.exception("result of camera %s could not be stored", f.camera)
+            self.frames_total[f.camera] += 1
+            for node, out in r.outputs.items():
+                self.outputs_total[(node.split(":", 1)[0], out.provenance)] += 1
+            self.ingest.mark_processed(f.camera)
+        self.step_seconds += time.perf_counter() - t0
+
+    # -- reload ------------------------------------------------------------------------------
+    def reload_file(self, path: Path | None = None) -> ReloadResult:
+        path = path or self.config_path
+        if path is None:
+            return ReloadResult(False, message="no config file to reload from")
+        try:
+            cfg = load_config(path)
+        except ConfigError as exc:
+            return _rejected(exc)
+        return self.reload(cfg)
+
+    def reload_text(self, text: str, source: str = "request body") -> ReloadResult:
+        from mlink.server.config import parse_config
+
+        try:
+            cfg = parse_config(text, source)
+        except ConfigError as exc:
+            return _rejected(exc)
+        return self.reload(cfg)
+
+    def reload(self, new: SiteConfig, timeout: float = 600.0) -> ReloadResult:
+        """Apply a validated config as a diff; a failure leaves the running config in place."""
+        with self._reload_lock:
+            old = self.cfg
+            if new.site != old.site:
+                return ReloadResult(False, message=f"site name changed ({old.site} -> {new.site}): start a new daemon for another site")
+            changed = [k for k in SiteConfig.model_fields if getattr(old, k) != getattr(new, k)]
+            result = ReloadResult(True, changed=changed)
+            result.restart_needed = [k for k in ("api", "cache") if k in changed]
+            if any(k in changed for k in PLAN_FIELDS):
+                if self.state not in ("serving",):
+                    return ReloadResult(False, changed=changed, message=f"the daemon is {self.state}; try again when it serves")
+                req = _PlanRequest(new)
+                self._requests.put(req)
+                if not req.done.wait(timeout):
+                    return ReloadResult(False, changed=changed, message="the new plan did not finish in time; the previous one keeps running")
+                if req.error:
+                    self.reloads["failed"] += 1
+                    return ReloadResult(False, changed=changed, message=f"the new config could not be applied: {req.error}; the previous one keeps running")
+                result.replanned = True
+            if "streams" in changed or "ingest" in changed:
+                assert self.ingest is not None
+                applied = self.ingest.apply(new.streams, new.ingest if "ingest" in changed else None)
+                result.cameras = {
+                    "added": applied.added,
+                    "removed": applied.removed,
+                    "restarted": applied.restarted,
+                    "unchanged": applied.unchanged,
+                }
+            self.cfg = new.model_copy(update={"api": old.api, "cache": old.cache})
+            self.reloads["applied"] += 1
+            result.message = "applied" + (f"; restart needed for {', '.join(result.restart_needed)}" if result.restart_needed else "")
+            return result
+
+    # -- views for the API -------------------------------------------------------------------
+    def readiness(self) -> tuple[bool, list[str]]:
+        reasons = []
+        if self.cache is None or not self.cache.ping():
+            reasons.append("cache: Redis is not reachable")
+        if self.plan is None:
+            reasons.append(f"plan: not loaded yet (daemon is {self.state}{': ' + self.error if self.error else ''})")
+        if self.ingest is not None:
+            for cam, st in self.ingest.status().items():
+                if st.state not in ("connecting", "connected", "retrying"):
+                    reasons.append(f"camera {cam}: {st.state}")
+        return not reasons, reasons
+
+    def models_json(self) -> list[dict[str, Any]]:
+        plan = self.plan
+        out = []
+        for entry in self.cfg.models:
+            info = model_info(entry.name)
+            loaded = bool(self.pool is not None and self.pool.is_loaded(entry.name))
+            out.append(
+                {
+                    "name": entry.name,
+                    "task": info.task,
+                    "backend": info.backend,
+                    "outputs": entry.served,
+                    "loaded": loaded,
+                    "active": bool(plan and entry.name in plan.active),
+                    "memory_bytes": (self.pool.cost(entry.name) if self.pool is not None else None),
+                    "load_seconds": ((self.pool.load_seconds.get(entry.name) or [None])[-1] if self.pool is not None else None),
+                    "expected_accuracy": (plan.expected.get(entry.name) if plan else None),
+                    "unavailable": (self.pool.unavailable_reason(entry.name) if self.pool is not None else None),
+                }
+            )
+        return out
+
+    def link_matrix_json(self) -> dict[str, Any] | None:
+        if self.planner is None or self.planner.links is None or self.planner.eval_tuples is None:
+            return None
+        return self.planner.links.matrix(self.planner.eval_tuples).to_json()
+
+
+def _rejected(exc: ConfigError) -> ReloadResult:
+    return ReloadResult(
+        False,
+        errors=[{"path": p, "message": m} for p, m in exc.errors],
+        message=f"invalid config {exc.source}: the running config is unchanged",
+    )

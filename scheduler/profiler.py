@@ -12,6 +12,7 @@ models (a plain loader here, the scheduler's pool there).
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, ContextManager, Iterable, Iterator, Mapping, Sequence
@@ -21,10 +22,17 @@ import numpy as np
 from tqdm import tqdm
 
 from mlink.links.tuples import TupleSet, node_key
-from mlink.models.assets import AssetStore
+from mlink.models.assets import AssetError, AssetStore
 from mlink.models.base import BlackBoxModel, batched, create_model, model_info
 from mlink.server.config import SiteConfig
-from mlink.server.frames import open_capture, read_frames, resolve_url
+from mlink.server.frames import FrameSourceError, is_live, open_capture, read_frames, resolve_url
+
+
+log = logging.getLogger(__name__)
+
+
+class NoProfileFiles(ValueError):
+    """None of a site's streams is a readable video file to profile from."""
 
 
 @dataclass(frozen=True)
@@ -106,22 +114,34 @@ def plan_stream_frames(cfg: SiteConfig, n: int, store: AssetStore | None = None)
 
     Frames are spread evenly over each stream's whole length (a profile should see the whole
     scene, not its first seconds), split equally between streams; a stream shorter than its
-    share gives all its frames and the rest goes to the others.
+    share gives all its frames and the rest goes to the others. Live streams and files that
+    cannot be opened are skipped (the daemon profiles live cameras from ingested frames);
+    :class:`NoProfileFiles` when nothing is left.
     """
-    if not cfg.streams:
-        raise ValueError(f"site {cfg.site} has no streams to profile")
     info: dict[str, tuple[str, float, int]] = {}
+    skipped: list[str] = []
     for s in cfg.streams:
-        path = resolve_url(s.url, store)
-        cap = open_capture(path)
+        if is_live(s.url):
+            skipped.append(f"{s.id} (live)")
+            continue
+        try:
+            path = resolve_url(s.url, store)
+            cap = open_capture(path)
+        except (FrameSourceError, AssetError) as exc:
+            log.warning("profiling: stream %s skipped: %s", s.id, exc)
+            skipped.append(f"{s.id} ({exc})")
+            continue
         try:
             fps = cap.get(cv2.CAP_PROP_FPS) or 25.0
             count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
         finally:
             cap.release()
         if count <= 0:
-            raise ValueError(f"stream {s.id}: profiling needs a file of known length, {s.url} is not one")
+            skipped.append(f"{s.id} (length unknown)")
+            continue
         info[s.id] = (path, fps, count)
+    if not info:
+        raise NoProfileFiles(f"site {cfg.site}: no video file to profile from; skipped: {', '.join(skipped) or 'no streams'}")
     share = {sid: 0 for sid in info}
     left = n
     while left > 0:

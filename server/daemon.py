@@ -30,6 +30,7 @@ from mlink.models.assets import AssetStore, default_store
 from mlink.models.base import model_info
 from mlink.scheduler.planner import Plan, Planner, build_pool
 from mlink.scheduler.profiler import (
+    NoProfileFiles,
     ProfileFrame,
     latest_profile,
     link_store_dir,
@@ -168,36 +169,65 @@ class Daemon:
             log.warning("stored links not used (%s); profiling and training again", exc)
             return None, None
 
-    def _build_planner(self, cfg: SiteConfig) -> tuple[Any, Planner]:
-        links, heldout = self._stored_links(cfg)
-        pool = build_pool(cfg, store=self.store)
+    def _build_planner(self, cfg: SiteConfig, previous: Planner | None = None) -> tuple[Any, Planner]:
+        """A pool and a planner for ``cfg``, with its initial plan applied.
+
+        On a reload that keeps the models and the device, the running pool (its loaded models
+        and measured costs) and the links stay: only the budget or the scheduling changed, so
+        re-selecting is all there is to do. Otherwise links come from disk or from profiling,
+        and known costs seed the new pool.
+        """
+        same_models = previous is not None and [m.model_dump() for m in previous.cfg.models] == [
+            m.model_dump() for m in cfg.models
+        ] and previous.cfg.device == cfg.device
+        if previous is not None and same_models:
+            pool, links, heldout = previous.pool, previous.links, previous.heldout
+        else:
+            links, heldout = self._stored_links(cfg)
+            known = previous.pool.costs() if previous is not None and previous.cfg.device == cfg.device else None
+            if previous is not None:
+                previous.pool.close()  # unload everything before the new set is measured and loaded
+            pool = build_pool(cfg, store=self.store, costs={k: v for k, v in (known or {}).items() if k in {m.name for m in cfg.models}} or None)
         planner = Planner(cfg, pool, links, heldout, progress=self.progress)
-        frames = None
+        frames: Any = None
         if links is None or heldout is None:
             self.state = "profiling"
-            frames = site_frames(plan_stream_frames(cfg, cfg.links.profile_frames, self.store))
+            try:
+                frames = site_frames(plan_stream_frames(cfg, cfg.links.profile_frames, self.store))
+            except NoProfileFiles as exc:
+                log.info("%s: profiling from the live cameras instead", exc)
+                frames = self._ingested_frames(cfg.links.profile_frames)
         planner.initial(frames)
         if links is None and planner.links is not None:
             planner.links.save(link_store_dir(cfg, self.store.home))
         return pool, planner
 
+    def _ingested_frames(self, n: int, timeout: float = 600.0) -> list[ProfileFrame]:
+        """Buffer ``n`` frames from the running cameras (live sites have no file to profile)."""
+        assert self.ingest is not None
+        frames: list[ProfileFrame] = []
+        deadline = time.monotonic() + timeout
+        while len(frames) < n and time.monotonic() < deadline and not self._stop.is_set():
+            f = self.ingest.next_frame(timeout=self.poll_s)
+            if f is not None:
+                frames.append(ProfileFrame(f.camera, f.pts, f.image))
+        if len(frames) < 2:
+            raise RuntimeError(f"no camera delivered frames to profile within {timeout:.0f} s")
+        return frames
+
     def _apply_plan_request(self, req: _PlanRequest) -> None:
-        old_pool, old_planner = self.pool, self.planner
+        previous = self.planner
         try:
-            if old_pool is not None:
-                old_pool.close()  # unload everything: the new plan measures and loads its own set
-            self.pool, self.planner = self._build_planner(req.cfg)
+            self.pool, self.planner = self._build_planner(req.cfg, previous)
             self.links = self.planner.links
-            self.cfg = req.cfg
         except Exception as exc:
             log.exception("reload: the new plan could not be applied; restoring the previous one")
             req.error = f"{type(exc).__name__}: {exc}"
             try:
-                self.pool, self.planner = self._build_planner(self.cfg)
+                self.pool, self.planner = self._build_planner(self.cfg, previous)
                 self.links = self.planner.links
             except Exception:
                 log.exception("reload: restoring the previous plan failed too")
-                self.pool, self.planner = old_pool, old_planner
         finally:
             self.state = "serving"
             req.done.set()

@@ -7,6 +7,7 @@ fps (25 when the source reports none).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
@@ -22,6 +23,23 @@ class FrameSourceError(RuntimeError):
     """A video could not be opened or decoded; the message names it and says why."""
 
 
+# the userinfo runs to the LAST "@" of the authority: an unencoded "@" in a password leaks nothing
+_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/?#\s]*@")
+_SECRET_QUERY = re.compile(r"([?&](?:password|passwd|pwd|pass|token|access_token|auth|key|api_key|apikey|secret|signature|sig)=)[^&#\s]*", re.I)
+_LIVE_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "rtmps://", "http://", "https://", "udp://", "tcp://", "srt://")
+
+
+def redact(text: str) -> str:
+    """Hide credentials in URLs inside ``text``: ``rtsp://user:pass@h`` -> ``rtsp://***@h``,
+    and the values of password/token-like query parameters."""
+    return _SECRET_QUERY.sub(r"\1***", _USERINFO.sub(r"\1***@", text))
+
+
+def is_live(url: str) -> bool:
+    """Network streams and device indices are live (sampled by wall clock); files are not."""
+    return url.isdigit() or url.lower().startswith(_LIVE_SCHEMES)
+
+
 @dataclass(frozen=True)
 class Frame:
     index: int  # index of the decoded frame in the source
@@ -34,12 +52,12 @@ def open_capture(url: str | int) -> cv2.VideoCapture:
     if isinstance(url, str) and "://" not in url and not url.isdigit():
         path = Path(url)
         if not path.is_file():
-            raise FrameSourceError(f"video {url}: no such file")
+            raise FrameSourceError(f"video {redact(url)}: no such file")
     source: str | int = int(url) if isinstance(url, str) and url.isdigit() else url
     cap = cv2.VideoCapture(source)
     if not cap.isOpened():
         cap.release()
-        raise FrameSourceError(f"video {url}: OpenCV cannot open it (unknown format, bad URL or unreachable)")
+        raise FrameSourceError(f"video {redact(str(url))}: OpenCV cannot open it (unknown format, bad URL or unreachable)")
     return cap
 
 
@@ -87,6 +105,6 @@ def read_frames(
             yielded += 1
             yield Frame(index=index, timestamp=round(t, 4), image=image)
         if yielded == 0 and index < 0:
-            raise FrameSourceError(f"video {url}: opened but no frame could be decoded")
+            raise FrameSourceError(f"video {redact(str(url))}: opened but no frame could be decoded")
     finally:
         cap.release()

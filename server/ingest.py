@@ -34,29 +34,12 @@ import cv2
 import numpy as np
 
 from mlink.server.config import IngestConfig, StreamEntry
-from mlink.server.frames import FrameSourceError, open_capture, resolve_url
+from mlink.server.frames import FrameSourceError, is_live, open_capture, redact, resolve_url
 
 if TYPE_CHECKING:
     from mlink.models.assets import AssetStore
 
 log = logging.getLogger("mlink.ingest")
-
-# the userinfo runs to the LAST "@" of the authority: an unencoded "@" in a password leaks nothing
-_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/?#\s]*@")
-_SECRET_QUERY = re.compile(r"([?&](?:password|passwd|pwd|pass|token|access_token|auth|key|api_key|apikey|secret|signature|sig)=)[^&#\s]*", re.I)
-_LIVE_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "rtmps://", "http://", "https://", "udp://", "tcp://", "srt://")
-
-
-def redact(text: str) -> str:
-    """Hide credentials in URLs inside ``text``: ``rtsp://user:pass@h`` -> ``rtsp://***@h``,
-    and the values of password/token-like query parameters."""
-    return _SECRET_QUERY.sub(r"\1***", _USERINFO.sub(r"\1***@", text))
-
-
-def is_live(url: str) -> bool:
-    """Network streams and device indices are live (sampled by wall clock); files are not."""
-    return url.isdigit() or url.lower().startswith(_LIVE_SCHEMES)
-
 
 @dataclass(frozen=True)
 class CameraFrame:

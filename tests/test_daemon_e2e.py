@@ -1,0 +1,190 @@
+"""The daemon end to end: real video, real models, the real embedded Redis, a real HTTP server.
+
+One daemon runs for the whole module (its first start profiles and trains links, which is
+the slow part); the tests then look at it from the outside, over HTTP, in order.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import pytest
+import uvicorn
+import yaml
+
+from mlink.models.assets import AssetStore
+from mlink.server.api import create_app
+from mlink.server.config import load_config
+from mlink.server.daemon import Daemon
+
+TOKEN = "test-token"
+
+
+def site_yaml(budget: str, streams: list[dict]) -> dict:
+    return {
+        "site": "e2e",
+        "budget": budget,
+        "models": [
+            {"name": "hog_people", "params": {"upscale": 1.0}},
+            {"name": "mobilenet_v2"},
+            {"name": "yolox_nano", "outputs": ["object_count", "boxes"]},
+        ],
+        "streams": streams,
+        "links": {"profile_frames": 40},
+        "scheduler": {"period_s": 3600, "batch_size": 2},
+        "cache": {"history": 5000, "buffer": 5000},
+        "api": {"token": TOKEN},
+        "ingest": {"backoff_base_s": 0.2, "backoff_max_s": 1.0, "open_timeout_s": 2, "read_timeout_s": 2},
+    }
+
+
+WALKWAY = {"id": "walkway", "url": "asset://vtest", "fps": 4, "loop": True}
+BROKEN = {"id": "broken", "url": "rtsp://admin:hunter2@127.0.0.1:9/stream", "fps": 1}
+ROOM = {"id": "room", "url": "asset://one_by_one", "fps": 2, "loop": True}
+
+
+def wait_for(pred, timeout: float, what: str, every: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def running(store: AssetStore, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Daemon, httpx.Client, Path]]:
+    home = tmp_path_factory.mktemp("daemon-home")
+    config_path = home / "site.yaml"
+    config_path.write_text(yaml.safe_dump(site_yaml("0.6x", [WALKWAY, BROKEN])))
+    daemon = Daemon(load_config(config_path), config_path, AssetStore(home=home, mirror=store.mirror, offline=True), progress=False)
+    daemon.start()
+    server = uvicorn.Server(uvicorn.Config(create_app(daemon), host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_for(lambda: server.started, 30, "the HTTP server")
+    port = server.servers[0].sockets[0].getsockname()[1]
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
+    try:
+        assert daemon.wait_ready(600), f"daemon did not become ready: {daemon.state} {daemon.error}"
+        yield daemon, client, config_path
+    finally:
+        client.close()
+        server.should_exit = True
+        thread.join(10)
+        daemon.stop()
+
+
+def test_health_before_and_after_readiness(running) -> None:
+    daemon, client, _ = running
+    assert client.get("/healthz").json()["status"] == "ok"
+    r = client.get("/readyz")
+    assert r.status_code == 200, r.text
+    assert "/api/v1/cameras" in client.get("/openapi.json").json()["paths"]
+
+
+def test_every_model_output_appears_with_provenance(running) -> None:
+    daemon, client, _ = running
+    latest = wait_for(lambda: client.get("/api/v1/cameras/walkway/results/latest").status_code == 200
+                      and client.get("/api/v1/cameras/walkway/results/latest").json(), 60, "a walkway result")
+    result = latest["result"]
+    plan = client.get("/api/v1/schedule").json()["plan"]
+    assert result["plan_id"] == plan["plan_id"]
+    outputs = result["outputs"]
+    assert set(outputs) == {"hog_people:person_count", "mobilenet_v2:probs", "yolox_nano:object_count", "yolox_nano:boxes"}
+    for node, out in outputs.items():
+        model = node.split(":")[0]
+        if model in plan["active"]:
+            assert out["provenance"] == "executed" and out["expected_accuracy"] == 1.0
+        else:
+            assert out["provenance"] == "predicted"
+            assert 0.0 <= out["expected_accuracy"] <= 1.0
+            assert out["sources"] and set(out["sources"]) <= set(plan["active"])
+    assert plan["predicted"], "a 0.6x budget cannot hold every model"
+    models = {m["name"]: m for m in client.get("/api/v1/models").json()}
+    assert {m for m, v in models.items() if v["loaded"]} == set(plan["active"])
+    assert all(v["memory_bytes"] and v["memory_bytes"] > 0 for v in models.values())
+    matrix = client.get("/api/v1/links").json()
+    assert matrix["targets"] and matrix["ensembles"]
+
+
+def test_history_returns_what_was_produced(running) -> None:
+    daemon, client, _ = running
+    wait_for(lambda: daemon.frames_total["walkway"] >= 6, 60, "six walkway frames")
+    body = client.get("/api/v1/cameras/walkway/results", params={"limit": 10000}).json()
+    ts = [r["ts"] for r in body["results"]]
+    assert body["count"] >= 6 and ts == sorted(ts)
+    mid = ts[len(ts) // 2]
+    later = client.get("/api/v1/cameras/walkway/results", params={"since": mid, "limit": 10000}).json()
+    assert [r["ts"] for r in later["results"]] == [t for t in ts if t >= mid][: len(later["results"])]
+    two = client.get("/api/v1/cameras/walkway/results", params={"until": mid, "limit": 2}).json()
+    assert [r["ts"] for r in two["results"]] == [t for t in ts if t <= mid][-2:]
+    assert client.get("/api/v1/cameras/nope/results").status_code == 404
+    assert client.get("/api/v1/cameras/walkway/results", params={"limit": 0}).status_code == 422
+
+
+def test_a_bad_camera_reports_its_error_while_others_produce(running) -> None:
+    daemon, client, _ = running
+    st = wait_for(lambda: (s := client.get("/api/v1/cameras/broken").json())["reconnects"] >= 1 and s, 30, "a reconnect")
+    assert st["state"] in ("retrying", "connecting") and st["last_error"]
+    assert "hunter2" not in str(st) and "admin" not in str(st)
+    before = daemon.frames_total["walkway"]
+    wait_for(lambda: daemon.frames_total["walkway"] > before + 2, 60, "walkway frames while broken retries")
+    metrics = client.get("/metrics").text
+    assert 'mlink_stream_reconnects_total{camera="broken"}' in metrics
+    assert 'mlink_outputs_total{model="mobilenet_v2",provenance=' in metrics
+    assert "hunter2" not in metrics
+
+
+def test_invalid_reload_is_rejected_and_changes_nothing(running) -> None:
+    daemon, client, config_path = running
+    plan_before = client.get("/api/v1/schedule").json()["plan"]["plan_id"]
+    bad = yaml.safe_dump(site_yaml("0.6x", [WALKWAY, {"id": "x y", "url": "asset://vtest", "fps": -1}]))
+    assert client.post("/api/v1/config/reload", content=bad).status_code == 401
+    r = client.post("/api/v1/config/reload", content=bad, headers={"Authorization": f"Bearer {TOKEN}"})
+    assert r.status_code == 400
+    paths = {e["path"] for e in r.json()["errors"]}
+    assert {"streams.1.id", "streams.1.fps"} <= paths
+    assert [s.id for s in daemon.cfg.streams] == ["walkway", "broken"]
+    assert client.get("/api/v1/schedule").json()["plan"]["plan_id"] == plan_before
+
+
+def test_reload_adds_a_camera_and_changes_the_budget_without_restarting_others(running) -> None:
+    daemon, client, config_path = running
+    walkway_thread = daemon.ingest.reader("walkway").thread
+    plan_before = client.get("/api/v1/schedule").json()["plan"]
+    config_path.write_text(yaml.safe_dump(site_yaml("0.35x", [WALKWAY, BROKEN, ROOM])))
+    r = client.post("/api/v1/config/reload", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=300)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["cameras"]["added"] == ["room"] and "walkway" in body["cameras"]["unchanged"]
+    assert body["replanned"] and "budget" in body["changed"]
+    assert daemon.ingest.reader("walkway").thread is walkway_thread
+    plan = client.get("/api/v1/schedule").json()["plan"]
+    assert plan["plan_id"] != plan_before["plan_id"]
+    assert plan["budget_bytes"] < plan_before["budget_bytes"]
+    wait_for(lambda: client.get("/api/v1/cameras/room/results/latest").status_code == 200, 60, "a result of the new camera")
+
+
+def test_killing_and_restarting_redis_loses_no_result(running) -> None:
+    daemon, client, _ = running
+    redis_server = daemon._redis
+    assert redis_server is not None
+    redis_server.kill()
+    wait_for(lambda: client.get("/readyz").status_code == 503, 10, "readyz to notice Redis is gone")
+    produced_before = sum(daemon.frames_total.values())
+    wait_for(lambda: sum(daemon.frames_total.values()) >= produced_before + 4, 60, "results during the outage")
+    assert daemon.cache.stats().buffered > 0
+    redis_server.start()
+    wait_for(lambda: daemon.cache.stats().buffered == 0 and daemon.cache.connected, 30, "the buffer to flush")
+    produced = daemon.frames_total["walkway"] + daemon.frames_total["room"]  # all written or flushed by now
+    stats = daemon.cache.stats()
+    assert stats.dropped == 0 and stats.reconnects >= 1
+    stored = sum(client.get(f"/api/v1/cameras/{cam}/results", params={"limit": 10000}).json()["count"] for cam in ("walkway", "room"))
+    assert stored >= produced
+    assert client.get("/readyz").status_code == 200

@@ -1,6 +1,6 @@
 """GPU check for a CUDA machine: measured model costs, a few planner periods, the peak vs the budget.
 
-    python -m mlink.bench.gpu_check [--device cuda] [--budget 0.6x] [--periods 3] [--frames 32] [--json]
+    python -m mlink.bench.gpu_check [--device cuda] [--budget auto|0.6x|BYTES] [--periods 3] [--frames 32] [--json]
 
 1. Loads each torch model of the zoo on the GPU through a :class:`ModelPool` (load + warm-up
    at the serving batch), one at a time, and prints the pool's NVML figures per model (peak
@@ -18,7 +18,8 @@
    budget, or a period loaded or unloaded a model twice.
 
 On a machine without a usable CUDA device it prints ``skipped: no CUDA device (...)`` with the
-reason and exits 0. About a minute on an H100 with the default settings.
+reason and exits 0. Sized to finish within a few minutes on an H100 (a CPU dry run of the same
+steps, ``--dry-run-cpu``, takes under two minutes on two cores with ``--frames 8``).
 """
 
 from __future__ import annotations
@@ -101,7 +102,12 @@ def sample_frames(store: Any, n: int, fps: float) -> list[Any]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--budget", default="0.6x", help="budget for the planner (default 0.6x: not every model fits)")
+    ap.add_argument(
+        "--budget",
+        default="auto",
+        help="planner budget: bytes, a device share, a share of the models' cost (0.6x), or auto (default): "
+        "1.5x the largest model's cost (at most 0.8x all), so each model can be re-profiled but not all stay loaded",
+    )
     ap.add_argument("--periods", type=int, default=3)
     ap.add_argument("--frames", type=int, default=32, help="initial profiling frames")
     ap.add_argument("--period-frames", type=int, default=12, help="frames served per period")
@@ -142,11 +148,11 @@ def main(argv: list[str] | None = None) -> int:
         [f"site: gpu-check\ndevice: {args.device}\nbudget: {args.budget}\nmodels:"]
         + [f"  - name: {n}\n    params: {json.dumps(params[n])}" for n in names]
         + [
-            f"links:\n  profile_frames: {args.frames}",
+            f"links:\n  profile_frames: {max(20, args.frames)}",
             f"scheduler:\n  period_s: 1.0\n  profile_share: 0.34\n  switch_margin: 0.0\n  batch_size: {args.batch}",
         ]
     )
-    cfg = parse_config(site_yaml, "<gpu-check>")
+    cfg = parse_config(site_yaml.replace("budget: auto", "budget: 0.8x"), "<gpu-check>")  # the planner gets bytes below
     fps = 4.0
     total_frames = args.frames + args.periods * args.period_frames + args.period_frames
     frames = sample_frames(store, total_frames, fps)
@@ -180,7 +186,10 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
     costs = {r["model"]: r["cost"] for r in rows if r["ok"] and r["cost"]}
-    budget = resolve_budget(args.budget, meter.total(), sum(costs.values()))
+    if args.budget == "auto":
+        budget = int(min(1.5 * max(costs.values()), 0.8 * sum(costs.values())))
+    else:
+        budget = resolve_budget(args.budget, meter.total(), sum(costs.values()))
     for r in rows:
         r["fits_alone"] = r["cost"] is not None and r["cost"] <= budget
     out["models"] = rows
@@ -275,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     peak_txt = _mib(peak_above_baseline).strip() if peak_above_baseline is not None else f"n/a (source changed to {m.source})"
     print(
         f"measured peak above the pool's baseline: {peak_txt} vs budget {_mib(budget).strip()}"
-        f" -> {'OK' if not over else 'OVER BUDGET'}  ({m.samples} NVML samples; planner's peak charged {_mib(planner.peak_charged).strip()})"
+        f" -> {'OK' if not over else 'OVER BUDGET'}  ({m.samples} samples of {m.source}; planner's peak charged {_mib(planner.peak_charged).strip()})"
     )
     if twice:
         print(f"loaded/unloaded twice in a period: {twice}")

@@ -31,9 +31,10 @@ Costs and the budget
 Costs are the pool's measurements (peak across load + warm-up at the serving batch, the largest
 of the last three loads). The same model measures a little differently from load to load (up to
 ~20% on the CPU meter, much less under NVML), so selection charges each cost plus
-``cost_margin`` (default 10%), and profiling makes room for a model's cost plus that margin
-(capped at the whole budget) before loading it: the pool's admission check then holds for the
-load as measured, not only for the last figure. A budget relative to the models' cost
+``cost_margin`` (default 10%; or the spread of the model's last five measurements when that is
+larger, up to 50%), and profiling makes room for a model's cost plus that margin (capped at the
+whole budget) before loading it: the pool's admission check then holds for the load as
+measured, not only for the last figure. A budget relative to the models' cost
 (``"0.5x"``) is resolved once, from period 0's measurements, and then stays fixed: a promise
 that drifted with every measurement would not be one.
 
@@ -624,10 +625,17 @@ class Planner:
         # Never unload twice in a period: a model unloaded and reloaded stays.
         return sorted((m for m in loaded if self._period_unloads[m] == 0), key=rank)
 
-    def _make_room(self, cost: int, protect: set[str], report: PeriodReport | None) -> bool:
+    def margin(self, name: str) -> float:
+        """The share added to ``name``'s cost: ``cost_margin``, or the spread of its recent
+        measurements ((max - min) / max of the last five) when that is larger, at most 50%."""
+        hist = [h for h in self.pool.cost_history(name)[-5:] if h > 0]
+        spread = (max(hist) - min(hist)) / max(hist) if len(hist) >= 2 else 0.0
+        return min(max(self.cost_margin, spread), 0.5)
+
+    def _make_room(self, name: str, cost: int, protect: set[str], report: PeriodReport | None) -> bool:
         # Room for the cost plus the margin (a load can measure more than last time), but
         # never more than the whole budget: a model that fits alone is always loadable.
-        need = min(int(cost * (1.0 + self.cost_margin)), self.pool.budget)
+        need = min(int(cost * (1.0 + self.margin(name))), self.pool.budget)
         while self.pool.charged() + need > self.pool.budget:
             order = self._evict_order(protect)
             if not order:
@@ -653,7 +661,7 @@ class Planner:
             cost = self.pool.cost(name) or 0
             if cost > self.pool.budget:
                 return f"its cost {cost} B exceeds the budget {self.pool.budget} B on its own"
-            if not self._make_room(cost, {name}, report):
+            if not self._make_room(name, cost, {name}, report):
                 return f"no room: {cost} B needed, {self.pool.charged()} B charged by models that cannot be unloaded, budget {self.pool.budget} B"
             try:
                 if self.pool.load(name):
@@ -697,22 +705,21 @@ class Planner:
 
     # -- selection -----------------------------------------------------------------------------
     def _costs(self) -> dict[str, int]:
-        """Costs as selection sees them: the pool's measured cost plus ``cost_margin``."""
-        f = 1.0 + self.cost_margin
-        return {m: int(math.ceil(c * f)) for m, c in self.pool.costs().items() if m in self.served}
+        """Costs as selection sees them: the pool's measured cost plus :meth:`margin`."""
+        return {m: int(math.ceil(c * (1.0 + self.margin(m)))) for m, c in self.pool.costs().items() if m in self.served}
 
     def _select(self) -> Selection:
         """The selector's choice under this period's constraints (unavailable, deferred, kept)."""
         unavailable = set(self.pool.unavailable())
         return select_models(
             self.selector,
-            {m: c for m, c in self.pool.costs().items() if m in self.served},
+            self._costs(),  # margins already added, per model
             self.accuracy,
             self.budget,
             models=self.universe,
             exclude=unavailable | self._spent(),
             forced=self._pinned_in() - unavailable,
-            cost_margin=self.cost_margin,
+            cost_margin=0.0,
         )
 
     def _evaluate(self, active: Iterable[str], selector: str = "evaluated") -> Selection:

@@ -272,7 +272,8 @@ def test_periods_reprofile_reselect_and_load_once_per_period(store: AssetStore, 
 
     plans = [plan]
     served = site_served(cfg)
-    for i in range(40, 100, 2):
+    end, n_periods = (100, 5) if selector == "objective" else (80, 3)  # the paper variant runs shorter
+    for i in range(40, end, 2):
         chunk = frames[i : i + 2]
         tick = planner.on_frames(chunk, now=chunk[-1].timestamp)
         assert tick.plan is planner.plan
@@ -289,7 +290,7 @@ def test_periods_reprofile_reselect_and_load_once_per_period(store: AssetStore, 
             plans.append(tick.plan)
 
     periods = [r for r in planner.reports if r.period >= 1]
-    assert len(periods) == 5  # boundaries at 10, 12, 14, 16, 18 s
+    assert len(periods) == n_periods  # boundaries at 10, 12, 14 (, 16, 18) s
     for r in periods:
         assert r.frames == 4
         assert sorted(r.profiled) == sorted(served)  # every model re-profiled (each fits alone)
@@ -298,11 +299,11 @@ def test_periods_reprofile_reselect_and_load_once_per_period(store: AssetStore, 
         assert all(n <= 1 for n in r.loads.values()), r.loads
         assert all(n <= 1 for n in r.unloads.values()), r.unloads
         assert r.peak_charged <= budget
-    assert len(links.history) == 5  # fine-tuned once per period
+    assert len(links.history) == n_periods  # fine-tuned once per period
     # Re-selection made a new plan each period, with increasing ids and fresh numbers.
     ids = [p.id for p in plans]
-    assert ids == sorted(ids) and len(set(ids)) == len(ids) == 6
-    assert [p.period for p in plans] == [0, 1, 2, 3, 4, 5]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids) == n_periods + 1
+    assert [p.period for p in plans] == list(range(n_periods + 1))
     assert all(p.next_reselect_at > p.created_at for p in plans)
 
     # The planner's counts agree with the pool's own records of completed loads and unloads.

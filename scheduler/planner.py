@@ -529,13 +529,17 @@ class Planner:
         self._loaded_in_period: set[str] = set()
         self._pending_failures: list[tuple[str, str]] = []
         self._report: PeriodReport | None = None
+        # Chain the pool's callback; a planner that had this pool before (a reload that kept
+        # it) is replaced, not chained, so failures do not pile up in planners no one calls.
         prior = pool.on_failure
+        prior = getattr(prior, "_mlink_prior", prior)
 
         def on_failure(name: str, reason: str) -> None:
             self._pending_failures.append((name, reason))
             if prior is not None:
                 prior(name, reason)
 
+        on_failure._mlink_prior = prior  # type: ignore[attr-defined]
         pool.on_failure = on_failure
 
     # -- public state --------------------------------------------------------------------------

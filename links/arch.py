@@ -41,6 +41,7 @@ sequences), which is what ensembles combine.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any, ClassVar
 
 import numpy as np
@@ -50,6 +51,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from mlink.links.encode import SEQ_CAP, Batch, present
+from mlink.links.infer import NpDecoder, NpMLP, NpSeqEncoder, greedy_decode_np
 from mlink.models.spec import OutputSpec, Task
 
 ELEM_WEIGHT = 5.0  # weight of the element L1 against the end-marker BCE in sequence losses
@@ -231,18 +233,15 @@ class Link(nn.Module):
         }
         self.cap = int(min(cap, target.max_len)) if target.max_len else int(cap)
         self.head = VectorHead(target) if target.kind == "vector" else None
+        self._np: SimpleNamespace | None = None
 
-    # vector targets ------------------------------------------------------------------------
+    # torch forward (training, fitting ensemble weights) ------------------------------------
     def preact(self, src: Batch) -> torch.Tensor:
+        """Vector targets: the pre-activation output (N, d)."""
         raise NotImplementedError
 
-    def preact_np(self, src: Batch) -> np.ndarray:
-        """Pre-activation output in eval mode, as numpy (N, d)."""
-        with torch.inference_mode():
-            return self.preact(src).numpy()
-
-    # sequence targets ----------------------------------------------------------------------
     def memory(self, src: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Sequence targets: decoder memory (N, M, D), its mask (N, M), initial state (N, H)."""
         raise NotImplementedError
 
     def teacher(self, src: Batch, y: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -255,7 +254,6 @@ class Link(nn.Module):
     def step(self, state: dict[str, torch.Tensor], prev: torch.Tensor | None):
         return self.decoder.step(state, prev)
 
-    # common ---------------------------------------------------------------------------------
     def loss(self, src: Batch, tgt: Batch) -> torch.Tensor:
         """Training loss on raw targets ``tgt`` (as :func:`encode_target` gives them)."""
         if self.head is not None:
@@ -263,17 +261,41 @@ class Link(nn.Module):
         elem, stop = self.teacher(src, tgt)
         return seq_loss(elem, stop, tgt.x, tgt.lengths)
 
-    def predict(self, src: Batch) -> list[np.ndarray]:
-        """Outputs in the target's spec format, one per frame (eval mode)."""
-        if self.head is not None:
-            return list(self.head.activate(self.preact_np(src)))
-        return [present(self.target, v) for v in greedy_decode([(self, 1.0)], [src], self.cap, self.target.dim)]
-
+    # numpy inference (see links/infer.py) ---------------------------------------------------
     def compile(self) -> None:
-        """Refresh caches derived from the weights (after training or loading); sets eval mode."""
+        """Set eval mode and rebuild the numpy inference weights; call after changing weights
+        (training and loading do)."""
         self.eval()
         if self.head is not None:
             self.head._np = None
+        self._np = self._compile_np()
+
+    def _compile_np(self) -> SimpleNamespace:
+        raise NotImplementedError
+
+    def _compiled(self) -> SimpleNamespace:
+        if self._np is None:
+            self.compile()
+        return self._np  # type: ignore[return-value]
+
+    def preact_np(self, src: Batch) -> np.ndarray:
+        """Vector targets: the pre-activation output (N, d) in numpy."""
+        raise NotImplementedError
+
+    def _memory_np(self, c: SimpleNamespace, src: Batch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def begin_np(self, src: Batch) -> dict:
+        """Sequence targets: the numpy decoder state for greedy decoding."""
+        c = self._compiled()
+        return c.decoder.begin(*self._memory_np(c, src))
+
+    def predict(self, src: Batch) -> list[np.ndarray]:
+        """Outputs in the target's spec format, one per frame."""
+        if self.head is not None:
+            return list(self.head.activate(self.preact_np(src)))
+        out = greedy_decode_np([(self, 1.0)], [self.begin_np(src)], len(src), self.cap, self.target.dim)
+        return [present(self.target, v) for v in out]
 
 
 class Vec2Vec(Link):
@@ -283,30 +305,15 @@ class Vec2Vec(Link):
         super().__init__(source, target, **hp)
         width = hidden_width(target.dim, self.hparams["min_hidden"], self.hparams["max_hidden"])
         self.mlp = mlp(source.dim, width, target.dim, self.hparams["dropout"])
-        self._np_params: tuple[np.ndarray, ...] | None = None
 
     def preact(self, src: Batch) -> torch.Tensor:
         return self.mlp(src.x)
 
-    def compile(self) -> None:
-        super().compile()
-        first, last = self.mlp[0], self.mlp[3]
-        self._np_params = tuple(
-            np.ascontiguousarray(t.detach().numpy().astype(np.float32))
-            for t in (first.weight.T, first.bias, last.weight.T, last.bias)
-        )
+    def _compile_np(self) -> SimpleNamespace:
+        return SimpleNamespace(mlp=NpMLP(self.mlp))
 
     def preact_np(self, src: Batch) -> np.ndarray:
-        # The MLP in numpy: for one frame, 4 BLAS/ufunc calls instead of torch's per-op overhead.
-        if self._np_params is None:
-            self.compile()
-        w1, b1, w2, b2 = self._np_params  # type: ignore[misc]
-        h = src.x.numpy() @ w1
-        h += b1
-        np.maximum(h, 0.0, out=h)
-        z = h @ w2
-        z += b2
-        return z
+        return self._compiled().mlp(src.x.numpy())
 
 
 class Seq2Vec(Link):
@@ -323,6 +330,16 @@ class Seq2Vec(Link):
         _, final, _ = self.encoder(src.x, src.lengths)
         feat = torch.cat([final, torch.log1p(src.lengths.to(final.dtype))[:, None]], dim=1)
         return self.mlp(feat)
+
+    def _compile_np(self) -> SimpleNamespace:
+        return SimpleNamespace(encoder=NpSeqEncoder(self.encoder), mlp=NpMLP(self.mlp))
+
+    def preact_np(self, src: Batch) -> np.ndarray:
+        c = self._compiled()
+        lengths = src.lengths.numpy()
+        _, final, _ = c.encoder(src.x.numpy(), lengths)
+        feat = np.concatenate([final, np.log1p(lengths.astype(np.float32))[:, None]], axis=1)
+        return c.mlp(feat)
 
 
 class Vec2Seq(Link):
@@ -341,6 +358,14 @@ class Vec2Seq(Link):
         mem = self.encoder(src.x).view(n, self.hparams["slots"], self.hparams["hidden"])
         return mem, torch.ones(mem.shape[:2], dtype=torch.bool), mem.mean(1)
 
+    def _compile_np(self) -> SimpleNamespace:
+        return SimpleNamespace(encoder=NpMLP(self.encoder[:4]), decoder=NpDecoder(self.decoder))
+
+    def _memory_np(self, c: SimpleNamespace, src: Batch):
+        x = src.x.numpy()
+        mem = np.tanh(c.encoder(x)).reshape(x.shape[0], self.hparams["slots"], self.hparams["hidden"])
+        return mem, np.ones(mem.shape[:2], dtype=bool), mem.mean(axis=1)
+
 
 class Seq2Seq(Link):
     """Memory = per-element encoder states *and* the elements themselves (as logits, zero for the
@@ -358,8 +383,19 @@ class Seq2Seq(Link):
     def memory(self, src: Batch):
         out, final, mask = self.encoder(src.x, src.lengths)
         raw = torch.logit(src.x[:, : out.shape[1] - 1].clamp(1e-3, 1 - 1e-3))
-        raw = torch.cat([torch.zeros_like(raw[:, :1]), raw], dim=1)
+        raw = torch.cat([raw.new_zeros((raw.shape[0], 1, raw.shape[2])), raw], dim=1)
         return torch.cat([out, raw], dim=-1), mask, final
+
+    def _compile_np(self) -> SimpleNamespace:
+        return SimpleNamespace(encoder=NpSeqEncoder(self.encoder), decoder=NpDecoder(self.decoder))
+
+    def _memory_np(self, c: SimpleNamespace, src: Batch):
+        x = src.x.numpy()
+        out, final, mask = c.encoder(x, src.lengths.numpy())
+        p = np.clip(x[:, : out.shape[1] - 1], 1e-3, 1 - 1e-3)
+        raw = np.log(p / (1 - p))
+        raw = np.concatenate([np.zeros((raw.shape[0], 1, raw.shape[2]), np.float32), raw], axis=1).astype(np.float32)
+        return np.concatenate([out, raw], axis=-1), mask, final
 
 
 ARCHS: dict[tuple[str, str], type[Link]] = {
@@ -385,7 +421,8 @@ def make_link(source: OutputSpec, target: OutputSpec, seed: int | None = None, *
 
 @torch.inference_mode()
 def greedy_decode(parts: list[tuple[Link, float]], srcs: list[Batch], cap: int, dim: int) -> list[np.ndarray]:
-    """Greedy decoding of one sequence per frame from weighted sequence links run in lockstep.
+    """Greedy decoding (torch reference; predictions use ``infer.greedy_decode_np``) of one
+    sequence per frame from weighted sequence links run in lockstep.
 
     Each step sums ``weight * logits`` over the links (one link with weight 1.0 is that link
     alone, exactly), stops a frame when the combined end logit is positive, and feeds the

@@ -35,7 +35,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from mlink.links.arch import Link, VectorHead, greedy_decode, seq_loss
+from mlink.links.arch import Link, VectorHead, seq_loss
+from mlink.links.infer import greedy_decode_np
 from mlink.links.encode import Batch, encode_one, present
 from mlink.links.errors import LinkError
 from mlink.links.tuples import node_model
@@ -142,8 +143,10 @@ class Ensemble(nn.Module):
                 z = zi * w if z is None else z + zi * w
             return list(self.head.activate(z))
         parts = [(self.links[i], w) for i, w in plan]
-        srcs = [enc[self.sources[i]] for i, _ in plan]
-        return [present(self.spec, v) for v in greedy_decode(parts, srcs, self.links[0].cap, self.spec.dim)]
+        states = [self.links[i].begin_np(enc[self.sources[i]]) for i, _ in plan]
+        n = len(enc[self.sources[plan[0][0]]])
+        out = greedy_decode_np(parts, states, n, self.links[0].cap, self.spec.dim)
+        return [present(self.spec, v) for v in out]
 
     def predict(
         self,

@@ -24,7 +24,7 @@ from mlink.links import (
     make_link,
 )
 from mlink.links.arch import greedy_decode, hidden_width, seq_loss
-from mlink.links.encode import Batch, canonical, encode_source, encode_target
+from mlink.links.encode import Batch, canonical, encode_one, encode_source, encode_target
 from mlink.links.synthetic import synthetic_tuples
 from mlink.links.train import fit_link
 from mlink.models.spec import BOX_DIM, OutputSpec, Task
@@ -180,13 +180,60 @@ def test_greedy_decoding_respects_cap_and_format() -> None:
     link = make_link(COUNT, BOXES, cap=6).eval()
     with torch.no_grad():
         link.decoder.out.bias[-1] = -50.0  # never end: decoding must stop at the cap
+    link.compile()
     out = link.predict(encode_source(COUNT, [np.array([3.0], np.float32)] * 2))
     assert [o.shape for o in out] == [(6, BOX_DIM)] * 2
     assert np.all((out[0] >= 0) & (out[0] <= 1)) and np.all(np.diff(out[0][:, 4]) <= 0)
     with torch.no_grad():
         link.decoder.out.bias[-1] = 50.0  # end at once: empty sequences
+    link.compile()
     assert [o.shape for o in link.predict(encode_source(COUNT, [np.array([3.0], np.float32)]))] == [(0, BOX_DIM)]
     BOXES.check(out[0])
+
+
+def _values(spec: OutputSpec, rng: np.random.Generator, n: int) -> list[np.ndarray]:
+    if spec.task is Task.COUNT:
+        return [np.array([rng.integers(0, 12)], np.float32) for _ in range(n)]
+    if spec.task is Task.CLASS:
+        return [rng.dirichlet(np.full(spec.dim, 0.05)).astype(np.float32) for _ in range(n)]
+    return [_boxes(rng, int(rng.integers(0, 7))) for _ in range(n)]
+
+
+@pytest.mark.parametrize(
+    "source,target",
+    [(COUNT, COUNT), (PROBS, COUNT), (COUNT, PROBS), (BOXES, COUNT), (BOXES, PROBS), (COUNT, BOXES), (PROBS, BOXES), (BOXES, BOXES)],
+)
+def test_numpy_inference_matches_torch(source: OutputSpec, target: OutputSpec) -> None:
+    """Predictions run in numpy (links/infer.py); they must compute what the torch modules do."""
+    rng = np.random.default_rng(5)
+    link = make_link(source, target, seed=4)
+    with torch.no_grad():
+        for p in link.parameters():
+            p.add_(torch.randn(p.shape) * 0.2)  # away from the initialisation's symmetries
+    link.compile()
+    values = _values(source, rng, 9)
+    if source.kind == "sequence":
+        values[2] = source.empty()  # an empty sequence among them
+    batch = encode_source(source, values)
+    singles = [encode_one(source, v) for v in values]
+    if target.kind == "vector":
+        with torch.inference_mode():
+            ref = link.preact(batch).numpy()
+        np.testing.assert_allclose(link.preact_np(batch), ref, rtol=1e-4, atol=1e-5)
+        for i, one in enumerate(singles):
+            np.testing.assert_allclose(link.preact_np(one)[0], ref[i], rtol=1e-4, atol=1e-5)
+        return
+    # sequences: teacher-forced steps of the torch decoder against numpy steps fed the same inputs
+    y = encode_target(target, _values(target, rng, 9))
+    with torch.inference_mode():
+        elem, stop = link.teacher(batch, y)
+    for states, rows in [([link.begin_np(batch)], slice(None))] + [([link.begin_np(one)], slice(i, i + 1)) for i, one in enumerate(singles)]:
+        state = states[0]
+        for t in range(y.x.shape[1] + 1):
+            prev = None if t == 0 else y.x[rows, t - 1].numpy()
+            e, s, state = link._np.decoder.step(state, prev)
+            np.testing.assert_allclose(e, elem[rows, t].numpy(), rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(s, stop[rows, t].numpy(), rtol=1e-4, atol=1e-5)
 
 
 # -- training ---------------------------------------------------------------------------------
@@ -370,9 +417,11 @@ def test_fine_tune_moves_links_towards_new_tuples(vector_links, synth: TupleSet)
     link = copy_ls.link("yolox_nano:person_count", "hog_people:person_count")
     src = encode_source(COUNT, new.values["yolox_nano:person_count"])
     tgt = encode_target(COUNT, new.values["hog_people:person_count"])
-    before = float(link.loss(src, tgt))
+    with torch.no_grad():
+        before = float(link.eval().loss(src, tgt))
     results = copy_ls.fine_tune(new, epochs=5)
-    after = float(link.eval().loss(src, tgt))
+    with torch.no_grad():
+        after = float(link.eval().loss(src, tgt))
     assert set(results) == {f"{s}->{t}" for s, t in ls.links}
     assert after < before
     assert len(copy_ls.history) == 1 and copy_ls.history[0]["n"] == len(new)

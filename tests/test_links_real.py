@@ -1,0 +1,303 @@
+"""Links on real output tuples: the building site's models (hog_people, mobilenet_v2,
+yolox_nano, with the outputs configs/building.yaml serves) run over frames of its two
+streams, vtest.avi (a walkway) and one-by-one-person-detection.mp4 (a room).
+
+The tuples are computed once and cached in pytest's cache (keyed by the zoo's source files,
+so a changed model recomputes them); a link set is trained once per module on 75% of them,
+and everything is measured on the other 25% against the models' own outputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mlink.links import (
+    DatasetError,
+    IncompatibleLinksError,
+    LinkSet,
+    LinkStoreError,
+    Seq2Seq,
+    Seq2Vec,
+    TrainConfig,
+    TupleSet,
+    Vec2Seq,
+    Vec2Vec,
+)
+from mlink.links.tuples import node_key, node_model
+from mlink.models.assets import AssetStore
+from mlink.models.spec import Task
+
+REPO = Path(__file__).resolve().parents[1]
+SERVED = {"hog_people": ("person_count", "boxes"), "mobilenet_v2": ("probs",), "yolox_nano": ("object_count", "boxes")}
+# (stream id, asset, sample fps, most frames): both whole clips, 79.5 s and 139 s
+STREAMS = (("walkway", "vtest", 2.0, 160), ("room", "one_by_one", 0.7, 100))
+CONFIG = TrainConfig(epochs=60, patience=8)
+ONE_POINT = 0.01
+
+
+def _cache_key() -> str:
+    h = hashlib.sha256(json.dumps([SERVED, STREAMS], sort_keys=True).encode())
+    for rel in ["models/spec.py", "models/detections.py", "server/frames.py"] + [f"models/zoo/{m}.py" for m in SERVED]:
+        h.update((REPO / rel).read_bytes())
+    return h.hexdigest()[:20]
+
+
+def _build_tuples(store: AssetStore) -> TupleSet:
+    import cv2
+
+    from mlink.links.train import torch_threads
+    from mlink.models.base import create_model, model_info
+    from mlink.server.frames import read_frames
+
+    ts = TupleSet.for_models({m: [model_info(m).output(o) for o in outs] for m, outs in SERVED.items()})
+    # One thread per backend: on a shared 2-core machine their thread pools otherwise fight.
+    models = {m: create_model(m, store=store, **({"threads": 1} if m == "yolox_nano" else {})) for m in SERVED}
+    cv_threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        with torch_threads(1):
+            for model in models.values():
+                model.load("cpu")
+            for stream, asset, fps, most in STREAMS:
+                for frame in read_frames(str(store.path(asset)), sample_fps=fps, max_frames=most):
+                    outs = {m: model.infer([frame.image])[0] for m, model in models.items()}
+                    ts.append(stream, frame.timestamp, {node_key(m, o): outs[m][o] for m, os_ in SERVED.items() for o in os_})
+    finally:
+        cv2.setNumThreads(cv_threads)
+        for model in models.values():
+            model.unload()
+    return ts
+
+
+@pytest.fixture(scope="module")
+def real_tuples(store: AssetStore, request: pytest.FixtureRequest) -> TupleSet:
+    cache = Path(request.config.cache.mkdir("mlink-links-real")) / _cache_key()
+    try:
+        return TupleSet.load(cache)
+    except DatasetError:
+        pass
+    ts = _build_tuples(store)
+    ts.save(cache)
+    return ts
+
+
+@pytest.fixture(scope="module")
+def split(real_tuples: TupleSet) -> tuple[TupleSet, TupleSet]:
+    return real_tuples.split(0.25, seed=7)
+
+
+@pytest.fixture(scope="module")
+def trained(split) -> LinkSet:
+    train, _ = split
+    return LinkSet.train(train, val_share=0.2, config=CONFIG)
+
+
+@pytest.fixture(scope="module")
+def matrix(trained: LinkSet, split):
+    return trained.matrix(split[1], subsets=True)
+
+
+def _frame_scores(ls: LinkSet, tuples: TupleSet, target: str, plan) -> np.ndarray:
+    """Per-frame accuracy (the target's metric) of an ensemble plan on held-out tuples."""
+    from mlink.links.matrix import encode_sources
+
+    ens = ls.ensembles[target]
+    preds = ens.predict_encoded(plan, encode_sources(ls, tuples)) if plan else [ens.trivial] * len(tuples)
+    return np.array([ens.spec.accuracy(p, e) for p, e in zip(preds, tuples.values[target])])
+
+
+def _link_scores(ls: LinkSet, tuples: TupleSet, source: str, target: str) -> np.ndarray:
+    return _frame_scores(ls, tuples, target, [(ls.ensembles[target].sources.index(source), 1.0)])
+
+
+def _shortfall(candidate: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
+    """How much worse ``candidate`` is than ``reference`` on the same frames: mean of the
+    per-frame differences and its standard error (a paired comparison)."""
+    d = reference - candidate
+    return float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d)))
+
+
+def test_real_tuples_look_like_the_scene(real_tuples: TupleSet) -> None:
+    # both whole clips: 79.5 s at 2 fps, 139.4 s at 0.7 fps
+    assert 150 <= real_tuples.streams.count("walkway") <= 160
+    assert 90 <= real_tuples.streams.count("room") <= 100
+    assert set(real_tuples.specs) == {node_key(m, o) for m, os_ in SERVED.items() for o in os_}
+    hog = np.array([v[0] for v in real_tuples.values["hog_people:person_count"]])
+    objects = np.array([v[0] for v in real_tuples.values["yolox_nano:object_count"]])
+    # pedestrians on walkways (about 7 a frame) and parked cars: both detectors see things
+    assert hog.mean() > 1 and objects.mean() > 3
+    # hog's count is its boxes' length (one node derived from the other, as the zoo defines)
+    assert all(len(b) == c for b, c in zip(real_tuples.values["hog_people:boxes"], hog))
+
+
+def test_real_dataset_round_trip_and_corruption(real_tuples: TupleSet, tmp_path) -> None:
+    version = real_tuples.save(tmp_path / "ok")
+    assert TupleSet.load(tmp_path / "ok").version() == version == real_tuples.version()
+    shutil.copytree(tmp_path / "ok", tmp_path / "bad")
+    data = tmp_path / "bad" / "tuples.npz"
+    data.write_bytes(data.read_bytes()[:-4096])
+    with pytest.raises(DatasetError, match="corrupt or truncated"):
+        TupleSet.load(tmp_path / "bad")
+
+
+ARCH_CASES = [
+    (Vec2Vec, "mobilenet_v2:probs", "yolox_nano:object_count"),
+    (Seq2Vec, "yolox_nano:boxes", "hog_people:person_count"),
+    (Vec2Seq, "mobilenet_v2:probs", "yolox_nano:boxes"),
+    (Seq2Seq, "yolox_nano:boxes", "hog_people:boxes"),
+]
+
+
+@pytest.mark.parametrize("arch,source,target", ARCH_CASES, ids=[c[0].__name__ for c in ARCH_CASES])
+def test_each_architecture_on_real_tuples(trained: LinkSet, matrix, split, arch, source, target) -> None:
+    link = trained.link(source, target)
+    assert type(link) is arch
+    test = split[1]
+    from mlink.links.encode import encode_source
+
+    preds = link.predict(encode_source(test.specs[source], test.values[source]))
+    assert len(preds) == len(test)
+    spec = test.specs[target]
+    for p in preds:
+        spec.check(p)
+    if spec.kind == "sequence":
+        assert any(len(p) > 0 for p in preds)  # not the trivial empty answer
+        assert all(np.all(np.diff(p[:, 4]) <= 0) for p in preds if len(p) > 1)  # by descending score
+    # each of these links learnt something real: it beats the target's trivial predictor on
+    # held-out frames, by more than 3 points and by more than noise (1.5 paired standard errors)
+    gain, se = _shortfall(_frame_scores(trained, test, target, []), _link_scores(trained, test, source, target))
+    assert gain > max(0.03, 1.5 * se), f"{source} -> {target}: gain over trivial {gain:.3f} (se {se:.3f})"
+    assert matrix.single[(source, target)] > matrix.trivial[target]
+
+
+def test_links_against_trivial_predictors(trained: LinkSet, matrix) -> None:
+    print("\n" + matrix.table())
+    js = matrix.to_json()
+    assert {(e["source"], e["target"]) for e in js["links"]} == set(trained.links)
+    # The trivial answers are poor here: two scenes (a crowded walkway, a mostly empty room)
+    # make the mean count and the majority class wrong most of the time, and the detectors
+    # rarely return no box at all.
+    for t in trained.targets:
+        assert matrix.trivial[t] < 0.3, t
+    # Every target has a link that beats its trivial predictor by a wide margin...
+    for t in trained.targets:
+        assert matrix.best_single(t)[1] > matrix.trivial[t] + 0.1, t
+    # ...and so does every link into a count or a class: one scene's outputs tell a lot about
+    # the others' (how many people, which scene). Box links are weaker: hog_people's person
+    # boxes say little about yolox_nano's boxes of every object class, so those only need
+    # not to fall below the empty answer.
+    for (s, t), acc in matrix.single.items():
+        if trained.specs[t].kind == "vector":
+            assert acc > matrix.trivial[t] + 0.05, (s, t, acc)
+        else:
+            assert acc >= matrix.trivial[t] - 0.05, (s, t, acc)
+
+
+def _not_worse(ens: np.ndarray, single: np.ndarray, what: str) -> None:
+    """``ens`` is at most one point worse than ``single`` on these frames, up to noise
+    (two standard errors of the paired per-frame difference)."""
+    short, se = _shortfall(ens, single)
+    assert short <= ONE_POINT + 2 * se, f"{what}: {short:.3f} worse (se {se:.3f})"
+
+
+def test_ensemble_with_all_sources_is_as_good_as_best_link(trained: LinkSet, matrix, split) -> None:
+    test = split[1]
+    for t, ens in trained.ensembles.items():
+        best_source, best = matrix.best_single(t)
+        scores = _frame_scores(trained, test, t, ens.plan(set(trained.models)))
+        assert abs(scores.mean() - matrix.ensemble[t]) < 1e-9
+        print(f"\n{t}: ensemble {matrix.ensemble[t]:.3f}, best link {best_source} {best:.3f}, trivial {matrix.trivial[t]:.3f}")
+        _not_worse(scores, _link_scores(trained, test, best_source, t), f"{t} ensemble vs {best_source}")
+        # and on the validation split it was fitted on, it is at least as good, exactly
+        assert ens.val_accuracy[frozenset(ens.source_models)] >= max(ens.link_val_accuracy.values())
+
+
+def test_ensemble_works_for_every_subset_of_active_models(trained: LinkSet, matrix, split) -> None:
+    test = split[1]
+    models = trained.models
+    frame = {k: test.values[k][3] for k in test.specs}
+    for r in range(len(models) + 1):
+        for active in map(set, itertools.combinations(models, r)):
+            out = trained.predict(active, {k: v for k, v in frame.items() if node_model(k) in active})
+            assert set(out) == {t for t in trained.targets if node_model(t) not in active}
+            for t, v in out.items():
+                test.specs[t].check(v)
+                if test.specs[t].task is Task.CLASS:
+                    assert abs(float(v.sum()) - 1) < 1e-4
+                if test.specs[t].task is Task.COUNT:
+                    assert v[0] >= 0
+                ens = trained.ensembles[t]
+                if not ens.active(active):
+                    assert np.array_equal(v, ens.trivial)
+                else:
+                    assert {node_model(s) for s in ens.weights(active)} <= active
+    # held out: with any subset of its source models active, an ensemble is never worse than
+    # its best active single link by more than noise
+    for (act, t), acc in matrix.subsets.items():
+        ens = trained.ensembles[t]
+        best = max((s for s in ens.sources if node_model(s) in act), key=lambda s: matrix.single[(s, t)])
+        scores = _frame_scores(trained, test, t, ens.plan(act))
+        assert abs(scores.mean() - acc) < 1e-9
+        _not_worse(scores, _link_scores(trained, test, best, t), f"{t} with {sorted(act)} vs {best}")
+
+
+def test_save_load_round_trip_is_bit_identical(trained: LinkSet, split, tmp_path) -> None:
+    train, test = split
+    manifest = trained.save(tmp_path / "links")
+    assert manifest["data_version"] == train.version()
+    back = LinkSet.load(tmp_path / "links", expect_specs=test.specs, expect_data_version=train.version())
+    models = trained.models
+    subsets = [set(c) for r in range(1, len(models)) for c in itertools.combinations(models, r)]
+    for i in range(len(test)):
+        frame = {k: test.values[k][i] for k in test.specs}
+        for active in subsets:
+            a, b = trained.predict(active, frame), back.predict(active, frame)
+            assert a.keys() == b.keys()
+            for k in a:
+                assert a[k].shape == b[k].shape and np.array_equal(a[k], b[k]), (k, active, i)
+    assert back.matrix(test).to_json() == trained.matrix(test).to_json()
+
+
+def test_corrupt_or_incompatible_link_files_are_refused(trained: LinkSet, split, tmp_path) -> None:
+    d = tmp_path / "links"
+    trained.save(d)
+    weights = d / "links.pt"
+    raw = bytearray(weights.read_bytes())
+    raw[len(raw) // 3] ^= 0x10
+    weights.write_bytes(bytes(raw))
+    with pytest.raises(LinkStoreError, match="corrupt"):
+        LinkSet.load(d)
+    trained.save(d)
+    with pytest.raises(IncompatibleLinksError):
+        LinkSet.load(d, expect_data_version=split[1].version())
+    other = dict(split[1].specs)
+    other.pop("yolox_nano:boxes")
+    with pytest.raises(IncompatibleLinksError, match="yolox_nano:boxes"):
+        LinkSet.load(d, expect_specs=other)
+
+
+def test_prediction_of_all_ensembles_is_fast(trained: LinkSet, split) -> None:
+    test = split[1]
+    for active in [{m} for m in trained.models]:
+        vec = [t for t in trained.targets if test.specs[t].kind == "vector" and node_model(t) not in active]
+        times_vec, times_all = [], []
+        for i in range(len(test)):
+            frame = {k: test.values[k][i] for k in test.specs if node_model(k) in active}
+            t0 = time.perf_counter()
+            trained.predict(active, frame, targets=vec)
+            times_vec.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            trained.predict(active, frame)
+            times_all.append(time.perf_counter() - t0)
+        med_vec, med_all = np.median(times_vec) * 1e3, np.median(times_all) * 1e3
+        print(f"\nactive {sorted(active)}: vector targets {med_vec:.3f} ms, all targets {med_all:.3f} ms per frame")
+        # Generous bounds (a shared CI machine); typical: vector < 0.5 ms, all < 1 ms.
+        assert med_vec < 2.0 and med_all < 10.0

@@ -483,6 +483,7 @@ class Planner:
         cost_margin: float = 0.1,
         progress: bool = False,
         history: int = 100,
+        first_plan_id: int = 1,
     ) -> None:
         self.cfg = cfg
         self.pool = pool
@@ -516,7 +517,7 @@ class Planner:
         self.reports: list[PeriodReport] = []
         self.period = 0
         self.peak_charged = 0
-        self._next_id = 1
+        self._next_id = int(first_plan_id)  # a daemon that replaces its planner keeps plan ids unique
         self._next_at = math.inf
         self._collect_from: float | None = None
         self._buffer: list[ProfileFrame] = []

@@ -115,7 +115,7 @@ class SiteConfig(_Strict):
     site: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     device: str = Field(default="cpu", description='"cpu", "cuda" or "cuda:N"')
     budget: float | str = Field(
-        default="0.5x",
+        default="0.8x",
         description="memory budget: bytes ('3GiB', 4e9), a share of the device's memory (0.8), or a share of the site's models' measured cost ('0.5x')",
     )
     models: list[ModelEntry] = Field(min_length=1)

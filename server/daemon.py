@@ -37,7 +37,6 @@ from mlink.scheduler.profiler import (
     plan_stream_frames,
     site_frames,
 )
-from mlink.scheduler.serving import serve
 from mlink.server.cache import ResultCache, open_cache
 from mlink.server.config import ConfigError, SiteConfig, load_config
 from mlink.server.ingest import Ingest
@@ -188,7 +187,8 @@ class Daemon:
             if previous is not None:
                 previous.pool.close()  # unload everything before the new set is measured and loaded
             pool = build_pool(cfg, store=self.store, costs={k: v for k, v in (known or {}).items() if k in {m.name for m in cfg.models}} or None)
-        planner = Planner(cfg, pool, links, heldout, progress=self.progress)
+        next_id = previous.plan.id + 1 if previous is not None and previous.plan is not None else 1
+        planner = Planner(cfg, pool, links, heldout, progress=self.progress, first_plan_id=next_id)
         frames: Any = None
         if links is None or heldout is None:
             self.state = "profiling"
@@ -275,7 +275,7 @@ class Daemon:
         t0 = time.perf_counter()
         frames = [ProfileFrame(f.camera, f.pts, f.image) for f in batch]
         tick = self.planner.on_frames(frames)
-        results = serve(frames, tick.plan, self.pool, self.planner.links, batch_size=self.cfg.scheduler.batch_size)
+        results = self.planner.serve(frames)
         for f, r in zip(batch, results):
             record = r.to_json()
             record["frame_index"] = f.index

@@ -15,8 +15,8 @@ from mlink.links.encode import Batch, encode_source, encode_target
 from mlink.links.ensemble import Ensemble, trivial_output
 from mlink.links.errors import LinkError, LinkStoreError
 from mlink.links.matrix import LinkMatrix, compute_matrix, ensemble_accuracy
-from mlink.links.train import FitResult, TrainConfig, fit_link, torch_threads
-from mlink.links.tuples import TupleSet, node_model
+from mlink.links.train import TrainConfig, eval_loss, fit_link, torch_threads
+from mlink.links.tuples import TupleSet, node_model, specs_equal
 from mlink.models.spec import OutputSpec
 
 ProgressArg = Callable[[int, int, str], None] | bool | str | None
@@ -183,37 +183,56 @@ class LinkSet:
         epochs: int | None = None,
         lr_scale: float | None = None,
         progress: ProgressArg = None,
-    ) -> dict[str, FitResult]:
-        """Update every link with a few new tuples (a few epochs at a reduced learning rate).
+    ) -> dict[str, dict]:
+        """Update every link with a few new tuples (the scheduler's periodic re-profiling).
 
-        Meant for the scheduler's periodic re-profiling: the links follow a drifting scene
-        without retraining from scratch. Ensemble weights and routes are kept (a handful of new
-        tuples is too few to refit them reliably); re-measure with :meth:`matrix`.
+        Drift-aware by default: a link whose loss on the new tuples is within
+        ``config.drift_ratio`` times the validation loss it had when trained sees the same scene,
+        and gets a gentle update (``fine_tune_epochs`` of Adam at ``fine_tune_lr_scale`` of its
+        training lr), which cannot undo what it knows. A link whose loss grew beyond that sees
+        a changed scene, and adapts (``adapt_epochs`` at ``adapt_lr_scale``). Explicit
+        ``epochs``/``lr_scale`` apply to every link instead. Ensemble weights and routes are
+        kept (a few new tuples are too few to refit them); re-measure with :meth:`matrix`.
+
+        Returns, per link ``"source->target"``: mode ("gentle", "adapt" or "fixed"), the loss
+        on the new tuples before and after, and the fit result.
         """
         cfg = self.config
-        epochs = cfg.fine_tune_epochs if epochs is None else epochs
-        scale = cfg.fine_tune_lr_scale if lr_scale is None else lr_scale
         if len(new_tuples) == 0:
             return {}
         for k, spec in self.specs.items():
-            if k in new_tuples.specs and new_tuples.specs[k] != spec:
-                raise LinkError(f"fine-tuning: node {k} has another spec in the new tuples")
-        results: dict[str, FitResult] = {}
+            if k not in new_tuples.specs or not specs_equal(new_tuples.specs[k], spec):
+                raise LinkError(f"fine-tuning: node {k} is missing from the new tuples or has another spec")
+        results: dict[str, dict] = {}
         bar = _Progress(progress, len(self.links), "fine-tuning links")
         enc: dict[str, Batch] = {}
+        link_metrics = self.metrics.setdefault("links", {})
         with torch_threads(cfg.threads):
             try:
                 for t, ens in self.ensembles.items():
                     y = encode_target(self.specs[t], new_tuples.values[t], cfg.cap)
                     for s, link in zip(ens.sources, ens.links):
+                        key = f"{s}->{t}"
                         if s not in enc:
                             enc[s] = encode_source(self.specs[s], new_tuples.values[s], cfg.cap)
+                        before = eval_loss(link, enc[s], y)
+                        ref = (link_metrics.get(key, {}).get("fit") or {}).get("val_loss")
+                        if epochs is not None or lr_scale is not None:
+                            mode = "fixed"
+                            n_epochs = cfg.fine_tune_epochs if epochs is None else epochs
+                            scale = cfg.fine_tune_lr_scale if lr_scale is None else lr_scale
+                        elif ref is not None and before > cfg.drift_ratio * max(float(ref), 1e-6):
+                            mode, n_epochs, scale = "adapt", cfg.adapt_epochs, cfg.adapt_lr_scale
+                        else:
+                            mode, n_epochs, scale = "gentle", cfg.fine_tune_epochs, cfg.fine_tune_lr_scale
                         base = cfg.seq_lr if (link.source.kind == "sequence" or link.target.kind == "sequence") else cfg.lr
-                        results[f"{s}->{t}"] = fit_link(
-                            link, enc[s], y, None, None, cfg, epochs=epochs, lr=base * scale,
+                        fit = fit_link(
+                            link, enc[s], y, None, None, cfg, epochs=n_epochs, lr=base * scale, optimizer="adam",
                             seed=_link_seed(cfg.seed + len(self.history) + 1, s, t),
                         )
-                        bar.update(f"{s} -> {t}")
+                        results[key] = {"mode": mode, "loss_before": before, "loss_after": eval_loss(link, enc[s], y),
+                                        "reference_val_loss": ref, "fit": fit.to_dict()}
+                        bar.update(f"{s} -> {t} ({mode})")
                     ens.invalidate()
             finally:
                 bar.close()
@@ -222,8 +241,7 @@ class LinkSet:
                 "fine_tuned_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "data_version": new_tuples.version(),
                 "n": len(new_tuples),
-                "epochs": epochs,
-                "lr_scale": scale,
+                "modes": {k: r["mode"] for k, r in results.items()},
             }
         )
         return results

@@ -301,3 +301,24 @@ def test_prediction_of_all_ensembles_is_fast(trained: LinkSet, split) -> None:
         print(f"\nactive {sorted(active)}: vector targets {med_vec:.3f} ms, all targets {med_all:.3f} ms per frame")
         # Generous bounds (a shared CI machine); typical: vector < 0.5 ms, all < 1 ms.
         assert med_vec < 2.0 and med_all < 10.0
+
+
+def test_fine_tuning_follows_a_changed_scene(real_tuples: TupleSet) -> None:
+    """Links trained on the walkway alone are useless in the room; fine-tuning on a few room
+    frames (what periodic re-profiling provides) detects the change and adapts."""
+    walkway = real_tuples.subset([i for i, s in enumerate(real_tuples.streams) if s == "walkway"])
+    room = real_tuples.subset([i for i, s in enumerate(real_tuples.streams) if s == "room"])
+    new, rest = room.split(0.75, seed=0)  # ~25 new room frames, the rest to measure on
+    targets = ["hog_people:person_count", "yolox_nano:object_count", "mobilenet_v2:probs"]
+    links = LinkSet.train(walkway, config=CONFIG, targets=targets)
+    before = links.matrix(rest)
+    results = links.fine_tune(new)
+    after = links.matrix(rest)
+    modes = {r["mode"] for r in results.values()}
+    assert "adapt" in modes
+    mean_before, mean_after = np.mean(list(before.single.values())), np.mean(list(after.single.values()))
+    print(f"\nroom frames, single links: {mean_before:.3f} -> {mean_after:.3f}; ensembles "
+          + ", ".join(f"{t} {before.ensemble[t]:.2f} -> {after.ensemble[t]:.2f}" for t in targets))
+    assert mean_after > mean_before + 0.15
+    assert sum(after.ensemble.values()) > sum(before.ensemble.values()) + 0.3
+    assert links.history[-1]["n"] == len(new)

@@ -419,12 +419,20 @@ def test_fine_tune_moves_links_towards_new_tuples(vector_links, synth: TupleSet)
     tgt = encode_target(COUNT, new.values["hog_people:person_count"])
     with torch.no_grad():
         before = float(link.eval().loss(src, tgt))
-    results = copy_ls.fine_tune(new, epochs=5)
+    results = copy_ls.fine_tune(new)
     with torch.no_grad():
         after = float(link.eval().loss(src, tgt))
     assert set(results) == {f"{s}->{t}" for s, t in ls.links}
+    # drift-aware: links into the changed output adapt, links the change does not touch are
+    # only nudged
+    assert results["yolox_nano:person_count->hog_people:person_count"]["mode"] == "adapt"
+    assert results["yolox_nano:person_count->mobilenet_v2:probs"]["mode"] == "gentle"
+    assert all(r["loss_after"] < r["loss_before"] for r in results.values() if r["mode"] == "adapt")
     assert after < before
     assert len(copy_ls.history) == 1 and copy_ls.history[0]["n"] == len(new)
+    # explicit settings apply to every link
+    fixed = copy.deepcopy(ls).fine_tune(new, epochs=1, lr_scale=0.01)
+    assert {r["mode"] for r in fixed.values()} == {"fixed"} and all(r["fit"]["epochs"] == 1 for r in fixed.values())
     # the original is untouched
     orig = ls.link("yolox_nano:person_count", "hog_people:person_count")
     assert not all(torch.equal(a, b) for a, b in zip(orig.state_dict().values(), link.state_dict().values()))
@@ -446,3 +454,20 @@ def test_matrix_json_and_heatmap(vector_links, tmp_path) -> None:
     png = m.plot_heatmap(tmp_path / "m.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "ensemble" in m.table()
+
+
+def test_training_reports_progress(synth: TupleSet) -> None:
+    seen: list[tuple[int, int, str]] = []
+    ls = LinkSet.train(
+        synth.head(60), config=_fast(epochs=2), targets=["hog_people:person_count"],
+        sources=["yolox_nano:person_count", "mobilenet_v2:probs"], progress=lambda d, t, w: seen.append((d, t, w)),
+    )
+    # one step per link and one per ensemble, in order, ending at the total
+    assert [d for d, _, _ in seen] == [1, 2, 3] and all(t == 3 for _, t, _ in seen)
+    assert {w for _, _, w in seen[:2]} == {
+        "yolox_nano:person_count -> hog_people:person_count", "mobilenet_v2:probs -> hog_people:person_count"
+    }
+    assert seen[-1][2] == "ensemble hog_people:person_count"
+    assert ls.metrics["n_train"] + ls.metrics["n_val"] == 60
+    with pytest.raises(Exception, match="two models"):
+        LinkSet.train(synth.head(20), config=_fast(epochs=1), targets=["hog_people:person_count"], sources=["hog_people:boxes"])

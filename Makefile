@@ -10,7 +10,7 @@ CONFIG ?= configs/default.yaml
 SHARED_MIRROR := $(abspath ../shared/assets)
 export MLINK_ASSET_MIRROR ?= $(if $(wildcard $(SHARED_MIRROR)/README.md),$(SHARED_MIRROR),)
 
-.PHONY: install run demo test bench assets gpu-check clean
+.PHONY: install run demo test bench bench-table4 assets gpu-check clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,8 +32,14 @@ demo: assets
 test: install
 	$(BIN)/python -m pytest -q
 
-bench: assets
+bench: install
 	$(BIN)/python -m mlink.bench.zoo
+	$(BIN)/python -m mlink.bench.scheduler
+	$(BIN)/python -m mlink.bench.daemon
+
+# On a CUDA host: NVML per-model deltas against the budget, a few planner periods, the peak.
+gpu-check: install
+	$(BIN)/python -m mlink.bench.gpu_check
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

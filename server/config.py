@@ -177,15 +177,35 @@ def substitute_env(text: str, env: dict[str, str] | None = None) -> str:
     return out
 
 
+def _substitute_values(data: Any, path: str = "") -> tuple[Any, list[tuple[str, str]]]:
+    """``${VAR}`` substitution in the string values of parsed YAML (never in comments or keys)."""
+    if isinstance(data, dict):
+        out, errors = {}, []
+        for k, v in data.items():
+            out[k], errs = _substitute_values(v, f"{path}.{k}" if path else str(k))
+            errors += errs
+        return out, errors
+    if isinstance(data, list):
+        items = [_substitute_values(v, f"{path}.{i}" if path else str(i)) for i, v in enumerate(data)]
+        return [v for v, _ in items], [e for _, errs in items for e in errs]
+    if isinstance(data, str) and "${" in data:
+        try:
+            return substitute_env(data), []
+        except ConfigError as exc:
+            return data, [(path, msg) for _, msg in exc.errors]
+    return data, []
+
+
 def parse_config(text: str, source: str = "<string>") -> SiteConfig:
     try:
-        data = yaml.safe_load(substitute_env(text))
-    except ConfigError as exc:
-        raise ConfigError(source, exc.errors) from None
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(source, [("", f"not valid YAML: {exc}")]) from None
     if not isinstance(data, dict):
         raise ConfigError(source, [("", "the file must hold a mapping at the top level")])
+    data, env_errors = _substitute_values(data)
+    if env_errors:
+        raise ConfigError(source, env_errors)
     try:
         return SiteConfig.model_validate(data)
     except ValidationError as exc:

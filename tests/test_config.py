@@ -47,6 +47,26 @@ streams:
     assert "nonsense" in str(err.value) and "not_a_model" in str(err.value)
 
 
+def test_env_substitution_in_values_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CAM_PASS", "s3cret")
+    monkeypatch.delenv("NOT_SET_ANYWHERE", raising=False)
+    text = """
+# a comment may mention ${NOT_SET_ANYWHERE} freely
+site: s
+budget: ${MLINK_TEST_BUDGET:-0.7}
+models: [{name: hog_people}]
+streams:
+  - {id: a, url: "rtsp://admin:${CAM_PASS}@10.0.0.2/s", fps: 1}
+  - {id: b, url: "rtsp://${NOT_SET_ANYWHERE}/s"}
+"""
+    with pytest.raises(ConfigError) as err:
+        parse_config(text, "t.yaml")
+    assert [p for p, _ in err.value.errors] == ["streams.1.url"]
+    cfg = parse_config(text.replace("  - {id: b, url: \"rtsp://${NOT_SET_ANYWHERE}/s\"}\n", ""), "t.yaml")
+    assert cfg.streams[0].url == "rtsp://admin:s3cret@10.0.0.2/s"
+    assert parse_budget(cfg.budget) == ("device", 0.7)
+
+
 def test_env_substitution_and_unset_variables() -> None:
     assert substitute_env("a ${X} ${Y:-dflt}", {"X": "1"}) == "a 1 dflt"
     with pytest.raises(ConfigError, match=r"\$\{NOPE\}"):

@@ -1,0 +1,322 @@
+"""Reproduce Table 4 of the MLink paper on one of our sites: every method under the same budgets.
+
+``mlink bench table4 --site building|city`` (``server/cli_bench.py``) runs :func:`run_table4`:
+
+1. **Oracle**: the site's latest stored profile (every model on every sampled frame, once),
+   profiled and stored first when there is none or it is too short
+   (:mod:`mlink.bench.table4_data`); per-frame features for the baselines from one decode pass,
+   cached in the output folder.
+2. **Costs and budgets**: each model's (and MTL's) memory cost and per-frame latency, measured
+   in child processes and cached; the "one model fits" and "two fit" budgets and a sweep
+   (:mod:`mlink.bench.table4_costs`).
+3. **Methods** on the same frames under each budget: Standalone, MTL, DRLS, Reducto, MLink with
+   the paper's greedy and with the objective-driven selector (``table4_methods``,
+   ``table4_mtl``, ``table4_drls``, ``table4_mlink``). Everything learnt trains on the first
+   ``train_share`` of the frames in time order; every accuracy is measured against the oracle
+   on the evaluation frames no method trained on.
+4. **Output**: ``table4.json`` (every figure at every budget), ``table4.md`` (the paper's table:
+   accuracy and per-frame time at both budgets, executions saved) and ``table4.png`` (accuracy
+   against budget, every method) in the output folder (default ``$MLINK_HOME/bench/SITE``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+MiB = float(1 << 20)
+METHOD_ORDER = ["Standalone", "MTL", "DRLS", "Reducto", "MLink (paper greedy)", "MLink (objective)"]
+
+DEFAULTS: dict[str, Any] = {
+    "train_share": 0.1,
+    "periods": 10,
+    "profile_share": 0.01,
+    "min_profile": 2,
+    "sweep": 8,
+    "epochs": 100,  # link training (the paper's 100, early-stopped)
+    "fine_tune_epochs": None,  # the links' default (5)
+    "mtl_epochs": 300,
+    "dqn_steps": 4000,
+    "drls_time_penalty": 0.1,
+    "reducto_target": 0.9,
+    "latency_frames": 20,
+    "cost_repeats": 2,
+    "threads": 1,
+    "seed": 0,
+}
+
+
+def _mtl_result(ctx: Any, budget: float, mtl: Any, row: Mapping[str, Any], head_ms: float) -> dict[str, Any]:
+    from mlink.bench.table4_methods import result
+
+    cost = float(row["memory_bytes"])
+    fits = cost <= budget + 1e-9
+    scored = ctx.protocol.scored
+    preds = mtl.predict(ctx.features.backbone[scored]) if fits else {}
+    notes = ["box outputs: the trivial (empty) list; counts by regression heads, classes by soft-label heads"]
+    if not fits:
+        notes.insert(0, f"does not fit: backbone + heads cost {cost / MiB:.1f} MiB > budget {budget / MiB:.1f} MiB; no output")
+    return result(
+        ctx,
+        "MTL",
+        budget,
+        preds,
+        float(row["latency_ms"]) if fits else 0.0,
+        0,
+        cost if fits else 0.0,
+        memory_mode="at once",
+        runs=fits,
+        notes=notes,
+        backbone_executions=len(ctx.protocol.eval) if fits else 0,
+        head_ms=head_ms,
+        mtl_fit=mtl.fit,
+    )
+
+
+def run_table4(
+    cfg: Any,
+    *,
+    store: Any,
+    home: Path,
+    out_dir: Path,
+    config_path: Path,
+    frames: int | None = None,
+    options: Mapping[str, Any] | None = None,
+    remeasure: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run the whole harness; write table4.json/.md/.png into ``out_dir``; return the report."""
+    import cv2
+    import torch
+
+    from mlink.bench.table4_costs import budgets as make_budgets
+    from mlink.bench.table4_costs import measure_costs
+    from mlink.bench.table4_data import frame_features, load_oracle, make_protocol
+    from mlink.bench.table4_drls import drls
+    from mlink.bench.table4_methods import Context, reducto, standalone, tune_reducto
+    from mlink.bench.table4_mlink import SELECTORS, run_mlink
+    from mlink.bench.table4_mtl import MTL, head_specs
+
+    opts = {**DEFAULTS, **{k: v for k, v in (options or {}).items() if v is not None}}
+    torch.set_num_threads(max(1, min(2, int(opts["threads"]))))
+    cv2.setNumThreads(max(1, min(2, int(opts["threads"]))))
+    t_start = time.time()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    oracle, stored = load_oracle(cfg, store, Path(home), frames, progress=progress)
+    proto = make_protocol(len(oracle.tuples), opts["train_share"], opts["periods"], opts["profile_share"], opts["min_profile"])
+    features = frame_features(cfg, store, oracle, stored, out_dir, progress=progress)
+    timings["oracle_and_features_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    shapes = head_specs(oracle.tuples.specs)
+    table = measure_costs(
+        cfg, Path(config_path), store, shapes, out_dir,
+        frames=int(opts["latency_frames"]), repeats=int(opts["cost_repeats"]), threads=int(opts["threads"]),
+        remeasure=remeasure, progress=progress,
+    )
+    timings["costs_s"] = time.perf_counter() - t0
+    rows = table["rows"]
+    costs = {m: float(rows[m]["memory_bytes"]) for m in oracle.models}
+    latency = {m: float(rows[m]["latency_ms"]) for m in oracle.models}
+    bud = make_budgets(costs, int(opts["sweep"]))
+    named = {"one": bud["one"], "two": bud["two"]}
+    all_budgets = sorted({*named.values(), *bud["sweep"]})
+
+    ctx = Context(oracle, proto, costs, latency, features, options=opts, progress=progress)
+    results: dict[str, dict[float, dict[str, Any]]] = {m: {} for m in METHOD_ORDER}
+
+    t0 = time.perf_counter()
+    for b in all_budgets:
+        results["Standalone"][b] = standalone(ctx, b)
+    timings["standalone_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    train = proto.train
+    mtl = MTL.train(
+        oracle.tuples.specs, features.backbone[train], {k: oracle.exact(k, train) for k in oracle.nodes},
+        epochs=int(opts["mtl_epochs"]), seed=int(opts["seed"]),
+    )
+    head_ms = mtl.head_ms(features.backbone)
+    for b in all_budgets:
+        results["MTL"][b] = _mtl_result(ctx, b, mtl, rows["mtl"], head_ms)
+    timings["mtl_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    cache: dict = {}
+    for b in all_budgets:
+        results["DRLS"][b] = drls(ctx, b, cache)
+    timings["drls_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    tuned = tune_reducto(ctx, float(opts["reducto_target"]))
+    for b in all_budgets:
+        results["Reducto"][b] = reducto(ctx, b, tuned)
+    timings["reducto_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    ml = run_mlink(ctx, all_budgets, switch_margin=cfg.scheduler.switch_margin)
+    for (sel, b), r in ml.items():
+        results[SELECTORS[sel]][b] = r
+    timings["mlink_s"] = time.perf_counter() - t0
+
+    for method, per in results.items():
+        for b, r in per.items():
+            assert r["memory_bytes"] <= b + 1e-6, f"{method} over budget at {b}"
+            assert 0.0 <= r["accuracy"] <= 1.0
+
+    report = {
+        "site": cfg.site,
+        "device": cfg.device,
+        "profile": oracle.source,
+        "protocol": proto.to_json(),
+        "options": opts,
+        "costs": {
+            m: {k: rows[m][k] for k in ("memory_bytes", "latency_ms", "latency_ms_p90", "load_s", "meter", "memory_peaks")} for m in [*oracle.models, "mtl"]
+        },
+        "cost_source": table.get("source"),
+        "features": {"source": features.source, "reducto_map_ms": features.map_ms, "backbone_ms": features.backbone_ms},
+        "budgets": {"one": named["one"], "two": named["two"], "sweep": bud["sweep"], "all": all_budgets, "rule": bud["rule"]},
+        "fits": {
+            name: {"fits_alone": sorted(m for m in costs if costs[m] <= b), "max_models_at_once": _max_at_once(costs, b)}
+            for name, b in named.items()
+        },
+        "methods": {
+            m: {
+                "one": results[m][named["one"]],
+                "two": results[m][named["two"]],
+                "curve": [{"budget_bytes": b, **_brief(results[m][b])} for b in all_budgets],
+            }
+            for m in METHOD_ORDER
+        },
+        "reducto_tuning": tuned,
+        "timings_s": {k: round(v, 2) for k, v in timings.items()},
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t_start)),
+        "seconds": round(time.time() - t_start, 1),
+    }
+    write_outputs(report, out_dir)
+    return report
+
+
+def _max_at_once(costs: Mapping[str, float], budget: float) -> int:
+    from mlink.bench.table4_costs import fitting_sets
+
+    return max(len(s) for s in fitting_sets(costs, budget))
+
+
+def _brief(r: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: r[k] for k in ("accuracy", "ms_per_frame", "executions_saved", "memory_bytes", "runs")}
+
+
+# -- rendering -----------------------------------------------------------------------------------
+
+
+def _pct(x: float) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
+
+
+def markdown(report: Mapping[str, Any]) -> str:
+    p = report["protocol"]
+    b = report["budgets"]
+    lines = [
+        f"## Table 4 on site `{report['site']}` ({report['device']})",
+        "",
+        f"{p['frames']} frames ({report['profile']}): {p['train_frames']} train (first {p['train_share']:.0%} in time order), "
+        f"{p['eval_frames']} evaluation frames in {p['periods']} periods ({sum(p['profiled_per_period'])} profiled by MLink), "
+        f"accuracy on {p['scored_frames']} frames no method trained on.",
+        "",
+        "| model | memory (MiB) | latency (ms/frame) |",
+        "| --- | ---: | ---: |",
+    ]
+    for m, c in report["costs"].items():
+        lines.append(f"| {m} | {c['memory_bytes'] / MiB:.1f} | {c['latency_ms']:.1f} |")
+    f = report["fits"]
+    lines += [
+        "",
+        f"Budgets: one model fits = {b['one'] / MiB:.1f} MiB (fits alone: {', '.join(f['one']['fits_alone'])}; at most "
+        f"{f['one']['max_models_at_once']} at once), two fit = {b['two'] / MiB:.1f} MiB (at most {f['two']['max_models_at_once']} at once).",
+        "",
+        "| method | accuracy % (one / two) | ms per frame (one / two) | executions saved % (one / two) | memory held MiB (one / two) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for m, r in report["methods"].items():
+        one, two = r["one"], r["two"]
+        mark = " *" if m == "MTL" else ""
+        lines.append(
+            f"| {m} | {_pct(one['accuracy'])} / {_pct(two['accuracy'])} | {one['ms_per_frame']:.1f} / {two['ms_per_frame']:.1f} | "
+            f"{_pct(one['executions_saved'])} / {_pct(two['executions_saved'])}{mark} | "
+            f"{one['memory_bytes'] / MiB:.1f} / {two['memory_bytes'] / MiB:.1f} |"
+        )
+    lines += [
+        "",
+        "\\* MTL runs none of the site's models; it runs its own backbone on every frame where it fits.",
+        "",
+        "Notes:",
+    ]
+    for m, r in report["methods"].items():
+        for which in ("one", "two"):
+            for n in r[which]["notes"]:
+                lines.append(f"- {m} ({which}): {n}")
+    for sel in ("MLink (paper greedy)", "MLink (objective)"):
+        for which in ("one", "two"):
+            r = report["methods"][sel][which]
+            sets = ", ".join(f"{k} x{v}" for k, v in r["active_sets"].items())
+            lines.append(f"- {sel} ({which}): active sets over the periods: {sets}; expected objective {r['expected_objective']:.3f}")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def plot(report: Mapping[str, Any], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    markers = ["o", "s", "^", "D", "v", "P"]
+    for i, (m, r) in enumerate(report["methods"].items()):
+        xs = [c["budget_bytes"] / MiB for c in r["curve"]]
+        ys = [100 * c["accuracy"] for c in r["curve"]]
+        ax.plot(xs, ys, marker=markers[i % len(markers)], label=m, linewidth=1.5, markersize=4)
+    for name, b in (("one fits", report["budgets"]["one"]), ("two fit", report["budgets"]["two"])):
+        ax.axvline(b / MiB, color="grey", linestyle="--", linewidth=0.8)
+        ax.text(b / MiB, 2, f" {name}", rotation=90, va="bottom", color="grey", fontsize=8)
+    ax.set_xlabel(f"memory budget (MiB, measured on {report['device']})")
+    ax.set_ylabel("output accuracy vs. the models' own outputs (%)")
+    ax.set_ylim(0, 102)
+    ax.set_title(f"Table 4 methods on site {report['site']}: accuracy against budget")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def write_outputs(report: dict[str, Any], out_dir: Path) -> dict[str, Path]:
+    paths = {"json": out_dir / "table4.json", "markdown": out_dir / "table4.md", "png": out_dir / "table4.png"}
+    report["outputs"] = {k: str(v) for k, v in paths.items()}
+    paths["json"].write_text(json.dumps(_jsonable(report), indent=1))
+    paths["markdown"].write_text(markdown(report))
+    plot(report, paths["png"])
+    return paths

@@ -1,0 +1,79 @@
+"""``mlink bench table4``: the paper's Table 4 on one of our sites (see ``bench/table4.py``).
+
+Registered in ``server/cli.py`` as ``app.add_typer(bench_app, name="bench")``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+bench_app = typer.Typer(help="Benchmarks: the paper's evaluation on our sites.", no_args_is_help=True)
+
+
+@bench_app.command("table4")
+def table4_cmd(
+    site: Optional[str] = typer.Option(None, "--site", help="site name: configs/NAME.yaml (building, city)"),
+    config: Optional[Path] = typer.Option(None, "--config", help="path of a site config file"),
+    frames: Optional[int] = typer.Option(None, "--frames", min=20, help="oracle frames (default: the site's latest profile; profiled first when missing or shorter)"),
+    as_json: bool = typer.Option(False, "--json", help="print every method's figures at every budget as one JSON object"),
+    out: Optional[Path] = typer.Option(None, "--out", help="output folder (default: $MLINK_HOME/bench/SITE)"),
+    home: Optional[Path] = typer.Option(None, "--home", help="where profiles live (default: the asset store's home, $MLINK_HOME)"),
+    periods: Optional[int] = typer.Option(None, "--periods", min=1, help="periods over the evaluation stream (default 10)"),
+    train_share: Optional[float] = typer.Option(None, "--train-share", help="share of the frames (first, in time order) everything trains on (default 0.1)"),
+    profile_share: Optional[float] = typer.Option(None, "--profile-share", help="share of each period MLink profiles through all models (default 0.01, at least 2 frames)"),
+    sweep: Optional[int] = typer.Option(None, "--sweep", min=0, help="budgets in the sweep for the curve (default 8)"),
+    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="link training epochs (default 100, early-stopped)"),
+    mtl_epochs: Optional[int] = typer.Option(None, "--mtl-epochs", min=1, help="MTL head training epochs (default 300)"),
+    dqn_steps: Optional[int] = typer.Option(None, "--dqn-steps", min=1, help="DRLS DQN training steps per budget (default 4000)"),
+    latency_frames: Optional[int] = typer.Option(None, "--latency-frames", min=1, help="frames per model for the latency median (default 20)"),
+    cost_repeats: Optional[int] = typer.Option(None, "--cost-repeats", min=1, help="loads per model for the memory cost (largest kept; default 2)"),
+    remeasure: bool = typer.Option(False, "--remeasure", help="measure costs again instead of using the cached table"),
+    quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
+) -> None:
+    """Run Standalone, MTL, DRLS, Reducto and MLink (both selectors) under the same budgets."""
+    from mlink.server.cli import resolve_config, run_guarded
+
+    def body() -> None:
+        from mlink.bench.table4 import markdown, run_table4
+        from mlink.models.assets import default_store
+        from mlink.server.config import site_config_path
+
+        cfg = resolve_config(site, config)
+        config_path = config if config else site_config_path(site or "default")
+        store = default_store()
+        h = Path(home) if home else store.home
+        out_dir = Path(out) if out else h / "bench" / cfg.site
+        report = run_table4(
+            cfg,
+            store=store,
+            home=h,
+            out_dir=out_dir,
+            config_path=Path(config_path),
+            frames=frames,
+            options={
+                "periods": periods,
+                "train_share": train_share,
+                "profile_share": profile_share,
+                "sweep": sweep,
+                "epochs": epochs,
+                "mtl_epochs": mtl_epochs,
+                "dqn_steps": dqn_steps,
+                "latency_frames": latency_frames,
+                "cost_repeats": cost_repeats,
+            },
+            remeasure=remeasure,
+            progress=not quiet,
+        )
+        if as_json:
+            typer.echo(Path(report["outputs"]["json"]).read_text())
+            return
+        typer.echo(markdown(report))
+        typer.echo(f"written: {report['outputs']['markdown']}, {report['outputs']['json']}, {report['outputs']['png']}")
+
+    run_guarded(body)
+
+
+__all__ = ["bench_app"]

@@ -1,0 +1,175 @@
+"""The Table 4 harness (bench/table4*.py, `mlink bench table4`) end to end on a short real slice.
+
+The whole harness runs on a 60-frame profile of the building site made here from the real
+models (real videos from the mirror), with few epochs and DQN steps so that it stays quick;
+the assertions are the structural properties every run must have, whatever the numbers.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from mlink.bench.table4 import METHOD_ORDER, run_table4
+from mlink.bench.table4_costs import budgets, fitting_sets, k_fit_budget
+from mlink.bench.table4_data import make_protocol, pick_evenly, score, time_order
+from mlink.links.tuples import TupleSet
+from mlink.models.assets import AssetStore
+from mlink.models.spec import OutputSpec, Task
+from mlink.server.cli_bench import bench_app
+from mlink.server.config import CONFIG_DIR, load_config
+
+FAST = [
+    "--periods", "2", "--train-share", "0.3", "--sweep", "3", "--epochs", "5", "--mtl-epochs", "60",
+    "--dqn-steps", "300", "--latency-frames", "2", "--cost-repeats", "1",
+]
+
+
+# -- pure pieces -----------------------------------------------------------------------------------
+
+
+def test_budget_rule_gives_the_papers_budgets_for_the_papers_costs() -> None:
+    costs = {"openpose": 4.6, "resnet50": 1.5, "yolov3": 3.7}
+    b = budgets(costs, sweep=8)
+    assert b["one"] == pytest.approx(4.9) and b["two"] == pytest.approx(9.05)
+    assert max(len(s) for s in fitting_sets(costs, b["one"])) == 1
+    assert max(len(s) for s in fitting_sets(costs, b["two"])) == 2
+    assert b["sweep"][0] == pytest.approx(1.5) and b["sweep"][-1] == pytest.approx(9.8)
+    # A dear model dearer than the two cheap ones together cannot fit the one-model budget.
+    skewed = {"a": 10.0, "b": 30.0, "c": 45.0}
+    one = k_fit_budget(skewed, 1)
+    assert 30.0 < one < 40.0
+    assert max(len(s) for s in fitting_sets(skewed, one)) == 1
+
+
+def test_time_order_interleaves_cameras_and_the_protocol_never_scores_training_or_profiled_frames() -> None:
+    spec = OutputSpec("n", "vector", 1, Task.COUNT)
+    ts = TupleSet(
+        specs={"m:n": spec},
+        values={"m:n": [np.array([float(i)], np.float32) for i in range(30)]},
+        streams=["a"] * 20 + ["b"] * 10,
+        timestamps=[float(i) for i in range(20)] + [float(i) for i in range(10)],
+    )
+    order = time_order(ts)
+    assert sorted(order) == list(range(30))
+    first = [ts.streams[i] for i in order[:6]]
+    assert first.count("b") == 2  # b is half as long: one b frame per two a frames
+    proto = make_protocol(300, 0.1, periods=10, profile_share=0.01, min_profile=2)
+    assert proto.train == list(range(30))
+    assert all(len(p) == 2 for p in proto.profiled)
+    assert len(proto.scored) == 270 - 20
+    assert not set(proto.scored) & set(proto.train)
+    assert not set(proto.scored) & {p for ps in proto.profiled for p in ps}
+    assert pick_evenly(10, 4) == [0, 3, 6, 9]
+
+
+# -- the whole harness -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bench_run(store: AssetStore, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path, Path]:
+    import mlink.models.assets as assets
+
+    home = tmp_path_factory.mktemp("table4-home")
+    out = tmp_path_factory.mktemp("table4-out")
+    saved = assets._default_store
+    assets._default_store = store  # the CLI's store: the test's offline store over the mirror
+    try:
+        app = typer.Typer()
+        app.add_typer(bench_app, name="bench")  # as server/cli.py registers it
+        res = CliRunner().invoke(
+            app,
+            ["bench", "table4", "--site", "building", "--frames", "60", "--home", str(home), "--out", str(out), "--json", "--quiet", *FAST],
+        )
+    finally:
+        assets._default_store = saved
+    assert res.exit_code == 0, res.output
+    return json.loads(res.stdout), home, out
+
+
+def test_every_method_runs_at_both_budgets_within_them(bench_run: tuple[dict, Path, Path]) -> None:
+    report, _, _ = bench_run
+    assert list(report["methods"]) == METHOD_ORDER
+    n_budgets = len(report["budgets"]["all"])
+    for name, per in report["methods"].items():
+        for which in ("one", "two"):
+            r = per[which]
+            assert r["budget_bytes"] == pytest.approx(report["budgets"][which])
+            assert 0.0 <= r["accuracy"] <= 1.0, (name, which)
+            assert all(0.0 <= a <= 1.0 for a in r["accuracy_by_node"].values())
+            assert r["memory_bytes"] <= r["budget_bytes"] + 1e-6, (name, which)
+            assert r["ms_per_frame"] >= 0.0 and 0.0 <= r["executions_saved"] <= 1.0
+            assert r["scored_frames"] == report["protocol"]["scored_frames"]
+        assert len(per["curve"]) == n_budgets
+        assert all(c["memory_bytes"] <= c["budget_bytes"] + 1e-6 for c in per["curve"])
+    assert report["fits"]["one"]["max_models_at_once"] == 1
+    assert report["fits"]["two"]["max_models_at_once"] == 2
+
+
+def test_accuracies_are_on_frames_no_method_trained_on(bench_run: tuple[dict, Path, Path]) -> None:
+    report, _, _ = bench_run
+    p = report["protocol"]
+    assert p["frames"] == 60
+    assert p["train_frames"] == 18
+    assert p["scored_frames"] == p["eval_frames"] - sum(p["profiled_per_period"])
+    assert p["scored_frames"] > 0
+
+
+def test_standalone_and_mlink_at_the_one_model_budget(bench_run: tuple[dict, Path, Path]) -> None:
+    report, _, _ = bench_run
+    m = report["methods"]
+    assert m["Standalone"]["one"]["accuracy"] == pytest.approx(1 / 3)
+    assert m["Standalone"]["two"]["accuracy"] == pytest.approx(2 / 3)
+    assert m["Standalone"]["one"]["executions_saved"] == pytest.approx(2 / 3)
+    for sel in ("MLink (paper greedy)", "MLink (objective)"):
+        r = m[sel]["one"]
+        assert r["accuracy"] >= m["Standalone"]["one"]["accuracy"] - 1e-9
+        assert all(len(p["active"]) <= 1 for p in r["periods"])
+        assert r["executions_saved"] > 0.5
+    # DRLS never runs more models on a frame than fit at once.
+    assert m["DRLS"]["one"]["models_per_frame"] <= 1.0 + 1e-9
+    # Reducto's tuned filters are real features; MTL fits the two-model budget here or says why not.
+    assert {t["feature"] for t in report["reducto_tuning"].values()} <= {"pixel", "area", "edge", "corner"}
+    mtl = m["MTL"]["two"]
+    assert mtl["runs"] or any("does not fit" in n for n in mtl["notes"])
+
+
+def test_outputs_are_written_and_caches_are_reused(bench_run: tuple[dict, Path, Path], store: AssetStore) -> None:
+    report, home, out = bench_run
+    png = out / "table4.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (out / "table4.md").read_text()
+    assert all(f"| {m} |" in md for m in METHOD_ORDER)
+    assert json.loads((out / "table4.json").read_text())["site"] == "building"
+    # A shorter run on the same home reuses the stored 60-frame profile (40 frames spread
+    # evenly over it) and the cost table.
+    cfg = load_config(CONFIG_DIR / "building.yaml")
+    again = run_table4(
+        cfg, store=store, home=home, out_dir=out, config_path=CONFIG_DIR / "building.yaml", frames=40, progress=False,
+        options={"periods": 2, "train_share": 0.3, "sweep": 0, "epochs": 3, "mtl_epochs": 20, "dqn_steps": 100},
+    )
+    assert again["protocol"]["frames"] == 40
+    assert again["profile"] == report["profile"]
+    assert again["cost_source"].startswith("cache")
+    assert again["methods"]["Standalone"]["one"]["accuracy"] == pytest.approx(1 / 3)
+
+
+def test_score_counts_a_missing_output_as_zero() -> None:
+    from mlink.bench.table4_data import Oracle
+
+    spec = OutputSpec("n", "vector", 1, Task.COUNT)
+    ts = TupleSet(
+        specs={"a:n": spec, "b:n": spec},
+        values={"a:n": [np.array([1.0], np.float32)] * 4, "b:n": [np.array([2.0], np.float32)] * 4},
+        streams=["s"] * 4,
+        timestamps=[0.0, 1.0, 2.0, 3.0],
+    )
+    oracle = Oracle(ts, {"a": ["n"], "b": ["n"]}, "test", "v", [0, 1, 2, 3])
+    sc = score(oracle, [0, 1, 2, 3], {"a:n": ts.values["a:n"], "b:n": [None, None, np.array([2.2], np.float32), np.array([3.0], np.float32)]})
+    assert sc["by_model"] == {"a": 1.0, "b": 0.25}
+    assert sc["accuracy"] == pytest.approx(0.625)

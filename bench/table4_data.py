@@ -40,7 +40,7 @@ from typing import Any, Iterator, Sequence
 import cv2
 import numpy as np
 
-from mlink.links.tuples import TupleSet, node_model
+from mlink.links.tuples import TupleSet
 
 MAP_W, MAP_H = 256, 192
 PIXEL_LOW = 21  # Reducto's pixel/area/edge intensity threshold lower bound
@@ -322,9 +322,6 @@ def frame_features(cfg: Any, store: Any, oracle: Oracle, stored: TupleSet, out_d
 
 # -- scoring -------------------------------------------------------------------------------------
 
-NO_OUTPUT = None  # a model that did not run and has nothing predicting it: accuracy 0
-
-
 def score(oracle: Oracle, positions: Sequence[int], preds: dict[str, Sequence[np.ndarray | None]]) -> dict[str, Any]:
     """Accuracy against the oracle on ``positions``: per node (its own metric), per model (mean
     over its nodes), overall (mean over models). ``preds[node][k]`` is the output served for
@@ -342,7 +339,3 @@ def score(oracle: Oracle, positions: Sequence[int], preds: dict[str, Sequence[np
         per_node[node] = float(np.mean([0.0 if g is None else spec.accuracy(g, e) for g, e in zip(got, exact)])) if positions else 0.0
     per_model = {m: float(np.mean([per_node[k] for k in oracle.nodes_of(m)])) for m in oracle.models}
     return {"accuracy": float(np.mean(list(per_model.values()))), "by_model": per_model, "by_node": per_node}
-
-
-def model_of(node: str) -> str:
-    return node_model(node)

@@ -17,7 +17,6 @@ Every method is run on the same frames of the evaluation stream under the same b
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
@@ -252,7 +251,3 @@ def reducto(ctx: Context, budget: float, tuned: Mapping[str, Mapping[str, Any]])
         models=per_model,
         active=sorted(runnable),
     )
-
-
-def mean_or_nan(xs: Sequence[float]) -> float:
-    return float(np.mean(xs)) if len(xs) else math.nan

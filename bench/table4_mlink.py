@@ -30,11 +30,17 @@ link ensembles on one frame (``LinkSet.predict``, the daemon's per-frame call); 
 cost every profiled model's latency. Fine-tuning and selection run once a period on the host
 and are reported separately (seconds per period), not per frame. Links live in host memory
 (the planner does not charge them against the device budget); their size is reported.
+
+Diagnostic (``hindsight``, on by default): every fixed active set is also served through the
+same links over the same periods, and the best one that fits each budget is reported next to
+the selectors' choice (the best a selector could have done with these links, known only
+afterwards).
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 import time
 from typing import Any, Iterable
 
@@ -112,6 +118,9 @@ def run_mlink(ctx: Context, budgets: list[float], switch_margin: float = 0.01) -
     }
     fine_tune_s: list[float] = []
     select_s: list[float] = []
+    hindsight = bool(ctx.opt("hindsight", True))
+    subsets = [frozenset(c) for r in range(len(models) + 1) for c in itertools.combinations(models, r)]
+    fixed: dict[tuple[str, frozenset[str]], dict[str, list]] = {}
     bar = tqdm(total=len(proto.periods), desc="MLink periods", unit="period", disable=not ctx.progress)
     try:
         for pi, (chunk, prof) in enumerate(zip(proto.periods, proto.profiled)):
@@ -169,9 +178,25 @@ def run_mlink(ctx: Context, budgets: list[float], switch_margin: float = 0.01) -
                             "served": len(served_pos),
                         }
                     )
+            if hindsight:
+                # Every fixed set served through the same links, for the best set in hindsight.
+                for name in trajs:
+                    for A in subsets:
+                        key = (name, pi, A)
+                        if key not in pred_cache:
+                            pred_cache[key] = trajs[name].predict_tuples(A, sub)
+                        acc_h = fixed.setdefault((name, A), {k: [] for k in oracle.nodes})
+                        for k in oracle.nodes:
+                            acc_h[k].extend(sub.values[k] if k.split(":", 1)[0] in A else pred_cache[key][k])
+            for key in [k for k in pred_cache if k[1] == pi]:
+                del pred_cache[key]
             bar.update(1)
     finally:
         bar.close()
+
+    from mlink.bench.table4_data import score
+
+    fixed_acc = {(name, A): score(oracle, proto.scored, preds)["accuracy"] for (name, A), preds in fixed.items()}
 
     out: dict[tuple[str, float], dict[str, Any]] = {}
     for (sel, b), st in state.items():
@@ -182,6 +207,11 @@ def run_mlink(ctx: Context, budgets: list[float], switch_margin: float = 0.01) -
         notes = []
         if traj_of[b] == "frozen":
             notes.append("a model does not fit alone: links not fine-tuned (no complete profiling tuples)")
+        best = None
+        if fixed_acc:
+            feasible = [(acc, A) for (name, A), acc in fixed_acc.items() if name == traj_of[b] and sum(ctx.costs[m] for m in A) <= b + 1e-9]
+            acc_b, A_b = max(feasible, key=lambda t: (t[0], -len(t[1])))
+            best = {"active": sorted(A_b), "accuracy": acc_b}
         out[(sel, b)] = result(
             ctx,
             SELECTORS[sel],
@@ -197,6 +227,7 @@ def run_mlink(ctx: Context, budgets: list[float], switch_margin: float = 0.01) -
             active_sets=counts,
             periods=st["periods"],
             expected_objective=float(np.mean([p["expected_objective"] for p in st["periods"]])),
+            hindsight_best=best,
             link_ms={"+".join(sorted(a)) or "(none)": round(v, 3) for (n, a), v in link_ms_cache.items() if n == traj_of[b]},
         )
     meta = {

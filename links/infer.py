@@ -69,10 +69,15 @@ class NpGRU:
         H = self.hidden
         gh = h @ self.w_hh
         gh += self.b_hh
-        r = sigmoid(gi[:, :H] + gh[:, :H])
-        z = sigmoid(gi[:, H : 2 * H] + gh[:, H : 2 * H])
-        n = np.tanh(gi[:, 2 * H :] + r * gh[:, 2 * H :])
-        return n + z * (h - n)
+        rz = gi[:, : 2 * H] + gh[:, : 2 * H]  # r and z gates in one go
+        np.multiply(rz, 0.5, out=rz)
+        np.tanh(rz, out=rz)
+        rz += 1.0
+        rz *= 0.5
+        n = gh[:, 2 * H :] * rz[:, :H]
+        n += gi[:, 2 * H :]
+        np.tanh(n, out=n)
+        return n + rz[:, H:] * (h - n)
 
     def run(self, e: np.ndarray, steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Run over (N, T, E) inputs, row i for ``steps[i]`` steps: per-step states (zero past the

@@ -181,8 +181,13 @@ def test_greedy_decoding_respects_cap_and_format() -> None:
     with torch.no_grad():
         link.decoder.out.bias[-1] = -50.0  # never end: decoding must stop at the cap
     link.compile()
-    out = link.predict(encode_source(COUNT, [np.array([3.0], np.float32)] * 2))
+    src = encode_source(COUNT, [np.array([3.0], np.float32), np.array([7.0], np.float32)])
+    out = link.predict(src)
     assert [o.shape for o in out] == [(6, BOX_DIM)] * 2
+    # the numpy decoder decodes what the torch reference decodes (before re-ordering by score)
+    ref = greedy_decode([(link, 1.0)], [src], 6, BOX_DIM)
+    for o, r in zip(out, ref):
+        np.testing.assert_allclose(o, r[np.argsort(-r[:, 4], kind="stable")], rtol=1e-4, atol=1e-5)
     assert np.all((out[0] >= 0) & (out[0] <= 1)) and np.all(np.diff(out[0][:, 4]) <= 0)
     with torch.no_grad():
         link.decoder.out.bias[-1] = 50.0  # end at once: empty sequences

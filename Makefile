@@ -37,6 +37,11 @@ bench: install
 	$(BIN)/python -m mlink.bench.scheduler
 	$(BIN)/python -m mlink.bench.daemon
 
+# The paper's Table 4 on both sites: all five methods at the one- and two-model budgets, a plot.
+bench-table4: install
+	$(BIN)/mlink bench table4 --site building
+	$(BIN)/mlink bench table4 --site city
+
 # On a CUDA host: NVML per-model deltas against the budget, a few planner periods, the peak.
 gpu-check: install
 	$(BIN)/python -m mlink.bench.gpu_check

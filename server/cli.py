@@ -17,6 +17,7 @@ import typer
 from mlink.links.errors import LinkError
 from mlink.models.assets import MANIFEST, AssetError, default_store
 from mlink.models.base import ModelError, create_model, model_info, zoo
+from mlink.server.cli_bench import bench_app
 from mlink.server.cli_schedule import schedule_app
 from mlink.server.config import ConfigError, SiteConfig, load_config, site_config_path
 from mlink.server.frames import FrameSourceError, read_frames, resolve_url
@@ -29,6 +30,7 @@ app.add_typer(assets_app, name="assets")
 app.add_typer(models_app, name="models")
 app.add_typer(config_app, name="config")
 app.add_typer(schedule_app, name="schedule")
+app.add_typer(bench_app, name="bench")
 
 F = TypeVar("F", bound=Callable[..., Any])
 _EXPECTED: tuple[type[BaseException], ...] = (AssetError, ModelError, ConfigError, FrameSourceError, LinkError, ValueError)

@@ -49,6 +49,8 @@ from typing import Any, Callable, Iterable, Literal, TypeVar
 
 import psutil
 
+from mlink.models.protobuf import field
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -197,34 +199,16 @@ def release_memory() -> None:
     _malloc_trim()
 
 
-def _pb_varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
-
-
-def _pb_field(num: int, payload: int | bytes) -> bytes:
-    if isinstance(payload, int):
-        return _pb_varint(num << 3) + _pb_varint(payload)
-    return _pb_varint((num << 3) | 2) + _pb_varint(len(payload)) + payload
-
-
 def tiny_onnx_model() -> bytes:
     """A serialised ONNX model ``y = Relu(x)``, x: float[4] (opset 13), written without ``onnx``."""
-    shape = _pb_field(1, _pb_field(1, 4))  # TensorShapeProto.dim { dim_value: 4 }
-    typ = _pb_field(1, _pb_field(1, 1) + _pb_field(2, shape))  # TypeProto.tensor_type float
-    vi_in = _pb_field(1, b"x") + _pb_field(2, typ)
-    vi_out = _pb_field(1, b"y") + _pb_field(2, typ)
-    node = _pb_field(1, b"x") + _pb_field(2, b"y") + _pb_field(4, b"Relu")
-    graph = _pb_field(1, node) + _pb_field(2, b"prime") + _pb_field(11, vi_in) + _pb_field(12, vi_out)
-    opset = _pb_field(1, b"") + _pb_field(2, 13)
-    return _pb_field(1, 8) + _pb_field(8, opset) + _pb_field(7, graph)
+    shape = field(1, field(1, 4))  # TensorShapeProto.dim { dim_value: 4 }
+    typ = field(1, field(1, 1) + field(2, shape))  # TypeProto.tensor_type float
+    vi_in = field(1, b"x") + field(2, typ)
+    vi_out = field(1, b"y") + field(2, typ)
+    node = field(1, b"x") + field(2, b"y") + field(4, b"Relu")
+    graph = field(1, node) + field(2, b"prime") + field(11, vi_in) + field(12, vi_out)
+    opset = field(1, b"") + field(2, 13)
+    return field(1, 8) + field(8, opset) + field(7, graph)
 
 
 def _prime_onnxruntime() -> None:

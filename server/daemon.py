@@ -274,7 +274,7 @@ class Daemon:
         assert self.planner is not None and self.cache is not None and self.ingest is not None
         t0 = time.perf_counter()
         frames = [ProfileFrame(f.camera, f.pts, f.image) for f in batch]
-        tick = self.planner.on_frames(frames)
+        self.planner.on_frames(frames)  # may run a period (re-profile, re-select) before serving
         results = self.planner.serve(frames)
         for f, r in zip(batch, results):
             record = r.to_json()

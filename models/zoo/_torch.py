@@ -108,14 +108,39 @@ def classification_batch(
     return (x - m) / s
 
 
-class TorchImageNetClassifier(BlackBoxModel):
-    """An ImageNet-1k classifier: subclasses build the network and load the weights.
+class TorchModule(BlackBoxModel):
+    """A zoo model backed by one ``torch.nn.Module``: held while loaded, released on unload.
 
-    Params: ``batch_size`` (default 32) bounds how many frames go through one forward pass.
+    Params: ``batch_size`` bounds how many frames go through one forward pass.
     """
 
-    task: ClassVar[str] = "classification"
     backend: ClassVar[str] = "torch"
+    default_batch_size: ClassVar[int] = 8
+
+    def __init__(self, store: Any = None, **params: Any) -> None:
+        super().__init__(store, **params)
+        self._module: torch.nn.Module | None = None
+        self._dev: torch.device | None = None
+        self.batch_size = int(self.params.get("batch_size", self.default_batch_size))
+        if self.batch_size < 1:
+            raise ModelError(f"model {self.name}: batch_size must be >= 1, got {self.batch_size}")
+
+    def _place(self, module: torch.nn.Module, dev: torch.device) -> None:
+        self._module = module.eval().requires_grad_(False).to(dev)
+        self._dev = dev
+
+    def _unload(self) -> None:
+        dev = self._dev
+        self._module = None
+        self._dev = None
+        release(dev)
+
+
+class TorchImageNetClassifier(TorchModule):
+    """An ImageNet-1k classifier: subclasses build the network and load the weights."""
+
+    task: ClassVar[str] = "classification"
+    default_batch_size: ClassVar[int] = 32
     outputs: ClassVar[tuple[OutputSpec, ...]] = (PROBS,)
     primary: ClassVar[str] = "probs"
 
@@ -125,14 +150,6 @@ class TorchImageNetClassifier(BlackBoxModel):
     mean: ClassVar[tuple[float, float, float]] = IMAGENET_MEAN
     std: ClassVar[tuple[float, float, float]] = IMAGENET_STD
 
-    def __init__(self, store: Any = None, **params: Any) -> None:
-        super().__init__(store, **params)
-        self._module: torch.nn.Module | None = None
-        self._dev: torch.device | None = None
-        self.batch_size = int(self.params.get("batch_size", 32))
-        if self.batch_size < 1:
-            raise ModelError(f"model {self.name}: batch_size must be >= 1, got {self.batch_size}")
-
     def _build(self, weights: Path) -> torch.nn.Module:
         """The network with the weights file loaded strictly (on the CPU)."""
         raise NotImplementedError
@@ -140,15 +157,7 @@ class TorchImageNetClassifier(BlackBoxModel):
     def _load(self, device: str) -> None:
         dev = torch_device(device, self.name)
         path = asset_path(self, self.assets[0])
-        module = self._build(path)
-        self._module = module.eval().requires_grad_(False).to(dev)
-        self._dev = dev
-
-    def _unload(self) -> None:
-        dev = self._dev
-        self._module = None
-        self._dev = None
-        release(dev)
+        self._place(self._build(path), dev)
 
     def _infer(self, frames: list[np.ndarray]) -> list[ModelOutput]:
         assert self._module is not None and self._dev is not None

@@ -27,6 +27,7 @@ import numpy as np
 
 from mlink.models.base import BlackBoxModel, ModelError, ModelOutput, register
 from mlink.models.detections import FACE_COUNT, boxes_spec, box_sequence
+from mlink.models.protobuf import field, fields
 from mlink.models.zoo.yolox_nano import float_param, onnx_session, threads_param
 
 INPUT_NAME = "input.1"
@@ -34,87 +35,33 @@ OUTPUT_NAMES = ("537", "538", "539", "540")  # heatmap, scale, offset, landmarks
 STRIDE = 4
 
 
-# -- a minimal protobuf wire-format editor: just enough to retype ONNX graph inputs/outputs ------
-def _varint(buf: bytes, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        b = buf[pos]
-        pos += 1
-        result |= (b & 0x7F) << shift
-        if b < 0x80:
-            return result, pos
-        shift += 7
-
-
-def _enc_varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
-
-
-def _fields(buf: bytes) -> list[tuple[int, int, bytes, bytes]]:
-    """(field number, wire type, payload of a length-delimited field or b'', raw bytes) of a message."""
-    out = []
-    pos = 0
-    while pos < len(buf):
-        start = pos
-        key, pos = _varint(buf, pos)
-        number, wire = key >> 3, key & 7
-        payload = b""
-        if wire == 0:
-            _, pos = _varint(buf, pos)
-        elif wire == 1:
-            pos += 8
-        elif wire == 5:
-            pos += 4
-        elif wire == 2:
-            length, pos = _varint(buf, pos)
-            payload = buf[pos : pos + length]
-            pos += length
-        else:
-            raise ValueError(f"unsupported protobuf wire type {wire}")
-        if pos > len(buf):
-            raise ValueError("truncated protobuf message")
-        out.append((number, wire, payload, buf[start:pos]))
-    return out
-
-
-def _len_field(number: int, payload: bytes) -> bytes:
-    return _enc_varint(number << 3 | 2) + _enc_varint(len(payload)) + payload
-
-
+# -- retyping ONNX graph inputs/outputs (protobuf helpers in mlink.models.protobuf) --------------
 def _shape(dims: tuple[int | str, ...]) -> bytes:
     """TensorShapeProto with one Dimension (field 1) per dim: dim_value (1) or dim_param (2)."""
     out = b""
     for d in dims:
-        dim = _enc_varint(1 << 3 | 0) + _enc_varint(d) if isinstance(d, int) else _len_field(2, d.encode())
-        out += _len_field(1, dim)
+        dim = field(1, d) if isinstance(d, int) else field(2, d.encode())
+        out += field(1, dim)
     return out
 
 
 def _retype(value_info: bytes, dims: dict[str, tuple[int | str, ...]]) -> bytes:
     """ValueInfoProto (name 1, type 2) with its tensor shape replaced when its name is in ``dims``."""
-    fields = _fields(value_info)
-    name = next((p.decode() for n, w, p, _ in fields if n == 1 and w == 2), None)
+    parts = fields(value_info)
+    name = next((p.decode() for n, w, p, _ in parts if n == 1 and w == 2), None)
     if name not in dims:
         return value_info
     out = b""
-    for number, wire, payload, raw in fields:
+    for number, wire, payload, raw in parts:
         if number == 2 and wire == 2:  # TypeProto -> tensor_type (1) -> shape (2)
             type_out = b""
-            for tn, tw, tp, traw in _fields(payload):
+            for tn, tw, tp, traw in fields(payload):
                 if tn == 1 and tw == 2:
-                    tensor = b"".join(r for sn, sw, _, r in _fields(tp) if not (sn == 2 and sw == 2))
-                    type_out += _len_field(1, tensor + _len_field(2, _shape(dims[name])))
+                    tensor = b"".join(r for sn, sw, _, r in fields(tp) if not (sn == 2 and sw == 2))
+                    type_out += field(1, tensor + field(2, _shape(dims[name])))
                 else:
                     type_out += traw
-            out += _len_field(2, type_out)
+            out += field(2, type_out)
         else:
             out += raw
     return out
@@ -124,18 +71,18 @@ def dynamicize(model: bytes, dims: dict[str, tuple[int | str, ...]]) -> bytes:
     """ModelProto bytes with the graph (7) inputs (11) and outputs (12) named in ``dims`` retyped."""
     out: list[bytes] = []
     found: set[str] = set()
-    for number, wire, payload, raw in _fields(model):
+    for number, wire, payload, raw in fields(model):
         if number == 7 and wire == 2:
             graph: list[bytes] = []
-            for gn, gw, gp, graw in _fields(payload):
+            for gn, gw, gp, graw in fields(payload):
                 if gn in (11, 12) and gw == 2:
                     new = _retype(gp, dims)
                     if new != gp:
-                        found.add(next(p.decode() for n, w, p, _ in _fields(gp) if n == 1 and w == 2))
-                    graph.append(_len_field(gn, new))
+                        found.add(next(p.decode() for n, w, p, _ in fields(gp) if n == 1 and w == 2))
+                    graph.append(field(gn, new))
                 else:
                     graph.append(graw)
-            out.append(_len_field(7, b"".join(graph)))
+            out.append(field(7, b"".join(graph)))
         else:
             out.append(raw)
     missing = set(dims) - found

@@ -41,7 +41,7 @@ from mlink.models.assets import AssetError
 from mlink.models.base import BlackBoxModel, ModelError, ModelInfo, ModelOutput, register
 from mlink.models.detections import COCO_CLASSES, COCO_OUTPUTS, MAX_BOXES, PERSON, PERSON_COUNT, boxes_spec, coco_outputs
 from mlink.models.spec import OutputSpec
-from mlink.models.zoo._torch import frame_tensor, load_state_dict_file, release, torch_device
+from mlink.models.zoo._torch import TorchModule, frame_tensor, load_state_dict_file, torch_device
 
 log = logging.getLogger(__name__)
 
@@ -78,11 +78,10 @@ class _InfoWithWeights:
         return info
 
 
-class TorchvisionDetector(BlackBoxModel):
+class TorchvisionDetector(TorchModule):
     """A torchvision detection model: subclasses name the builder and the label map."""
 
     task: ClassVar[str] = "detection"
-    backend: ClassVar[str] = "torch"
     builder: ClassVar[Callable[..., torch.nn.Module]]
     num_classes: ClassVar[int] = len(TV_COCO_CATEGORIES)
     label_map: ClassVar[np.ndarray] = COCO_LABEL_MAP
@@ -99,17 +98,12 @@ class TorchvisionDetector(BlackBoxModel):
         self.score_threshold = float(self.params.get("score_threshold", 0.5))
         self.allow_random_weights = bool(self.params.get("allow_random_weights", False))
         self.seed = int(self.params.get("seed", 0))
-        self.batch_size = int(self.params.get("batch_size", 8))
-        if self.batch_size < 1:
-            raise ModelError(f"model {self.name}: batch_size must be >= 1, got {self.batch_size}")
         self.max_detections = int(self.params.get("max_detections", MAX_BOXES))
         if not 1 <= self.max_detections <= MAX_BOXES:
             raise ModelError(f"model {self.name}: max_detections must be in 1..{MAX_BOXES}, got {self.max_detections}")
         if not self.resizable and ("min_size" in self.params or "max_size" in self.params):
             raise ModelError(f"model {self.name}: fixed input size; min_size/max_size do not apply")
         self.weights_note = ""  # non-empty when the loaded weights are not the official ones
-        self._module: torch.nn.Module | None = None
-        self._dev: torch.device | None = None
 
     @property
     def asset(self) -> str:
@@ -151,14 +145,7 @@ class TorchvisionDetector(BlackBoxModel):
                 transform.min_size = (int(self.params["min_size"]),)
             if "max_size" in self.params:
                 transform.max_size = int(self.params["max_size"])
-        self._module = module.eval().requires_grad_(False).to(dev)
-        self._dev = dev
-
-    def _unload(self) -> None:
-        dev = self._dev
-        self._module = None
-        self._dev = None
-        release(dev)
+        self._place(module, dev)
 
     # -- inference ---------------------------------------------------------------------------
     def _infer(self, frames: list[np.ndarray]) -> list[ModelOutput]:

@@ -123,17 +123,17 @@ class Daemon:
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
+        """Stop every part, each even if another failed to stop (Redis last: results flush to it)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
-        if self.ingest is not None:
-            self.ingest.close()
-        if self.pool is not None:
-            self.pool.close()
-        if self.cache is not None:
-            self.cache.close()
-        if self._redis is not None:
-            self._redis.close()
+        for part in (self.ingest, self.pool, self.cache, self._redis):
+            if part is None:
+                continue
+            try:
+                part.close()
+            except Exception:
+                log.exception("stopping %s failed", type(part).__name__)
         self.state = "stopped"
 
     def wait_ready(self, timeout: float) -> bool:

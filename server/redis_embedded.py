@@ -22,6 +22,7 @@ import logging
 import os
 import shutil
 import signal
+import sys
 import subprocess
 import tempfile
 import time
@@ -34,6 +35,21 @@ from redis.retry import Retry
 log = logging.getLogger("mlink.redis")
 
 SERVER_ENV = "MLINK_REDIS_SERVER"
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: on Linux, get SIGTERM when the daemon dies, however it dies.
+
+    Without it a daemon killed with SIGKILL (or one whose shutdown failed) leaves an orphaned
+    redis-server behind, as seen once here; with AOF on, SIGTERM still shuts down cleanly.
+    """
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
 
 
 class EmbeddedRedisError(RuntimeError):
@@ -166,6 +182,7 @@ class EmbeddedRedis:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,  # a Ctrl-C to the daemon's terminal is the daemon's to handle
+            preexec_fn=_die_with_parent,
         )
         deadline = time.monotonic() + self.startup_timeout
         client = self._control_client()

@@ -34,6 +34,8 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from mlink.bench.measure import latency_ms, measure_loads, p90
+
 COSTS_FORMAT = "mlink-table4-costs/1"
 
 
@@ -63,39 +65,20 @@ def _site_images(cfg: Any, store: Any, n: int) -> list:
     return [f.image for f in site_frames(plan)()]
 
 
-def _latency(fn: Any, images: Sequence[Any]) -> list[float]:
-    lat = []
-    for img in images:
-        t0 = time.perf_counter()
-        fn(img)
-        lat.append((time.perf_counter() - t0) * 1000)
-    return sorted(lat)
-
-
-def _measured(meter: Any, make: Any, warm: Any, unload: Any, repeats: int) -> tuple[list[int], list[int], list[float], Any]:
-    peaks, deltas, secs = [], [], []
-    obj = None
-    for r in range(max(1, repeats)):
-        holder: dict[str, Any] = {}
-
-        def load_and_warm() -> float:
-            t0 = time.perf_counter()
-            holder["obj"] = make()
-            s = time.perf_counter() - t0
-            warm(holder["obj"])
-            return s
-
-        s, m = meter.measure_call(load_and_warm)
-        peaks.append(max(int(m.peak_delta), 0))
-        deltas.append(int(m.delta))
-        secs.append(float(s))
-        obj = holder["obj"]
-        if r < repeats - 1:
-            unload(obj)
-            obj = None
-            holder.clear()
-            meter.release()
-    return peaks, deltas, secs, obj
+def _figures(device: str, meter: Any, peaks: list[int], deltas: list[int], secs: list[float], lat: list[float], threads: int) -> dict:
+    """The cost-table fields every measured entry (a model, the MTL network) has."""
+    return {
+        "device": device,
+        "meter": meter.source,
+        "memory_bytes": max(peaks),
+        "memory_peaks": peaks,
+        "memory_resident_bytes": max(deltas),
+        "load_s": round(statistics.median(secs), 4),
+        "latency_ms": round(statistics.median(lat), 3),
+        "latency_ms_p90": round(p90(lat), 3),
+        "latency_frames": len(lat),
+        "threads": threads,
+    }
 
 
 def measure_model(config: str, name: str, frames: int, device: str, threads: int, repeats: int, store: Any, warmup_batch: int = 1) -> dict:
@@ -115,23 +98,10 @@ def measure_model(config: str, name: str, frames: int, device: str, threads: int
         model.load(device)
         return model
 
-    peaks, deltas, secs, model = _measured(meter, make, lambda m: m.infer(batch), lambda m: m.unload(), repeats)
-    lat = _latency(lambda img: model.infer([img]), images)
+    peaks, deltas, secs, model = measure_loads(meter, make, lambda m: m.infer(batch), lambda m: m.unload(), repeats)
+    lat = latency_ms(lambda img: model.infer([img]), images)
     model.unload()
-    return {
-        "name": name,
-        "backend": info.backend,
-        "device": device,
-        "meter": meter.source,
-        "memory_bytes": max(peaks),
-        "memory_peaks": peaks,
-        "memory_resident_bytes": max(deltas),
-        "load_s": round(statistics.median(secs), 4),
-        "latency_ms": round(statistics.median(lat), 3),
-        "latency_ms_p90": round(lat[int(0.9 * (len(lat) - 1))], 3),
-        "latency_frames": len(lat),
-        "threads": threads,
-    }
+    return {"name": name, "backend": info.backend, **_figures(device, meter, peaks, deltas, secs, lat, threads)}
 
 
 def measure_mtl(
@@ -159,23 +129,9 @@ def measure_mtl(
         with torch.inference_mode():
             return heads.outputs(feats)
 
-    peaks, deltas, secs, obj = _measured(meter, make, lambda o: run(o, batch), lambda o: None, repeats)
-    lat = _latency(lambda img: run(obj, [img]), images)
-    return {
-        "name": "mtl",
-        "backend": "torch",
-        "device": device,
-        "meter": meter.source,
-        "memory_bytes": max(peaks),
-        "memory_peaks": peaks,
-        "memory_resident_bytes": max(deltas),
-        "load_s": round(statistics.median(secs), 4),
-        "latency_ms": round(statistics.median(lat), 3),
-        "latency_ms_p90": round(lat[int(0.9 * (len(lat) - 1))], 3),
-        "latency_frames": len(lat),
-        "threads": threads,
-        "heads": sorted(shapes),
-    }
+    peaks, deltas, secs, obj = measure_loads(meter, make, lambda o: run(o, batch), lambda o: None, repeats)
+    lat = latency_ms(lambda img: run(obj, [img]), images)
+    return {"name": "mtl", "backend": "torch", **_figures(device, meter, peaks, deltas, secs, lat, threads), "heads": sorted(shapes)}
 
 
 def _child_main(argv: list[str] | None = None) -> int:

@@ -16,9 +16,11 @@ import os
 import statistics
 import subprocess
 import sys
-import time
+from typing import Any
 
 from tqdm import tqdm
+
+from mlink.bench.measure import latency_ms, measure_loads, p90
 
 
 def measure_one(name: str, frames: int, device: str, threads: int) -> dict:
@@ -40,32 +42,24 @@ def measure_one(name: str, frames: int, device: str, threads: int) -> dict:
     model = create_model(name, store=store, **params)
     meter = MemoryMeter(device)
 
-    def load_and_warm() -> float:
-        t0 = time.perf_counter()
+    def load() -> Any:
         model.load(device)
-        seconds = time.perf_counter() - t0
-        model.infer(images[:1])
-        return seconds
+        return model
 
-    load_s, delta, peak = meter.measure(load_and_warm)
-    lat = []
-    for img in images:
-        t0 = time.perf_counter()
-        model.infer([img])
-        lat.append((time.perf_counter() - t0) * 1000)
-    lat.sort()
+    peaks, deltas, secs, _ = measure_loads(meter, load, lambda m: m.infer(images[:1]), lambda m: m.unload(), 1)
+    lat = latency_ms(lambda img: model.infer([img]), images)
     note = model.info().pretrained_note
     return {
         "model": name,
         "backend": info.backend,
         "device": device,
         "meter": meter.source,
-        "load_s": round(load_s, 3),
+        "load_s": round(secs[0], 3),
         "latency_ms_median": round(statistics.median(lat), 2),
-        "latency_ms_p90": round(lat[int(0.9 * (len(lat) - 1))], 2),
+        "latency_ms_p90": round(p90(lat), 2),
         "frames": len(lat),
-        "memory_delta_bytes": int(delta),
-        "memory_peak_delta_bytes": int(peak),
+        "memory_delta_bytes": deltas[0],
+        "memory_peak_delta_bytes": peaks[0],
         "note": note,
     }
 

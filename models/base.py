@@ -11,8 +11,7 @@ boxes, and what keeps links honest.
 from __future__ import annotations
 
 import abc
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Iterable, Mapping, Sequence, TypeVar
 
 import numpy as np
@@ -193,21 +192,6 @@ def _lookup(name: str) -> type[BlackBoxModel]:
         return _REGISTRY[name]
     except KeyError:
         raise ModelError(f"unknown zoo model {name!r}; known: {', '.join(sorted(_REGISTRY))}") from None
-
-
-@dataclass
-class Timed:
-    """Wall time of a block, for load and latency figures."""
-
-    seconds: float = 0.0
-    _start: float = field(default=0.0, repr=False)
-
-    def __enter__(self) -> "Timed":
-        self._start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.seconds = time.perf_counter() - self._start
 
 
 def batched(items: Iterable[Any], size: int) -> Iterable[list[Any]]:

@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         "--budget",
         default="auto",
         help="planner budget: bytes, a device share, a share of the models' cost (0.6x), or auto (default): "
-        "1.5x the largest model's cost (at most 0.8x all), so each model can be re-profiled but not all stay loaded",
+        "1.5x the largest model's cost (at most 0.8x all, at least 1.15x the largest), so each model can be re-profiled but not all stay loaded",
     )
     ap.add_argument("--periods", type=int, default=3)
     ap.add_argument("--frames", type=int, default=32, help="initial profiling frames")
@@ -187,7 +187,10 @@ def main(argv: list[str] | None = None) -> int:
         )
     costs = {r["model"]: r["cost"] for r in rows if r["ok"] and r["cost"]}
     if args.budget == "auto":
-        budget = int(min(1.5 * max(costs.values()), 0.8 * sum(costs.values())))
+        # Every model must fit alone with the planner's 10% margin (a serving peak measured on
+        # the H100 was 0.7% above its warm-up peak), else the check tests the margin, not the plan.
+        largest = max(costs.values())
+        budget = int(max(min(1.5 * largest, 0.8 * sum(costs.values())), 1.15 * largest))
     else:
         budget = resolve_budget(args.budget, meter.total(), sum(costs.values()))
     for r in rows:

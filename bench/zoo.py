@@ -41,6 +41,7 @@ def measure_one(name: str, frames: int, device: str, threads: int) -> dict:
     params = {"allow_random_weights": True} if random_ok else {}
     model = create_model(name, store=store, **params)
     meter = MemoryMeter(device)
+    meter.prepare([info.backend])  # the CUDA context / backend set-up is the process's, not the model's
 
     def load() -> Any:
         model.load(device)

@@ -219,12 +219,15 @@ def _prime_onnxruntime() -> None:
     session.run(None, {"x": np.array([-1.0, 1.0, -2.0, 2.0], dtype=np.float32)})
 
 
-def _prime_torch() -> None:
-    """Run a small convnet at a real input size (224x224, batch 1 and 4).
+def _prime_torch(device: str = "cpu") -> None:
+    """Run a small convnet at a real input size (224x224, batch 1 and 4) on ``device``.
 
     The first real-size inference of a process allocates torch's intra-op thread pool, per-thread
     malloc arenas and oneDNN scratch buffers; a 64x64 toy input left part of that to be charged to
-    the first real model (mobilenet_v2 measured 20% above its later loads).
+    the first real model (mobilenet_v2 measured 20% above its later loads). On CUDA the first
+    convolution and matmul create the cuDNN and cuBLAS handles and workspaces: on an H100 the
+    first torch model of a process was charged about 200 MiB for them, which then stayed
+    resident after its unload (reported as sticky).
     """
     import torch
 
@@ -237,12 +240,14 @@ def _prime_torch() -> None:
         torch.nn.AdaptiveAvgPool2d(1),
         torch.nn.Flatten(),
         torch.nn.Linear(64, 10),
-    ).eval()
+    ).eval().to(device)
     for batch in (1, 4):
         with torch.inference_mode():
-            net(torch.zeros(batch, 3, 224, 224)).softmax(1)
+            net(torch.zeros(batch, 3, 224, 224, device=device)).softmax(1)
         with torch.no_grad():
-            net(torch.zeros(batch, 3, 224, 224))
+            net(torch.zeros(batch, 3, 224, 224, device=device))
+    if device != "cpu":
+        torch.cuda.synchronize(device)
 
 
 # -- /proc helpers (Linux) ---------------------------------------------------------------------
@@ -502,7 +507,9 @@ class MemoryMeter:
     def prepare(self, backends: Iterable[str] | None = None) -> None:
         """Pay the process's one-time costs now, so they are not charged to the first model.
 
-        On CUDA: create the CUDA context (hundreds of MB per process). On the CPU, per backend
+        On CUDA: create the CUDA context (hundreds of MB per process) and, when torch is among
+        the backends, run the small convnet there (cuDNN and cuBLAS handles and workspaces, about
+        200 MiB on an H100 that the first torch model was charged otherwise). On the CPU, per backend
         (``backends``: zoo backend names such as ``"torch"``, ``"onnxruntime"``; default: those
         already imported): run a tiny torch convolution (starts the intra-op thread pool and
         oneDNN: about 30 MB that never comes back) and a tiny ONNX Runtime session (builds the
@@ -517,6 +524,8 @@ class MemoryMeter:
                 if torch.cuda.is_available():
                     torch.empty(1, device=self.device)
                     torch.cuda.synchronize(self.device)
+                    if "torch" in wanted:
+                        _prime_torch(self.device)
             except Exception as exc:  # no torch, or no CUDA in this torch
                 log.info("memory meter: could not create a CUDA context on %s: %s", self.device, exc)
         else:

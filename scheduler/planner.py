@@ -640,7 +640,13 @@ class Planner:
     def _make_room(self, name: str, cost: int, protect: set[str], report: PeriodReport | None) -> bool:
         # Room for the cost plus the margin (a load can measure more than last time), but
         # never more than the whole budget: a model that fits alone is always loadable.
-        need = min(int(cost * (1.0 + self.margin(name))), self.pool.budget)
+        need = int(cost * (1.0 + self.margin(name)))
+        if need > self.pool.budget:
+            log.warning(
+                "planner: %s costs %d B, within the budget of %d B only without its margin: its peak may pass the budget",
+                name, cost, self.pool.budget,
+            )
+            need = self.pool.budget
         while self.pool.charged() + need > self.pool.budget:
             order = self._evict_order(protect)
             if not order:

@@ -36,6 +36,8 @@ bench: install
 	$(BIN)/python -m mlink.bench.zoo
 	$(BIN)/python -m mlink.bench.scheduler
 	$(BIN)/python -m mlink.bench.daemon
+	$(BIN)/python -m mlink.bench.links --site building
+	$(BIN)/python -m mlink.bench.links --site city
 
 # The paper's Table 4 on both sites: all five methods at the one- and two-model budgets, a plot.
 bench-table4: install

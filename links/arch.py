@@ -51,7 +51,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from mlink.links.encode import SEQ_CAP, Batch, present
-from mlink.links.infer import NpDecoder, NpMLP, NpSeqEncoder, greedy_decode_np
+from mlink.links.infer import DecoderBank, NpDecoder, NpMLP, NpSeqEncoder, greedy_decode_np
 from mlink.models.spec import OutputSpec, Task
 
 ELEM_WEIGHT = 5.0  # weight of the element L1 against the end-marker BCE in sequence losses
@@ -285,16 +285,16 @@ class Link(nn.Module):
     def _memory_np(self, c: SimpleNamespace, src: Batch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         raise NotImplementedError
 
-    def begin_np(self, src: Batch) -> dict:
-        """Sequence targets: the numpy decoder state for greedy decoding."""
-        c = self._compiled()
-        return c.decoder.begin(*self._memory_np(c, src))
+    def memory_np(self, src: Batch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Sequence targets: the decoder's memory, its mask and initial state, in numpy."""
+        return self._memory_np(self._compiled(), src)
 
     def predict(self, src: Batch) -> list[np.ndarray]:
         """Outputs in the target's spec format, one per frame."""
         if self.head is not None:
             return list(self.head.activate(self.preact_np(src)))
-        out = greedy_decode_np([(self, 1.0)], [self.begin_np(src)], len(src), self.cap, self.target.dim)
+        c = self._compiled()
+        out = greedy_decode_np(c.bank, np.ones(1, np.float32), [self.memory_np(src)], self.cap)
         return [present(self.target, v) for v in out]
 
 
@@ -359,7 +359,8 @@ class Vec2Seq(Link):
         return mem, torch.ones(mem.shape[:2], dtype=torch.bool), mem.mean(1)
 
     def _compile_np(self) -> SimpleNamespace:
-        return SimpleNamespace(encoder=NpMLP(self.encoder[:4]), decoder=NpDecoder(self.decoder))
+        dec = NpDecoder(self.decoder)
+        return SimpleNamespace(encoder=NpMLP(self.encoder[:4]), decoder=dec, bank=DecoderBank([dec]))
 
     def _memory_np(self, c: SimpleNamespace, src: Batch):
         x = src.x.numpy()
@@ -387,7 +388,8 @@ class Seq2Seq(Link):
         return torch.cat([out, raw], dim=-1), mask, final
 
     def _compile_np(self) -> SimpleNamespace:
-        return SimpleNamespace(encoder=NpSeqEncoder(self.encoder), decoder=NpDecoder(self.decoder))
+        dec = NpDecoder(self.decoder)
+        return SimpleNamespace(encoder=NpSeqEncoder(self.encoder), decoder=dec, bank=DecoderBank([dec]))
 
     def _memory_np(self, c: SimpleNamespace, src: Batch):
         x = src.x.numpy()

@@ -36,8 +36,8 @@ import torch
 from torch import nn
 
 from mlink.links.arch import Link, VectorHead, seq_loss
-from mlink.links.infer import greedy_decode_np
-from mlink.links.encode import Batch, encode_one, present
+from mlink.links.infer import DecoderBank, greedy_decode_np
+from mlink.links.encode import Batch, present
 from mlink.links.errors import LinkError
 from mlink.links.tuples import node_model
 from mlink.models.spec import OutputSpec, Task
@@ -92,6 +92,7 @@ class Ensemble(nn.Module):
         self.link_val_accuracy: dict[str, float] = {}
         self.val_accuracy: dict[frozenset[str], float] = {}
         self._plans: dict[frozenset[str], list[tuple[int, float]]] = {}
+        self._banks: dict[tuple[int, ...], DecoderBank] = {}  # sequence targets: the plan's decoders, stacked
 
     # -- plans ------------------------------------------------------------------------------
     def link(self, source: str) -> Link:
@@ -125,6 +126,7 @@ class Ensemble(nn.Module):
 
     def invalidate(self) -> None:
         self._plans.clear()
+        self._banks.clear()
         for link in self.links:
             link.compile()
         if self.head is not None:
@@ -142,37 +144,13 @@ class Ensemble(nn.Module):
                 zi = self.links[i].preact_np(enc[self.sources[i]])
                 z = zi * w if z is None else z + zi * w
             return list(self.head.activate(z))
-        parts = [(self.links[i], w) for i, w in plan]
-        states = [self.links[i].begin_np(enc[self.sources[i]]) for i, _ in plan]
-        n = len(enc[self.sources[plan[0][0]]])
-        out = greedy_decode_np(parts, states, n, self.links[0].cap, self.spec.dim)
+        idx = tuple(i for i, _ in plan)
+        bank = self._banks.get(idx)
+        if bank is None:
+            bank = self._banks[idx] = DecoderBank([self.links[i]._compiled().decoder for i in idx])
+        memories = [self.links[i].memory_np(enc[self.sources[i]]) for i in idx]
+        out = greedy_decode_np(bank, np.array([w for _, w in plan], np.float32), memories, self.links[0].cap)
         return [present(self.spec, v) for v in out]
-
-    def predict(
-        self,
-        active_models: Iterable[str],
-        source_outputs: Mapping[str, np.ndarray],
-        _cache: dict[str, Batch] | None = None,
-    ) -> np.ndarray:
-        """The target's predicted output for one frame, in its spec format.
-
-        ``source_outputs`` maps node keys to arrays; every node of an active source model that
-        this ensemble uses must be present. With no active source model: the trivial output.
-        """
-        plan = self.plan(active_models)
-        cache = {} if _cache is None else _cache
-        enc: dict[str, Batch] = {}
-        for i, _ in plan:
-            s = self.sources[i]
-            b = cache.get(s)
-            if b is None:
-                if s not in source_outputs:
-                    raise LinkError(f"predicting {self.target}: active model {node_model(s)} gave no output {s}")
-                link = self.links[i]
-                b = encode_one(link.source, source_outputs[s], link.hparams["cap"])
-                cache[s] = b
-            enc[s] = b
-        return self.predict_encoded(plan, enc)[0]
 
     # -- fitting ----------------------------------------------------------------------------
     @torch.no_grad()

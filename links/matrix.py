@@ -9,7 +9,15 @@ target's own metric (``OutputSpec.accuracy``: count within 0.5, top-1 agreement,
   nodes): the model-level link accuracy a scheduler uses for P1/P2;
 - ``subsets[(A, j)]``: p(h_{A,j}) for every subset A (only when asked for);
 - ``trivial[j]``: the trivial predictor fitted on the training split (majority class, rounded
-  mean count, empty sequence), measured on the same held-out tuples.
+  mean count, empty sequence), measured on the same held-out tuples;
+- ``gap[j]``: the ensemble's accuracy minus its best single link's, with the standard error of
+  that paired difference (per-frame scores on the same frames): whether "the ensemble is as good
+  as its best link" is a finding or noise.
+
+A matrix is the mean of per-frame scores (:func:`frame_scores`); :func:`cross_validate` pools
+the scores of K folds, so every profiled frame is held out once (K link sets, each trained on
+the other folds): on a few hundred held-out frames the best of several links is picked partly
+for its luck, and one split cannot tell a 1-point difference from noise.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 import numpy as np
 
@@ -40,6 +48,8 @@ class LinkMatrix:
     subsets: dict[tuple[frozenset[str], str], float] = field(default_factory=dict)
     n: int = 0
     data_version: str | None = None
+    gap: dict[str, tuple[float, float]] = field(default_factory=dict)  # target -> (ensemble - best single, paired SE)
+    folds: int = 1
 
     def best_single(self, target: str) -> tuple[str, float]:
         """The most accurate single link into ``target``: (source node, accuracy)."""
@@ -52,6 +62,7 @@ class LinkMatrix:
     def to_json(self) -> dict:
         return {
             "n_tuples": self.n,
+            "folds": self.folds,
             "data_version": self.data_version,
             "targets": list(self.targets),
             "sources": list(self.sources),
@@ -65,6 +76,11 @@ class LinkMatrix:
                     "accuracy": self.ensemble[t],
                     "best_single": dict(zip(("source", "accuracy"), self.best_single(t))),
                     "trivial": self.trivial[t],
+                    **(
+                        {"gap_vs_best_single": {"mean": self.gap[t][0], "paired_se": self.gap[t][1]}}
+                        if t in self.gap
+                        else {}
+                    ),
                 }
                 for t in self.targets
             },
@@ -90,6 +106,13 @@ class LinkMatrix:
             ]
             cells += [f"{self.ensemble[t]:.3f}".rjust(w), f"{self.trivial[t]:.3f}".rjust(w)]
             lines.append(t.ljust(max(len(x) for x in self.targets) + 2) + " ".join(cells))
+        held = f"{self.n} held-out frames" + (f" ({self.folds}-fold cross-validation)" if self.folds > 1 else "")
+        lines.append(f"\nensemble (all other models active) minus its best single link, {held}:")
+        for t in self.targets:
+            if t in self.gap:
+                src, _ = self.best_single(t)
+                mean, se = self.gap[t]
+                lines.append(f"  {t}: {100 * mean:+.1f} points (paired SE {100 * se:.1f}) vs {src}")
         return "\n".join(lines)
 
     def plot_heatmap(self, path: str | Path, title: str | None = None) -> Path:
@@ -158,39 +181,91 @@ def ensemble_accuracy(
     return ens.spec.mean_accuracy(preds, tuples.values[target])
 
 
-def compute_matrix(linkset: "LinkSet", tuples: TupleSet, subsets: bool = False) -> LinkMatrix:
+Scores = dict[tuple, np.ndarray]  # ("single", s, t) / ("ensemble", t) / ("model", m, t) / ("subset", A, t) / ("trivial", t)
+
+
+def frame_scores(linkset: "LinkSet", tuples: TupleSet, subsets: bool = False) -> Scores:
+    """Per-frame accuracy (each target's own metric) of every link, ensemble and trivial predictor."""
     if len(tuples) == 0:
         raise ValueError("the accuracy matrix needs at least one held-out tuple")
     enc = encode_sources(linkset, tuples)
-    single: dict[tuple[str, str], float] = {}
-    ensemble: dict[str, float] = {}
-    trivial: dict[str, float] = {}
-    model_links: dict[tuple[str, str], float] = {}
-    subset_acc: dict[tuple[frozenset[str], str], float] = {}
+    out: Scores = {}
+
+    def score(ens, plan) -> np.ndarray:
+        preds = ens.predict_encoded(plan, enc) if plan else [ens.trivial] * len(tuples)
+        return np.array([ens.spec.accuracy(p, e) for p, e in zip(preds, tuples.values[ens.target])])
+
     for t, ens in linkset.ensembles.items():
-        exact = tuples.values[t]
         for i, s in enumerate(ens.sources):
-            single[(s, t)] = ens.spec.mean_accuracy(ens.predict_encoded([(i, 1.0)], enc), exact)
+            out[("single", s, t)] = score(ens, [(i, 1.0)])
         every = frozenset(ens.source_models)
-        ensemble[t] = ensemble_accuracy(linkset, tuples, t, every, enc)
+        out[("ensemble", t)] = score(ens, ens.plan(every))
         for m in ens.source_models:
-            model_links[(m, t)] = ensemble_accuracy(linkset, tuples, t, {m}, enc)
+            out[("model", m, t)] = score(ens, ens.plan({m}))
         if subsets:
             for act in all_subsets(ens.source_models):
-                subset_acc[(act, t)] = (
-                    ensemble[t] if act == every else model_links[(next(iter(act)), t)] if len(act) == 1
-                    else ensemble_accuracy(linkset, tuples, t, act, enc)
+                out[("subset", act, t)] = (
+                    out[("ensemble", t)] if act == every else out[("model", next(iter(act)), t)] if len(act) == 1
+                    else score(ens, ens.plan(act))
                 )
-        trivial[t] = ens.spec.mean_accuracy([ens.trivial] * len(tuples), exact)
-    sources = sorted({s for s, _ in single}, key=lambda s: (node_model(s), s))
-    return LinkMatrix(
-        targets=list(linkset.ensembles),
-        sources=sources,
+        out[("trivial", t)] = score(ens, [])
+    return out
+
+
+def matrix_from_scores(scores: Scores, targets: list[str], data_version: str | None, folds: int = 1) -> LinkMatrix:
+    """Means of per-frame scores, and each ensemble's paired gap to its best single link."""
+    mean = {k: float(v.mean()) for k, v in scores.items()}
+    single = {(k[1], k[2]): a for k, a in mean.items() if k[0] == "single"}
+    m = LinkMatrix(
+        targets=list(targets),
+        sources=sorted({s for s, _ in single}, key=lambda s: (node_model(s), s)),
         single=single,
-        ensemble=ensemble,
-        trivial=trivial,
-        model_links=model_links,
-        subsets=subset_acc,
-        n=len(tuples),
-        data_version=tuples.version(),
+        ensemble={k[1]: a for k, a in mean.items() if k[0] == "ensemble"},
+        trivial={k[1]: a for k, a in mean.items() if k[0] == "trivial"},
+        model_links={(k[1], k[2]): a for k, a in mean.items() if k[0] == "model"},
+        subsets={(k[1], k[2]): a for k, a in mean.items() if k[0] == "subset"},
+        n=len(next(iter(scores.values()))) if scores else 0,
+        data_version=data_version,
+        folds=folds,
     )
+    for t in m.targets:
+        best, _ = m.best_single(t)
+        d = scores[("ensemble", t)] - scores[("single", best, t)]
+        se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
+        m.gap[t] = (float(d.mean()), se)
+    return m
+
+
+def compute_matrix(linkset: "LinkSet", tuples: TupleSet, subsets: bool = False) -> LinkMatrix:
+    return matrix_from_scores(frame_scores(linkset, tuples, subsets), list(linkset.ensembles), tuples.version())
+
+
+def cross_validate(
+    tuples: TupleSet,
+    folds: int = 5,
+    *,
+    seed: int = 0,
+    subsets: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+    **train_kw: Any,
+) -> LinkMatrix:
+    """The link matrix by K-fold cross-validation: fold k's frames are scored by a link set
+    trained (with its own validation split) on the other folds; the scores of all folds are
+    pooled, so the matrix covers every frame. ``progress(k, folds)`` after each fold."""
+    from mlink.links.linkset import LinkSet
+
+    if folds < 2 or folds > len(tuples):
+        raise ValueError(f"cross-validation needs 2 <= folds <= {len(tuples)} tuples, got {folds}")
+    order = np.random.default_rng(seed).permutation(len(tuples))
+    parts = np.array_split(order, folds)
+    pooled: dict[tuple, list[np.ndarray]] = {}
+    targets: list[str] = []
+    for k, held in enumerate(parts):
+        rest = np.sort(np.concatenate([p for j, p in enumerate(parts) if j != k]))
+        ls = LinkSet.train(tuples.subset(rest), **train_kw)
+        targets = list(ls.ensembles)
+        for key, v in frame_scores(ls, tuples.subset(np.sort(held)), subsets).items():
+            pooled.setdefault(key, []).append(v)
+        if progress is not None:
+            progress(k + 1, folds)
+    return matrix_from_scores({k: np.concatenate(v) for k, v in pooled.items()}, targets, tuples.version(), folds)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar
 
@@ -276,7 +277,8 @@ def _report_matrix(cfg: SiteConfig, matrix, png: Optional[Path], as_json: bool) 
     from mlink.scheduler.profiler import link_store_dir
 
     png = png or link_store_dir(cfg, default_store().home) / "matrix.png"
-    matrix.plot_heatmap(png, title=f"link accuracy, site {cfg.site} ({matrix.n} held-out frames)")
+    how = f"{matrix.n} held-out frames" + (f", {matrix.folds}-fold CV" if matrix.folds > 1 else "")
+    matrix.plot_heatmap(png, title=f"link accuracy, site {cfg.site} ({how})")
     if as_json:
         typer.echo(json.dumps({"site": cfg.site, "heatmap": str(png), **matrix.to_json()}))
         return
@@ -321,15 +323,30 @@ def links_eval(
     config: Optional[Path] = ConfigOpt,
     png: Optional[Path] = typer.Option(None, "--png"),
     as_json: bool = typer.Option(False, "--json"),
+    folds: int = typer.Option(
+        1, "--folds", min=1,
+        help="K >= 2: K-fold cross-validation over the whole latest profile (trains K link sets, stores none; "
+        "every frame is held out once); 1: the stored links on the held-out share",
+    ),
 ) -> None:
-    """Measure the stored links on the held-out share of the latest profile."""
+    """Measure the links on held-out frames of the latest profile (stored links, or K-fold CV)."""
 
     def body() -> None:
         from mlink.links import LinkSet
+        from mlink.links.matrix import cross_validate
         from mlink.scheduler.profiler import link_store_dir
 
         cfg = resolve_config(site, config)
         tuples = _site_tuples(cfg, None)
+        if folds > 1:
+            t0 = time.perf_counter()
+
+            def said(k: int, n: int) -> None:
+                typer.echo(f"cross-validation: fold {k}/{n} done ({time.perf_counter() - t0:.0f} s)", err=True)
+
+            matrix = cross_validate(tuples, folds, progress=said)
+            _report_matrix(cfg, matrix, png or link_store_dir(cfg, default_store().home) / f"matrix-cv{folds}.png", as_json)
+            return
         _, test = tuples.split(TEST_SHARE, seed=0)
         links = LinkSet.load(link_store_dir(cfg, default_store().home), expect_specs=tuples.specs)
         _report_matrix(cfg, links.matrix(test), png, as_json)

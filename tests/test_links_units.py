@@ -232,13 +232,49 @@ def test_numpy_inference_matches_torch(source: OutputSpec, target: OutputSpec) -
     y = encode_target(target, _values(target, rng, 9))
     with torch.inference_mode():
         elem, stop = link.teacher(batch, y)
-    for states, rows in [([link.begin_np(batch)], slice(None))] + [([link.begin_np(one)], slice(i, i + 1)) for i, one in enumerate(singles)]:
-        state = states[0]
+    bank = link._np.bank
+    for src, rows in [(batch, slice(None))] + [(one, slice(i, i + 1)) for i, one in enumerate(singles)]:
+        state = bank.begin([link.memory_np(src)])
         for t in range(y.x.shape[1] + 1):
             prev = None if t == 0 else y.x[rows, t - 1].numpy()
-            e, s, state = link._np.decoder.step(state, prev)
-            np.testing.assert_allclose(e, elem[rows, t].numpy(), rtol=1e-4, atol=1e-5)
-            np.testing.assert_allclose(s, stop[rows, t].numpy(), rtol=1e-4, atol=1e-5)
+            e, s = bank.step(state, prev)
+            np.testing.assert_allclose(e[0], elem[rows, t].numpy(), rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(s[0], stop[rows, t].numpy(), rtol=1e-4, atol=1e-5)
+
+
+
+def test_a_decoder_bank_steps_each_decoder_as_it_would_alone() -> None:
+    """An ensemble's links decode in lockstep through one DecoderBank (stacked weights, memories
+    padded to the longest and widest): each decoder's logits must be its own, and the weighted
+    greedy decode must equal the torch reference over the same links."""
+    from mlink.links.infer import DecoderBank, greedy_decode_np
+
+    rng = np.random.default_rng(11)
+    links = [make_link(src, BOXES, seed=20 + i) for i, src in enumerate([COUNT, BOXES, PROBS])]  # memories of 4, L+1, 4 slots
+    for link in links:
+        with torch.no_grad():
+            for p in link.parameters():
+                p.add_(torch.randn(p.shape) * 0.2)
+        link.compile()
+    srcs = [encode_source(link.source, _values(link.source, rng, 7)) for link in links]
+    memories = [link.memory_np(src) for link, src in zip(links, srcs)]
+    bank = DecoderBank([link._np.decoder for link in links])
+    state = bank.begin(memories)
+    alone = [(link._np.bank, link._np.bank.begin([m])) for link, m in zip(links, memories)]
+    prev = None
+    for t in range(4):
+        e, s = bank.step(state, prev)
+        for k, (b, st) in enumerate(alone):
+            e1, s1 = b.step(st, prev)
+            np.testing.assert_allclose(e[k], e1[0], rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(s[k], s1[0], rtol=1e-5, atol=1e-6)
+        prev = rng.random((7, BOX_DIM)).astype(np.float32)
+    weights = [0.5, 0.3, 0.2]
+    got = greedy_decode_np(bank, np.array(weights, np.float32), memories, links[0].cap)
+    ref = greedy_decode(list(zip(links, weights)), srcs, links[0].cap, BOX_DIM)
+    assert [len(g) for g in got] == [len(r) for r in ref]
+    for g, r in zip(got, ref):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
 
 
 # -- training ---------------------------------------------------------------------------------
@@ -459,6 +495,26 @@ def test_matrix_json_and_heatmap(vector_links, tmp_path) -> None:
     png = m.plot_heatmap(tmp_path / "m.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "ensemble" in m.table()
+
+
+def test_cross_validation_holds_out_every_frame_once(synth: TupleSet) -> None:
+    from mlink.links.matrix import cross_validate
+
+    vec = [k for k, sp in synth.specs.items() if sp.kind == "vector"]
+    data = synth.head(120)
+    folds_done: list[int] = []
+    m = cross_validate(data, 3, config=_fast(epochs=3), targets=vec, sources=vec, progress=lambda k, n: folds_done.append(k))
+    assert folds_done == [1, 2, 3] and m.folds == 3 and m.n == len(data)
+    assert set(m.gap) == set(m.targets) and m.targets
+    for t in m.targets:
+        mean, se = m.gap[t]
+        assert abs(mean - (m.ensemble[t] - m.best_single(t)[1])) < 1e-9  # paired over the same pooled frames
+        assert se >= 0.0
+    js = m.to_json()
+    assert js["folds"] == 3 and all("gap_vs_best_single" in e for e in js["ensembles"].values())
+    assert "3-fold cross-validation" in m.table()
+    with pytest.raises(ValueError, match="folds"):
+        cross_validate(data, 1)
 
 
 def test_training_reports_progress(synth: TupleSet) -> None:

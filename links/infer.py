@@ -52,6 +52,21 @@ class NpMLP:
         return z
 
 
+def gru_cell(gi: np.ndarray, gh: np.ndarray, h: np.ndarray, hidden: int) -> np.ndarray:
+    """The GRU update from input and hidden gate pre-activations (r, z, n along the last axis,
+    as torch orders them); any leading axes (frames, or decoders x frames)."""
+    H = hidden
+    rz = gi[..., : 2 * H] + gh[..., : 2 * H]  # r and z gates in one go
+    np.multiply(rz, 0.5, out=rz)
+    np.tanh(rz, out=rz)  # sigmoid(x) = (1 + tanh(x / 2)) / 2
+    rz += 1.0
+    rz *= 0.5
+    n = gh[..., 2 * H :] * rz[..., :H]
+    n += gi[..., 2 * H :]
+    np.tanh(n, out=n)
+    return n + rz[..., H:] * (h - n)
+
+
 class NpGRU:
     """A one-layer ``nn.GRU`` (gates r, z, n as torch orders them)."""
 
@@ -66,18 +81,9 @@ class NpGRU:
         return gi
 
     def step(self, gi: np.ndarray, h: np.ndarray) -> np.ndarray:
-        H = self.hidden
         gh = h @ self.w_hh
         gh += self.b_hh
-        rz = gi[:, : 2 * H] + gh[:, : 2 * H]  # r and z gates in one go
-        np.multiply(rz, 0.5, out=rz)
-        np.tanh(rz, out=rz)
-        rz += 1.0
-        rz *= 0.5
-        n = gh[:, 2 * H :] * rz[:, :H]
-        n += gi[:, 2 * H :]
-        np.tanh(n, out=n)
-        return n + rz[:, H:] * (h - n)
+        return gru_cell(gi, gh, h, self.hidden)
 
     def run(self, e: np.ndarray, steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Run over (N, T, E) inputs, row i for ``steps[i]`` steps: per-step states (zero past the
@@ -192,7 +198,6 @@ class DecoderBank:
     def step(self, state: dict, prev: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         """One step of all K decoders from the previous element (None at the start): element
         logits (K, N, dim) and end logits (K, N); ``state`` is advanced in place."""
-        H = self.hidden
         h = state["h"]
         n = h.shape[1]
         if prev is None:
@@ -206,16 +211,7 @@ class DecoderBank:
         gi += self.b_ih
         gh = h @ self.w_hh
         gh += self.b_hh
-        rz = gi[..., : 2 * H] + gh[..., : 2 * H]
-        np.multiply(rz, 0.5, out=rz)
-        np.tanh(rz, out=rz)
-        rz += 1.0
-        rz *= 0.5
-        cand = gh[..., 2 * H :] * rz[..., :H]
-        cand += gi[..., 2 * H :]
-        np.tanh(cand, out=cand)
-        h = cand + rz[..., H:] * (h - cand)
-        state["h"] = h
+        h = state["h"] = gru_cell(gi, gh, h, self.hidden)
         q = h @ self.wq
         q += self.bq
         s = (np.tanh(q[:, :, None, :] + state["keys"]) @ self.v)[..., 0]  # (K, N, M)

@@ -215,8 +215,10 @@ def test_ensemble_with_all_sources_is_as_good_as_best_link(trained: LinkSet, mat
         assert abs(scores.mean() - matrix.ensemble[t]) < 1e-9
         print(f"\n{t}: ensemble {matrix.ensemble[t]:.3f}, best link {best_source} {best:.3f}, trivial {matrix.trivial[t]:.3f}")
         _not_worse(scores, _link_scores(trained, test, best_source, t), f"{t} ensemble vs {best_source}")
-        # and on the validation split it was fitted on, it is at least as good, exactly
-        assert ens.val_accuracy[frozenset(ens.source_models)] >= max(ens.link_val_accuracy.values())
+        # and on the validation split it was fitted on, it is at least as good up to the routing
+        # margin (one paired SE there): a larger shortfall would have routed to the best link
+        every = frozenset(ens.source_models)
+        assert max(ens.link_val_accuracy.values()) - ens.val_accuracy[every] <= ens.val_noise[every] + 1e-12
 
 
 def test_ensemble_works_for_every_subset_of_active_models(trained: LinkSet, matrix, split) -> None:

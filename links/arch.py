@@ -54,6 +54,8 @@ from mlink.links.encode import SEQ_CAP, Batch, present
 from mlink.links.infer import DecoderBank, NpDecoder, NpMLP, NpSeqEncoder, greedy_decode_np
 from mlink.models.spec import OutputSpec, Task
 
+Encoded = tuple[np.ndarray, np.ndarray, np.ndarray]  # a sequence encoder's states, last state, mask
+
 ELEM_WEIGHT = 5.0  # weight of the element L1 against the end-marker BCE in sequence losses
 COUNT_STD_FLOOR = 0.25
 
@@ -278,16 +280,25 @@ class Link(nn.Module):
             self.compile()
         return self._np  # type: ignore[return-value]
 
-    def preact_np(self, src: Batch) -> np.ndarray:
-        """Vector targets: the pre-activation output (N, d) in numpy."""
+    def preact_np(self, src: Batch, encoded: Encoded | None = None) -> np.ndarray:
+        """Vector targets: the pre-activation output (N, d) in numpy.
+
+        ``encoded``: for a sequence source, this link's encoder states over ``src`` when they
+        were computed already (an :class:`EncoderBank` ran the encoders of every link that
+        reads the same source at once); otherwise the link runs its own encoder."""
         raise NotImplementedError
 
-    def _memory_np(self, c: SimpleNamespace, src: Batch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _memory_np(self, c: SimpleNamespace, src: Batch, encoded: Encoded | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         raise NotImplementedError
 
-    def memory_np(self, src: Batch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Sequence targets: the decoder's memory, its mask and initial state, in numpy."""
-        return self._memory_np(self._compiled(), src)
+    def memory_np(self, src: Batch, encoded: Encoded | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Sequence targets: the decoder's memory, its mask and initial state, in numpy
+        (``encoded`` as for :meth:`preact_np`)."""
+        return self._memory_np(self._compiled(), src, encoded)
+
+    def np_encoder(self) -> NpSeqEncoder | None:
+        """The numpy sequence encoder of a sequence-source link (None for vector sources)."""
+        return getattr(self._compiled(), "encoder", None) if self.source.kind == "sequence" else None
 
     def predict(self, src: Batch) -> list[np.ndarray]:
         """Outputs in the target's spec format, one per frame."""
@@ -312,7 +323,7 @@ class Vec2Vec(Link):
     def _compile_np(self) -> SimpleNamespace:
         return SimpleNamespace(mlp=NpMLP(self.mlp))
 
-    def preact_np(self, src: Batch) -> np.ndarray:
+    def preact_np(self, src: Batch, encoded: Encoded | None = None) -> np.ndarray:
         return self._compiled().mlp(src.x.numpy())
 
 
@@ -334,10 +345,10 @@ class Seq2Vec(Link):
     def _compile_np(self) -> SimpleNamespace:
         return SimpleNamespace(encoder=NpSeqEncoder(self.encoder), mlp=NpMLP(self.mlp))
 
-    def preact_np(self, src: Batch) -> np.ndarray:
+    def preact_np(self, src: Batch, encoded: Encoded | None = None) -> np.ndarray:
         c = self._compiled()
         lengths = src.lengths.numpy()
-        _, final, _ = c.encoder(src.x.numpy(), lengths)
+        _, final, _ = encoded if encoded is not None else c.encoder(src.x.numpy(), lengths)
         feat = np.concatenate([final, np.log1p(lengths.astype(np.float32))[:, None]], axis=1)
         return c.mlp(feat)
 
@@ -362,7 +373,7 @@ class Vec2Seq(Link):
         dec = NpDecoder(self.decoder)
         return SimpleNamespace(encoder=NpMLP(self.encoder[:4]), decoder=dec, bank=DecoderBank([dec]))
 
-    def _memory_np(self, c: SimpleNamespace, src: Batch):
+    def _memory_np(self, c: SimpleNamespace, src: Batch, encoded: Encoded | None):
         x = src.x.numpy()
         mem = np.tanh(c.encoder(x)).reshape(x.shape[0], self.hparams["slots"], self.hparams["hidden"])
         return mem, np.ones(mem.shape[:2], dtype=bool), mem.mean(axis=1)
@@ -391,9 +402,9 @@ class Seq2Seq(Link):
         dec = NpDecoder(self.decoder)
         return SimpleNamespace(encoder=NpSeqEncoder(self.encoder), decoder=dec, bank=DecoderBank([dec]))
 
-    def _memory_np(self, c: SimpleNamespace, src: Batch):
+    def _memory_np(self, c: SimpleNamespace, src: Batch, encoded: Encoded | None):
         x = src.x.numpy()
-        out, final, mask = c.encoder(x, src.lengths.numpy())
+        out, final, mask = encoded if encoded is not None else c.encoder(x, src.lengths.numpy())
         p = np.clip(x[:, : out.shape[1] - 1], 1e-3, 1 - 1e-3)
         raw = np.log(p / (1 - p))
         raw = np.concatenate([np.zeros((raw.shape[0], 1, raw.shape[2]), np.float32), raw], axis=1).astype(np.float32)

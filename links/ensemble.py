@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mlink.links.arch import Link, VectorHead, seq_loss
+from mlink.links.arch import Encoded, Link, VectorHead, seq_loss
 from mlink.links.infer import DecoderBank, greedy_decode_np
 from mlink.links.encode import Batch, present
 from mlink.links.errors import LinkError
@@ -91,6 +91,7 @@ class Ensemble(nn.Module):
         self.source_models = sorted({node_model(s) for s in self.sources})
         self._model_set = frozenset(self.source_models)
         self.links = nn.ModuleList([links[s] for s in self.sources])
+        self.by_index: list[Link] = list(self.links)  # plain list: indexing a ModuleList costs microseconds per call
         self.mix = nn.Parameter(torch.zeros(len(self.sources)))
         self.head = VectorHead(spec) if spec.kind == "vector" else None
         self.routes: dict[frozenset[str], str] = {}
@@ -140,23 +141,28 @@ class Ensemble(nn.Module):
             self.head._np = None
 
     # -- prediction -------------------------------------------------------------------------
-    def predict_encoded(self, plan: list[tuple[int, float]], enc: Mapping[str, Batch]) -> list[np.ndarray]:
-        """Outputs for a batch of frames, given encoded source batches (keyed by source node)."""
+    def predict_encoded(
+        self, plan: list[tuple[int, float]], enc: Mapping[str, Batch], encoded: Mapping[int, Encoded] | None = None
+    ) -> list[np.ndarray]:
+        """Outputs for a batch of frames, given encoded source batches (keyed by source node)
+        and, optionally, encoder states some links' sequence encoders already computed (keyed
+        by link index; see :meth:`LinkSet.predict_batch`)."""
+        pre = encoded or {}
         if not plan:
             n = len(next(iter(enc.values()))) if enc else 1
             return [self.trivial.copy() for _ in range(n)]
         if self.head is not None:
             z = None
             for i, w in plan:
-                zi = self.links[i].preact_np(enc[self.sources[i]])
+                zi = self.by_index[i].preact_np(enc[self.sources[i]], pre.get(i))
                 z = zi * w if z is None else z + zi * w
             return list(self.head.activate(z))
         idx = tuple(i for i, _ in plan)
         bank = self._banks.get(idx)
         if bank is None:
-            bank = self._banks[idx] = DecoderBank([self.links[i]._compiled().decoder for i in idx])
-        memories = [self.links[i].memory_np(enc[self.sources[i]]) for i in idx]
-        out = greedy_decode_np(bank, np.array([w for _, w in plan], np.float32), memories, self.links[0].cap)
+            bank = self._banks[idx] = DecoderBank([self.by_index[i]._compiled().decoder for i in idx])
+        memories = [self.by_index[i].memory_np(enc[self.sources[i]], pre.get(i)) for i in idx]
+        out = greedy_decode_np(bank, np.array([w for _, w in plan], np.float32), memories, self.by_index[0].cap)
         return [present(self.spec, v) for v in out]
 
     # -- fitting ----------------------------------------------------------------------------

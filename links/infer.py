@@ -30,11 +30,6 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * x))
 
 
-def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
-    e = np.exp(x - x.max(axis=axis, keepdims=True))
-    return e / e.sum(axis=axis, keepdims=True)
-
-
 class NpMLP:
     """``Linear -> Dropout -> ReLU -> Linear`` (dropout is the identity at inference)."""
 
@@ -68,61 +63,89 @@ def gru_cell(gi: np.ndarray, gh: np.ndarray, h: np.ndarray, hidden: int) -> np.n
 
 
 class NpGRU:
-    """A one-layer ``nn.GRU`` (gates r, z, n as torch orders them)."""
+    """A one-layer ``nn.GRU``'s weights (gates r, z, n as torch orders them)."""
 
     def __init__(self, gru: nn.GRU) -> None:
         self.w_ih, self.b_ih = _np(gru.weight_ih_l0.T), _np(gru.bias_ih_l0)
         self.w_hh, self.b_hh = _np(gru.weight_hh_l0.T), _np(gru.bias_hh_l0)
         self.hidden = gru.hidden_size
 
-    def input_gates(self, x: np.ndarray) -> np.ndarray:
-        gi = x @ self.w_ih
-        gi += self.b_ih
-        return gi
-
-    def step(self, gi: np.ndarray, h: np.ndarray) -> np.ndarray:
-        gh = h @ self.w_hh
-        gh += self.b_hh
-        return gru_cell(gi, gh, h, self.hidden)
-
-    def run(self, e: np.ndarray, steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Run over (N, T, E) inputs, row i for ``steps[i]`` steps: per-step states (zero past the
-        end) and each row's last state."""
-        n, t_max, _ = e.shape
-        gi = self.input_gates(e)
-        h = np.zeros((n, self.hidden), dtype=np.float32)
-        out = np.zeros((n, t_max, self.hidden), dtype=np.float32)
-        if n == 1:
-            for t in range(int(steps[0])):
-                h = self.step(gi[:, t], h)
-                out[:, t] = h
-            return out, h
-        for t in range(int(steps.max()) if n else 0):
-            live = (t < steps)[:, None]
-            h_new = self.step(gi[:, t], h)
-            h = np.where(live, h_new, h)
-            out[:, t] = np.where(live, h_new, 0.0)
-        return out, h
-
 
 class NpSeqEncoder:
+    """One sequence encoder's weights in numpy; runs as an :class:`EncoderBank` of one."""
+
     def __init__(self, enc: "SeqEncoder") -> None:
         self.we, self.be = _np(enc.embed.weight.T), _np(enc.embed.bias)
         self.start = _np(enc.start)
         self.gru = NpGRU(enc.gru)
+        self._bank: EncoderBank | None = None
 
     def __call__(self, x: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """-> per-step states (N, L+1, H), last states (N, H), mask of real steps (N, L+1)."""
+        if self._bank is None:
+            self._bank = EncoderBank([self])
+        out, h, mask = self._bank(x, lengths)
+        return out[0], h[0], mask
+
+
+class EncoderBank:
+    """K sequence encoders over the same source sequences, run as one.
+
+    Several links read the same box sequence (one per target that a detector's boxes predict);
+    each would run its own GRU over it, a dozen numpy calls per element. Stacked along a leading
+    K axis (one embedding matmul for all, batched recurrent matmuls) they cost about what one
+    does. Encoders of one bank share the embedding and hidden sizes (one training config).
+    """
+
+    def __init__(self, encoders: list[NpSeqEncoder]) -> None:
+        first = encoders[0]
+        self.k = len(encoders)
+        self.hidden = first.gru.hidden
+        self.embed = first.we.shape[1]
+        if any(e.gru.hidden != self.hidden or e.we.shape != first.we.shape for e in encoders):
+            raise ValueError("encoders of one bank need the same input, embedding and hidden sizes")
+        self.we = np.concatenate([e.we for e in encoders], axis=1)  # (d, K*E)
+        self.be = np.concatenate([e.be for e in encoders])
+        self.start = np.stack([e.start for e in encoders])[:, None, None, :]  # (K, 1, 1, E)
+        self.w_ih = np.stack([e.gru.w_ih for e in encoders])  # (K, E, 3H)
+        self.b_ih = np.stack([e.gru.b_ih for e in encoders])[:, None, :]
+        self.w_hh = np.stack([e.gru.w_hh for e in encoders])  # (K, H, 3H)
+        self.b_hh = np.stack([e.gru.b_hh for e in encoders])[:, None, :]
+
+    def __call__(self, x: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(N, L, d) inputs with (N,) lengths -> per-step states (K, N, L+1, H) (zero past each
+        row's end), last states (K, N, H), mask of real steps (N, L+1)."""
         n = x.shape[0]
         steps = lengths + 1
         if n == 1:
             x = x[:, : int(lengths[0])]
+        k, E, H = self.k, self.embed, self.hidden
+        L = x.shape[1]
         e = x @ self.we
         e += self.be
         np.maximum(e, 0.0, out=e)
-        e = np.concatenate([np.broadcast_to(self.start, (n, 1, self.start.shape[0])), e], axis=1)
-        out, h = self.gru.run(e, steps)
-        mask = np.arange(e.shape[1])[None, :] < steps[:, None]
+        e = e.reshape(n, L, k, E).transpose(2, 0, 1, 3)  # (K, N, L, E)
+        e = np.concatenate([np.broadcast_to(self.start, (k, n, 1, E)), e], axis=2)
+        T = L + 1
+        gi = (e.reshape(k, n * T, E) @ self.w_ih).reshape(k, n, T, 3 * H)
+        gi += self.b_ih[:, :, None, :]
+        h = np.zeros((k, n, H), dtype=np.float32)
+        out = np.zeros((k, n, T, H), dtype=np.float32)
+        if n == 1:
+            for t in range(T):
+                gh = h @ self.w_hh
+                gh += self.b_hh
+                h = gru_cell(gi[:, :, t], gh, h, H)
+                out[:, :, t] = h
+        else:
+            for t in range(int(steps.max()) if n else 0):
+                live = (t < steps)[None, :, None]
+                gh = h @ self.w_hh
+                gh += self.b_hh
+                h_new = gru_cell(gi[:, :, t], gh, h, H)
+                h = np.where(live, h_new, h)
+                out[:, :, t] = np.where(live, h_new, 0.0)
+        mask = np.arange(T)[None, :] < steps[:, None]
         return out, h, mask
 
 
@@ -180,6 +203,7 @@ class DecoderBank:
             self.wo[i, :H] = d.wo[:H]
             self.wo[i, H : H + d.mem_dim] = d.wo[H:]
         self.v = np.stack([d.v for d in decoders])[:, None, :, None]  # (K, 1, A, 1)
+        self.bounded = bool(np.abs(self.v).sum(axis=2).max() < 60.0)
         self.bo = np.stack([d.bo for d in decoders])[:, None, :]
 
     def begin(self, memories: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> dict:
@@ -193,7 +217,9 @@ class DecoderBank:
             mask[i, :, : m.shape[1]] = mk
         keys = (mem.reshape(self.k, n * m_max, self.mem_dim) @ self.wk).reshape(self.k, n, m_max, -1)
         h = np.stack([h0 for _, _, h0 in memories]).astype(np.float32)  # (K, N, H)
-        return {"mem": mem, "keys": keys, "mask": mask, "h": h}
+        # Masked slots get -inf added to their scores: exp() makes them exactly 0 in the softmax.
+        neg = np.where(mask, np.float32(0.0), np.float32(-np.inf))
+        return {"mem": mem, "keys": keys, "neg": neg, "h": h}
 
     def step(self, state: dict, prev: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         """One step of all K decoders from the previous element (None at the start): element
@@ -215,8 +241,10 @@ class DecoderBank:
         q = h @ self.wq
         q += self.bq
         s = (np.tanh(q[:, :, None, :] + state["keys"]) @ self.v)[..., 0]  # (K, N, M)
-        s = np.where(state["mask"], s, -np.inf)
-        a = softmax(s, axis=2)
+        s += state["neg"]
+        # |score| <= sum |v| (tanh is bounded): below float32's exp range no max is subtracted.
+        a = np.exp(s) if self.bounded else np.exp(s - s.max(axis=2, keepdims=True))
+        a /= a.sum(axis=2, keepdims=True)
         ctx = (a[:, :, None, :] @ state["mem"])[:, :, 0, :]  # (K, N, D)
         o = np.concatenate([h, ctx], axis=2) @ self.wo
         o += self.bo

@@ -13,6 +13,7 @@ import torch
 from mlink.links.arch import Link, make_link
 from mlink.links.encode import Batch, encode_one, encode_source, encode_target
 from mlink.links.ensemble import Ensemble, trivial_output
+from mlink.links.infer import EncoderBank
 from mlink.links.errors import LinkError, LinkStoreError
 from mlink.links.matrix import LinkMatrix, compute_matrix, ensemble_accuracy
 from mlink.links.train import TrainConfig, eval_loss, fit_link, torch_threads
@@ -76,6 +77,7 @@ class LinkSet:
         self.metrics = metrics or {}
         self.created_at = created_at or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         self.history = history or []
+        self._encoder_banks: dict[tuple, tuple[list, Any]] = {}  # (source, readers) -> (their encoders, EncoderBank)
 
     # -- description ------------------------------------------------------------------------
     @property
@@ -286,13 +288,38 @@ class LinkSet:
                 missing = [f for f in frames if s not in f]
                 if missing:
                     raise LinkError(f"predicting {t}: active model {node_model(s)} gave no output {s}")
-                spec, cap = ens.links[i].source, ens.links[i].hparams["cap"]
+                spec, cap = ens.by_index[i].source, ens.by_index[i].hparams["cap"]
                 enc[s] = encode_one(spec, frames[0][s], cap) if len(frames) == 1 else encode_source(spec, [f[s] for f in frames], cap)
+        encoded = self._shared_encodings(plans, enc)
         out: list[dict[str, np.ndarray]] = [{} for _ in frames]
         for t, plan in plans.items():
-            for row, value in zip(out, self.ensembles[t].predict_encoded(plan, enc) if plan else [None] * len(frames)):
+            preds = self.ensembles[t].predict_encoded(plan, enc, encoded.get(t)) if plan else [None] * len(frames)
+            for row, value in zip(out, preds):
                 row[t] = self.ensembles[t].trivial.copy() if value is None else value
         return out
+
+    def _shared_encodings(self, plans: Mapping[str, list[tuple[int, float]]], enc: Mapping[str, Batch]) -> dict[str, dict[int, Any]]:
+        """Run, per sequence source node, the encoders of every planned link that reads it as
+        one :class:`EncoderBank`: {target: {link index: encoder states}}."""
+        readers: dict[str, list[tuple[str, int]]] = {}
+        for t, plan in plans.items():
+            for i, _ in plan:
+                if self.ensembles[t].by_index[i].source.kind == "sequence":
+                    readers.setdefault(self.ensembles[t].sources[i], []).append((t, i))
+        encoded: dict[str, dict[int, Any]] = {}
+        for s, members in readers.items():
+            if len(members) < 2:
+                continue  # a lone reader runs its own encoder
+            encoders = [self.ensembles[t].by_index[i].np_encoder() for t, i in members]
+            key = (s, tuple(members))
+            cached = self._encoder_banks.get(key)
+            if cached is None or any(a is not b for a, b in zip(cached[0], encoders)):  # weights recompiled since
+                cached = self._encoder_banks[key] = (encoders, EncoderBank(encoders))  # type: ignore[arg-type]
+            batch = enc[s]
+            states, last, mask = cached[1](batch.x.numpy(), batch.lengths.numpy())  # type: ignore[union-attr]
+            for k, (t, i) in enumerate(members):
+                encoded.setdefault(t, {})[i] = (states[k], last[k], mask)
+        return encoded
 
     def predict_tuples(self, active_models: Iterable[str], tuples: TupleSet) -> dict[str, list[np.ndarray]]:
         """Batched :meth:`predict` over a tuple set (for evaluation)."""

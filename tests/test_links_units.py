@@ -277,6 +277,38 @@ def test_a_decoder_bank_steps_each_decoder_as_it_would_alone() -> None:
         np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
 
 
+
+@pytest.mark.parametrize("n", [1, 6])
+def test_an_encoder_bank_runs_each_encoder_as_it_would_alone(n: int) -> None:
+    """Links that read the same box sequence run their encoders as one EncoderBank: each
+    encoder's states must be its own, for one frame and for a padded batch (an empty sequence
+    among them)."""
+    from mlink.links.infer import EncoderBank
+
+    rng = np.random.default_rng(13)
+    links = [make_link(BOXES, tgt, seed=30 + i) for i, tgt in enumerate([COUNT, BOXES, PROBS])]
+    for link in links:
+        with torch.no_grad():
+            for p in link.parameters():
+                p.add_(torch.randn(p.shape) * 0.2)
+        link.compile()
+    values = _values(BOXES, rng, n)
+    if n > 1:
+        values[1] = BOXES.empty()
+    src = encode_source(BOXES, values)
+    x, lengths = src.x.numpy(), src.lengths.numpy()
+    bank = EncoderBank([link.np_encoder() for link in links])
+    states, last, mask = bank(x, lengths)
+    for k, link in enumerate(links):
+        s1, l1, m1 = link.np_encoder()(x, lengths)
+        np.testing.assert_allclose(states[k], s1, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(last[k], l1, rtol=1e-5, atol=1e-6)
+        assert np.array_equal(mask, m1)
+        with torch.inference_mode():
+            ref = link.encoder(src.x, src.lengths)[1].numpy()  # the torch encoder's last state
+        np.testing.assert_allclose(last[k], ref, rtol=1e-4, atol=1e-5)
+
+
 # -- training ---------------------------------------------------------------------------------
 def _count_pairs(n: int, seed: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
     rng = np.random.default_rng(seed)

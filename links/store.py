@@ -90,7 +90,10 @@ def save_linkset(linkset: "LinkSet", directory: str | os.PathLike) -> dict:
             "trivial": [float(x) for x in np.asarray(ens.trivial, dtype=np.float32).reshape(-1)],
             "trivial_shape": list(np.asarray(ens.trivial).shape),
             "link_val_accuracy": dict(ens.link_val_accuracy),
-            "val_accuracy": [{"models": sorted(a), "accuracy": acc} for a, acc in sorted(ens.val_accuracy.items(), key=lambda kv: sorted(kv[0]))],
+            "val_accuracy": [
+                {"models": sorted(a), "accuracy": acc, "noise": ens.val_noise.get(a)}
+                for a, acc in sorted(ens.val_accuracy.items(), key=lambda kv: sorted(kv[0]))
+            ],
         }
     manifest = {
         "format": FORMAT,
@@ -193,6 +196,7 @@ def load_linkset(
             ens.trivial = np.array(entry["trivial"], dtype=np.float32).reshape(entry["trivial_shape"])
             ens.link_val_accuracy = dict(entry.get("link_val_accuracy", {}))
             ens.val_accuracy = {frozenset(v["models"]): v["accuracy"] for v in entry.get("val_accuracy", [])}
+            ens.val_noise = {frozenset(v["models"]): v["noise"] for v in entry.get("val_accuracy", []) if v.get("noise") is not None}
             ens.invalidate()
             ensembles[t] = ens
         link_metrics = {f"{le['source']}->{t}": le.get("metrics", {}) for t, e in manifest["targets"].items() for le in e["links"]}

@@ -265,6 +265,9 @@ def test_save_load_round_trip_is_bit_identical(trained: LinkSet, split, tmp_path
             for k in a:
                 assert a[k].shape == b[k].shape and np.array_equal(a[k], b[k]), (k, active, i)
     assert back.matrix(test).to_json() == trained.matrix(test).to_json()
+    for t, ens in trained.ensembles.items():  # routing decisions and their validation evidence
+        assert back.ensembles[t].routes == ens.routes
+        assert back.ensembles[t].val_accuracy == ens.val_accuracy and back.ensembles[t].val_noise == ens.val_noise
 
 
 def test_corrupt_or_incompatible_link_files_are_refused(trained: LinkSet, split, tmp_path) -> None:

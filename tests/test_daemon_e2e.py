@@ -7,7 +7,6 @@ the slow part); the tests then look at it from the outside, over HTTP, in order.
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 from typing import Iterator
 
@@ -20,6 +19,7 @@ from mlink.models.assets import AssetStore
 from mlink.server.api import create_app
 from mlink.server.config import load_config
 from mlink.server.daemon import Daemon
+from waiting import wait_for as _wait_for  # tests/waiting.py
 
 TOKEN = "test-token"
 
@@ -47,14 +47,9 @@ BROKEN = {"id": "broken", "url": "rtsp://admin:hunter2@127.0.0.1:9/stream", "fps
 ROOM = {"id": "room", "url": "asset://one_by_one", "fps": 2, "loop": True}
 
 
-def wait_for(pred, timeout: float, what: str, every: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+def wait_for(pred, timeout: float, what: str):
+    """Poll every 0.2 s: each poll here is an HTTP request to the daemon under test."""
+    return _wait_for(pred, timeout, what, every=0.2)
 
 
 @pytest.fixture(scope="module")

@@ -16,18 +16,10 @@ import pytest
 from mlink.server.config import IngestConfig, StreamEntry
 from mlink.server.frames import read_frames, resolve_url
 from mlink.server.ingest import Backoff, CameraReader, Ingest, is_live, redact
+from waiting import wait_for  # tests/waiting.py
 
 FAST = IngestConfig(realtime=False, queue=4, backoff_base_s=0.05, backoff_max_s=0.2, backoff_jitter=0.1,
                     open_timeout_s=2, read_timeout_s=2)
-
-
-def wait_for(pred, timeout: float = 10.0, step: float = 0.02) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(step)
-    return pred()
 
 
 def drain(reader: CameraReader) -> list:

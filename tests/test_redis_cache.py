@@ -16,6 +16,7 @@ import redis
 from mlink.server.cache import CacheUnavailable, ResultCache, open_cache
 from mlink.server.config import CacheConfig
 from mlink.server.redis_embedded import EmbeddedRedis, find_redis_server
+from waiting import wait_for  # tests/waiting.py
 
 
 @pytest.fixture
@@ -29,15 +30,6 @@ def cache(server: EmbeddedRedis):
     c = ResultCache(server.url, history=1000, buffer=1000, backoff_base=0.02, backoff_max=0.2)
     yield c
     c.close(flush_timeout=0)
-
-
-def wait_for(pred, timeout: float = 5.0, step: float = 0.02) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(step)
-    return pred()
 
 
 # -- embedded server -------------------------------------------------------------------------

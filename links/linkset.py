@@ -17,7 +17,7 @@ from mlink.links.infer import EncoderBank
 from mlink.links.errors import LinkError, LinkStoreError
 from mlink.links.matrix import LinkMatrix, compute_matrix, ensemble_accuracy
 from mlink.links.train import TrainConfig, eval_loss, fit_link, torch_threads
-from mlink.links.tuples import TupleSet, node_model, specs_equal
+from mlink.links.tuples import TupleSet, node_model, node_models, specs_equal
 from mlink.models.spec import OutputSpec
 
 ProgressArg = Callable[[int, int, str], None] | bool | str | None
@@ -86,7 +86,7 @@ class LinkSet:
 
     @property
     def models(self) -> list[str]:
-        return sorted({node_model(k) for k in self.specs})
+        return node_models(self.specs)
 
     @property
     def targets(self) -> list[str]:

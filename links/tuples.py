@@ -50,6 +50,11 @@ def node_model(key: str) -> str:
     return key.split(":", 1)[0]
 
 
+def node_models(keys: Iterable[str]) -> list[str]:
+    """The models these nodes belong to, sorted, each once."""
+    return sorted({node_model(k) for k in keys})
+
+
 # -- spec (de)serialisation -------------------------------------------------------------------
 def spec_to_dict(spec: OutputSpec) -> dict:
     return {
@@ -152,7 +157,7 @@ class TupleSet:
 
     @property
     def models(self) -> list[str]:
-        return sorted({node_model(k) for k in self.specs})
+        return node_models(self.specs)
 
     def subset(self, indices: Sequence[int] | np.ndarray) -> "TupleSet":
         idx = [int(i) for i in indices]

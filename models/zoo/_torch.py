@@ -135,6 +135,18 @@ class TorchModule(BlackBoxModel):
         self._dev = None
         release(dev)
 
+    def _infer(self, frames: list[np.ndarray]) -> list[ModelOutput]:
+        assert self._module is not None and self._dev is not None
+        results: list[ModelOutput] = []
+        with torch.inference_mode():
+            for start in range(0, len(frames), self.batch_size):
+                results.extend(self._forward(frames[start : start + self.batch_size]))
+        return results
+
+    def _forward(self, chunk: list[np.ndarray]) -> list[ModelOutput]:
+        """Outputs of one forward pass over at most ``batch_size`` frames (in inference mode)."""
+        raise NotImplementedError
+
 
 class TorchImageNetClassifier(TorchModule):
     """An ImageNet-1k classifier: subclasses build the network and load the weights."""
@@ -159,13 +171,7 @@ class TorchImageNetClassifier(TorchModule):
         path = asset_path(self, self.assets[0])
         self._place(self._build(path), dev)
 
-    def _infer(self, frames: list[np.ndarray]) -> list[ModelOutput]:
-        assert self._module is not None and self._dev is not None
-        results: list[ModelOutput] = []
-        with torch.inference_mode():
-            for start in range(0, len(frames), self.batch_size):
-                chunk = frames[start : start + self.batch_size]
-                x = classification_batch(chunk, self._dev, self.resize_size, self.crop_size, self.mean, self.std)
-                probs = torch.softmax(self._module(x).float(), dim=1).cpu().numpy()
-                results.extend({"probs": p.astype(np.float32)} for p in probs)
-        return results
+    def _forward(self, chunk: list[np.ndarray]) -> list[ModelOutput]:
+        x = classification_batch(chunk, self._dev, self.resize_size, self.crop_size, self.mean, self.std)
+        probs = torch.softmax(self._module(x).float(), dim=1).cpu().numpy()  # type: ignore[misc]
+        return [{"probs": p.astype(np.float32)} for p in probs]

@@ -148,16 +148,9 @@ class TorchvisionDetector(TorchModule):
         self._place(module, dev)
 
     # -- inference ---------------------------------------------------------------------------
-    def _infer(self, frames: list[np.ndarray]) -> list[ModelOutput]:
-        assert self._module is not None and self._dev is not None
-        results: list[ModelOutput] = []
-        with torch.inference_mode():
-            for start in range(0, len(frames), self.batch_size):
-                chunk = frames[start : start + self.batch_size]
-                images = [frame_tensor(f, self._dev).float().div_(255.0) for f in chunk]
-                for frame, det in zip(chunk, self._module(images)):
-                    results.append(self._outputs(frame, det))
-        return results
+    def _forward(self, chunk: list[np.ndarray]) -> list[ModelOutput]:
+        images = [frame_tensor(f, self._dev).float().div_(255.0) for f in chunk]  # type: ignore[arg-type]
+        return [self._outputs(frame, det) for frame, det in zip(chunk, self._module(images))]  # type: ignore[misc]
 
     def _detections(self, det: dict[str, torch.Tensor]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Boxes (pixels), scores and COCO_CLASSES indices above the threshold, best first, at most MAX_BOXES."""

@@ -12,11 +12,14 @@
 3. The site's cheapest model: each model's median per-frame inference over real frames of the
    site's streams, one frame per call (``bench.measure.latency_ms``), and the prediction time as
    a share of the cheapest (the issue's goal: under 2%).
+4. What serving actually pays: for every plan (set of active models), the time to predict every
+   output of the models not active from the active ones, at batch 1 and the serving batch.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -42,18 +45,34 @@ def _latest_tuples(cfg: Any, store: Any, frames: int) -> Any:
     return tuples
 
 
-def prediction_ms(links: Any, frames: list[dict[str, np.ndarray]], batch: int, vector_only: bool, rounds: int = 3) -> float:
-    """Time per frame to predict every target (each with all other models active) for a batch
-    of ``batch`` frames: the median over batches, the lowest of ``rounds`` passes (this is a
-    shared 2-core machine; a pass right after training ran up to 1.7x slower)."""
+Job = tuple[frozenset, list]  # (active models, targets predicted from them)
+
+
+def all_ensembles_jobs(links: Any, vector_only: bool = False) -> list[Job]:
+    """Every target with every other model active (each target's largest plan), grouped by the
+    target's model: the issue's "all ensembles for one frame"."""
     from mlink.links import node_model
 
     groups: dict[str, list[str]] = {}
     for t in links.targets:
-        if vector_only and links.specs[t].kind != "vector":
-            continue
-        groups.setdefault(node_model(t), []).append(t)
-    jobs = [(frozenset(m for m in links.models if m != tm), ts) for tm, ts in groups.items()]
+        if not (vector_only and links.specs[t].kind != "vector"):
+            groups.setdefault(node_model(t), []).append(t)
+    return [(frozenset(m for m in links.models if m != tm), ts) for tm, ts in groups.items()]
+
+
+def plan_jobs(links: Any, active: frozenset) -> list[Job]:
+    """What the serving step predicts under a plan: every output of the models not in ``active``."""
+    from mlink.links import node_model
+
+    return [(active, [t for t in links.targets if node_model(t) not in active])]
+
+
+def prediction_ms(links: Any, frames: list[dict[str, np.ndarray]], batch: int, jobs: list[Job], rounds: int = 3) -> float:
+    """Time per frame to run ``jobs`` for a batch of ``batch`` frames: the median over batches,
+    the lowest of ``rounds`` passes (this is a shared 2-core machine; a pass right after
+    training ran up to 1.7x slower)."""
+    from mlink.links import node_model
+
     chunks = [frames[i : i + batch] for i in range(0, len(frames) - batch + 1, batch)]
     for active, ts in jobs:  # warm the plan and decoder-bank caches
         links.predict_batch(active, [{k: v for k, v in f.items() if node_model(k) in active} for f in chunks[0]], ts)
@@ -107,14 +126,25 @@ def run(site: str | None, config: str | None, tuples_n: int, threads: int, batch
     train_s = time.perf_counter() - t0
     torch.set_num_threads(1)  # prediction is numpy; keep BLAS to one thread as the serving step does
     frames = [{k: held.values[k][i] for k in held.specs} for i in range(len(held))]
+    batches = [b for b in batches if b <= len(frames)]
     pred = {
-        b: {"all_ms": prediction_ms(links, frames, b, False), "vector_ms": prediction_ms(links, frames, b, True)}
+        b: {
+            "all_ms": prediction_ms(links, frames, b, all_ensembles_jobs(links)),
+            "vector_ms": prediction_ms(links, frames, b, all_ensembles_jobs(links, vector_only=True)),
+        }
         for b in batches
-        if b <= len(frames)
+    }
+    serving_batch = cfg.scheduler.batch_size
+    plans = [frozenset(c) for r in range(1, len(links.models)) for c in itertools.combinations(links.models, r)]
+    per_plan = {
+        ",".join(sorted(a)): {str(b): prediction_ms(links, frames, b, plan_jobs(links, a)) for b in sorted({1, serving_batch})}
+        for a in plans
     }
     lat = model_latencies(cfg, store, latency_frames)
     cheapest = min(lat, key=lat.get)  # type: ignore[arg-type]
     return {
+        "plans": per_plan,
+        "serving_batch": serving_batch,
         "site": cfg.site,
         "train": {"tuples": len(train), "threads": threads, "seconds": train_s, "links": len(links.links), "ensembles": len(links.ensembles)},
         "prediction": {str(b): {**v, "share_of_cheapest": v["all_ms"] / lat[cheapest]} for b, v in pred.items()},
@@ -147,6 +177,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'batch':>6} {'all ms/frame':>13} {'vector ms/frame':>16} {'% of ' + r['cheapest']:>22}")
     for b, v in r["prediction"].items():
         print(f"{b:>6} {v['all_ms']:>13.3f} {v['vector_ms']:>16.3f} {100 * v['share_of_cheapest']:>21.1f}%")
+    sb = str(r["serving_batch"])
+    cheap = lat[r["cheapest"]]
+    print("what the serving step predicts under each plan (every output of the models not active), ms per frame:")
+    print(f"{'active models':<48} {'batch 1':>9} {'batch ' + sb:>9} {'% of ' + r['cheapest'] + ' (batch ' + sb + ')':>30}")
+    for active, v in r["plans"].items():
+        print(f"{active:<48} {v['1']:>9.3f} {v[sb]:>9.3f} {100 * v[sb] / cheap:>29.1f}%")
     return 0
 
 

@@ -285,8 +285,7 @@ class LinkSet:
                 s = ens.sources[i]
                 if s in enc:
                     continue
-                missing = [f for f in frames if s not in f]
-                if missing:
+                if any(s not in f for f in frames):
                     raise LinkError(f"predicting {t}: active model {node_model(s)} gave no output {s}")
                 spec, cap = ens.by_index[i].source, ens.by_index[i].hparams["cap"]
                 enc[s] = encode_one(spec, frames[0][s], cap) if len(frames) == 1 else encode_source(spec, [f[s] for f in frames], cap)
@@ -314,7 +313,11 @@ class LinkSet:
             key = (s, tuple(members))
             cached = self._encoder_banks.get(key)
             if cached is None or any(a is not b for a, b in zip(cached[0], encoders)):  # weights recompiled since
-                cached = self._encoder_banks[key] = (encoders, EncoderBank(encoders))  # type: ignore[arg-type]
+                try:
+                    bank = EncoderBank(encoders)  # type: ignore[arg-type]
+                except ValueError:  # links of other sizes (hand-built sets): each runs its own encoder
+                    continue
+                cached = self._encoder_banks[key] = (encoders, bank)
             batch = enc[s]
             states, last, mask = cached[1](batch.x.numpy(), batch.lengths.numpy())  # type: ignore[union-attr]
             for k, (t, i) in enumerate(members):

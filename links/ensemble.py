@@ -165,6 +165,12 @@ class Ensemble(nn.Module):
         out = greedy_decode_np(bank, np.array([w for _, w in plan], np.float32), memories, self.by_index[0].cap)
         return [present(self.spec, v) for v in out]
 
+    def frame_scores(self, plan: list[tuple[int, float]], enc: Mapping[str, Batch], exact: Sequence[np.ndarray]) -> np.ndarray:
+        """Per-frame accuracy (the target's own metric) of a plan's predictions against the
+        target model's own outputs ``exact``; an empty plan scores the trivial output."""
+        preds = self.predict_encoded(plan, enc) if plan else [self.trivial] * len(exact)
+        return np.array([self.spec.accuracy(p, e) for p, e in zip(preds, exact)])
+
     # -- fitting ----------------------------------------------------------------------------
     @torch.no_grad()
     def _link_outputs(self, enc: Mapping[str, Batch], y: Batch) -> list[torch.Tensor]:
@@ -225,18 +231,14 @@ class Ensemble(nn.Module):
         self.val_noise = {}
         if not len(exact):
             return
-
-        def frame_scores(plan: list[tuple[int, float]]) -> np.ndarray:
-            return np.array([self.spec.accuracy(p, e) for p, e in zip(self.predict_encoded(plan, enc), exact)])
-
-        single = {s: frame_scores([(i, 1.0)]) for i, s in enumerate(self.sources)}
+        single = {s: self.frame_scores([(i, 1.0)], enc, exact) for i, s in enumerate(self.sources)}
         self.link_val_accuracy = {s: float(v.mean()) for s, v in single.items()}
         if len(self.source_models) > MAX_ROUTED_MODELS:
             return
         for act in all_subsets(self.source_models):
             plan = self._make_plan(act, routed=False)
             best = max((s for s in self.sources if node_model(s) in act), key=lambda s: self.link_val_accuracy[s])
-            comb = single[self.sources[plan[0][0]]] if len(plan) == 1 else frame_scores(plan)
+            comb = single[self.sources[plan[0][0]]] if len(plan) == 1 else self.frame_scores(plan, enc, exact)
             d = single[best] - comb
             se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else 0.0
             self.val_noise[act] = se

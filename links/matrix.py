@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import numpy as np
 
@@ -167,18 +167,14 @@ def ensemble_accuracy(
     tuples: TupleSet,
     target: str,
     active_models: Iterable[str],
-    _enc: Mapping[str, Batch] | None = None,
 ) -> float:
     """p(h_{A,j}) on ``tuples`` for target ``target`` and active models ``A`` (trivial when A
     holds no source model of the target)."""
+    if len(tuples) == 0:
+        raise ValueError("an ensemble's accuracy needs at least one tuple")
     ens = linkset.ensembles[target]
-    enc = _enc if _enc is not None else encode_sources(linkset, tuples)
     plan = ens.plan(frozenset(active_models))
-    if not plan:
-        preds = [ens.trivial.copy() for _ in range(len(tuples))]
-    else:
-        preds = ens.predict_encoded(plan, enc)
-    return ens.spec.mean_accuracy(preds, tuples.values[target])
+    return float(ens.frame_scores(plan, encode_sources(linkset, tuples), tuples.values[target]).mean())
 
 
 Scores = dict[tuple, np.ndarray]  # ("single", s, t) / ("ensemble", t) / ("model", m, t) / ("subset", A, t) / ("trivial", t)
@@ -192,8 +188,7 @@ def frame_scores(linkset: "LinkSet", tuples: TupleSet, subsets: bool = False) ->
     out: Scores = {}
 
     def score(ens, plan) -> np.ndarray:
-        preds = ens.predict_encoded(plan, enc) if plan else [ens.trivial] * len(tuples)
-        return np.array([ens.spec.accuracy(p, e) for p, e in zip(preds, tuples.values[ens.target])])
+        return ens.frame_scores(plan, enc, tuples.values[ens.target])
 
     for t, ens in linkset.ensembles.items():
         for i, s in enumerate(ens.sources):

@@ -27,8 +27,6 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-import numpy as np
-
 MiB = float(1 << 20)
 METHOD_ORDER = ["Standalone", "MTL", "DRLS", "Reducto", "MLink (paper greedy)", "MLink (objective)"]
 
@@ -318,22 +316,12 @@ def plot(report: Mapping[str, Any], path: Path) -> Path:
     return path
 
 
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, (np.floating, np.integer)):
-        return x.item()
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
-
-
 def write_outputs(report: dict[str, Any], out_dir: Path) -> dict[str, Path]:
+    from mlink.links.store import jsonable
+
     paths = {"json": out_dir / "table4.json", "markdown": out_dir / "table4.md", "png": out_dir / "table4.png"}
     report["outputs"] = {k: str(v) for k, v in paths.items()}
-    paths["json"].write_text(json.dumps(_jsonable(report), indent=1))
+    paths["json"].write_text(json.dumps(jsonable(report), indent=1))
     paths["markdown"].write_text(markdown(report))
     plot(report, paths["png"])
     return paths

@@ -23,7 +23,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 import torch
@@ -33,6 +33,7 @@ from mlink.links.ensemble import Ensemble
 from mlink.links.errors import IncompatibleLinksError, LinkStoreError
 from mlink.links.train import TrainConfig
 from mlink.links.tuples import spec_from_dict, spec_to_dict, specs_equal
+from mlink.models.assets import sha256_of
 from mlink.models.spec import OutputSpec
 
 if TYPE_CHECKING:
@@ -43,24 +44,17 @@ WEIGHTS_FILE = "links.pt"
 MANIFEST_FILE = "manifest.json"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _manifest_digest(manifest: dict) -> str:
     body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def _jsonable(obj):
+def jsonable(obj: Any) -> Any:
+    """``obj`` with numpy scalars as Python numbers, keys as strings, NaN/inf as None (JSON-safe)."""
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if isinstance(obj, (np.floating, np.integer)):
         return obj.item()
     if isinstance(obj, float) and not np.isfinite(obj):
@@ -107,9 +101,9 @@ def save_linkset(linkset: "LinkSet", directory: str | os.PathLike) -> dict:
         "targets": targets,
         "metrics": {k: v for k, v in linkset.metrics.items() if k != "links"},
         "history": list(linkset.history),
-        "weights": {"file": WEIGHTS_FILE, "sha256": _sha256(tmp_weights), "bytes": tmp_weights.stat().st_size},
+        "weights": {"file": WEIGHTS_FILE, "sha256": sha256_of(tmp_weights), "bytes": tmp_weights.stat().st_size},
     }
-    manifest = _jsonable(manifest)
+    manifest = jsonable(manifest)
     manifest["manifest_sha256"] = _manifest_digest(manifest)
     tmp_manifest = path / (MANIFEST_FILE + ".tmp")
     tmp_manifest.write_text(json.dumps(manifest, indent=1))
@@ -170,7 +164,7 @@ def load_linkset(
     wpath = path / WEIGHTS_FILE
     if not wpath.is_file():
         raise LinkStoreError(f"link set {path}: {WEIGHTS_FILE} is missing")
-    sha = _sha256(wpath)
+    sha = sha256_of(wpath)
     if sha != manifest.get("weights", {}).get("sha256"):
         raise LinkStoreError(
             f"link set {path}: {WEIGHTS_FILE} is corrupt (sha256 {sha[:12]}... does not match the manifest's "

@@ -30,6 +30,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 
 from mlink.links.errors import DatasetError
+from mlink.models.assets import sha256_of
 from mlink.models.spec import OutputSpec, Task
 
 FORMAT = "mlink-tuples/1"
@@ -90,14 +91,6 @@ def specs_equal(a: OutputSpec, b: OutputSpec) -> bool:
         b.max_len,
         tuple(b.labels),
     )
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # -- the tuple set ----------------------------------------------------------------------------
@@ -264,7 +257,7 @@ class TupleSet:
                 "version": version,
                 "n": len(self),
                 "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "files": {DATA_FILE: _sha256_file(tmp_data)},
+                "files": {DATA_FILE: sha256_of(tmp_data)},
             }
         )
         tmp_meta = path / (META_FILE + ".tmp")
@@ -288,7 +281,7 @@ class TupleSet:
             got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
             raise DatasetError(f"tuple dataset {path}: unknown format {got!r}, expected {FORMAT!r}")
         expected_sha = (meta.get("files") or {}).get(DATA_FILE)
-        actual_sha = _sha256_file(data_path)
+        actual_sha = sha256_of(data_path)
         if expected_sha != actual_sha:
             raise DatasetError(
                 f"tuple dataset {path}: {DATA_FILE} is corrupt or truncated "

@@ -32,7 +32,7 @@ from mlink.links.arch import ARCH_BY_NAME
 from mlink.links.ensemble import Ensemble
 from mlink.links.errors import IncompatibleLinksError, LinkStoreError
 from mlink.links.train import TrainConfig
-from mlink.links.tuples import spec_from_dict, spec_to_dict, specs_equal
+from mlink.links.tuples import read_format_json, spec_from_dict, spec_to_dict, specs_equal
 from mlink.models.assets import sha256_of
 from mlink.models.spec import OutputSpec
 
@@ -118,13 +118,7 @@ def read_manifest(directory: str | os.PathLike) -> dict:
     mpath = path / MANIFEST_FILE
     if not mpath.is_file():
         raise LinkStoreError(f"no saved link set at {path}: {MANIFEST_FILE} is missing")
-    try:
-        manifest = json.loads(mpath.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise LinkStoreError(f"link set {path}: {MANIFEST_FILE} is unreadable ({exc})") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        raise LinkStoreError(f"link set {path}: unknown format {got!r}, expected {FORMAT!r}")
+    manifest = read_format_json(mpath, FORMAT, LinkStoreError, f"link set {path}")
     if manifest.get("manifest_sha256") != _manifest_digest(manifest):
         raise LinkStoreError(f"link set {path}: {MANIFEST_FILE} was altered (its digest does not match)")
     return manifest

@@ -56,6 +56,18 @@ def node_models(keys: Iterable[str]) -> list[str]:
     return sorted({node_model(k) for k in keys})
 
 
+def read_format_json(path: Path, fmt: str, error: type[Exception], what: str) -> dict:
+    """A JSON object file whose ``"format"`` must be ``fmt``; ``error`` says why not, naming ``what``."""
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise error(f"{what}: {path.name} is unreadable ({exc})") from exc
+    if not isinstance(obj, dict) or obj.get("format") != fmt:
+        got = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
+        raise error(f"{what}: unknown format {got!r}, expected {fmt!r}")
+    return obj
+
+
 # -- spec (de)serialisation -------------------------------------------------------------------
 def spec_to_dict(spec: OutputSpec) -> dict:
     return {
@@ -273,13 +285,7 @@ class TupleSet:
         meta_path, data_path = path / META_FILE, path / DATA_FILE
         if not meta_path.is_file() or not data_path.is_file():
             raise DatasetError(f"no tuple dataset at {path}: expected {META_FILE} and {DATA_FILE}")
-        try:
-            meta = json.loads(meta_path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise DatasetError(f"tuple dataset {path}: {META_FILE} is unreadable ({exc})") from exc
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-            raise DatasetError(f"tuple dataset {path}: unknown format {got!r}, expected {FORMAT!r}")
+        meta = read_format_json(meta_path, FORMAT, DatasetError, f"tuple dataset {path}")
         expected_sha = (meta.get("files") or {}).get(DATA_FILE)
         actual_sha = sha256_of(data_path)
         if expected_sha != actual_sha:

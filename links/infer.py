@@ -47,19 +47,35 @@ class NpMLP:
         return z
 
 
-def gru_cell(gi: np.ndarray, gh: np.ndarray, h: np.ndarray, hidden: int) -> np.ndarray:
-    """The GRU update from input and hidden gate pre-activations (r, z, n along the last axis,
-    as torch orders them); any leading axes (frames, or decoders x frames)."""
-    H = hidden
-    rz = gi[..., : 2 * H] + gh[..., : 2 * H]  # r and z gates in one go
-    np.multiply(rz, 0.5, out=rz)
-    np.tanh(rz, out=rz)  # sigmoid(x) = (1 + tanh(x / 2)) / 2
-    rz += 1.0
-    rz *= 0.5
-    n = gh[..., 2 * H :] * rz[..., :H]
-    n += gi[..., 2 * H :]
-    np.tanh(n, out=n)
-    return n + rz[..., H:] * (h - n)
+class StackedGRU:
+    """K one-layer GRUs of the same sizes, weights stacked along a leading K axis, stepped as one.
+
+    Gates r, z, n in torch's order. The banks below hold one: every decoder (or encoder) of a
+    bank advances with a few batched numpy calls instead of a few per GRU.
+    """
+
+    def __init__(self, grus: list["NpGRU"]) -> None:
+        self.hidden = grus[0].hidden
+        self.w_ih = np.stack([g.w_ih for g in grus])  # (K, E, 3H)
+        self.b_ih = np.stack([g.b_ih for g in grus])[:, None, :]  # (K, 1, 3H)
+        self.w_hh = np.stack([g.w_hh for g in grus])  # (K, H, 3H)
+        self.b_hh = np.stack([g.b_hh for g in grus])[:, None, :]
+
+    def step(self, gi: np.ndarray, h: np.ndarray) -> np.ndarray:
+        """New states (K, N, H) from input-gate pre-activations ``gi`` (K, N, 3H), biases
+        included, and states ``h`` (K, N, H)."""
+        H = self.hidden
+        gh = h @ self.w_hh
+        gh += self.b_hh
+        rz = gi[..., : 2 * H] + gh[..., : 2 * H]  # r and z gates in one go
+        np.multiply(rz, 0.5, out=rz)
+        np.tanh(rz, out=rz)  # sigmoid(x) = (1 + tanh(x / 2)) / 2
+        rz += 1.0
+        rz *= 0.5
+        n = gh[..., 2 * H :] * rz[..., :H]
+        n += gi[..., 2 * H :]
+        np.tanh(n, out=n)
+        return n + rz[..., H:] * (h - n)
 
 
 class NpGRU:
@@ -107,10 +123,7 @@ class EncoderBank:
         self.we = np.concatenate([e.we for e in encoders], axis=1)  # (d, K*E)
         self.be = np.concatenate([e.be for e in encoders])
         self.start = np.stack([e.start for e in encoders])[:, None, None, :]  # (K, 1, 1, E)
-        self.w_ih = np.stack([e.gru.w_ih for e in encoders])  # (K, E, 3H)
-        self.b_ih = np.stack([e.gru.b_ih for e in encoders])[:, None, :]
-        self.w_hh = np.stack([e.gru.w_hh for e in encoders])  # (K, H, 3H)
-        self.b_hh = np.stack([e.gru.b_hh for e in encoders])[:, None, :]
+        self.gru = StackedGRU([e.gru for e in encoders])
 
     def __call__(self, x: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(N, L, d) inputs with (N,) lengths -> per-step states (K, N, L+1, H) (zero past each
@@ -127,22 +140,18 @@ class EncoderBank:
         e = e.reshape(n, L, k, E).transpose(2, 0, 1, 3)  # (K, N, L, E)
         e = np.concatenate([np.broadcast_to(self.start, (k, n, 1, E)), e], axis=2)
         T = L + 1
-        gi = (e.reshape(k, n * T, E) @ self.w_ih).reshape(k, n, T, 3 * H)
-        gi += self.b_ih[:, :, None, :]
+        gi = (e.reshape(k, n * T, E) @ self.gru.w_ih).reshape(k, n, T, 3 * H)
+        gi += self.gru.b_ih[:, :, None, :]
         h = np.zeros((k, n, H), dtype=np.float32)
         out = np.zeros((k, n, T, H), dtype=np.float32)
         if n == 1:
             for t in range(T):
-                gh = h @ self.w_hh
-                gh += self.b_hh
-                h = gru_cell(gi[:, :, t], gh, h, H)
+                h = self.gru.step(gi[:, :, t], h)
                 out[:, :, t] = h
         else:
             for t in range(int(steps.max()) if n else 0):
                 live = (t < steps)[None, :, None]
-                gh = h @ self.w_hh
-                gh += self.b_hh
-                h_new = gru_cell(gi[:, :, t], gh, h, H)
+                h_new = self.gru.step(gi[:, :, t], h)
                 h = np.where(live, h_new, h)
                 out[:, :, t] = np.where(live, h_new, 0.0)
         mask = np.arange(T)[None, :] < steps[:, None]
@@ -190,10 +199,7 @@ class DecoderBank:
         self.we = np.concatenate([d.we for d in decoders], axis=1)  # (dim, K*E): one matmul embeds for all
         self.be = np.concatenate([d.be for d in decoders])
         self.start = np.stack([d.start for d in decoders])[:, None, :]  # (K, 1, E)
-        self.w_ih = np.stack([d.gru.w_ih for d in decoders])  # (K, E, 3H)
-        self.b_ih = np.stack([d.gru.b_ih for d in decoders])[:, None, :]
-        self.w_hh = np.stack([d.gru.w_hh for d in decoders])  # (K, H, 3H)
-        self.b_hh = np.stack([d.gru.b_hh for d in decoders])[:, None, :]
+        self.gru = StackedGRU([d.gru for d in decoders])
         self.wq = np.stack([d.wq for d in decoders])  # (K, H, A)
         self.bq = np.stack([d.bq for d in decoders])[:, None, :]
         self.wk = np.zeros((self.k, D, first.wk.shape[1]), np.float32)
@@ -233,11 +239,9 @@ class DecoderBank:
             x += self.be
             np.maximum(x, 0.0, out=x)
             x = x.reshape(n, self.k, self.embed).transpose(1, 0, 2)
-        gi = x @ self.w_ih
-        gi += self.b_ih
-        gh = h @ self.w_hh
-        gh += self.b_hh
-        h = state["h"] = gru_cell(gi, gh, h, self.hidden)
+        gi = x @ self.gru.w_ih
+        gi += self.gru.b_ih
+        h = state["h"] = self.gru.step(gi, h)
         q = h @ self.wq
         q += self.bq
         s = (np.tanh(q[:, :, None, :] + state["keys"]) @ self.v)[..., 0]  # (K, N, M)

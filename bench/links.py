@@ -30,21 +30,6 @@ from typing import Any
 import numpy as np
 
 
-def _latest_tuples(cfg: Any, store: Any, frames: int) -> Any:
-    from mlink.links import TupleSet
-    from mlink.scheduler.profiler import latest_profile, profile_site, save_profile
-
-    path = latest_profile(store.home, cfg.site)
-    if path is not None:
-        tuples = TupleSet.load(path)
-        if set(tuples.specs) == set(cfg.nodes()) and len(tuples) >= frames:
-            return tuples
-    print(f"profiling {frames} frames of site {cfg.site} first", file=sys.stderr)
-    tuples = profile_site(cfg, frames, store)
-    save_profile(tuples, store.home, cfg.site)
-    return tuples
-
-
 Job = tuple[frozenset, list]  # (active models, targets predicted from them)
 
 
@@ -113,11 +98,14 @@ def run(site: str | None, config: str | None, tuples_n: int, threads: int, batch
 
     from mlink.links import LinkSet, TrainConfig
     from mlink.models.assets import default_store
+    from mlink.scheduler.profiler import site_profile
     from mlink.server.config import load_config, site_config_path
 
     cfg = load_config(config if config else site_config_path(site or "default"))
     store = default_store()
-    tuples = _latest_tuples(cfg, store, tuples_n + 100)
+    tuples, _, why = site_profile(cfg, store, min_frames=tuples_n + 100)
+    if why is not None:
+        print(f"profiled {len(tuples)} frames of site {cfg.site} first ({why})", file=sys.stderr)
     order = np.random.default_rng(0).permutation(len(tuples))
     train = tuples.subset(np.sort(order[:tuples_n]))
     held = tuples.subset(np.sort(order[tuples_n:]))

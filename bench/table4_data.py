@@ -151,20 +151,11 @@ def load_oracle(cfg: Any, store: Any, home: Path, frames: int | None, progress: 
     """The site's latest stored profile (profiled and stored first when missing, over other
     outputs than the config's, or shorter than ``frames``); ``frames`` fewer than stored keeps
     that many spread evenly in time. Returns (oracle, the stored profile as stored)."""
-    from mlink.scheduler.profiler import latest_profile, profile_site, save_profile, site_served
+    from mlink.scheduler.profiler import site_profile, site_served
 
     served = {m: list(outs) for m, outs in site_served(cfg).items()}
     nodes = [f"{m}:{o}" for m, outs in served.items() for o in outs]
-    path = latest_profile(home, cfg.site)
-    stored: TupleSet | None = None
-    if path is not None:
-        stored = TupleSet.load(path)
-        if set(stored.specs) != set(nodes) or (frames is not None and len(stored) < frames):
-            stored = None
-    if stored is None:
-        n = frames or cfg.links.profile_frames
-        stored = profile_site(cfg, n, store, progress=progress)
-        path = save_profile(stored, home, cfg.site)
+    stored, path, _ = site_profile(cfg, store, min_frames=frames or 0, home=home, progress=progress)
     stored = stored.select(nodes)
     order = time_order(stored)
     if frames is not None and frames < len(order):

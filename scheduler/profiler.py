@@ -206,3 +206,31 @@ def latest_profile(home: Path, site: str) -> Path | None:
         return None
     path = profile_dir(home, site) / pointer.read_text().strip()
     return path if path.is_dir() else None
+
+
+def site_profile(
+    cfg: SiteConfig,
+    store: AssetStore,
+    frames: int | None = None,
+    *,
+    min_frames: int = 0,
+    home: Path | None = None,
+    progress: bool = True,
+) -> tuple[TupleSet, Path, str | None]:
+    """The site's latest stored profile, when it holds the config's outputs and at least
+    ``min_frames`` tuples and no fresh profile of ``frames`` was asked for; otherwise a new
+    profile of ``frames`` (else ``min_frames``, else ``links.profile_frames``) frames, stored as
+    the latest. Returns (tuples, where they are stored, why it profiled afresh or None)."""
+    home = home if home is not None else store.home
+    path = latest_profile(home, cfg.site)
+    why = "no stored profile" if path is None else f"{frames} frames asked for"
+    if path is not None and frames is None:
+        tuples = TupleSet.load(path)
+        if set(tuples.specs) != set(cfg.nodes()):
+            why = f"profile {path} has other outputs than the config"
+        elif len(tuples) < min_frames:
+            why = f"profile {path} has {len(tuples)} tuples, fewer than {min_frames}"
+        else:
+            return tuples, path, None
+    tuples = profile_site(cfg, frames or min_frames or cfg.links.profile_frames, store, progress=progress)
+    return tuples, save_profile(tuples, home, cfg.site), why

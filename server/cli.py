@@ -257,19 +257,12 @@ TEST_SHARE = 0.2  # held-out share of the profile: links never train on it, the 
 
 def _site_tuples(cfg: SiteConfig, frames: Optional[int]):
     """The site's latest profile, or a fresh one of ``frames`` (default links.profile_frames)."""
-    from mlink.links import TupleSet
-    from mlink.scheduler.profiler import latest_profile, profile_site, save_profile
+    from mlink.scheduler.profiler import site_profile
 
-    store = default_store()
-    path = latest_profile(store.home, cfg.site)
-    if path is not None and frames is None:
-        tuples = TupleSet.load(path)
-        if set(tuples.specs) == set(cfg.nodes()):
-            typer.echo(f"profile: {path} ({len(tuples)} tuples)", err=True)
-            return tuples
-        typer.echo(f"profile {path} has other outputs than the config; profiling again", err=True)
-    tuples = profile_site(cfg, frames or cfg.links.profile_frames, store)
-    typer.echo(f"profile: {save_profile(tuples, store.home, cfg.site)} ({len(tuples)} tuples)", err=True)
+    tuples, path, why = site_profile(cfg, default_store(), frames)
+    if why is not None and why.endswith("other outputs than the config"):
+        typer.echo(f"{why}; profiled again", err=True)
+    typer.echo(f"profile: {path} ({len(tuples)} tuples)", err=True)
     return tuples
 
 

@@ -89,17 +89,12 @@ def measure_costs(cfg: Any, store: Any, progress: bool = True) -> tuple[dict[str
 
 
 def _tuples(cfg: Any, store: Any, frames: Optional[int], quiet: bool):
-    from mlink.links import TupleSet
-    from mlink.scheduler.profiler import latest_profile, profile_site, save_profile
+    from mlink.scheduler.profiler import site_profile
 
-    path = latest_profile(store.home, cfg.site)
-    if path is not None and frames is None:
-        tuples = TupleSet.load(path)
-        if set(tuples.specs) == set(cfg.nodes()):
-            return tuples, path
-        typer.echo(f"profile {path} has other outputs than the config; profiling again", err=True)
-    tuples = profile_site(cfg, frames or cfg.links.profile_frames, store, progress=not quiet)
-    return tuples, save_profile(tuples, store.home, cfg.site)
+    tuples, path, why = site_profile(cfg, store, frames, progress=not quiet)
+    if why is not None and why.endswith("other outputs than the config"):
+        typer.echo(f"{why}; profiled again", err=True)
+    return tuples, path
 
 
 def _links(cfg: Any, store: Any, train: Any, epochs: Optional[int], quiet: bool):

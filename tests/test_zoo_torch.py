@@ -23,6 +23,7 @@ from mlink.models.detections import COCO_CLASSES, MAX_BOXES
 from mlink.models.spec import Task
 from mlink.models.zoo._torch import IMAGENET_CATEGORIES
 from mlink.models.zoo.torchvision_detectors import COCO_LABEL_MAP, TV_COCO_CATEGORIES
+from mlink.server.frames import read_frames
 
 CLASSIFIERS = ("mobilenet_v2", "efficientnet_lite0")
 DETECTORS = ("fasterrcnn_mobilenet_v3_large_320_fpn", "ssdlite320_mobilenet_v3_large", "keypointrcnn_resnet50_fpn")
@@ -57,13 +58,27 @@ def classifiers(store):
         m.unload()
 
 
+CLIP = 16  # frames per video for the statistical checks below
+STEP = 2  # neighbours are STEP frames apart in a clip: vtest 0.5 s, market-street 1 s
+
+
 @pytest.fixture(scope="module")
-def class_probs(classifiers, vtest_frames, market_frames):
-    """(model, video) -> (8, 1000) probabilities on that video's frames."""
+def clips(store) -> dict[str, list[np.ndarray]]:
+    """CLIP frames per video at twice the rate of ``vtest_frames`` / ``market_frames``, over the
+    same stretch (every other frame is theirs): vtest 0.25 s apart, market-street 0.5 s apart."""
+    return {
+        video: [f.image for f in read_frames(str(store.path(asset)), sample_fps=fps, max_frames=CLIP)]
+        for video, asset, fps in (("vtest", "vtest", 4.0), ("market", "market_street", 2.0))
+    }
+
+
+@pytest.fixture(scope="module")
+def class_probs(classifiers, clips):
+    """(model, video) -> (CLIP, 1000) probabilities on that video's clip."""
     return {
         (name, video): np.stack([o["probs"] for o in m.infer(frames)])
         for name, m in classifiers.items()
-        for video, frames in (("vtest", vtest_frames), ("market", market_frames))
+        for video, frames in clips.items()
     }
 
 
@@ -83,12 +98,22 @@ def test_classifier_info(name):
 @pytest.mark.parametrize("video", ["vtest", "market"])
 def test_classifier_probs_are_distributions(class_probs, name, video):
     p = class_probs[name, video]
-    assert p.shape == (8, 1000) and p.dtype == np.float32
+    assert p.shape == (CLIP, 1000) and p.dtype == np.float32
     assert np.all(p >= 0)
     np.testing.assert_allclose(p.sum(axis=1), 1.0, atol=1e-4)
     # Real weights on real frames: far from uniform (1e-3), and not all frames alike.
     assert p.max(axis=1).min() > 0.05
     assert not np.allclose(p[0], p[-1])
+
+
+# The thresholds below are set against chance, with room for a few near-ties to flip on another
+# CPU or library build. For unrelated outputs (top-5 sets drawn at random from 1000 classes): a
+# frame's top-1 is in another frame's top-5 with p = 0.005 (both ways: 2.5e-5), two top-1s agree
+# with p = 0.001, two top-5 sets share at least one class with p = 0.025 and at least two with
+# p = 2e-4, and they share 0.025 classes on average. Reaching the thresholds by chance is below
+# 1e-16 (binomial tails); the models clear them with 2 to 4 pairs or frames to spare (seen on the
+# clips here: held 13-14 of 14, mean overlap 3.2-4.3, market top-1 agreeing on 10-14 of 14, the
+# two models sharing a class on 16 of 16 frames and two on 12-15).
 
 
 @pytest.mark.parametrize("name", CLASSIFIERS)
@@ -97,15 +122,18 @@ def test_classifier_stable_over_neighbouring_frames(class_probs, name):
         p = class_probs[name, video]
         top1 = p.argmax(axis=1)
         t5 = [top5(row) for row in p]
-        pairs = range(len(p) - 1)
+        pairs = range(len(p) - STEP)  # 14 neighbour pairs
         # On vtest the top-1 flips between near-tied labels (pole / swing / flagpole), so the
-        # robust form of stability: each frame's top-1 is in its neighbour's top-5, both ways.
-        held = sum(top1[k] in t5[k + 1] and top1[k + 1] in t5[k] for k in pairs)
-        assert held >= 6, (name, video, held)
-        assert np.mean([len(t5[k] & t5[k + 1]) for k in pairs]) >= 3
-    # The street clip reads as one scene: the exact top-1 agrees on most consecutive pairs.
+        # robust form of stability: each frame's top-1 is in its neighbour's top-5, both ways,
+        # on at least 3/4 of the pairs.
+        held = sum(top1[k] in t5[k + STEP] and top1[k + STEP] in t5[k] for k in pairs)
+        assert held >= 0.75 * len(pairs), (name, video, held)
+        # Neighbours share half their top-5 on average (chance: 0.025 classes).
+        assert np.mean([len(t5[k] & t5[k + STEP]) for k in pairs]) >= 2.5
+    # The street clip reads as one scene: the exact top-1 agrees on most (over half) neighbour pairs.
     top1 = class_probs[name, "market"].argmax(axis=1)
-    assert sum(top1[k] == top1[k + 1] for k in range(7)) >= 4
+    pairs = range(len(top1) - STEP)
+    assert sum(top1[k] == top1[k + STEP] for k in pairs) > 0.5 * len(pairs)
     # And the two videos read differently: neighbours agree far more than cross-video pairs.
     v, m = class_probs[name, "vtest"], class_probs[name, "market"]
     cross = np.mean([len(top5(a) & top5(b)) for a in v for b in m])
@@ -116,17 +144,18 @@ def test_classifiers_agree_on_top5(class_probs):
     for video in ("vtest", "market"):
         a, b = class_probs["mobilenet_v2", video], class_probs["efficientnet_lite0", video]
         overlaps = [len(top5(x) & top5(y)) for x, y in zip(a, b)]
-        # Two random top-5 sets of 1000 classes share a class 2.5% of the time.
-        assert sum(o >= 1 for o in overlaps) >= 7, (video, overlaps)
-        assert sum(o >= 2 for o in overlaps) >= 6, (video, overlaps)
+        # Random top-5 sets share a class on 2.5% of frames and two classes on 0.02%: here on at
+        # least 3/4 and half of the frames.
+        assert sum(o >= 1 for o in overlaps) >= 0.75 * len(overlaps), (video, overlaps)
+        assert sum(o >= 2 for o in overlaps) >= 0.5 * len(overlaps), (video, overlaps)
 
 
-def test_classifier_batch_equals_single(classifiers, class_probs, vtest_frames, market_frames):
+def test_classifier_batch_equals_single(classifiers, class_probs, clips):
     m = classifiers["mobilenet_v2"]
-    single = m.infer([market_frames[3]])[0]["probs"]
+    single = m.infer([clips["market"][3]])[0]["probs"]
     np.testing.assert_allclose(single, class_probs["mobilenet_v2", "market"][3], atol=1e-5)
     # Mixed frame sizes in one batch (768x576 and 640x360) are fine.
-    mixed = m.infer([vtest_frames[0], market_frames[0]])
+    mixed = m.infer([clips["vtest"][0], clips["market"][0]])
     np.testing.assert_allclose(mixed[0]["probs"], class_probs["mobilenet_v2", "vtest"][0], atol=1e-5)
 
 

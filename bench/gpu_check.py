@@ -126,9 +126,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from mlink.configs.budget import resolve_budget
     from mlink.links import TrainConfig
     from mlink.models.assets import default_store
-    from mlink.scheduler.memory import MemoryMeter, resolve_budget
+    from mlink.scheduler.memory import MemoryMeter
     from mlink.scheduler.planner import Planner, model_factory
     from mlink.scheduler.pool import ModelPool
     from mlink.server.config import parse_config

@@ -89,8 +89,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
+from mlink.configs.budget import parse_budget, resolve_budget
 from mlink.links import LinkError, LinkSet, TrainConfig, TupleSet, node_model
-from mlink.scheduler.memory import parse_budget, resolve_budget
 from mlink.scheduler.pool import BudgetExceeded, ModelNotLoaded, ModelPinned, ModelPool
 from mlink.scheduler.profiler import FrameSource, ProfileFrame, profile
 from mlink.scheduler.selection import Selection, evaluate, keep_or_switch, objective_select, paper_greedy

@@ -130,8 +130,9 @@ def plan_site(
     quiet: bool = False,
 ) -> dict[str, Any]:
     """Everything ``mlink schedule plan`` prints, as one dict."""
+    from mlink.configs.budget import resolve_budget
     from mlink.models.assets import default_store
-    from mlink.scheduler.memory import MemoryMeter, resolve_budget
+    from mlink.scheduler.memory import MemoryMeter
     from mlink.scheduler.planner import LinkAccuracy, select_models, site_served
 
     store = default_store()

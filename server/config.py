@@ -16,8 +16,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from mlink.configs.budget import parse_budget
 from mlink.models.base import ModelError, model_info
-from mlink.scheduler.memory import parse_budget
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 ASSET_SCHEME = "asset://"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from mlink.scheduler.memory import parse_budget
+from mlink.configs.budget import parse_budget
 from mlink.server.config import CONFIG_DIR, ConfigError, load_config, parse_config, substitute_env
 
 

@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mlink.configs.budget import parse_bytes, resolve_budget
 from mlink.models.assets import AssetStore
 from mlink.models.base import create_model
-from mlink.scheduler.memory import CPU_SOURCES, MemoryMeter, parse_bytes, resolve_budget
+from mlink.scheduler.memory import CPU_SOURCES, MemoryMeter
 from mlink.scheduler.pool import BudgetExceeded, ModelNotLoaded, ModelPinned, ModelPool
 
 MiB = 1 << 20

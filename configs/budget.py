@@ -1,0 +1,103 @@
+"""Memory budgets and sizes as a site config writes them, parsed at the bottom floor.
+
+A budget is a size in bytes (``4e9``, ``"4GiB"``, ``"500MB"``), a share of the device's memory
+(``0.8``, ``"80%"``) or a share of the site's models' measured cost added up (``"0.5x"``).
+:func:`parse_budget` is the one parser (the site config validates with it);
+:func:`resolve_budget` turns a spec into bytes once the device's memory and the models' cost are
+known (the memory meter and the planner measure those, above).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+    "tib": 1024**4,
+}
+
+
+def parse_bytes(spec: int | float | str) -> int:
+    """Bytes from ``1500000000``, ``"1.5GB"``, ``"512MiB"``, ``"2 g"`` (decimal k/M/G, binary KiB/MiB/GiB)."""
+    if isinstance(spec, bool):
+        raise ValueError(f"not a size: {spec!r}")
+    if isinstance(spec, (int, float)):
+        if spec < 0:
+            raise ValueError(f"a size cannot be negative: {spec!r}")
+        return int(spec)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*", spec)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"not a size: {spec!r} (use bytes, or e.g. 512MiB, 1.5GB)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+BudgetKind = Literal["bytes", "device", "models"]
+
+
+def parse_budget(spec: int | float | str) -> tuple[BudgetKind, float]:
+    """The one parser of budget specs (the site config validates with it): (kind, amount).
+
+    - a number in (0, 1], ``"0.8"`` or ``"80%"``: that share of the device's memory
+      (``"device"``; GPU memory, or system memory on a CPU); ``1`` is the whole device;
+    - ``"0.5x"``: that share of the site's models' measured costs added up (``"models"``),
+      which gives a demo on a big machine a budget that cannot hold every model;
+    - anything else is a size in bytes (``4e9``, ``"4GiB"``, ``"500MB"``, see :func:`parse_bytes`).
+    """
+    if isinstance(spec, bool):
+        raise ValueError(f"not a budget: {spec!r}")
+    if isinstance(spec, str):
+        s = spec.strip().lower()
+        try:
+            if s.endswith("%"):
+                frac = float(s[:-1]) / 100.0
+                if not 0.0 < frac <= 1.0:
+                    raise ValueError(f"a budget percentage must be in (0, 100]: {spec!r}")
+                return "device", frac
+            if s.endswith("x"):
+                share = float(s[:-1])
+                if share <= 0:
+                    raise ValueError(f"budget {spec!r}: the share of the models' cost must be > 0")
+                return "models", share
+            spec = float(s)
+        except ValueError as exc:
+            if "budget" in str(exc):
+                raise
+            try:
+                amount = parse_bytes(s)
+            except ValueError:
+                raise ValueError(
+                    f"budget {spec!r}: expected bytes (4GiB, 500MB), a device share (0.8, 80%) or a share of the models' cost (0.5x)"
+                ) from None
+            if amount < 1:
+                raise ValueError(f"budget {spec!r} is under one byte") from None
+            return "bytes", float(amount)
+    if float(spec) <= 0:
+        raise ValueError(f"a budget must be > 0, got {spec!r}")
+    if float(spec) <= 1.0:
+        return "device", float(spec)
+    return "bytes", float(parse_bytes(spec))
+
+
+def resolve_budget(spec: int | float | str, total: int, models_cost: int | None = None) -> int:
+    """A budget in bytes: ``total`` is the device's memory, ``models_cost`` every model's cost added up."""
+    kind, amount = parse_budget(spec)
+    if kind == "device":
+        return int(amount * total)
+    if kind == "models":
+        if models_cost is None:
+            raise ValueError(f"budget {spec!r} is a share of the models' cost, and no cost was given")
+        return int(amount * models_cost)
+    return int(amount)

@@ -59,7 +59,7 @@ def cuda_status(device: str) -> str | None:
 
 def torch_models(store: Any) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
     """{model: params} of the zoo's torch models that can load here, and {model: why not}."""
-    from mlink.models.base import model_info, zoo
+    from mlink.models.catalog import model_info, zoo
 
     chosen: dict[str, dict[str, Any]] = {}
     left_out: dict[str, str] = {}

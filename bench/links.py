@@ -77,7 +77,7 @@ def prediction_ms(links: Any, frames: list[dict[str, np.ndarray]], batch: int, j
 def model_latencies(cfg: Any, store: Any, n: int) -> dict[str, float]:
     """Median ms per frame of each site model on ``n`` real frames of the site's streams."""
     from mlink.bench.measure import latency_ms
-    from mlink.models.base import create_model
+    from mlink.models.catalog import create_model
     from mlink.scheduler.profiler import plan_stream_frames, site_frames
 
     images = [f.image for f in site_frames(plan_stream_frames(cfg, n, store))()]

@@ -82,7 +82,7 @@ def _figures(device: str, meter: Any, peaks: list[int], deltas: list[int], secs:
 
 
 def measure_model(config: str, name: str, frames: int, device: str, threads: int, repeats: int, store: Any, warmup_batch: int = 1) -> dict:
-    from mlink.models.base import create_model, model_info
+    from mlink.models.catalog import create_model, model_info
     from mlink.scheduler.memory import MemoryMeter
     from mlink.server.config import load_config
 

@@ -28,7 +28,7 @@ def measure_one(name: str, frames: int, device: str, threads: int) -> dict:
 
     torch.set_num_threads(threads)
     from mlink.models.assets import default_store
-    from mlink.models.base import create_model, model_info
+    from mlink.models.catalog import create_model, model_info
     from mlink.scheduler.memory import MemoryMeter
     from mlink.server.frames import read_frames
 
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(measure_one(args.one, args.frames, args.device, args.threads)))
         return 0
 
-    from mlink.models.base import zoo
+    from mlink.models.catalog import zoo
 
     names = [n for n in args.models.split(",") if n] or list(zoo())
     rows = []

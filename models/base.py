@@ -1,20 +1,22 @@
-"""The black-box model interface and the zoo registry.
+"""The black-box model interface.
 
 A zoo model is a small adapter around one backend (torch/torchvision, ONNX Runtime, OpenCV),
 in the manner of Frigate's detector plugins: each adapter declares its name, task, backend,
-output specs and assets, and registers itself; the rest of mlink creates models by name and
-sees nothing but ``load``/``unload``/``infer`` and the output arrays. Nothing outside
-``models/`` may reach inside a model (no features, no weights): that is what makes them black
-boxes, and what keeps links honest.
+output specs, assets and params (a pydantic model that forbids unknown keys), and registers
+itself (``mlink.models.registry``); the rest of mlink creates models by name
+(``mlink.models.catalog``) and sees nothing but ``load``/``unload``/``infer`` and the output
+arrays. Nothing outside ``models/`` may reach inside a model (no features, no weights): that is
+what makes them black boxes, and what keeps links honest.
 """
 
 from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterable, Mapping, Sequence, TypeVar
+from typing import Any, ClassVar, Iterable, Sequence
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from mlink.models.assets import AssetStore, default_store
 from mlink.models.spec import OutputSpec
@@ -25,6 +27,31 @@ ModelOutput = dict[str, np.ndarray]
 
 class ModelError(RuntimeError):
     """A model could not be created, loaded or run; the message says which and why."""
+
+
+class AdapterParams(BaseModel):
+    """Base of every adapter's params: typed fields with defaults and bounds, unknown keys refused.
+
+    A site config's ``models[].params`` is validated against the adapter's params model (so
+    ``mlink config validate`` reports a typo with its path), and :class:`BlackBoxModel`
+    validates the keyword params it is created with against the same model.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def params_error(name: str, params: type[BaseModel], exc: ValidationError) -> str:
+    """One line naming every bad param of model ``name`` (unknown keys together, with the known ones)."""
+    errors = exc.errors()
+    unknown = sorted(str(e["loc"][0]) for e in errors if e["type"] == "extra_forbidden" and e["loc"])
+    parts = [f"unknown params {unknown}; known: {sorted(params.model_fields)}"] if unknown else []
+    for e in errors:
+        if e["type"] == "extra_forbidden" and e["loc"]:
+            continue
+        loc = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        parts.append(f"param {loc}: {msg}, got {e['input']!r}" if loc else msg)
+    return f"model {name}: " + "; ".join(parts)
 
 
 @dataclass(frozen=True)
@@ -39,6 +66,7 @@ class ModelInfo:
     assets: tuple[str, ...]
     description: str
     pretrained_note: str = ""
+    params: type[AdapterParams] = AdapterParams  # the adapter's params model
 
     def output(self, name: str) -> OutputSpec:
         for spec in self.outputs:
@@ -50,8 +78,10 @@ class ModelInfo:
 class BlackBoxModel(abc.ABC):
     """Base class of every zoo adapter.
 
-    Subclasses set the class attributes, implement ``_load``, ``_unload`` and ``_infer``, and
-    decorate themselves with :func:`register`. ``infer`` takes a batch of BGR uint8 frames
+    Subclasses set the class attributes (``Params``: their :class:`AdapterParams` model, none by
+    default), implement ``_load``, ``_unload`` and ``_infer``, and decorate themselves with
+    :func:`mlink.models.registry.register`. Params are validated on creation (a
+    :class:`ModelError` names every bad one) and read from ``self.params``. ``infer`` takes a batch of BGR uint8 frames
     (OpenCV's layout, as the frame source yields them) and returns one :data:`ModelOutput` per
     frame, validated against the output specs so a broken adapter fails loudly here and not
     in a link far away.
@@ -64,12 +94,16 @@ class BlackBoxModel(abc.ABC):
     primary: ClassVar[str]  # the output a site serves when it names none
     assets: ClassVar[tuple[str, ...]] = ()
     description: ClassVar[str] = ""
+    Params: ClassVar[type[AdapterParams]] = AdapterParams
 
     def __init__(self, store: AssetStore | None = None, **params: Any) -> None:
         # Assets are resolved at load time, not here, so listing or configuring a model never
         # touches the disk or the network.
         self.store = store if store is not None else default_store()
-        self.params = dict(params)
+        try:
+            self.params: AdapterParams = self.Params.model_validate(params)
+        except ValidationError as exc:
+            raise ModelError(params_error(self.name, self.Params, exc)) from None
         self.device = "cpu"
         self._loaded = False
 
@@ -128,6 +162,7 @@ class BlackBoxModel(abc.ABC):
             assets=tuple(cls.assets),
             description=cls.description,
             pretrained_note=cls.pretrained_note(),
+            params=cls.Params,
         )
 
     @classmethod
@@ -148,50 +183,6 @@ class BlackBoxModel(abc.ABC):
 
     @abc.abstractmethod
     def _infer(self, frames: list[np.ndarray]) -> list[ModelOutput]: ...
-
-
-_REGISTRY: dict[str, type[BlackBoxModel]] = {}
-M = TypeVar("M", bound=type[BlackBoxModel])
-
-
-def register(cls: M) -> M:
-    """Class decorator: add a zoo adapter under its ``name``."""
-    for attr in ("name", "task", "backend", "outputs", "primary"):
-        if not hasattr(cls, attr):
-            raise TypeError(f"{cls.__name__} must define {attr}")
-    if cls.primary not in {s.name for s in cls.outputs}:
-        raise TypeError(f"{cls.__name__}: primary output {cls.primary!r} is not declared")
-    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
-        raise TypeError(f"zoo name {cls.name!r} registered twice")
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-def _ensure_zoo() -> None:
-    # Importing the zoo package registers every adapter; done lazily so `mlink.models.spec`
-    # stays light for links and the scheduler.
-    import mlink.models.zoo  # noqa: F401
-
-
-def zoo() -> Mapping[str, type[BlackBoxModel]]:
-    _ensure_zoo()
-    return dict(sorted(_REGISTRY.items()))
-
-
-def model_info(name: str) -> ModelInfo:
-    return _lookup(name).info()
-
-
-def create_model(name: str, **params: Any) -> BlackBoxModel:
-    return _lookup(name)(**params)
-
-
-def _lookup(name: str) -> type[BlackBoxModel]:
-    _ensure_zoo()
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ModelError(f"unknown zoo model {name!r}; known: {', '.join(sorted(_REGISTRY))}") from None
 
 
 def batched(items: Iterable[Any], size: int) -> Iterable[list[Any]]:

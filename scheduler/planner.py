@@ -318,7 +318,7 @@ def site_served(cfg: SiteConfig) -> dict[str, tuple[str, ...]]:
 
 def model_factory(cfg: SiteConfig, store: Any = None) -> Callable[[str], Any]:
     """A pool factory creating the site's models with their config params and ``store``."""
-    from mlink.models.base import create_model
+    from mlink.models.catalog import create_model
 
     def make(name: str) -> Any:
         try:

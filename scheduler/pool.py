@@ -146,7 +146,7 @@ class _Slot:
 
 
 def _default_factory(name: str) -> Any:
-    from mlink.models.base import create_model
+    from mlink.models.catalog import create_model
 
     return create_model(name)
 
@@ -221,7 +221,7 @@ class ModelPool:
         if prepare:
             # Import the backends before the baseline (importing torch alone is ~370 MB of
             # process memory that no model should be charged) and pay their one-time costs.
-            from mlink.models.base import model_info, zoo
+            from mlink.models.catalog import model_info, zoo
 
             zoo()
             backends = None

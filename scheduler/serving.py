@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 import numpy as np
 
 from mlink.links import LinkSet, node_model
-from mlink.models.base import model_info
+from mlink.models.catalog import model_info
 from mlink.models.spec import OutputSpec
 from mlink.scheduler.pool import ModelNotLoaded, ModelPool
 

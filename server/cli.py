@@ -17,7 +17,8 @@ import typer
 
 from mlink.links.errors import LinkError
 from mlink.models.assets import MANIFEST, AssetError, default_store
-from mlink.models.base import ModelError, create_model, model_info, zoo
+from mlink.models.base import ModelError
+from mlink.models.catalog import create_model, model_info, zoo
 from mlink.server.cli_bench import bench_app
 from mlink.server.cli_schedule import schedule_app
 from mlink.server.config import ConfigError, SiteConfig, load_config, site_config_path

@@ -17,7 +17,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mlink.configs.budget import parse_budget
-from mlink.models.base import ModelError, model_info
+from mlink.models.base import ModelError
+from mlink.models.catalog import model_info
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 ASSET_SCHEME = "asset://"

@@ -27,7 +27,7 @@ from typing import Any
 
 from mlink.links import LinkError, LinkSet, TupleSet
 from mlink.models.assets import AssetStore, default_store
-from mlink.models.base import model_info
+from mlink.models.catalog import model_info
 from mlink.scheduler.planner import Plan, Planner, build_pool
 from mlink.scheduler.profiler import (
     NoProfileFiles,

@@ -53,7 +53,7 @@ def _build_tuples(store: AssetStore) -> TupleSet:
     import cv2
 
     from mlink.links.train import torch_threads
-    from mlink.models.base import create_model, model_info
+    from mlink.models.catalog import create_model, model_info
     from mlink.server.frames import read_frames
 
     ts = TupleSet.for_models({m: [model_info(m).output(o) for o in outs] for m, outs in SERVED.items()})

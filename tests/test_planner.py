@@ -16,7 +16,7 @@ import torch
 
 from mlink.links import LinkSet, TrainConfig, TupleSet
 from mlink.models.assets import AssetStore
-from mlink.models.base import create_model, model_info
+from mlink.models.catalog import create_model, model_info
 from mlink.scheduler.planner import LinkAccuracy, Planner, build_pool, model_factory, site_served
 from mlink.scheduler.pool import ModelPool
 from mlink.scheduler.profiler import ProfileFrame, loader, profile

@@ -13,7 +13,7 @@ import pytest
 
 from mlink.configs.budget import parse_bytes, resolve_budget
 from mlink.models.assets import AssetStore
-from mlink.models.base import create_model
+from mlink.models.catalog import create_model
 from mlink.scheduler.memory import CPU_SOURCES, MemoryMeter
 from mlink.scheduler.pool import BudgetExceeded, ModelNotLoaded, ModelPinned, ModelPool
 
@@ -214,7 +214,7 @@ CYCLE_SCRIPT = """
 import json, sys
 from pathlib import Path
 from mlink.models.assets import AssetStore
-from mlink.models.base import create_model
+from mlink.models.catalog import create_model
 from mlink.scheduler.pool import ModelPool
 name, home, mirror = sys.argv[1], sys.argv[2], sys.argv[3]
 store = AssetStore(home=Path(home), mirror=Path(mirror) if mirror else None, offline=True)

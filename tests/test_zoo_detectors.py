@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from mlink.models.assets import AssetError, AssetStore
-from mlink.models.base import BlackBoxModel, ModelError, create_model, model_info, zoo
+from mlink.models.base import BlackBoxModel, ModelError
+from mlink.models.catalog import create_model, model_info, zoo
 from mlink.models.detections import COCO_OUTPUTS, MAX_BOXES
 from mlink.models.spec import box_f1, box_iou
 from mlink.models.zoo.centerface import CenterFace, decode as centerface_decode, dynamicize

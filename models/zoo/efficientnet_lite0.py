@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from mlink.models.base import ModelError, register
+from mlink.models.base import ModelError
+from mlink.models.registry import register
 from mlink.models.zoo._torch import TorchImageNetClassifier, load_state_dict_file
 
 

@@ -22,20 +22,23 @@ if wider than ``max_width`` (default 1280; None for no limit), shrunk to it, whi
 of HD frames. Cost grows with pixels: on 2 CPU cores about 75 ms at 768x576 and 120 ms at the
 default 1.25x. Boxes are mapped back to the original frame.
 
-Params: ``win_stride`` ((8, 8)), ``padding`` ((8, 8)), ``scale`` (1.05), ``hit_threshold`` (0.0),
-``group_threshold`` (2), ``overlap_threshold`` (0.65), ``upscale`` (1.25), ``max_width`` (1280).
+Params (:class:`HogParams`): ``win_stride`` ((8, 8)), ``padding`` ((8, 8)), ``scale`` (1.05),
+``hit_threshold`` (0.0), ``group_threshold`` (2), ``overlap_threshold`` (0.65), ``upscale``
+(1.25), ``max_width`` (1280).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Annotated, Any
 
 import cv2
 import numpy as np
+from pydantic import Field
 
-from mlink.models.base import BlackBoxModel, ModelError, ModelOutput, register
+from mlink.models.base import AdapterParams, BlackBoxModel, ModelError, ModelOutput
 from mlink.models.detections import PERSON_COUNT, box_sequence, boxes_spec
+from mlink.models.registry import register
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +61,21 @@ def suppress_nested(boxes: np.ndarray, scores: np.ndarray, threshold: float) -> 
     return np.asarray(keep, dtype=np.int64)
 
 
+PositiveInt = Annotated[int, Field(ge=1)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+
+
+class HogParams(AdapterParams):
+    win_stride: tuple[PositiveInt, PositiveInt] = Field(default=(8, 8), description="detection window step (x, y), pixels")
+    padding: tuple[NonNegativeInt, NonNegativeInt] = Field(default=(8, 8), description="padding around each window (x, y), pixels")
+    scale: float = Field(default=1.05, ge=1.001, le=4.0, description="pyramid step between scales")
+    hit_threshold: float = Field(default=0.0, ge=-10.0, le=10.0, description="SVM margin a window needs")
+    group_threshold: int = Field(default=2, ge=0, le=100, description="OpenCV's grouping of overlapping windows (0: none)")
+    overlap_threshold: float = Field(default=0.65, ge=0.0, le=1.0, description="intersection over the smaller box above which a weaker box is dropped")
+    upscale: float = Field(default=1.25, ge=0.1, le=4.0, description="frames are enlarged by this first (finds smaller people)")
+    max_width: int | None = Field(default=1280, ge=WINDOW[0], description="frames wider than this after upscale are shrunk to it; None: no limit")
+
+
 @register
 class HogPeople(BlackBoxModel):
     name = "hog_people"
@@ -68,40 +86,12 @@ class HogPeople(BlackBoxModel):
     assets = ()
     description = "OpenCV HOG + linear SVM pedestrian detector (built in, no weights file); upright people >= ~80 px"
 
+    Params = HogParams
+    params: HogParams
+
     def __init__(self, store: Any = None, **params: Any) -> None:
         super().__init__(store, **params)
-        self.win_stride = self._pair("win_stride", (8, 8))
-        self.padding = self._pair("padding", (8, 8), minimum=0)
-        self.scale = self._float("scale", 1.05, 1.001, 4.0)
-        self.hit_threshold = self._float("hit_threshold", 0.0, -10.0, 10.0)
-        self.group_threshold = int(self._float("group_threshold", 2, 0, 100))
-        self.overlap_threshold = self._float("overlap_threshold", 0.65, 0.0, 1.0)
-        self.upscale = self._float("upscale", 1.25, 0.1, 4.0)
-        max_width = self.params.get("max_width", 1280)
-        if max_width is not None and (isinstance(max_width, bool) or not isinstance(max_width, (int, np.integer)) or max_width < WINDOW[0]):
-            raise ModelError(f"model {self.name}: param max_width must be None or an int >= {WINDOW[0]}, got {max_width!r}")
-        self.max_width = None if max_width is None else int(max_width)
         self._hog: cv2.HOGDescriptor | None = None
-
-    def _float(self, key: str, default: float, lo: float, hi: float) -> float:
-        value = self.params.get(key, default)
-        try:
-            value = float(value)
-        except (TypeError, ValueError):
-            raise ModelError(f"model {self.name}: param {key} must be a number, got {value!r}") from None
-        if not lo <= value <= hi:
-            raise ModelError(f"model {self.name}: param {key} must be in [{lo}, {hi}], got {value}")
-        return value
-
-    def _pair(self, key: str, default: tuple[int, int], minimum: int = 1) -> tuple[int, int]:
-        value = self.params.get(key, default)
-        if (
-            isinstance(value, (tuple, list))
-            and len(value) == 2
-            and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= minimum for v in value)
-        ):
-            return int(value[0]), int(value[1])
-        raise ModelError(f"model {self.name}: param {key} must be two ints >= {minimum}, got {value!r}")
 
     def _load(self, device: str) -> None:
         if device.startswith("cuda"):
@@ -119,9 +109,10 @@ class HogPeople(BlackBoxModel):
 
     def factor(self, width: int) -> float:
         """How much a frame of ``width`` px is resized before detection."""
-        f = self.upscale
-        if self.max_width is not None and width * f > self.max_width:
-            f = self.max_width / width
+        f = self.params.upscale
+        max_width = self.params.max_width
+        if max_width is not None and width * f > max_width:
+            f = max_width / width
         return f
 
     def detect(self, frame: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -135,22 +126,23 @@ class HogPeople(BlackBoxModel):
             image = cv2.resize(frame, size, interpolation=cv2.INTER_AREA if f < 1 else cv2.INTER_LINEAR)
         if image.shape[1] < WINDOW[0] or image.shape[0] < WINDOW[1]:
             return np.zeros((0, 4), np.float32), np.zeros(0, np.float32)
+        p = self.params
         rects, weights = self._hog.detectMultiScale(
             image,
-            hitThreshold=self.hit_threshold,
-            winStride=self.win_stride,
-            padding=self.padding,
-            scale=self.scale,
-            groupThreshold=self.group_threshold,
+            hitThreshold=p.hit_threshold,
+            winStride=p.win_stride,
+            padding=p.padding,
+            scale=p.scale,
+            groupThreshold=p.group_threshold,
         )
         rects = np.asarray(rects, dtype=np.float32).reshape(-1, 4)
         if len(rects) == 0:
             return np.zeros((0, 4), np.float32), np.zeros(0, np.float32)
-        margins = np.asarray(weights, dtype=np.float32).reshape(-1) - self.hit_threshold
+        margins = np.asarray(weights, dtype=np.float32).reshape(-1) - p.hit_threshold
         scores = (1.0 - np.exp(-np.clip(margins, 0.0, None))).astype(np.float32)
         x, y, bw, bh = rects.T
         boxes = np.stack([x + 0.1 * bw, y + 0.07 * bh, x + 0.9 * bw, y + 0.87 * bh], axis=1) / f
-        keep = suppress_nested(boxes, scores, self.overlap_threshold)
+        keep = suppress_nested(boxes, scores, p.overlap_threshold)
         return boxes[keep].astype(np.float32), scores[keep]
 
     def _infer(self, frames: list[np.ndarray]) -> list[ModelOutput]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torchvision
 
-from mlink.models.base import register
+from mlink.models.registry import register
 from mlink.models.zoo._torch import TorchImageNetClassifier, load_state_dict_file
 
 

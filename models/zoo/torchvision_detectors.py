@@ -13,7 +13,7 @@ weights and says so (a warning in the log, ``weights_note``, and ``info().pretra
 instance). Such a model has the real architecture, input pipeline, output shapes and memory
 footprint, and meaningless detections: use it for sizing and plumbing, never for answers.
 
-Params (all optional):
+Params (all optional; :class:`DetectorParams`, without ``min_size``/``max_size`` for SSD):
 - ``score_threshold`` (0.5): detections below it are dropped;
 - ``allow_random_weights`` (False), ``seed`` (0): see above;
 - ``batch_size`` (8): frames per forward pass;
@@ -36,12 +36,14 @@ from typing import Any, Callable, ClassVar
 import numpy as np
 import torch
 import torchvision.models.detection as tvd
+from pydantic import Field, model_validator
 
 from mlink.models.assets import AssetError
-from mlink.models.base import BlackBoxModel, ModelError, ModelInfo, ModelOutput, register
+from mlink.models.base import BlackBoxModel, ModelError, ModelInfo, ModelOutput
 from mlink.models.detections import COCO_CLASSES, COCO_OUTPUTS, MAX_BOXES, PERSON, PERSON_COUNT, boxes_spec, coco_outputs
+from mlink.models.registry import register
 from mlink.models.spec import OutputSpec
-from mlink.models.zoo._torch import TorchModule, frame_tensor, load_state_dict_file, torch_device
+from mlink.models.zoo._torch import TorchModule, TorchParams, frame_tensor, load_state_dict_file, torch_device
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +80,25 @@ class _InfoWithWeights:
         return info
 
 
+class DetectorParams(TorchParams):
+    score_threshold: float = Field(default=0.5, ge=0, le=1, description="detections below it are dropped")
+    allow_random_weights: bool = Field(default=False, description="seeded random weights when the weights asset is missing (shapes and memory only)")
+    seed: int = Field(default=0, description="seed of the random weights")
+    max_detections: int = Field(default=MAX_BOXES, ge=1, le=MAX_BOXES, description="boxes kept per frame after NMS, best first")
+    min_size: int | None = Field(default=None, ge=1, description="R-CNN only: shorter side the model resizes to (torchvision's default if unset)")
+    max_size: int | None = Field(default=None, ge=1, description="R-CNN only: longest side the model resizes to (torchvision's default if unset)")
+
+
+class FixedSizeDetectorParams(DetectorParams):
+    """Params of a detector that resizes every frame to one size itself (SSD)."""
+
+    @model_validator(mode="after")
+    def _fixed(self) -> "FixedSizeDetectorParams":
+        if self.min_size is not None or self.max_size is not None:
+            raise ValueError("fixed input size; min_size/max_size do not apply")
+        return self
+
+
 class TorchvisionDetector(TorchModule):
     """A torchvision detection model: subclasses name the builder and the label map."""
 
@@ -85,24 +106,13 @@ class TorchvisionDetector(TorchModule):
     builder: ClassVar[Callable[..., torch.nn.Module]]
     num_classes: ClassVar[int] = len(TV_COCO_CATEGORIES)
     label_map: ClassVar[np.ndarray] = COCO_LABEL_MAP
-    resizable: ClassVar[bool] = True  # R-CNN: min_size/max_size params apply
+    Params: ClassVar[type[DetectorParams]] = DetectorParams  # R-CNN: min_size/max_size apply
+    params: DetectorParams
 
     info = _InfoWithWeights()  # type: ignore[assignment]
 
     def __init__(self, store: Any = None, **params: Any) -> None:
         super().__init__(store, **params)
-        known = {"score_threshold", "allow_random_weights", "seed", "batch_size", "max_detections", "min_size", "max_size"}
-        unknown = set(self.params) - known
-        if unknown:
-            raise ModelError(f"model {self.name}: unknown params {sorted(unknown)}; known: {sorted(known)}")
-        self.score_threshold = float(self.params.get("score_threshold", 0.5))
-        self.allow_random_weights = bool(self.params.get("allow_random_weights", False))
-        self.seed = int(self.params.get("seed", 0))
-        self.max_detections = int(self.params.get("max_detections", MAX_BOXES))
-        if not 1 <= self.max_detections <= MAX_BOXES:
-            raise ModelError(f"model {self.name}: max_detections must be in 1..{MAX_BOXES}, got {self.max_detections}")
-        if not self.resizable and ("min_size" in self.params or "max_size" in self.params):
-            raise ModelError(f"model {self.name}: fixed input size; min_size/max_size do not apply")
         self.weights_note = ""  # non-empty when the loaded weights are not the official ones
 
     @property
@@ -118,7 +128,7 @@ class TorchvisionDetector(TorchModule):
         try:
             path = self.store.path(self.asset)
         except AssetError as exc:
-            if not self.allow_random_weights:
+            if not self.params.allow_random_weights:
                 raise ModelError(
                     f"model {self.name}: weights asset {self.asset!r} is not available "
                     f"(pass allow_random_weights=True for a random-weight stand-in): {exc}"
@@ -131,20 +141,20 @@ class TorchvisionDetector(TorchModule):
         else:
             # Seeded, and without disturbing the process's global RNG streams.
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self.seed)
+                torch.manual_seed(self.params.seed)
                 module = self._build()
             self.weights_note = RANDOM_WEIGHTS_NOTE.format(asset=self.asset)
-            log.warning("model %s: %s (seed %d)", self.name, self.weights_note, self.seed)
+            log.warning("model %s: %s (seed %d)", self.name, self.weights_note, self.params.seed)
         # The model's own cap on detections per image (R-CNN: roi_heads, SSD: the model; SSD's
         # default of 300 is wasted work beyond the MAX_BOXES we keep anyway).
         owner = getattr(module, "roi_heads", module)
-        owner.detections_per_img = self.max_detections
+        owner.detections_per_img = self.params.max_detections
         transform = getattr(module, "transform", None)
-        if self.resizable and transform is not None:
-            if "min_size" in self.params:
-                transform.min_size = (int(self.params["min_size"]),)
-            if "max_size" in self.params:
-                transform.max_size = int(self.params["max_size"])
+        if transform is not None:  # R-CNN; SSD's params refuse min_size/max_size
+            if self.params.min_size is not None:
+                transform.min_size = (self.params.min_size,)
+            if self.params.max_size is not None:
+                transform.max_size = self.params.max_size
         self._place(module, dev)
 
     # -- inference ---------------------------------------------------------------------------
@@ -160,9 +170,9 @@ class TorchvisionDetector(TorchModule):
         valid = (labels >= 0) & (labels < len(self.label_map))
         classes = np.full(labels.shape, -1, dtype=np.int64)
         classes[valid] = self.label_map[labels[valid]]
-        keep = (scores >= self.score_threshold) & (classes >= 0)
+        keep = (scores >= self.params.score_threshold) & (classes >= 0)
         boxes, scores, classes = boxes[keep], scores[keep], classes[keep]
-        order = np.argsort(-scores, kind="stable")[: self.max_detections]
+        order = np.argsort(-scores, kind="stable")[: self.params.max_detections]
         return boxes[order], scores[order], classes[order]
 
     def _outputs(self, frame: np.ndarray, det: dict[str, torch.Tensor]) -> ModelOutput:
@@ -189,7 +199,7 @@ class SSDLite320MobileNetV3Large(TorchvisionDetector):
     primary = "person_count"
     description = "torchvision SSDlite320 MobileNetV3-Large (COCO_V1): person/vehicle/object counts, boxes"
     builder = staticmethod(tvd.ssdlite320_mobilenet_v3_large)
-    resizable = False  # SSD resizes every frame to 320x320
+    Params = FixedSizeDetectorParams  # SSD resizes every frame to 320x320
 
 
 PERSON_BOXES: OutputSpec = boxes_spec("persons: x1, y1, x2, y2 normalised to the frame, score")

@@ -8,76 +8,27 @@ units, objectness, and 80 class scores (all after sigmoid). This adapter decodes
 keeps each anchor's best class when objectness * class score passes ``score_threshold``, runs
 per-class NMS and maps boxes back to the original frame's pixels.
 
-Params: ``score_threshold`` (0.3), ``nms_threshold`` (IoU, 0.45), ``threads`` (ONNX Runtime
-intra-op threads; default: ORT decides).
-
-The ONNX Runtime session helper here is shared with the other ONNX adapter (centerface).
+Params (:class:`YoloxParams`): ``score_threshold`` (0.3), ``nms_threshold`` (IoU, 0.45),
+``threads`` (ONNX Runtime intra-op threads; default 0: ORT decides).
 """
 
 from __future__ import annotations
 
-import logging
 from functools import lru_cache
 from typing import Any
 
 import cv2
 import numpy as np
+from pydantic import Field
 
-from mlink.models.base import BlackBoxModel, ModelError, ModelOutput, register
+from mlink.models.base import BlackBoxModel, ModelError, ModelOutput
 from mlink.models.detections import COCO_OUTPUTS, coco_outputs
-
-log = logging.getLogger(__name__)
+from mlink.models.registry import register
+from mlink.models.zoo._onnx import OnnxParams, onnx_session
 
 INPUT_SIZE = 416  # square network input, pixels
 STRIDES = (8, 16, 32)
 PAD_VALUE = 114
-
-
-def float_param(model: BlackBoxModel, key: str, default: float, lo: float, hi: float) -> float:
-    """A float param from ``model.params`` within [lo, hi]; a bad value is a ModelError."""
-    value = model.params.get(key, default)
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise ModelError(f"model {model.name}: param {key} must be a number, got {value!r}") from None
-    if not lo <= value <= hi:
-        raise ModelError(f"model {model.name}: param {key} must be in [{lo}, {hi}], got {value}")
-    return value
-
-
-def threads_param(model: BlackBoxModel) -> int:
-    """``threads`` param: intra-op threads for ONNX Runtime; 0 (the default) lets ORT decide."""
-    value = model.params.get("threads", 0)
-    if value is None:
-        return 0
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-        raise ModelError(f"model {model.name}: param threads must be an int >= 0, got {value!r}")
-    return int(value)
-
-
-def onnx_session(model_source: str | bytes, device: str, threads: int, name: str) -> Any:
-    """An ONNX Runtime session on ``device``: CPU, or CUDA when asked for and available.
-
-    ``model_source`` is a file path or serialized model bytes. A CUDA device without the CUDA
-    execution provider falls back to the CPU with a logged warning rather than failing: the
-    answers are the same, only slower.
-    """
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3  # these exports list BN counters as graph inputs; ORT warns per tensor
-    if threads:
-        opts.intra_op_num_threads = threads
-    providers: list[Any] = ["CPUExecutionProvider"]
-    if device.startswith("cuda"):
-        if "CUDAExecutionProvider" in ort.get_available_providers():
-            device_id = int(device.split(":", 1)[1]) if ":" in device else 0
-            providers = [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
-        else:
-            log.warning("model %s: %s asked for but ONNX Runtime has no CUDA provider here; running on CPU", name, device)
-    elif device != "cpu":
-        raise ModelError(f"model {name}: unknown device {device!r} (use cpu, cuda or cuda:N)")
-    return ort.InferenceSession(model_source, sess_options=opts, providers=providers)
 
 
 def letterbox(frame: np.ndarray, size: int = INPUT_SIZE) -> tuple[np.ndarray, float]:
@@ -128,6 +79,11 @@ def decode(raw: np.ndarray, ratio: float, score_threshold: float, nms_threshold:
     return boxes[idx].astype(np.float32), scores[idx].astype(np.float32), cls[idx].astype(np.int64)
 
 
+class YoloxParams(OnnxParams):
+    score_threshold: float = Field(default=0.3, ge=0, le=1, description="objectness * class score a detection needs")
+    nms_threshold: float = Field(default=0.45, ge=0, le=1, description="IoU above which NMS drops the weaker box of a class")
+
+
 @register
 class YoloxNano(BlackBoxModel):
     name = "yolox_nano"
@@ -137,17 +93,16 @@ class YoloxNano(BlackBoxModel):
     primary = "person_count"
     assets = ("yolox_nano",)
     description = "YOLOX-Nano COCO detector (0.91M params, 416x416): person/vehicle/object counts and boxes"
+    Params = YoloxParams
+    params: YoloxParams
 
     def __init__(self, store: Any = None, **params: Any) -> None:
         super().__init__(store, **params)
-        self.score_threshold = float_param(self, "score_threshold", 0.3, 0.0, 1.0)
-        self.nms_threshold = float_param(self, "nms_threshold", 0.45, 0.0, 1.0)
-        self.threads = threads_param(self)
         self._session: Any = None
 
     def _load(self, device: str) -> None:
         path = self.store.path("yolox_nano")
-        session = onnx_session(str(path), device, self.threads, self.name)
+        session = onnx_session(str(path), device, self.params.threads, self.name)
         inputs = session.get_inputs()
         if len(inputs) != 1 or list(inputs[0].shape) != [1, 3, INPUT_SIZE, INPUT_SIZE]:
             raise ModelError(f"model {self.name}: {path} has inputs {[(i.name, i.shape) for i in inputs]}, not one [1, 3, 416, 416]")
@@ -162,7 +117,7 @@ class YoloxNano(BlackBoxModel):
         for frame in frames:  # the export has a fixed batch of 1
             blob, ratio = letterbox(frame)
             raw = self._session.run(None, {self._input: blob})[0][0]
-            boxes, scores, classes = decode(raw, ratio, self.score_threshold, self.nms_threshold)
+            boxes, scores, classes = decode(raw, ratio, self.params.score_threshold, self.params.nms_threshold)
             h, w = frame.shape[:2]
             results.append(coco_outputs(boxes, scores, classes, w, h))
         return results

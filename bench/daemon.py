@@ -64,9 +64,10 @@ print(json.dumps({"requests": n, "ok": len(lat), "errors": errors[0], "achieved_
 def api_latency(rate: float, seconds: float) -> dict:
     import uvicorn
 
+    from mlink.configs.load import parse_config
     from mlink.models.assets import default_store
+    from mlink.models.catalog import zoo_catalog
     from mlink.server.api import create_app
-    from mlink.server.config import parse_config
     from mlink.server.daemon import Daemon
 
     home = Path(tempfile.mkdtemp(prefix="mlink-bench-"))
@@ -74,7 +75,7 @@ def api_latency(rate: float, seconds: float) -> dict:
     from mlink.models.assets import AssetStore
 
     store = AssetStore(home=home, mirror=store.mirror, offline=store.offline)
-    daemon = Daemon(parse_config(yaml.safe_dump(SITE)), None, store, progress=True)
+    daemon = Daemon(parse_config(yaml.safe_dump(SITE), catalog=zoo_catalog()), None, store, progress=True)
     daemon.start()
     server = uvicorn.Server(uvicorn.Config(create_app(daemon), host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -101,15 +102,16 @@ def pipeline_overhead(frames: int) -> dict:
     import torch
 
     torch.set_num_threads(2)
+    from mlink.configs.load import parse_config
     from mlink.models.assets import default_store
+    from mlink.models.catalog import zoo_catalog
     from mlink.scheduler.planner import Planner, build_pool
     from mlink.scheduler.profiler import ProfileFrame, plan_stream_frames, site_frames
     from mlink.server.cache import ResultCache
-    from mlink.server.config import parse_config
     from mlink.server.frames import read_frames
     from mlink.server.redis_embedded import EmbeddedRedis
 
-    cfg = parse_config(yaml.safe_dump(SITE))
+    cfg = parse_config(yaml.safe_dump(SITE), catalog=zoo_catalog())
     store = default_store()
     pool = build_pool(cfg, store=store)
     planner = Planner(cfg, pool, progress=False)

@@ -127,12 +127,13 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from mlink.configs.budget import resolve_budget
+    from mlink.configs.load import parse_config
     from mlink.links import TrainConfig
     from mlink.models.assets import default_store
+    from mlink.models.catalog import zoo_catalog
     from mlink.scheduler.memory import MemoryMeter
     from mlink.scheduler.planner import Planner, model_factory
     from mlink.scheduler.pool import ModelPool
-    from mlink.server.config import parse_config
 
     meter = MemoryMeter(args.device)
     if not meter.gpu and not args.dry_run_cpu:
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             f"scheduler:\n  period_s: 1.0\n  profile_share: 0.34\n  switch_margin: 0.0\n  batch_size: {args.batch}",
         ]
     )
-    cfg = parse_config(site_yaml.replace("budget: auto", "budget: 0.8x"), "<gpu-check>")  # the planner gets bytes below
+    cfg = parse_config(site_yaml.replace("budget: auto", "budget: 0.8x"), "<gpu-check>", catalog=zoo_catalog())  # the planner gets bytes below
     fps = 4.0
     total_frames = args.frames + args.periods * args.period_frames + args.period_frames
     frames = sample_frames(store, total_frames, fps)

@@ -97,11 +97,12 @@ def run(site: str | None, config: str | None, tuples_n: int, threads: int, batch
     import torch
 
     from mlink.links import LinkSet, TrainConfig
+    from mlink.configs.load import load_config, site_config_path
     from mlink.models.assets import default_store
+    from mlink.models.catalog import zoo_catalog
     from mlink.scheduler.profiler import site_profile
-    from mlink.server.config import load_config, site_config_path
 
-    cfg = load_config(config if config else site_config_path(site or "default"))
+    cfg = load_config(config if config else site_config_path(site or "default"), catalog=zoo_catalog())
     store = default_store()
     tuples, _, why = site_profile(cfg, store, min_frames=tuples_n + 100)
     if why is not None:

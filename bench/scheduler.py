@@ -116,13 +116,14 @@ def _links_for(cfg, store, epochs: int, quiet: bool):
 def reprofile_overhead(site: str, period_s: float, share: float, budget: str | None, epochs: int, quiet: bool) -> dict[str, Any]:
     import torch
 
+    from mlink.configs.load import load_config, site_config_path
     from mlink.models.assets import default_store
+    from mlink.models.catalog import zoo_catalog
     from mlink.scheduler.planner import Planner, build_pool
     from mlink.scheduler.profiler import plan_stream_frames, site_frames
-    from mlink.server.config import load_config, site_config_path
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
-    cfg = load_config(site_config_path(site))
+    cfg = load_config(site_config_path(site), catalog=zoo_catalog())
     cfg = cfg.model_copy(update={"device": "cpu", "scheduler": cfg.scheduler.model_copy(update={"period_s": period_s, "profile_share": share})})
     store = default_store()
     links, test, how = _links_for(cfg, store, epochs, quiet)

@@ -82,11 +82,11 @@ def _figures(device: str, meter: Any, peaks: list[int], deltas: list[int], secs:
 
 
 def measure_model(config: str, name: str, frames: int, device: str, threads: int, repeats: int, store: Any, warmup_batch: int = 1) -> dict:
-    from mlink.models.catalog import create_model, model_info
+    from mlink.configs.load import load_config
+    from mlink.models.catalog import create_model, model_info, zoo_catalog
     from mlink.scheduler.memory import MemoryMeter
-    from mlink.server.config import load_config
 
-    cfg = load_config(config)
+    cfg = load_config(config, catalog=zoo_catalog())
     images = _site_images(cfg, store, frames)
     info = model_info(name)
     meter = MemoryMeter(device)
@@ -111,10 +111,11 @@ def measure_mtl(
 
     from mlink.bench.table4_data import Backbone
     from mlink.bench.table4_mtl import Heads
+    from mlink.configs.load import load_config
+    from mlink.models.catalog import zoo_catalog
     from mlink.scheduler.memory import MemoryMeter
-    from mlink.server.config import load_config
 
-    cfg = load_config(config)
+    cfg = load_config(config, catalog=zoo_catalog())
     images = _site_images(cfg, store, frames)
     meter = MemoryMeter(device)
     meter.prepare(["torch"])

@@ -90,11 +90,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from mlink.configs.budget import parse_budget, resolve_budget
+from mlink.configs.schema import SiteConfig
 from mlink.links import LinkError, LinkSet, TrainConfig, TupleSet, node_model
 from mlink.scheduler.pool import BudgetExceeded, ModelNotLoaded, ModelPinned, ModelPool
 from mlink.scheduler.profiler import FrameSource, ProfileFrame, profile
 from mlink.scheduler.selection import Selection, evaluate, keep_or_switch, objective_select, paper_greedy
-from mlink.server.config import SiteConfig
 
 log = logging.getLogger(__name__)
 

@@ -21,11 +21,11 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from mlink.configs.schema import SiteConfig
 from mlink.links.tuples import TupleSet, node_key
 from mlink.models.assets import AssetError, AssetStore
 from mlink.models.base import BlackBoxModel, batched
 from mlink.models.catalog import create_model, model_info
-from mlink.server.config import SiteConfig
 from mlink.server.frames import FrameSourceError, is_live, open_capture, read_frames, resolve_url
 
 

@@ -50,7 +50,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 if TYPE_CHECKING:
-    from mlink.server.config import CacheConfig
+    from mlink.configs.schema import CacheConfig
     from mlink.server.redis_embedded import EmbeddedRedis
 
 log = logging.getLogger("mlink.cache")

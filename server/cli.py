@@ -15,13 +15,14 @@ from typing import Any, Callable, Optional, TypeVar
 
 import typer
 
+from mlink.configs.load import ConfigError, load_config, site_config_path
+from mlink.configs.schema import SiteConfig
 from mlink.links.errors import LinkError
 from mlink.models.assets import MANIFEST, AssetError, default_store
 from mlink.models.base import ModelError
-from mlink.models.catalog import create_model, model_info, zoo
+from mlink.models.catalog import create_model, model_info, zoo, zoo_catalog
 from mlink.server.cli_bench import bench_app
 from mlink.server.cli_schedule import schedule_app
-from mlink.server.config import ConfigError, SiteConfig, load_config, site_config_path
 from mlink.server.frames import FrameSourceError, read_frames, resolve_url
 
 app = typer.Typer(help="mlink: serve many vision models under a memory budget, predicting the ones not loaded.", no_args_is_help=True)
@@ -55,7 +56,7 @@ def resolve_config(site: Optional[str], config: Optional[Path]) -> SiteConfig:
     """``--site NAME`` means configs/NAME.yaml; ``--config FILE`` takes any file."""
     if site and config:
         raise ConfigError("command line", [("", "give --site or --config, not both")])
-    return load_config(config if config else site_config_path(site or "default"))
+    return load_config(config if config else site_config_path(site or "default"), catalog=zoo_catalog())
 
 
 SiteOpt = typer.Option(None, "--site", help="site name: configs/NAME.yaml")
@@ -217,7 +218,7 @@ def _summary(derived: dict[str, Any]) -> str:
 def config_validate(path: Path = typer.Argument(..., help="config file")) -> None:
     """Validate a config file; print every error with its path in the file."""
     try:
-        cfg = load_config(path)
+        cfg = load_config(path, catalog=zoo_catalog())
     except ConfigError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(1)

@@ -39,7 +39,7 @@ def table4_cmd(
     def body() -> None:
         from mlink.bench.table4 import markdown, run_table4
         from mlink.models.assets import default_store
-        from mlink.server.config import site_config_path
+        from mlink.configs.load import site_config_path
 
         cfg = resolve_config(site, config)
         config_path = config if config else site_config_path(site or "default")

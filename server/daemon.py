@@ -25,9 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mlink.configs.load import ConfigError, load_config, parse_config
+from mlink.configs.schema import SiteConfig
 from mlink.links import LinkError, LinkSet, TupleSet
 from mlink.models.assets import AssetStore, default_store
-from mlink.models.catalog import model_info
+from mlink.models.catalog import model_info, zoo_catalog
 from mlink.scheduler.planner import Plan, Planner, build_pool
 from mlink.scheduler.profiler import (
     NoProfileFiles,
@@ -38,7 +40,6 @@ from mlink.scheduler.profiler import (
     site_frames,
 )
 from mlink.server.cache import ResultCache, open_cache
-from mlink.server.config import ConfigError, SiteConfig, load_config
 from mlink.server.ingest import Ingest
 
 log = logging.getLogger("mlink.daemon")
@@ -297,16 +298,14 @@ class Daemon:
         if path is None:
             return ReloadResult(False, message="no config file to reload from")
         try:
-            cfg = load_config(path)
+            cfg = load_config(path, catalog=zoo_catalog())
         except ConfigError as exc:
             return _rejected(exc)
         return self.reload(cfg)
 
     def reload_text(self, text: str, source: str = "request body") -> ReloadResult:
-        from mlink.server.config import parse_config
-
         try:
-            cfg = parse_config(text, source)
+            cfg = parse_config(text, source, catalog=zoo_catalog())
         except ConfigError as exc:
             return _rejected(exc)
         return self.reload(cfg)

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator
 import cv2
 import numpy as np
 
-from mlink.server.config import IngestConfig, StreamEntry
+from mlink.configs.schema import IngestConfig, StreamEntry
 from mlink.server.frames import FrameSourceError, is_live, open_capture, redact, resolve_url
 
 if TYPE_CHECKING:

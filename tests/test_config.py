@@ -1,13 +1,27 @@
-"""Site configs: the shipped ones validate, errors carry their path, env vars substitute."""
+"""Site configs: the shipped ones validate, errors carry their path, env vars substitute,
+adapter params are typed, and the schema sits on the bottom floor with the zoo checks injected."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
+from typer.testing import CliRunner
 
 from mlink.configs.budget import parse_budget
-from mlink.server.config import CONFIG_DIR, ConfigError, load_config, parse_config, substitute_env
+from mlink.configs.load import CONFIG_DIR, ConfigError, site_config_path, substitute_env
+from mlink.configs.load import load_config as _load_config
+from mlink.configs.load import parse_config as _parse_config
+from mlink.configs.schema import CatalogEntry, SiteConfig
+from mlink.models.base import AdapterParams, ModelError
+from mlink.models.catalog import create_model, zoo, zoo_catalog
+
+load_config = partial(_load_config, catalog=zoo_catalog())
+parse_config = partial(_parse_config, catalog=zoo_catalog())
 
 
 @pytest.mark.parametrize("name", ["default", "building", "city"])
@@ -90,3 +104,133 @@ def test_unreadable_and_non_mapping_files(tmp_path: Path) -> None:
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(tmp_path / "list.yaml")
+
+
+def test_site_names_map_to_the_configs_package() -> None:
+    assert site_config_path("city") == CONFIG_DIR / "city.yaml"
+    assert (CONFIG_DIR / "__init__.py").is_file()  # the YAML files ship as mlink.configs package data
+    with pytest.raises(ConfigError, match="known sites: building, city, default"):
+        site_config_path("atlantis")
+
+
+# -- the bottom floor ------------------------------------------------------------------------
+def test_the_config_floor_imports_nothing_else_from_mlink() -> None:
+    code = (
+        "import sys, mlink.configs.load, mlink.configs.schema, mlink.configs.budget\n"
+        "print(sorted(m for m in sys.modules if m.startswith('mlink.') and not m.startswith('mlink.configs')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_a_site_cannot_be_validated_without_a_catalog() -> None:
+    data = {"site": "s", "models": [{"name": "yolox_nano"}]}
+    with pytest.raises(ValidationError, match="no model catalog"):
+        SiteConfig.model_validate(data)
+    with pytest.raises(TypeError):
+        _parse_config("site: s\nmodels: [{name: yolox_nano}]\n", "t.yaml")  # type: ignore[call-arg]
+
+
+def test_the_catalog_is_injected() -> None:
+    class TinyParams(AdapterParams):
+        gain: float = 1.0
+
+    class Tiny:
+        def entry(self, name: str) -> CatalogEntry:
+            if name != "tiny":
+                raise LookupError(f"unknown model {name!r}; known: tiny")
+            return CatalogEntry(outputs=("count", "boxes"), primary="count", params=TinyParams)
+
+    cfg = _parse_config("site: s\nmodels: [{name: tiny, params: {gain: 2}}]\n", "t.yaml", catalog=Tiny())
+    assert cfg.nodes() == ["tiny:count"] and cfg.models[0].params == {"gain": 2}
+    with pytest.raises(ConfigError) as err:
+        _parse_config("site: s\nmodels: [{name: yolox_nano}, {name: tiny, params: {gian: 2}}]\n", "t.yaml", catalog=Tiny())
+    assert [p for p, _ in err.value.errors] == ["models.0", "models.1.params.gian"]
+
+
+# -- typed adapter params --------------------------------------------------------------------
+def _param_errors(model: str, params: str) -> list[tuple[str, str]]:
+    text = f"site: s\nmodels:\n  - name: {model}\n    params: {params}\n"
+    with pytest.raises(ConfigError) as err:
+        parse_config(text, "t.yaml")
+    return err.value.errors
+
+
+@pytest.mark.parametrize(
+    "model, params, path",
+    [
+        # a typo
+        ("yolox_nano", "{score_treshold: 0.3}", "models.0.params.score_treshold"),
+        ("hog_people", "{upscal: 1.5}", "models.0.params.upscal"),
+        ("centerface", "{thread: 2}", "models.0.params.thread"),
+        ("mobilenet_v2", "{batchsize: 4}", "models.0.params.batchsize"),
+        ("fasterrcnn_mobilenet_v3_large_320_fpn", "{score_thresh: 0.3}", "models.0.params.score_thresh"),
+        # a wrong type
+        ("yolox_nano", "{nms_threshold: high}", "models.0.params.nms_threshold"),
+        ("hog_people", "{win_stride: fast}", "models.0.params.win_stride"),
+        ("centerface", "{input_size: large}", "models.0.params.input_size"),
+        ("ssdlite320_mobilenet_v3_large", "{max_detections: many}", "models.0.params.max_detections"),
+        # a value out of range
+        ("yolox_nano", "{score_threshold: 1.5}", "models.0.params.score_threshold"),
+        ("yolox_nano", "{threads: -1}", "models.0.params.threads"),
+        ("hog_people", "{max_width: 10}", "models.0.params.max_width"),
+        ("centerface", "{input_size: 8}", "models.0.params.input_size"),
+        ("efficientnet_lite0", "{batch_size: 0}", "models.0.params.batch_size"),
+        ("keypointrcnn_resnet50_fpn", "{max_detections: 1000}", "models.0.params.max_detections"),
+    ],
+)
+def test_bad_params_are_reported_with_their_path(model: str, params: str, path: str) -> None:
+    errors = _param_errors(model, params)
+    assert [p for p, _ in errors] == [path], errors
+
+
+def test_param_messages_say_what_is_wrong() -> None:
+    assert _param_errors("yolox_nano", "{score_treshold: 0.3}") == [("models.0.params.score_treshold", "Extra inputs are not permitted")]
+    (_, msg), = _param_errors("yolox_nano", "{score_threshold: 1.5}")
+    assert "less than or equal to 1" in msg
+    (_, msg), = _param_errors("ssdlite320_mobilenet_v3_large", "{min_size: 256}")
+    assert "fixed input size" in msg
+
+
+def test_params_errors_sit_beside_the_other_errors() -> None:
+    text = """
+site: s
+device: tpu
+models:
+  - name: yolox_nano
+    params: {score_treshold: 0.3, nms_threshold: 2}
+  - name: hog_people
+    outputs: [nonsense]
+  - name: centerface
+    params: {input_size: [640, 480], threads: 1}
+"""
+    with pytest.raises(ConfigError) as err:
+        parse_config(text, "t.yaml")
+    paths = [p for p, _ in err.value.errors]
+    assert paths == ["device", "models.0.params.nms_threshold", "models.0.params.score_treshold", "models.1"], err.value.errors
+
+
+def test_valid_params_reach_the_model() -> None:
+    text = "site: s\nmodels:\n  - name: yolox_nano\n    params: {score_threshold: '${MLINK_TEST_SCORE:-0.4}', threads: 1}\n"
+    cfg = parse_config(text, "t.yaml")
+    entry = cfg.models[0]
+    assert entry.params == {"score_threshold": "0.4", "threads": 1}  # as written; the adapter types it
+    model = create_model(entry.name, **entry.params)
+    assert model.params.score_threshold == 0.4 and model.params.threads == 1
+
+
+def test_every_zoo_adapter_declares_strict_params() -> None:
+    for name, cls in zoo().items():
+        assert issubclass(cls.Params, AdapterParams) and cls.Params.model_config.get("extra") == "forbid", name
+        with pytest.raises(ModelError, match="unknown params"):
+            create_model(name, no_such_param=1)
+
+
+def test_config_validate_prints_a_param_typo_with_its_path(tmp_path: Path) -> None:
+    from mlink.server.cli import app
+
+    bad = tmp_path / "typo.yaml"
+    bad.write_text("site: s\nmodels:\n  - name: yolox_nano\n    params: {score_treshold: 0.3}\n")
+    res = CliRunner().invoke(app, ["config", "validate", str(bad)])
+    assert res.exit_code == 1
+    assert "models.0.params.score_treshold: Extra inputs are not permitted" in res.output

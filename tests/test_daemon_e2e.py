@@ -15,9 +15,10 @@ import pytest
 import uvicorn
 import yaml
 
+from mlink.configs.load import load_config
 from mlink.models.assets import AssetStore
+from mlink.models.catalog import zoo_catalog
 from mlink.server.api import create_app
-from mlink.server.config import load_config
 from mlink.server.daemon import Daemon
 from waiting import wait_for as _wait_for  # tests/waiting.py
 
@@ -57,7 +58,7 @@ def running(store: AssetStore, tmp_path_factory: pytest.TempPathFactory) -> Iter
     home = tmp_path_factory.mktemp("daemon-home")
     config_path = home / "site.yaml"
     config_path.write_text(yaml.safe_dump(site_yaml("0.6x", [WALKWAY, BROKEN])))
-    daemon = Daemon(load_config(config_path), config_path, AssetStore(home=home, mirror=store.mirror, offline=True), progress=False)
+    daemon = Daemon(load_config(config_path, catalog=zoo_catalog()), config_path, AssetStore(home=home, mirror=store.mirror, offline=True), progress=False)
     daemon.start()
     server = uvicorn.Server(uvicorn.Config(create_app(daemon), host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from mlink.server.config import parse_config
+from mlink.configs.load import parse_config
+from mlink.models.catalog import zoo_catalog
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKER = REPO / "docker"
@@ -177,7 +178,7 @@ def test_dockerignore_keeps_the_context_small() -> None:
 def test_compose_site_config_is_valid(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MLINK_API_TOKEN", "s3cret")
     monkeypatch.delenv("MLINK_DEVICE", raising=False)
-    cfg = parse_config((DOCKER / "config.yaml").read_text(), "docker/config.yaml")
+    cfg = parse_config((DOCKER / "config.yaml").read_text(), "docker/config.yaml", catalog=zoo_catalog())
     assert cfg.cache.redis_url == "redis://redis:6379/0"
     assert cfg.api.host == "0.0.0.0" and cfg.api.port == 8000
     assert cfg.api.token == "s3cret"

@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 import pytest
 
-from mlink.server.config import IngestConfig, StreamEntry
+from mlink.configs.schema import IngestConfig, StreamEntry
 from mlink.server.frames import read_frames, resolve_url
 from mlink.server.ingest import Backoff, CameraReader, Ingest, is_live, redact
 from waiting import wait_for  # tests/waiting.py

@@ -14,15 +14,15 @@ import numpy as np
 import pytest
 import torch
 
+from mlink.configs.load import parse_config
 from mlink.links import LinkSet, TrainConfig, TupleSet
 from mlink.models.assets import AssetStore
-from mlink.models.catalog import create_model, model_info
+from mlink.models.catalog import create_model, model_info, zoo_catalog
 from mlink.scheduler.planner import LinkAccuracy, Planner, build_pool, model_factory, site_served
 from mlink.scheduler.pool import ModelPool
 from mlink.scheduler.profiler import ProfileFrame, loader, profile
 from mlink.scheduler.selection import objective_select
 from mlink.scheduler.serving import serve
-from mlink.server.config import parse_config
 from mlink.server.frames import read_frames
 
 MiB = 1 << 20
@@ -51,7 +51,7 @@ scheduler:
 
 
 def site_cfg(budget: str = "0.95x", selector: str = "objective"):
-    return parse_config(SITE.format(budget=budget, selector=selector))
+    return parse_config(SITE.format(budget=budget, selector=selector), catalog=zoo_catalog())
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -5,15 +5,16 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator
 
+from mlink.configs.load import CONFIG_DIR, load_config
 from mlink.links.tuples import TupleSet
 from mlink.models.assets import AssetStore
 from mlink.models.base import BlackBoxModel
+from mlink.models.catalog import zoo_catalog
 from mlink.scheduler.profiler import latest_profile, loader, plan_stream_frames, profile, save_profile, site_frames, site_served
-from mlink.server.config import CONFIG_DIR, load_config
 
 
 def test_profile_site_slice_runs_models_one_at_a_time(store: AssetStore, tmp_path) -> None:
-    cfg = load_config(CONFIG_DIR / "building.yaml")
+    cfg = load_config(CONFIG_DIR / "building.yaml", catalog=zoo_catalog())
     plan = plan_stream_frames(cfg, 6, store)
     assert {sid: k for sid, (_, _, k) in plan.items()} == {"walkway": 3, "room": 3}
     base = loader(cfg, store)
@@ -47,7 +48,7 @@ def test_profile_site_slice_runs_models_one_at_a_time(store: AssetStore, tmp_pat
 
 
 def test_short_stream_gives_its_share_to_the_others(store: AssetStore) -> None:
-    cfg = load_config(CONFIG_DIR / "city.yaml")
+    cfg = load_config(CONFIG_DIR / "city.yaml", catalog=zoo_catalog())
     plan = plan_stream_frames(cfg, 1000, store)
     shares = {sid: k for sid, (_, _, k) in plan.items()}
     assert shares["parking-lane"] == 377  # car-detection.mp4 has 377 frames in all

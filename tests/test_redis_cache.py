@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import redis
 
+from mlink.configs.schema import CacheConfig
 from mlink.server.cache import CacheUnavailable, ResultCache, open_cache
-from mlink.server.config import CacheConfig
 from mlink.server.redis_embedded import EmbeddedRedis, find_redis_server
 from waiting import wait_for  # tests/waiting.py
 

@@ -18,11 +18,12 @@ from typer.testing import CliRunner
 from mlink.bench.table4 import METHOD_ORDER, run_table4
 from mlink.bench.table4_costs import budgets, fitting_sets, k_fit_budget
 from mlink.bench.table4_data import make_protocol, pick_evenly, score, time_order
+from mlink.configs.load import CONFIG_DIR, load_config
 from mlink.links.tuples import TupleSet
 from mlink.models.assets import AssetStore
+from mlink.models.catalog import zoo_catalog
 from mlink.models.spec import OutputSpec, Task
 from mlink.server.cli_bench import bench_app
-from mlink.server.config import CONFIG_DIR, load_config
 
 FAST = [
     "--periods", "2", "--train-share", "0.3", "--sweep", "3", "--epochs", "5", "--mtl-epochs", "60",
@@ -148,7 +149,7 @@ def test_outputs_are_written_and_caches_are_reused(bench_run: tuple[dict, Path, 
     assert json.loads((out / "table4.json").read_text())["site"] == "building"
     # A shorter run on the same home reuses the stored 60-frame profile (40 frames spread
     # evenly over it) and the cost table.
-    cfg = load_config(CONFIG_DIR / "building.yaml")
+    cfg = load_config(CONFIG_DIR / "building.yaml", catalog=zoo_catalog())
     again = run_table4(
         cfg, store=store, home=home, out_dir=out, config_path=CONFIG_DIR / "building.yaml", frames=40, progress=False,
         options={"periods": 2, "train_share": 0.3, "sweep": 0, "epochs": 3, "mtl_epochs": 20, "dqn_steps": 100},

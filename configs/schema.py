@@ -1,38 +1,63 @@
-"""The site config: one YAML file, ``${VAR}`` substitution, validated by pydantic.
+"""The site config schema: one YAML file describes a site, validated by pydantic.
 
 One file describes a site: the device and memory budget, the zoo models it needs and which of
-their outputs it serves, and its camera streams. Validation reports every error with its path
-in the file (``models.1.outputs.0: ...``) so an operator can fix a file in one pass; a file
-that fails validation is never half-applied.
+their outputs it serves (and the adapters' params), and its camera streams. Validation reports
+every error with its path in the file (``models.1.outputs.0: ...``) so an operator can fix a
+file in one pass; a file that fails validation is never half-applied.
+
+This is the bottom floor: it imports nothing from the rest of mlink. What the schema cannot know
+by itself (which zoo models exist, the outputs each declares, the params each takes) comes from
+a :class:`ModelCatalog` passed in the validation context (``{"catalog": ...}``); the models floor
+provides the zoo's (``mlink.models.catalog.zoo_catalog``). Validating a site without a catalog
+is an error, so no caller can skip the zoo checks by accident; ``mlink.configs.load`` takes the
+catalog as a required argument.
 """
 
 from __future__ import annotations
 
-import os
 import re
-from pathlib import Path
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator, model_validator
 
 from mlink.configs.budget import parse_budget
-from mlink.models.base import ModelError
-from mlink.models.catalog import model_info
 
-_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-ASSET_SCHEME = "asset://"
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+CATALOG = "catalog"  # the validation-context key of the ModelCatalog
 
 
-class ConfigError(ValueError):
-    """A config that cannot be used; ``errors`` holds (path, message) pairs."""
+@dataclass(frozen=True)
+class CatalogEntry:
+    """What a site config needs to know about one zoo model."""
 
-    def __init__(self, source: str, errors: list[tuple[str, str]]) -> None:
-        self.source = source
-        self.errors = errors
-        lines = "\n".join(f"  {path or '<root>'}: {msg}" for path, msg in errors)
-        super().__init__(f"invalid config {source}:\n{lines}")
+    outputs: tuple[str, ...]  # the outputs the model declares
+    primary: str  # the output served when an entry names none
+    params: type[BaseModel]  # the adapter's params (a pydantic model that forbids unknown keys)
+
+
+class ModelCatalog(Protocol):
+    """The zoo as the config sees it (the models floor implements it)."""
+
+    def entry(self, name: str) -> CatalogEntry:
+        """The zoo model ``name``; a LookupError whose message names the known models if none."""
+        ...
+
+
+def _catalog(info: ValidationInfo) -> ModelCatalog:
+    catalog = (info.context or {}).get(CATALOG)
+    if catalog is None:
+        raise ValueError(
+            "no model catalog to check zoo entries against "
+            "(validate with context={'catalog': ...}, e.g. mlink.configs.load.load_config(path, catalog=...))"
+        )
+    return catalog
+
+
+def _entry(info: ValidationInfo, name: str) -> CatalogEntry:
+    try:
+        return _catalog(info).entry(name)
+    except LookupError as exc:
+        raise ValueError(exc.args[0] if exc.args else str(exc)) from None
 
 
 class _Strict(BaseModel):
@@ -40,29 +65,48 @@ class _Strict(BaseModel):
 
 
 class ModelEntry(_Strict):
-    """A zoo model the site needs, and the outputs of it the site serves."""
+    """A zoo model the site needs, the outputs of it the site serves, and its adapter's params."""
 
     name: str = Field(description="zoo entry, see `mlink models list`")
     outputs: list[str] | None = Field(default=None, description="outputs served; default: the model's primary output")
-    params: dict[str, Any] = Field(default_factory=dict, description="adapter parameters, e.g. score_threshold")
+    params: dict[str, Any] = Field(default_factory=dict, description="adapter parameters, e.g. score_threshold; each adapter declares its own")
+    _primary: str | None = PrivateAttr(default=None)
+
+    @field_validator("params")
+    @classmethod
+    def _params(cls, v: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        # An unknown model is reported once, by _known, with the entry's path.
+        name = info.data.get("name")
+        if name is None:
+            return v
+        try:
+            entry = _entry(info, name)
+        except ValueError:
+            return v
+        # A ValidationError raised here keeps its locations under this field's path
+        # (models.N.params.KEY), which is what `mlink config validate` prints.
+        entry.params.model_validate(v)
+        return v
 
     @model_validator(mode="after")
-    def _known(self) -> "ModelEntry":
-        try:
-            info = model_info(self.name)
-        except ModelError as exc:
-            raise ValueError(str(exc)) from None
-        declared = [s.name for s in info.outputs]
+    def _known(self, info: ValidationInfo) -> "ModelEntry":
+        entry = _entry(info, self.name)
+        declared = list(entry.outputs)
         for out in self.outputs or []:
             if out not in declared:
                 raise ValueError(f"model {self.name} has no output {out!r}; it has {declared}")
         if self.outputs is not None and not self.outputs:
             raise ValueError("outputs must name at least one output (or be left out)")
+        self._primary = entry.primary
         return self
 
     @property
     def served(self) -> list[str]:
-        return list(self.outputs) if self.outputs else [model_info(self.name).primary]
+        if self.outputs:
+            return list(self.outputs)
+        if self._primary is None:
+            raise ValueError(f"model entry {self.name} was not validated against a model catalog")
+        return [self._primary]
 
 
 class StreamEntry(_Strict):
@@ -157,77 +201,3 @@ class SiteConfig(_Strict):
             if m.name == name:
                 return m
         raise KeyError(name)
-
-
-def substitute_env(text: str, env: dict[str, str] | None = None) -> str:
-    """Replace ``${VAR}`` and ``${VAR:-default}``; an unset variable without default is an error."""
-    env = dict(os.environ) if env is None else env
-    missing: list[str] = []
-
-    def repl(m: re.Match[str]) -> str:
-        if m.group(1) in env:
-            return env[m.group(1)]
-        if m.group(2) is not None:
-            return m.group(2)
-        missing.append(m.group(1))
-        return ""
-
-    out = _ENV.sub(repl, text)
-    if missing:
-        raise ConfigError("<env>", [("", f"environment variable ${{{v}}} is not set") for v in sorted(set(missing))])
-    return out
-
-
-def _substitute_values(data: Any, path: str = "") -> tuple[Any, list[tuple[str, str]]]:
-    """``${VAR}`` substitution in the string values of parsed YAML (never in comments or keys)."""
-    if isinstance(data, dict):
-        out, errors = {}, []
-        for k, v in data.items():
-            out[k], errs = _substitute_values(v, f"{path}.{k}" if path else str(k))
-            errors += errs
-        return out, errors
-    if isinstance(data, list):
-        items = [_substitute_values(v, f"{path}.{i}" if path else str(i)) for i, v in enumerate(data)]
-        return [v for v, _ in items], [e for _, errs in items for e in errs]
-    if isinstance(data, str) and "${" in data:
-        try:
-            return substitute_env(data), []
-        except ConfigError as exc:
-            return data, [(path, msg) for _, msg in exc.errors]
-    return data, []
-
-
-def parse_config(text: str, source: str = "<string>") -> SiteConfig:
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(source, [("", f"not valid YAML: {exc}")]) from None
-    if not isinstance(data, dict):
-        raise ConfigError(source, [("", "the file must hold a mapping at the top level")])
-    data, env_errors = _substitute_values(data)
-    if env_errors:
-        raise ConfigError(source, env_errors)
-    try:
-        return SiteConfig.model_validate(data)
-    except ValidationError as exc:
-        errors = [(".".join(str(p) for p in e["loc"]), e["msg"].removeprefix("Value error, ")) for e in exc.errors()]
-        raise ConfigError(source, errors) from None
-
-
-def load_config(path: str | Path) -> SiteConfig:
-    p = Path(path)
-    try:
-        text = p.read_text()
-    except OSError as exc:
-        raise ConfigError(str(p), [("", f"cannot read: {exc.strerror or exc}")]) from None
-    return parse_config(text, str(p))
-
-
-def site_config_path(site: str) -> Path:
-    """``--site NAME`` means ``configs/NAME.yaml``."""
-    # configs/ sits beside server/ both in a checkout and in an installed wheel (mlink/configs).
-    path = CONFIG_DIR / f"{site}.yaml"
-    if path.is_file():
-        return path
-    known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
-    raise ConfigError(f"site {site}", [("", f"no configs/{site}.yaml; known sites: {', '.join(known) or 'none'}")])

@@ -1,24 +1,43 @@
 """The HTTP API (FastAPI; OpenAPI at ``/docs``): health, metrics, cameras, results, models,
 schedule, links, and the operator's config reload.
 
-Reads come from Redis (results) and from the daemon's snapshots (everything else), never from
-the pipeline thread's working state. Errors are JSON ``{"error": message, "errors": [...]}``
-with, for validation, the path of each error. Camera URLs are redacted everywhere.
+Reads come from Redis (results), from the daemon's published :class:`Snapshot` (plan, pool,
+links, models, camera list) and from counters the camera readers and the cache copy out when
+asked; never from the pipeline thread's working state (planner, links, pool), and nothing on
+the request path computes link accuracies. A handler takes ``daemon.snapshot`` once, so one
+response never mixes two snapshots; the ``X-Mlink-Snapshot`` header names its version (and
+``X-Mlink-Plan`` the plan id, when there is a plan). Errors are JSON
+``{"error": message, "errors": [...]}`` with, for validation, the path of each error. Camera
+URLs are redacted everywhere.
 """
 
 from __future__ import annotations
 
 import hmac
-import math
 from typing import Any, Optional
 
-from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
+from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from mlink.server.cache import CacheUnavailable, records_json
 from mlink.server.daemon import Daemon
 from mlink.server.metrics import Metric, per_label, render
+from mlink.server.snapshot import ServedCounts, Snapshot
+
+SNAPSHOT_HEADER = "X-Mlink-Snapshot"
+PLAN_HEADER = "X-Mlink-Plan"
+
+
+def snapshot_headers(snap: Snapshot) -> dict[str, str]:
+    headers = {SNAPSHOT_HEADER: str(snap.version)}
+    if snap.plan_id is not None:
+        headers[PLAN_HEADER] = str(snap.plan_id)
+    return headers
+
+
+def _tag(response: Response, snap: Snapshot) -> None:
+    response.headers.update(snapshot_headers(snap))
 
 
 def create_app(daemon: Daemon) -> FastAPI:
@@ -39,8 +58,9 @@ def create_app(daemon: Daemon) -> FastAPI:
         return JSONResponse({"error": "invalid request", "errors": errors}, status_code=422)
 
     def camera_or_404(camera_id: str) -> None:
-        if camera_id not in {s.id for s in daemon.cfg.streams}:
-            raise HTTPException(404, {"error": f"no camera {camera_id!r}", "cameras": [s.id for s in daemon.cfg.streams]})
+        cameras = daemon.snapshot.cameras
+        if camera_id not in cameras:
+            raise HTTPException(404, {"error": f"no camera {camera_id!r}", "cameras": list(cameras)})
 
     def require_token(authorization: Optional[str] = Header(None)) -> None:
         token = daemon.cfg.api.token
@@ -63,12 +83,17 @@ def create_app(daemon: Daemon) -> FastAPI:
 
     @app.get("/metrics", tags=["health"], response_class=PlainTextResponse)
     def metrics() -> PlainTextResponse:
-        return PlainTextResponse(render(collect_metrics(daemon)), media_type="text/plain; version=0.0.4")
+        snap = daemon.snapshot
+        return PlainTextResponse(
+            render(collect_metrics(daemon, snap)), media_type="text/plain; version=0.0.4", headers=snapshot_headers(snap)
+        )
 
     @app.get("/api/v1/cameras", tags=["cameras"])
-    def cameras() -> list[dict[str, Any]]:
+    def cameras(response: Response) -> list[dict[str, Any]]:
+        snap = daemon.snapshot
+        _tag(response, snap)
         status = daemon.ingest.status() if daemon.ingest else {}
-        return [status[s.id].to_dict() if s.id in status else {"id": s.id, "state": "unknown"} for s in daemon.cfg.streams]
+        return [status[c].to_dict() if c in status else {"id": c, "state": "unknown"} for c in snap.cameras]
 
     @app.get("/api/v1/cameras/{camera_id}", tags=["cameras"])
     def camera(camera_id: str) -> dict[str, Any]:
@@ -104,22 +129,26 @@ def create_app(daemon: Daemon) -> FastAPI:
         return {"camera": camera_id, "count": len(recs), "results": records_json(recs)}
 
     @app.get("/api/v1/models", tags=["scheduler"])
-    def models() -> list[dict[str, Any]]:
-        return daemon.models_json()
+    def models(response: Response) -> list[dict[str, Any]]:
+        snap = daemon.snapshot
+        _tag(response, snap)
+        return list(snap.models)
 
     @app.get("/api/v1/schedule", tags=["scheduler"])
-    def schedule() -> dict[str, Any]:
-        plan = daemon.plan
-        if plan is None:
+    def schedule(response: Response) -> dict[str, Any]:
+        snap = daemon.snapshot
+        if snap.plan_json is None:
             raise HTTPException(503, {"error": f"no plan yet (daemon is {daemon.state})"})
-        return {"state": daemon.state, "plan": plan.to_json(), "pool": daemon.pool.metrics() if daemon.pool else None}
+        _tag(response, snap)
+        return {"state": daemon.state, "plan": snap.plan_json, "pool": snap.pool}
 
     @app.get("/api/v1/links", tags=["scheduler"])
-    def links() -> dict[str, Any]:
-        matrix = daemon.link_matrix_json()
-        if matrix is None:
+    def links(response: Response) -> dict[str, Any]:
+        snap = daemon.snapshot
+        if snap.links.matrix is None:
             raise HTTPException(503, {"error": f"no links yet (daemon is {daemon.state})"})
-        return matrix
+        _tag(response, snap)
+        return snap.links.matrix
 
     @app.post("/api/v1/config/reload", tags=["operator"], dependencies=[Depends(require_token)])
     async def reload(request: Request) -> JSONResponse:
@@ -140,11 +169,18 @@ def create_app(daemon: Daemon) -> FastAPI:
     return app
 
 
-def collect_metrics(daemon: Daemon) -> list[Metric]:
+def collect_metrics(daemon: Daemon, snap: Snapshot | None = None) -> list[Metric]:
+    """The /metrics families: plan, pool, models and links from ``snap`` (default: the current
+    snapshot), frame and output counts as of the last batch, camera and cache counters as their
+    owners copy them out now."""
+    snap = daemon.snapshot if snap is None else snap
+    served: ServedCounts = daemon.served
     ms: list[Metric] = []
-    ms.append(per_label("mlink_frames_total", "Frames served per camera.", "counter", "camera", dict(daemon.frames_total)))
+    ms.append(Metric("mlink_snapshot_version", "Version of the published state these figures come from.", "gauge").add(snap.version))
+    ms.append(Metric("mlink_snapshot_timestamp_seconds", "When that state was published (unix seconds).", "gauge").add(snap.published_at))
+    ms.append(per_label("mlink_frames_total", "Frames served per camera.", "counter", "camera", dict(served.frames)))
     outputs = Metric("mlink_outputs_total", "Outputs served, by model and provenance (executed/predicted/unavailable).", "counter")
-    for (model, prov), n in sorted(daemon.outputs_total.items()):
+    for (model, prov), n in sorted(served.outputs.items()):
         outputs.add(n, model=model, provenance=prov)
     ms.append(outputs)
     if daemon.ingest is not None:
@@ -152,25 +188,23 @@ def collect_metrics(daemon: Daemon) -> list[Metric]:
         ms.append(per_label("mlink_frames_dropped_total", "Frames dropped by full camera queues.", "counter", "camera", {c: s.drops for c, s in status.items()}))
         ms.append(per_label("mlink_stream_reconnects_total", "Camera reconnect attempts.", "counter", "camera", {c: s.reconnects for c, s in status.items()}))
         ms.append(per_label("mlink_stream_connected", "1 while the camera is connected.", "gauge", "camera", {c: float(s.state == "connected") for c, s in status.items()}))
-    if daemon.pool is not None:
-        pm = daemon.pool.metrics()
+    pm = snap.pool
+    if pm is not None:
         ms.append(Metric("mlink_gpu_budget_bytes", "Memory budget of the model pool.", "gauge").add(pm["budget_bytes"]))
         ms.append(Metric("mlink_gpu_memory_used_bytes", f"Memory charged to loaded models ({pm['source']}).", "gauge").add(pm["charged_bytes"]))
-        names = [m.name for m in daemon.cfg.models]
+        names = [row["name"] for row in snap.models]
         ms.append(per_label("mlink_model_loaded", "1 when the model is loaded.", "gauge", "model", {n: float(n in pm["loaded"]) for n in names}))
         ms.append(per_label("mlink_model_memory_bytes", "Measured memory cost (peak over load + warm-up).", "gauge", "model", {n: pm["costs"][n] for n in names if n in pm["costs"]}))
         ms.append(per_label("mlink_model_load_seconds", "Duration of the model's last load.", "gauge", "model", {n: v[-1] for n, v in pm["load_seconds"].items() if v}))
         ms.append(per_label("mlink_model_unloads_total", "Unloads by reason.", "counter", "reason", pm["unloads"]))
-    plan = daemon.plan
+    plan = snap.plan
     if plan is not None:
         ms.append(Metric("mlink_plan_id", "Id of the plan being served.", "gauge").add(plan.id))
         ms.append(Metric("mlink_plan_expected_accuracy", "Expected mean output accuracy of the plan (Eq. 1).", "gauge").add(plan.objective))
         ms.append(per_label("mlink_output_expected_accuracy", "Expected accuracy per served output.", "gauge", "output", dict(plan.expected_nodes)))
     links = Metric("mlink_link_accuracy", "Held-out accuracy of each single link.", "gauge")
-    if daemon.planner is not None and daemon.planner.accuracy is not None:
-        for (src, dst), acc in sorted(daemon.planner.accuracy.single().items()):
-            if not math.isnan(acc):
-                links.add(acc, source=src, target=dst)
+    for src, dst, acc in snap.links.single:
+        links.add(acc, source=src, target=dst)
     ms.append(links)
     if daemon.cache is not None:
         st = daemon.cache.stats()

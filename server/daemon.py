@@ -8,6 +8,11 @@ cache. Because only that thread touches the planner and the pool, a config reloa
 the plan is handed to it and applied between two batches; stream-only changes go straight to
 the ingest manager, which restarts only the cameras that changed.
 
+Readers never touch that state either: after every plan (initial, period, re-plan, reload) the
+worker thread publishes an immutable :class:`~mlink.server.snapshot.Snapshot` (plan, pool
+figures, link matrix and accuracies, model rows), and refreshes its pool figures about once a
+second; a reload publishes the new camera list. The API reads :attr:`Daemon.snapshot` only.
+
 Startup: links and held-out tuples are taken from the link store and the site's latest profile
 when they match the config; otherwise the initial phase profiles ``links.profile_frames`` frames
 of the site's streams and trains them (with progress on stderr). The HTTP API is up during
@@ -29,7 +34,7 @@ from mlink.configs.load import ConfigError, load_config, parse_config
 from mlink.configs.schema import SiteConfig
 from mlink.links import LinkError, LinkSet, TupleSet
 from mlink.models.assets import AssetStore, default_store
-from mlink.models.catalog import model_info, zoo_catalog
+from mlink.models.catalog import zoo_catalog
 from mlink.scheduler.planner import Plan, Planner, build_pool
 from mlink.scheduler.profiler import (
     NoProfileFiles,
@@ -41,6 +46,7 @@ from mlink.scheduler.profiler import (
 )
 from mlink.server.cache import ResultCache, open_cache
 from mlink.server.ingest import Ingest
+from mlink.server.snapshot import NO_LINKS, LinkViews, ServedCounts, Snapshot, link_views, model_rows
 
 log = logging.getLogger("mlink.daemon")
 
@@ -88,12 +94,14 @@ class Daemon:
         *,
         progress: bool = True,
         poll_s: float = 0.25,
+        refresh_s: float = 1.0,
     ) -> None:
         self.cfg = cfg
         self.config_path = config_path
         self.store = store or default_store()
         self.progress = progress
         self.poll_s = poll_s
+        self.refresh_s = refresh_s  # how often the worker re-publishes the pool's figures
         self.started_at = time.time()
         self.state = "starting"  # starting -> profiling -> serving -> stopped | failed
         self.error: str | None = None
@@ -113,6 +121,16 @@ class Daemon:
         self._requests: queue.Queue[_PlanRequest] = queue.Queue()
         self._reload_lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        # Published state: written by one assignment each, under _publish_lock (publishers
+        # only; readers never take it), read by the API without locks.
+        self._publish_lock = threading.Lock()
+        self._links_of: Any = None  # the LinkAccuracy object self._link_views belong to
+        self._link_views: LinkViews = NO_LINKS
+        self._refreshed_at = 0.0
+        self.served = ServedCounts()
+        self.snapshot = Snapshot(
+            version=0, published_at=time.time(), reason="start", cameras=tuple(s.id for s in cfg.streams), models=model_rows(cfg.models, None, None)
+        )
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -149,7 +167,58 @@ class Daemon:
 
     @property
     def plan(self) -> Plan | None:
-        return self.planner.plan if self.planner is not None else None
+        """The plan of the current snapshot (the one being served, as readers see it)."""
+        return self.snapshot.plan
+
+    # -- publishing --------------------------------------------------------------------------
+    def _install(self, snap: Snapshot) -> None:
+        """The one place a snapshot becomes visible: a single reference assignment."""
+        self.snapshot = snap
+
+    def _publish_pipeline(self, reason: str) -> Snapshot:
+        """Publish the planner's and the pool's state (worker thread only, which owns them).
+
+        The link figures are recomputed only when the planner's accuracy object changed (new
+        links, fine-tuned links or new evaluation tuples); everything is built before the
+        swap, outside the lock.
+        """
+        planner, pool = self.planner, self.pool
+        if planner is None or pool is None:
+            return self.snapshot
+        self._refreshed_at = time.monotonic()
+        if planner.accuracy is not self._links_of:
+            t0 = time.perf_counter()
+            try:
+                self._link_views = link_views(planner)
+            except Exception:  # the links' problem must not stop serving: publish without them
+                log.exception("the link figures could not be computed; the snapshot has none")
+                self._link_views = NO_LINKS
+            self._links_of = planner.accuracy
+            log.debug("link figures for the snapshot in %.3f s", time.perf_counter() - t0)
+        plan = planner.plan
+        try:
+            changes = dict(
+                plan=plan,
+                plan_json=plan.to_json() if plan is not None else None,
+                pool=pool.metrics(),
+                models=model_rows(planner.cfg.models, plan, pool),
+                links=self._link_views,
+                period=planner.period,
+            )
+        except Exception:
+            log.exception("snapshot not published; readers keep version %d", self.snapshot.version)
+            return self.snapshot
+        with self._publish_lock:
+            snap = self.snapshot.next(reason, **changes)
+            self._install(snap)
+        return snap
+
+    def _publish_config(self, cfg: SiteConfig) -> Snapshot:
+        """Publish the running config's camera list (after a reload applied it)."""
+        with self._publish_lock:
+            snap = self.snapshot.next("reload", cameras=tuple(s.id for s in cfg.streams))
+            self._install(snap)
+        return snap
 
     # -- planning ----------------------------------------------------------------------------
     def _stored_links(self, cfg: SiteConfig) -> tuple[LinkSet | None, TupleSet | None]:
@@ -230,6 +299,7 @@ class Daemon:
             except Exception:
                 log.exception("reload: restoring the previous plan failed too")
         finally:
+            self._publish_pipeline("plan")  # before the reload returns: its caller sees the new plan
             self.state = "serving"
             req.done.set()
 
@@ -238,6 +308,7 @@ class Daemon:
         try:
             self.pool, self.planner = self._build_planner(self.cfg)
             self.links = self.planner.links
+            self._publish_pipeline("plan")
             self.state = "serving"
         except Exception as exc:
             log.exception("startup failed")
@@ -256,6 +327,8 @@ class Daemon:
             batch = self._take_batch()
             if batch:
                 self._step(batch)
+            if time.monotonic() - self._refreshed_at >= self.refresh_s:
+                self._publish_pipeline("refresh")
 
     def _take_batch(self) -> list[Any]:
         assert self.ingest is not None
@@ -276,6 +349,8 @@ class Daemon:
         t0 = time.perf_counter()
         frames = [ProfileFrame(f.camera, f.pts, f.image) for f in batch]
         self.planner.on_frames(frames)  # may run a period (re-profile, re-select) before serving
+        if self.planner.plan is not self.snapshot.plan:
+            self._publish_pipeline("plan")  # before any result of the new plan is stored
         results = self.planner.serve(frames)
         for f, r in zip(batch, results):
             record = r.to_json()
@@ -290,6 +365,7 @@ class Daemon:
             for node, out in r.outputs.items():
                 self.outputs_total[(node.split(":", 1)[0], out.provenance)] += 1
             self.ingest.mark_processed(f.camera)
+        self.served = ServedCounts.of(self.frames_total, self.outputs_total)
         self.step_seconds += time.perf_counter() - t0
 
     # -- reload ------------------------------------------------------------------------------
@@ -340,49 +416,23 @@ class Daemon:
                     "unchanged": applied.unchanged,
                 }
             self.cfg = new.model_copy(update={"api": old.api, "cache": old.cache})
+            self._publish_config(self.cfg)
             self.reloads["applied"] += 1
             result.message = "applied" + (f"; restart needed for {', '.join(result.restart_needed)}" if result.restart_needed else "")
             return result
 
-    # -- views for the API -------------------------------------------------------------------
+    # -- views for the API (the snapshot, Redis and ingest counters) -------------------------
     def readiness(self) -> tuple[bool, list[str]]:
         reasons = []
         if self.cache is None or not self.cache.ping():
             reasons.append("cache: Redis is not reachable")
-        if self.plan is None:
+        if self.snapshot.plan is None:
             reasons.append(f"plan: not loaded yet (daemon is {self.state}{': ' + self.error if self.error else ''})")
         if self.ingest is not None:
             for cam, st in self.ingest.status().items():
                 if st.state not in ("connecting", "connected", "retrying"):
                     reasons.append(f"camera {cam}: {st.state}")
         return not reasons, reasons
-
-    def models_json(self) -> list[dict[str, Any]]:
-        plan = self.plan
-        out = []
-        for entry in self.cfg.models:
-            info = model_info(entry.name)
-            loaded = bool(self.pool is not None and self.pool.is_loaded(entry.name))
-            out.append(
-                {
-                    "name": entry.name,
-                    "task": info.task,
-                    "backend": info.backend,
-                    "outputs": entry.served,
-                    "loaded": loaded,
-                    "active": bool(plan and entry.name in plan.active),
-                    "memory_bytes": (self.pool.cost(entry.name) if self.pool is not None else None),
-                    "load_seconds": ((self.pool.load_seconds.get(entry.name) or [None])[-1] if self.pool is not None else None),
-                    "expected_accuracy": (plan.expected.get(entry.name) if plan else None),
-                    "unavailable": (self.pool.unavailable_reason(entry.name) if self.pool is not None else None),
-                }
-            )
-        return out
-
-    def link_matrix_json(self) -> dict[str, Any] | None:
-        if self.planner is None or self.planner.links is None or self.planner.eval_tuples is None:
-            return None
-        return self.planner.links.matrix(self.planner.eval_tuples).to_json()
 
 
 def _rejected(exc: ConfigError) -> ReloadResult:

@@ -1,9 +1,11 @@
 """Prometheus text exposition (format 0.0.4) for ``/metrics``, without a client library.
 
-The daemon's numbers already live in its parts (pool counters, cache stats, camera status);
-this module only renders them, so a scrape never contends with the pipeline for locks beyond
-reading those snapshots. Names follow the conventions page: ``mlink_`` prefix, ``_total`` for
-counters, ``_bytes``/``_seconds`` units.
+The figures come from what the daemon publishes (its :class:`~mlink.server.snapshot.Snapshot`
+of plan, pool and links, and the counts as of the last batch) and from the counters the camera
+readers and the cache copy out under their own short locks (``mlink.server.api.collect_metrics``);
+this module only renders them, so a scrape never waits for the pipeline nor computes on its
+state. Names follow the conventions page: ``mlink_`` prefix, ``_total`` for counters,
+``_bytes``/``_seconds`` units.
 """
 
 from __future__ import annotations

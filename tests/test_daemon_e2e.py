@@ -6,7 +6,9 @@ the slow part); the tests then look at it from the outside, over HTTP, in order.
 
 from __future__ import annotations
 
+import json
 import threading
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -16,8 +18,10 @@ import uvicorn
 import yaml
 
 from mlink.configs.load import load_config
+from mlink.links import LinkSet
 from mlink.models.assets import AssetStore
 from mlink.models.catalog import zoo_catalog
+from mlink.scheduler.planner import LinkAccuracy
 from mlink.server.api import create_app
 from mlink.server.daemon import Daemon
 from waiting import wait_for as _wait_for  # tests/waiting.py
@@ -184,3 +188,132 @@ def test_killing_and_restarting_redis_loses_no_result(running) -> None:
     stored = sum(client.get(f"/api/v1/cameras/{cam}/results", params={"limit": 10000}).json()["count"] for cam in ("walkway", "room"))
     assert stored >= produced
     assert client.get("/readyz").status_code == 200
+
+
+# -- readers read snapshots ---------------------------------------------------------------------
+
+BURST_PATHS = ("/api/v1/links", "/metrics", "/api/v1/schedule", "/api/v1/models")
+
+
+def _roundtrip(value):
+    return json.loads(json.dumps(value))
+
+
+def _metric_samples(text: str) -> dict[str, dict[tuple, float]]:
+    """``{name: {sorted label items: value}}`` of a Prometheus text page."""
+    out: dict[str, dict[tuple, float]] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        head, value = line.rsplit(" ", 1)
+        name, _, labels = head.partition("{")
+        items = tuple(sorted(tuple(kv.split("=", 1)) for kv in labels.rstrip("}").split(",") if kv))
+        out.setdefault(name, {})[tuple((k, v.strip('"')) for k, v in items)] = float(value)
+    return out
+
+
+def _check_response(path: str, body, snap) -> None:
+    """Every field of one response comes from ``snap``, the snapshot its header names (``body``:
+    the parsed JSON, or the text of /metrics)."""
+    if path == "/api/v1/links":
+        assert body == _roundtrip(snap.links.matrix)
+    elif path == "/api/v1/schedule":
+        assert body["plan"] == _roundtrip(snap.plan_json) and body["pool"] == _roundtrip(snap.pool)
+        assert body["plan"]["plan_id"] == snap.plan.id
+    elif path == "/api/v1/models":
+        assert body == _roundtrip(list(snap.models))
+        assert {m["name"] for m in body if m["active"]} == set(snap.plan.active)
+    else:
+        m = _metric_samples(body)
+        assert m["mlink_snapshot_version"][()] == snap.version
+        assert m["mlink_plan_id"][()] == snap.plan.id
+        assert m["mlink_plan_expected_accuracy"][()] == snap.plan.objective
+        assert m["mlink_output_expected_accuracy"] == {(("output", k),): v for k, v in snap.plan.expected_nodes.items()}
+        assert m["mlink_link_accuracy"] == {(("source", s), ("target", t)): a for s, t, a in snap.links.single}
+        loaded = {dict(k)["model"] for k, v in m["mlink_model_loaded"].items() if v == 1.0}
+        assert loaded == set(snap.pool["loaded"])
+        assert m["mlink_gpu_budget_bytes"][()] == snap.pool["budget_bytes"] == snap.plan.budget
+
+
+def test_reload_and_period_during_a_burst_of_readers_serve_whole_snapshots(running, monkeypatch) -> None:
+    """Three clients read links, metrics, schedule and models while a reload re-plans, a period
+    re-profiles and fine-tunes the links, and a second reload re-plans again: every response is
+    200, comes whole from one published snapshot, and no client sees a version go backwards."""
+    daemon, client, _ = running
+    published = {daemon.snapshot.version: daemon.snapshot}
+    install = daemon._install
+
+    def record(snap) -> None:
+        published[snap.version] = snap
+        install(snap)
+
+    monkeypatch.setattr(daemon, "_install", record)
+    computing_threads: set[str] = set()  # where link accuracies are computed: the pipeline only
+    for cls, name in ((LinkSet, "matrix"), (LinkAccuracy, "node")):
+        real = getattr(cls, name)
+
+        def spy(*args, _real=real, **kwargs):
+            computing_threads.add(threading.current_thread().name)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(cls, name, spy)
+    base = client.base_url
+    stop = threading.Event()
+    seen: list[list[tuple[str, int, int, object, str]]] = [[] for _ in range(3)]
+    errors: list[BaseException] = []
+
+    def reader(i: int) -> None:
+        try:
+            with httpx.Client(base_url=base, timeout=30) as c:
+                for n in range(600):  # bounded in count, and by the test's waits in time
+                    if stop.is_set():
+                        break
+                    path = BURST_PATHS[(n + i) % len(BURST_PATHS)]
+                    r = c.get(path)
+                    body = r.text if path == "/metrics" else r.json()
+                    seen[i].append((path, r.status_code, int(r.headers.get("x-mlink-snapshot", -1)), body, r.headers.get("x-mlink-plan", "")))
+                    time.sleep(0.005)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    def versions_seen() -> int:
+        return min((max((s[2] for s in rows), default=-1) for rows in seen), default=-1)
+
+    threads = [threading.Thread(target=reader, args=(i,), daemon=True) for i in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        fast = site_yaml("0.5x", [WALKWAY, BROKEN, ROOM])
+        fast["scheduler"]["period_s"] = 2
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        r = client.post("/api/v1/config/reload", content=yaml.safe_dump(fast), headers=auth, timeout=120)
+        assert r.status_code == 200 and r.json()["replanned"], r.text
+        period = wait_for(lambda: next((s for s in list(published.values()) if s.plan is not None and s.plan.reason == "period"), None), 45, "a period's plan")
+        wait_for(lambda: versions_seen() >= period.version, 20, "every client to read the period's snapshot")
+        slow = site_yaml("0.5x", [WALKWAY, BROKEN, ROOM])  # no more periods while the module ends
+        r = client.post("/api/v1/config/reload", content=yaml.safe_dump(slow), headers=auth, timeout=120)
+        assert r.status_code == 200 and r.json()["replanned"], r.text
+        after = daemon.snapshot.version
+        wait_for(lambda: versions_seen() >= after, 20, "every client to read the last reload's snapshot")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    assert not errors, errors
+    assert not any(t.is_alive() for t in threads)
+    assert computing_threads == {"mlink-pipeline"}, computing_threads
+
+    plans = set()
+    for rows in seen:
+        versions = [v for _, _, v, _, _ in rows]
+        assert versions == sorted(versions), "a client saw an older snapshot after a newer one"
+        for path, status, version, body, plan_header in rows:
+            assert status == 200, (path, body)
+            snap = published[version]
+            assert plan_header == str(snap.plan.id)
+            assert set(snap.plan.active) <= set(snap.pool["loaded"])
+            _check_response(path, body, snap)
+            plans.add(snap.plan.id)
+    # The burst spanned the first reload's plan, the period's, and the second reload's.
+    assert period.plan.id in plans and len(plans) >= 3, sorted(plans)
+    assert any(s.links is not period.links for s in published.values() if s.plan is not None and s.plan.id < period.plan.id)

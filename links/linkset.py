@@ -48,8 +48,63 @@ class _Progress:
             self.bar.close()
 
 
+SELECT_SEED = 7919  # offsets the seed of the selection split from the early-stopping split's
+
+
 def _link_seed(seed: int, source: str, target: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(f"{source}->{target}".encode())) % (2**31 - 1)
+
+
+def _fit_ensembles(
+    tuples: TupleSet, pairs: Sequence[tuple[str, str]], val_share: float, config: TrainConfig, bar: _Progress
+) -> tuple[dict[str, Ensemble], dict[str, Any]]:
+    """Train the links of ``pairs`` on ``tuples`` and group them into one ensemble per target,
+    with its mixing weights fitted but nothing chosen yet. Links into a vector train on the
+    rest of a ``val_share`` split of ``tuples`` and early-stop on it; links into a sequence
+    train on all of ``tuples`` for the configured epochs (see :mod:`mlink.links.train`). The
+    mix is fitted on the split."""
+    specs = tuples.specs
+    train, val = tuples.split(val_share, config.seed)
+    cap = config.cap
+    used_sources = sorted({s for s, _ in pairs})
+    src_tr = {s: encode_source(specs[s], train.values[s], cap) for s in used_sources}
+    src_va = {s: encode_source(specs[s], val.values[s], cap) for s in used_sources}
+    src_all = {s: encode_source(specs[s], tuples.values[s], cap) for s in used_sources}
+    ensembles: dict[str, Ensemble] = {}
+    link_metrics: dict[str, Any] = {}
+    for t in dict.fromkeys(t for _, t in pairs):
+        spec = specs[t]
+        y_tr = encode_target(spec, train.values[t], cap)
+        y_va = encode_target(spec, val.values[t], cap)
+        links: dict[str, Link] = {}
+        for s in (s for s, tt in pairs if tt == t):
+            seed = _link_seed(config.seed, s, t)
+            link = make_link(specs[s], spec, seed=seed, **config.link_hparams())
+            if link.head is not None:
+                link.head.fit(y_tr.x)
+            if spec.kind == "sequence":  # no early stopping: see mlink.links.train
+                fit = fit_link(link, src_all[s], encode_target(spec, tuples.values[t], cap), None, None, config, seed=seed)
+            else:
+                fit = fit_link(link, src_tr[s], y_tr, src_va[s], y_va, config, seed=seed)
+            links[s] = link
+            link_metrics[f"{s}->{t}"] = {"arch": link.arch, "fit": fit.to_dict()}
+            bar.update(f"{s} -> {t}")
+        ens = Ensemble(t, spec, links)
+        if ens.head is not None:
+            first = next(iter(links.values()))
+            ens.head.set_stats(first.head.mean, first.head.std)  # type: ignore[union-attr]
+        ens.trivial = trivial_output(spec, train.values[t])
+        ens.fit_combiner(src_va, y_va, config.combiner_steps, config.combiner_lr, _link_seed(config.seed, "*", t))
+        ens.invalidate()
+        ensembles[t] = ens
+    return ensembles, link_metrics
+
+
+def _select(ens: Ensemble, enc: Mapping[str, Batch], exact: Sequence[np.ndarray]) -> None:
+    """Choose ``ens``'s plans on held-out tuples (encoded sources ``enc``, the target's own
+    outputs ``exact``) that its links never trained or stopped on, and its mix never saw."""
+    ens.select(lambda plan: ens.frame_scores(plan, enc, exact))
+    ens.invalidate()
 
 
 class LinkSet:
@@ -113,9 +168,13 @@ class LinkSet:
         progress: ProgressArg = None,
     ) -> "LinkSet":
         """Train every link (source node -> target node of another model) and one ensemble per
-        target on ``tuples`` (split into train/validation by ``val_share`` and the config's seed).
+        target on ``tuples``, and choose what each ensemble serves for every subset of active
+        models (see :mod:`mlink.links.ensemble`).
 
-        ``targets``/``sources`` restrict the nodes (default: every node is both).
+        ``config.select_share`` of the tuples is held out for that choice: the links never
+        train or early-stop on it. The links train on the rest (links into vectors
+        early-stopped on a ``val_share`` split of it). ``targets``/``sources`` restrict the
+        nodes (default: every node is both).
         """
         config = config or TrainConfig()
         t0 = time.perf_counter()
@@ -129,49 +188,24 @@ class LinkSet:
         targets = [t for t in targets if any(tt == t for _, tt in pairs)]
         if not pairs:
             raise LinkError("no links to train: links need nodes of at least two models")
-        train, val = tuples.split(val_share, config.seed)
-        cap = config.cap
-        used_sources = sorted({s for s, _ in pairs})
-        src_tr = {s: encode_source(specs[s], train.values[s], cap) for s in used_sources}
-        src_va = {s: encode_source(specs[s], val.values[s], cap) for s in used_sources}
+        fit, held = tuples.split(config.select_share, config.seed + SELECT_SEED)
         bar = _Progress(progress, len(pairs) + len(targets), "training links")
-        ensembles: dict[str, Ensemble] = {}
-        link_metrics: dict[str, Any] = {}
         with torch_threads(config.threads):
             try:
-                for t in targets:
-                    spec = specs[t]
-                    y_tr = encode_target(spec, train.values[t], cap)
-                    y_va = encode_target(spec, val.values[t], cap)
-                    links: dict[str, Link] = {}
-                    for s, tt in pairs:
-                        if tt != t:
-                            continue
-                        seed = _link_seed(config.seed, s, t)
-                        link = make_link(specs[s], spec, seed=seed, **config.link_hparams())
-                        if link.head is not None:
-                            link.head.fit(y_tr.x)
-                        fit = fit_link(link, src_tr[s], y_tr, src_va[s], y_va, config, seed=seed)
-                        links[s] = link
-                        link_metrics[f"{s}->{t}"] = {"arch": link.arch, "fit": fit.to_dict()}
-                        bar.update(f"{s} -> {t}")
-                    ens = Ensemble(t, spec, links)
-                    if ens.head is not None:
-                        first = next(iter(links.values()))
-                        ens.head.set_stats(first.head.mean, first.head.std)  # type: ignore[union-attr]
-                    ens.trivial = trivial_output(spec, train.values[t])
-                    ens.fit_combiner(src_va, y_va, config.combiner_steps, config.combiner_lr, _link_seed(config.seed, "*", t))
-                    ens.fit_routes(src_va, val.values[t])
-                    ens.invalidate()
+                ensembles, link_metrics = _fit_ensembles(fit, pairs, val_share, config, bar)
+                enc = {s: encode_source(specs[s], held.values[s], config.cap) for s in sorted({s for s, _ in pairs})}
+                for t, ens in ensembles.items():
+                    _select(ens, enc, held.values[t])
                     for s in ens.sources:
                         link_metrics[f"{s}->{t}"]["val_accuracy"] = ens.link_val_accuracy.get(s)
-                    ensembles[t] = ens
                     bar.update(f"ensemble {t}")
             finally:
                 bar.close()
+        n_val = min(max(1, int(round(len(fit) * val_share))), len(fit) - 1)
         metrics = {
-            "n_train": len(train),
-            "n_val": len(val),
+            "n_train": len(fit) - n_val,
+            "n_val": n_val,
+            "n_selection": len(held),
             "train_seconds": time.perf_counter() - t0,
             "torch_threads": torch.get_num_threads(),
             "links": link_metrics,
@@ -193,7 +227,7 @@ class LinkSet:
         and gets a gentle update (``fine_tune_epochs`` of Adam at ``fine_tune_lr_scale`` of its
         training lr), which cannot undo what it knows. A link whose loss grew beyond that sees
         a changed scene, and adapts (``adapt_epochs`` at ``adapt_lr_scale``). Explicit
-        ``epochs``/``lr_scale`` apply to every link instead. Ensemble weights and routes are
+        ``epochs``/``lr_scale`` apply to every link instead. Ensemble weights and selections are
         kept (a few new tuples are too few to refit them); re-measure with :meth:`matrix`.
 
         Returns, per link ``"source->target"``: mode ("gentle", "adapt" or "fixed"), the loss
@@ -218,7 +252,8 @@ class LinkSet:
                         if s not in enc:
                             enc[s] = encode_source(self.specs[s], new_tuples.values[s], cfg.cap)
                         before = eval_loss(link, enc[s], y)
-                        ref = (link_metrics.get(key, {}).get("fit") or {}).get("val_loss")
+                        fitted = link_metrics.get(key, {}).get("fit") or {}
+                        ref = fitted.get("val_loss") or fitted.get("train_loss")  # links into sequences do not early-stop
                         if epochs is not None or lr_scale is not None:
                             mode = "fixed"
                             n_epochs = cfg.fine_tune_epochs if epochs is None else epochs

@@ -6,7 +6,8 @@ A saved link set is a folder with:
   with ``weights_only=True``, so a tampered file cannot run code);
 - ``manifest.json``: format, creation time, torch/numpy versions, the training-data version,
   the training config, every node's output spec, per target its links (source, architecture,
-  hyper-parameters, training metrics), ensemble routes, trivial output and validation metrics,
+  hyper-parameters, training metrics), what each ensemble serves for every subset of active
+  models with its accuracy on the held-out selection tuples, the trivial output,
   the fine-tuning history, the sha256 of ``links.pt`` and a sha256 over the manifest itself.
 
 :func:`load_linkset` refuses, with :class:`LinkStoreError`, a folder whose files are missing,
@@ -39,7 +40,7 @@ from mlink.models.spec import OutputSpec
 if TYPE_CHECKING:
     from mlink.links.linkset import LinkSet
 
-FORMAT = "mlink-links/1"
+FORMAT = "mlink-links/2"  # 2: per-subset selections chosen on held-out tuples (1 had routes)
 WEIGHTS_FILE = "links.pt"
 MANIFEST_FILE = "manifest.json"
 
@@ -80,14 +81,14 @@ def save_linkset(linkset: "LinkSet", directory: str | os.PathLike) -> dict:
                 }
                 for s, link in zip(ens.sources, ens.links)
             ],
-            "routes": [{"models": sorted(a), "source": s} for a, s in sorted(ens.routes.items(), key=lambda kv: sorted(kv[0]))],
+            "selection": [
+                {"models": sorted(a), "plan": [[s, w] for s, w in plan], "accuracy": ens.val_accuracy.get(a),
+                 "noise": ens.val_noise.get(a)}
+                for a, plan in sorted(ens.selection.items(), key=lambda kv: sorted(kv[0]))
+            ],
             "trivial": [float(x) for x in np.asarray(ens.trivial, dtype=np.float32).reshape(-1)],
             "trivial_shape": list(np.asarray(ens.trivial).shape),
             "link_val_accuracy": dict(ens.link_val_accuracy),
-            "val_accuracy": [
-                {"models": sorted(a), "accuracy": acc, "noise": ens.val_noise.get(a)}
-                for a, acc in sorted(ens.val_accuracy.items(), key=lambda kv: sorted(kv[0]))
-            ],
         }
     manifest = {
         "format": FORMAT,
@@ -180,11 +181,12 @@ def load_linkset(
                 links[le["source"]] = cls(specs[le["source"]], specs[t], **le["hparams"])
             ens = Ensemble(t, specs[t], links)
             ens.load_state_dict(state[t], strict=True)
-            ens.routes = {frozenset(r["models"]): r["source"] for r in entry["routes"]}
+            chosen = entry["selection"]
+            ens.selection = {frozenset(c["models"]): [(str(s), float(w)) for s, w in c["plan"]] for c in chosen}
             ens.trivial = np.array(entry["trivial"], dtype=np.float32).reshape(entry["trivial_shape"])
             ens.link_val_accuracy = dict(entry.get("link_val_accuracy", {}))
-            ens.val_accuracy = {frozenset(v["models"]): v["accuracy"] for v in entry.get("val_accuracy", [])}
-            ens.val_noise = {frozenset(v["models"]): v["noise"] for v in entry.get("val_accuracy", []) if v.get("noise") is not None}
+            ens.val_accuracy = {frozenset(c["models"]): c["accuracy"] for c in chosen if c.get("accuracy") is not None}
+            ens.val_noise = {frozenset(c["models"]): c["noise"] for c in chosen if c.get("noise") is not None}
             ens.invalidate()
             ensembles[t] = ens
         link_metrics = {f"{le['source']}->{t}": le.get("metrics", {}) for t, e in manifest["targets"].items() for le in e["links"]}

@@ -204,6 +204,15 @@ class TupleSet:
         perm = np.random.default_rng(seed).permutation(n)
         return self.subset(np.sort(perm[n_val:])), self.subset(np.sort(perm[:n_val]))
 
+    def folds(self, k: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+        """A seeded K-fold partition: ``k`` pairs of sorted (other folds', held-out fold's)
+        indices; every tuple is held out exactly once."""
+        n = len(self)
+        if not 2 <= k <= n // 2:
+            raise ValueError(f"{k} folds need 2 <= k <= {n // 2} (half the {n} tuples)")
+        parts = np.array_split(np.random.default_rng(seed).permutation(n), k)
+        return [(np.sort(np.concatenate(parts[:j] + parts[j + 1 :])), np.sort(held)) for j, held in enumerate(parts)]
+
     def extend(self, other: "TupleSet") -> None:
         if set(other.specs) != set(self.specs) or any(
             not specs_equal(self.specs[k], other.specs[k]) for k in self.specs

@@ -16,7 +16,7 @@ selection is per model. :class:`LinkAccuracy` defines
   its own metric against model j's own output); 1.0 for j in A; a node without links (its model
   was never profiled) counts 0;
 - the single-link accuracy the paper's greedy uses, p(g_ij) = p(h_{{i},j}): model i alone active
-  predicting model j (all of i's nodes feed j's node ensembles, whose routes pick what helps).
+  predicting model j (all of i's nodes feed j's node ensembles, whose selections pick what helps).
 
 Values are computed lazily and cached per (the ensemble's active source models, node): two sets
 A that contain the same sources of a node's ensemble share the figure. For 3-6 models all

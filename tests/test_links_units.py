@@ -561,6 +561,7 @@ def test_training_reports_progress(synth: TupleSet) -> None:
         "yolox_nano:person_count -> hog_people:person_count", "mobilenet_v2:probs -> hog_people:person_count"
     }
     assert seen[-1][2] == "ensemble hog_people:person_count"
-    assert ls.metrics["n_train"] + ls.metrics["n_val"] == 60
+    # a quarter held out to choose the ensemble's plans, the rest split for training and stopping
+    assert ls.metrics["n_selection"] == 15 and ls.metrics["n_train"] + ls.metrics["n_val"] == 45
     with pytest.raises(Exception, match="two models"):
         LinkSet.train(synth.head(20), config=_fast(epochs=1), targets=["hog_people:person_count"], sources=["hog_people:boxes"])

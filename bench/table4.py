@@ -1,6 +1,6 @@
 """Reproduce Table 4 of the MLink paper on one of our sites: every method under the same budgets.
 
-``mlink bench table4 --site building|city`` (``server/cli_bench.py``) runs :func:`run_table4`:
+``mlink bench table4 --site building|city`` (``bench/cli.py``) runs :func:`run_table4`:
 
 1. **Oracle**: the site's latest stored profile (every model on every sampled frame, once),
    profiled and stored first when there is none or it is too short

@@ -11,19 +11,18 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, Optional
 
 import typer
 
-from mlink.configs.load import ConfigError, load_config, site_config_path
+from mlink.configs.load import ConfigError, load_config
 from mlink.configs.schema import SiteConfig
-from mlink.links.errors import LinkError
+from mlink.links.tuples import node_key
 from mlink.models.assets import MANIFEST, AssetError, default_store
-from mlink.models.base import ModelError
 from mlink.models.catalog import create_model, model_info, zoo, zoo_catalog
-from mlink.server.cli_bench import bench_app
+from mlink.server.cli_common import ConfigOpt, SiteOpt, config_path, fail, resolve_config, run_guarded, site_tuples
 from mlink.server.cli_schedule import schedule_app
-from mlink.server.frames import FrameSourceError, read_frames, resolve_url
+from mlink.server.frames import read_frames, resolve_url
 
 app = typer.Typer(help="mlink: serve many vision models under a memory budget, predicting the ones not loaded.", no_args_is_help=True)
 assets_app = typer.Typer(help="Model weights and sample videos: list, fetch, verify.", no_args_is_help=True)
@@ -33,34 +32,10 @@ app.add_typer(assets_app, name="assets")
 app.add_typer(models_app, name="models")
 app.add_typer(config_app, name="config")
 app.add_typer(schedule_app, name="schedule")
-app.add_typer(bench_app, name="bench")
-
-F = TypeVar("F", bound=Callable[..., Any])
-_EXPECTED: tuple[type[BaseException], ...] = (AssetError, ModelError, ConfigError, FrameSourceError, LinkError, ValueError)
-
-
-def fail(message: str, code: int = 2) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
-
-
-def run_guarded(fn: Callable[[], Any]) -> Any:
-    """Run a command body, turning the errors users cause into a message and exit code 2."""
-    try:
-        return fn()
-    except _EXPECTED as exc:
-        fail(str(exc))
-
-
-def resolve_config(site: Optional[str], config: Optional[Path]) -> SiteConfig:
-    """``--site NAME`` means configs/NAME.yaml; ``--config FILE`` takes any file."""
-    if site and config:
-        raise ConfigError("command line", [("", "give --site or --config, not both")])
-    return load_config(config if config else site_config_path(site or "default"), catalog=zoo_catalog())
-
-
-SiteOpt = typer.Option(None, "--site", help="site name: configs/NAME.yaml")
-ConfigOpt = typer.Option(None, "--config", help="path of a site config file")
+# Command groups of the floors above this one (``mlink bench``) register themselves under the
+# ``mlink.commands`` entry points (pyproject.toml); main() adds them, so importing this module
+# imports none of them.
+COMMAND_GROUPS = "mlink.commands"
 
 
 # -- assets ---------------------------------------------------------------------------------
@@ -259,11 +234,7 @@ TEST_SHARE = 0.2  # held-out share of the profile: links never train on it, the 
 
 def _site_tuples(cfg: SiteConfig, frames: Optional[int]):
     """The site's latest profile, or a fresh one of ``frames`` (default links.profile_frames)."""
-    from mlink.scheduler.profiler import site_profile
-
-    tuples, path, why = site_profile(cfg, default_store(), frames)
-    if why is not None and why.endswith("other outputs than the config"):
-        typer.echo(f"{why}; profiled again", err=True)
+    tuples, path = site_tuples(cfg, default_store(), frames)
     typer.echo(f"profile: {path} ({len(tuples)} tuples)", err=True)
     return tuples
 
@@ -400,8 +371,7 @@ def serve_cmd(
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = run_guarded(lambda: resolve_config(site, config))
-    path = config if config else site_config_path(site or "default")
-    daemon = Daemon(cfg, path)
+    daemon = Daemon(cfg, config_path(site, config))
     try:
         daemon.start()
     except Exception as exc:
@@ -448,7 +418,7 @@ def demo(
                 for entry in cfg.models:
                     derived = models[entry.name].derived(models[entry.name].infer([frame.image])[0])
                     for out in entry.served:
-                        result["outputs"][f"{entry.name}:{out}"] = {"provenance": "executed", "value": derived[out]}
+                        result["outputs"][node_key(entry.name, out)] = {"provenance": "executed", "value": derived[out]}
                 if as_json:
                     typer.echo(json.dumps(result))
                 else:
@@ -458,7 +428,18 @@ def demo(
     run_guarded(body)
 
 
+def add_command_groups() -> None:
+    """Add the command groups registered under the ``mlink.commands`` entry points (once)."""
+    from importlib.metadata import entry_points
+
+    have = {group.name for group in app.registered_groups}
+    for ep in entry_points(group=COMMAND_GROUPS):
+        if ep.name not in have:
+            app.add_typer(ep.load(), name=ep.name)
+
+
 def main() -> None:
+    add_command_groups()
     app()
 
 

@@ -37,6 +37,8 @@ from typing import Any, Optional
 
 import typer
 
+from mlink.server.cli_common import ConfigOpt, SiteOpt, resolve_config, run_guarded, site_tuples
+
 schedule_app = typer.Typer(help="The scheduler: which models to load under a memory budget.", no_args_is_help=True)
 
 MiB = 1 << 20
@@ -88,15 +90,6 @@ def measure_costs(cfg: Any, store: Any, progress: bool = True) -> tuple[dict[str
     return {n: c for n, c in pool.costs().items() if n not in failures}, failures, seconds, meter.source
 
 
-def _tuples(cfg: Any, store: Any, frames: Optional[int], quiet: bool):
-    from mlink.scheduler.profiler import site_profile
-
-    tuples, path, why = site_profile(cfg, store, frames, progress=not quiet)
-    if why is not None and why.endswith("other outputs than the config"):
-        typer.echo(f"{why}; profiled again", err=True)
-    return tuples, path
-
-
 def _links(cfg: Any, store: Any, train: Any, epochs: Optional[int], quiet: bool):
     from mlink.links import LinkSet, LinkStoreError, TrainConfig
     from mlink.scheduler.profiler import link_store_dir
@@ -138,7 +131,7 @@ def plan_site(
     store = default_store()
     served = site_served(cfg)
     names = list(served)
-    tuples, profile_path = _tuples(cfg, store, frames, quiet)
+    tuples, profile_path = site_tuples(cfg, store, frames, progress=not quiet)
     train, test = tuples.split(TEST_SHARE, seed=0)
     links, links_path, retrained = _links(cfg, store, train, epochs, quiet)
 
@@ -200,8 +193,8 @@ def plan_site(
 
 @schedule_app.command("plan")
 def plan_cmd(
-    site: Optional[str] = typer.Option(None, "--site", help="site name: configs/NAME.yaml"),
-    config: Optional[Path] = typer.Option(None, "--config", help="path of a site config file"),
+    site: Optional[str] = SiteOpt,
+    config: Optional[Path] = ConfigOpt,
     budget: Optional[str] = typer.Option(None, "--budget", help="bytes (4GiB), a device share (0.8, 80%), or a share of the models' cost (0.5x); default: the config's"),
     selector: Optional[str] = typer.Option(None, "--selector", help="paper | objective (default: the config's)"),
     as_json: bool = typer.Option(False, "--json"),
@@ -211,8 +204,6 @@ def plan_cmd(
     margin: float = typer.Option(0.1, "--margin", min=0.0, help="charge each measured cost plus this share (measurement variance)"),
 ) -> None:
     """Print the measured costs, the chosen set, its expected objective and the budget used."""
-    from mlink.server.cli import resolve_config, run_guarded
-
     def body() -> None:
         if selector is not None and selector not in ("paper", "objective"):
             raise ValueError(f"--selector must be paper or objective, got {selector!r}")

@@ -69,3 +69,20 @@ def test_assets_verify_and_list(store: AssetStore) -> None:
     assert res.exit_code == 1 and "corrupt  megamind" in res.output
     res = runner.invoke(app, ["assets", "fetch", "megamind"])
     assert res.exit_code == 0 and store.status("megamind").state == "ok"
+
+
+def test_bench_group_comes_from_its_entry_point_not_a_server_import() -> None:
+    # The program lives in server/; bench/ is a floor above: importing the CLI must not import
+    # it, and main() adds `mlink bench` from the mlink.commands entry point.
+    import subprocess
+    import sys
+
+    code = (
+        "import json, sys, mlink.server.cli as cli\n"
+        "assert not [m for m in sys.modules if m.startswith('mlink.bench')], 'server imported bench'\n"
+        "cli.add_command_groups(); cli.add_command_groups()\n"
+        "print(json.dumps([g.name for g in cli.app.registered_groups]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    groups = json.loads(out)
+    assert groups.count("bench") == 1 and "schedule" in groups and "links" in groups

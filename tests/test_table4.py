@@ -23,7 +23,7 @@ from mlink.links.tuples import TupleSet
 from mlink.models.assets import AssetStore
 from mlink.models.catalog import zoo_catalog
 from mlink.models.spec import OutputSpec, Task
-from mlink.server.cli_bench import bench_app
+from mlink.bench.cli import bench_app
 
 FAST = [
     "--periods", "2", "--train-share", "0.3", "--sweep", "3", "--epochs", "5", "--mtl-epochs", "60",
@@ -82,7 +82,7 @@ def bench_run(store: AssetStore, tmp_path_factory: pytest.TempPathFactory) -> tu
     assets._default_store = store  # the CLI's store: the test's offline store over the mirror
     try:
         app = typer.Typer()
-        app.add_typer(bench_app, name="bench")  # as server/cli.py registers it
+        app.add_typer(bench_app, name="bench")  # as server.cli.main adds it (mlink.commands entry point)
         res = CliRunner().invoke(
             app,
             ["bench", "table4", "--site", "building", "--frames", "60", "--home", str(home), "--out", str(out), "--json", "--quiet", *FAST],

@@ -1,6 +1,8 @@
 """``mlink bench table4``: the paper's Table 4 on one of our sites (see ``bench/table4.py``).
 
-Registered in ``server/cli.py`` as ``app.add_typer(bench_app, name="bench")``.
+The ``mlink`` program (``server/cli.py``) lives a floor below and does not import this: the
+group is registered as the ``bench`` entry point of ``mlink.commands`` (pyproject.toml), which
+``server.cli.main`` adds; ``bench.table4`` is imported only when the command runs.
 """
 
 from __future__ import annotations
@@ -10,13 +12,15 @@ from typing import Optional
 
 import typer
 
+from mlink.server.cli_common import ConfigOpt, SiteOpt, config_path, resolve_config, run_guarded
+
 bench_app = typer.Typer(help="Benchmarks: the paper's evaluation on our sites.", no_args_is_help=True)
 
 
 @bench_app.command("table4")
 def table4_cmd(
-    site: Optional[str] = typer.Option(None, "--site", help="site name: configs/NAME.yaml (building, city)"),
-    config: Optional[Path] = typer.Option(None, "--config", help="path of a site config file"),
+    site: Optional[str] = SiteOpt,
+    config: Optional[Path] = ConfigOpt,
     frames: Optional[int] = typer.Option(None, "--frames", min=20, help="oracle frames (default: the site's latest profile; profiled first when missing or shorter)"),
     as_json: bool = typer.Option(False, "--json", help="print every method's figures at every budget as one JSON object"),
     out: Optional[Path] = typer.Option(None, "--out", help="output folder (default: $MLINK_HOME/bench/SITE)"),
@@ -34,15 +38,11 @@ def table4_cmd(
     quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
 ) -> None:
     """Run Standalone, MTL, DRLS, Reducto and MLink (both selectors) under the same budgets."""
-    from mlink.server.cli import resolve_config, run_guarded
-
     def body() -> None:
         from mlink.bench.table4 import markdown, run_table4
         from mlink.models.assets import default_store
-        from mlink.configs.load import site_config_path
 
         cfg = resolve_config(site, config)
-        config_path = config if config else site_config_path(site or "default")
         store = default_store()
         h = Path(home) if home else store.home
         out_dir = Path(out) if out else h / "bench" / cfg.site
@@ -51,7 +51,7 @@ def table4_cmd(
             store=store,
             home=h,
             out_dir=out_dir,
-            config_path=Path(config_path),
+            config_path=config_path(site, config),
             frames=frames,
             options={
                 "periods": periods,

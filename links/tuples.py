@@ -190,8 +190,22 @@ class TupleSet:
             timestamps=list(self.timestamps),
         )
 
+    def restrict(self, nodes: Iterable[str]) -> "TupleSet":
+        """The same frames restricted to those of ``nodes`` this set has (the others are skipped,
+        where :meth:`select` raises)."""
+        return self.select([k for k in nodes if k in self.specs])
+
+    def copy(self) -> "TupleSet":
+        """A copy whose lists can be extended without touching this set's."""
+        return self.select(self.specs)
+
     def head(self, n: int) -> "TupleSet":
         return self.subset(range(min(max(n, 0), len(self))))
+
+    def tail(self, n: int) -> "TupleSet":
+        """The last ``n`` tuples (all of them when there are fewer)."""
+        n = min(max(n, 0), len(self))
+        return self.subset(range(len(self) - n, len(self)))
 
     def split(self, val_share: float = 0.2, seed: int = 0) -> tuple["TupleSet", "TupleSet"]:
         """A random (seeded) split into ``(train, val)``; val gets ``round(N * val_share)`` >= 1 tuples."""
@@ -212,6 +226,23 @@ class TupleSet:
             raise ValueError(f"{k} folds need 2 <= k <= {n // 2} (half the {n} tuples)")
         parts = np.array_split(np.random.default_rng(seed).permutation(n), k)
         return [(np.sort(np.concatenate(parts[:j] + parts[j + 1 :])), np.sort(held)) for j, held in enumerate(parts)]
+
+    @classmethod
+    def merge(cls, parts: Iterable["TupleSet"]) -> "TupleSet":
+        """One set over the same frames from several with their own nodes (one per model, as
+        profiling gives them); ValueError when they saw different frames."""
+        items = list(parts)
+        if not items:
+            raise ValueError("nothing to merge")
+        first = items[0]
+        specs: dict[str, OutputSpec] = {}
+        values: dict[str, list[np.ndarray]] = {}
+        for ts in items:
+            if ts.streams != first.streams or ts.timestamps != first.timestamps:
+                raise ValueError("the tuple sets to merge saw different frames")
+            specs.update(ts.specs)
+            values.update(ts.values)
+        return cls(specs=specs, values={k: list(v) for k, v in values.items()}, streams=list(first.streams), timestamps=list(first.timestamps))
 
     def extend(self, other: "TupleSet") -> None:
         if set(other.specs) != set(self.specs) or any(

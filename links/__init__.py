@@ -7,6 +7,7 @@ Nodes are served outputs keyed ``"model:output"``. The pieces:
 - ``train``: :class:`TrainConfig` and the training loop (RMSprop, early stopping, seeded);
 - :class:`Ensemble` (``ensemble``): h_{A,j} for any subset A of active source models;
 - :class:`LinkMatrix` (``matrix``): accuracies of links, ensembles and trivial predictors;
+  ``crossval``: the same by K-fold cross-validation over a whole profile;
 - ``store``: save/load with manifest and checksums;
 - :class:`LinkSet`: the top-level API over a whole site.
 

@@ -8,17 +8,44 @@ in the tests; training, and fitting ensemble weights, stay in torch.
 
 Every kernel takes batches: ``x`` (N, d) for vectors, ``x`` (N, L, d) with ``lengths`` (N,)
 for sequences, so the same code serves one live frame (N = 1) and a held-out evaluation.
+
+The kernels read a torch module's weights through the small protocols below, so this module
+imports nothing of ``arch``, which builds on it.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
+import torch
 from torch import nn
 
-if TYPE_CHECKING:  # pragma: no cover
-    from mlink.links.arch import AttnDecoder, SeqEncoder
+
+class SeqEncoderWeights(Protocol):
+    """What :class:`NpSeqEncoder` reads of a torch sequence encoder (``arch.SeqEncoder``)."""
+
+    @property
+    def embed(self) -> nn.Linear: ...
+    @property
+    def start(self) -> torch.Tensor: ...
+    @property
+    def gru(self) -> nn.GRU: ...
+
+
+class AttnDecoderWeights(SeqEncoderWeights, Protocol):
+    """What :class:`NpDecoder` reads of a torch attention decoder (``arch.AttnDecoder``)."""
+
+    @property
+    def dim(self) -> int: ...
+    @property
+    def query(self) -> nn.Linear: ...
+    @property
+    def key(self) -> nn.Linear: ...
+    @property
+    def score(self) -> nn.Linear: ...
+    @property
+    def out(self) -> nn.Linear: ...
 
 
 def _np(t) -> np.ndarray:
@@ -90,7 +117,7 @@ class NpGRU:
 class NpSeqEncoder:
     """One sequence encoder's weights in numpy; runs as an :class:`EncoderBank` of one."""
 
-    def __init__(self, enc: "SeqEncoder") -> None:
+    def __init__(self, enc: SeqEncoderWeights) -> None:
         self.we, self.be = _np(enc.embed.weight.T), _np(enc.embed.bias)
         self.start = _np(enc.start)
         self.gru = NpGRU(enc.gru)
@@ -161,7 +188,7 @@ class EncoderBank:
 class NpDecoder:
     """One attention decoder's weights in numpy (stepped through a :class:`DecoderBank`)."""
 
-    def __init__(self, dec: "AttnDecoder") -> None:
+    def __init__(self, dec: AttnDecoderWeights) -> None:
         self.dim = dec.dim
         self.we, self.be = _np(dec.embed.weight.T), _np(dec.embed.bias)
         self.start = _np(dec.start)

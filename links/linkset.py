@@ -15,7 +15,8 @@ from mlink.links.encode import Batch, encode_one, encode_source, encode_target
 from mlink.links.ensemble import Ensemble, trivial_output
 from mlink.links.infer import EncoderBank
 from mlink.links.errors import LinkError, LinkStoreError
-from mlink.links.matrix import LinkMatrix, compute_matrix, ensemble_accuracy
+from mlink.links.matrix import LinkMatrix, compute_matrix, encode_sources, ensemble_accuracy
+from mlink.links.store import StoredLinks, load_linkset, save_linkset
 from mlink.links.train import TrainConfig, eval_loss, fit_link, torch_threads
 from mlink.links.tuples import TupleSet, node_model, node_models, specs_equal
 from mlink.models.spec import OutputSpec
@@ -361,8 +362,6 @@ class LinkSet:
 
     def predict_tuples(self, active_models: Iterable[str], tuples: TupleSet) -> dict[str, list[np.ndarray]]:
         """Batched :meth:`predict` over a tuple set (for evaluation)."""
-        from mlink.links.matrix import encode_sources
-
         active = frozenset(active_models)
         enc = encode_sources(self, tuples)
         out = {}
@@ -384,9 +383,11 @@ class LinkSet:
     # -- persistence ------------------------------------------------------------------------
     def save(self, directory: str | Path) -> dict:
         """Write the link set (weights + manifest with checksum) into ``directory``; return the manifest."""
-        from mlink.links.store import save_linkset
-
-        return save_linkset(self, directory)
+        stored = StoredLinks(
+            self.specs, self.ensembles, self.config, data_version=self.data_version, metrics=self.metrics,
+            created_at=self.created_at, history=self.history,
+        )
+        return save_linkset(stored, directory)
 
     @classmethod
     def load(
@@ -397,9 +398,11 @@ class LinkSet:
     ) -> "LinkSet":
         """Load a saved link set; raise :class:`LinkStoreError` (corrupt) or
         :class:`IncompatibleLinksError` (other specs / data version) instead of using it."""
-        from mlink.links.store import load_linkset
-
-        return load_linkset(directory, expect_specs=expect_specs, expect_data_version=expect_data_version)
+        s = load_linkset(directory, expect_specs=expect_specs, expect_data_version=expect_data_version)
+        return cls(
+            s.specs, s.ensembles, s.config, data_version=s.data_version, metrics=s.metrics, created_at=s.created_at,
+            history=s.history,
+        )
 
     @classmethod
     def load_or_train(

@@ -14,10 +14,13 @@ target's own metric (``OutputSpec.accuracy``: count within 0.5, top-1 agreement,
   that paired difference (per-frame scores on the same frames): whether "the ensemble is as good
   as its best link" is a finding or noise.
 
-A matrix is the mean of per-frame scores (:func:`frame_scores`); :func:`cross_validate` pools
-the scores of K folds, so every profiled frame is held out once (K link sets, each trained on
-the other folds): on a few hundred held-out frames the best of several links is picked partly
+A matrix is the mean of per-frame scores (:func:`frame_scores`); ``crossval.cross_validate``
+pools the scores of K folds, so every profiled frame is held out once (K link sets, each trained
+on the other folds): on a few hundred held-out frames the best of several links is picked partly
 for its luck, and one split cannot tell a 1-point difference from noise.
+
+The functions here read a link set only through :class:`Linked` (its ensembles and training
+config), so this module imports nothing of ``linkset``, which builds on it.
 """
 
 from __future__ import annotations
@@ -25,16 +28,24 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import Any, Iterable, Mapping, Protocol
 
 import numpy as np
 
 from mlink.links.encode import Batch, encode_source
-from mlink.links.ensemble import all_subsets
+from mlink.links.ensemble import Ensemble, all_subsets
+from mlink.links.train import TrainConfig
 from mlink.links.tuples import TupleSet, node_model
 
-if TYPE_CHECKING:
-    from mlink.links.linkset import LinkSet
+
+class Linked(Protocol):
+    """What the matrix reads of a link set (``LinkSet``): one ensemble per target node, and the
+    training config (its ``cap`` bounds the encoded sequences)."""
+
+    @property
+    def ensembles(self) -> Mapping[str, Ensemble]: ...
+    @property
+    def config(self) -> TrainConfig: ...
 
 
 @dataclass
@@ -154,7 +165,7 @@ class LinkMatrix:
         return out
 
 
-def encode_sources(linkset: "LinkSet", tuples: TupleSet) -> dict[str, Batch]:
+def encode_sources(linkset: Linked, tuples: TupleSet) -> dict[str, Batch]:
     needed = {s for ens in linkset.ensembles.values() for s in ens.sources}
     missing = needed - set(tuples.specs)
     if missing:
@@ -163,7 +174,7 @@ def encode_sources(linkset: "LinkSet", tuples: TupleSet) -> dict[str, Batch]:
 
 
 def ensemble_accuracy(
-    linkset: "LinkSet",
+    linkset: Linked,
     tuples: TupleSet,
     target: str,
     active_models: Iterable[str],
@@ -180,7 +191,7 @@ def ensemble_accuracy(
 Scores = dict[tuple, np.ndarray]  # ("single", s, t) / ("ensemble", t) / ("model", m, t) / ("subset", A, t) / ("trivial", t)
 
 
-def frame_scores(linkset: "LinkSet", tuples: TupleSet, subsets: bool = False) -> Scores:
+def frame_scores(linkset: Linked, tuples: TupleSet, subsets: bool = False) -> Scores:
     """Per-frame accuracy (each target's own metric) of every link, ensemble and trivial predictor."""
     if len(tuples) == 0:
         raise ValueError("the accuracy matrix needs at least one held-out tuple")
@@ -231,41 +242,5 @@ def matrix_from_scores(scores: Scores, targets: list[str], data_version: str | N
     return m
 
 
-def compute_matrix(linkset: "LinkSet", tuples: TupleSet, subsets: bool = False) -> LinkMatrix:
+def compute_matrix(linkset: Linked, tuples: TupleSet, subsets: bool = False) -> LinkMatrix:
     return matrix_from_scores(frame_scores(linkset, tuples, subsets), list(linkset.ensembles), tuples.version())
-
-
-def cross_validated_scores(
-    tuples: TupleSet,
-    folds: int = 5,
-    *,
-    seed: int = 0,
-    subsets: bool = False,
-    progress: Callable[[int, int], None] | None = None,
-    **train_kw: Any,
-) -> tuple[Scores, list["LinkSet"]]:
-    """Per-frame scores by K-fold cross-validation: fold k's frames are scored by a link set
-    trained (with its own selection and early-stopping splits) on the other folds, and the
-    scores of all folds are pooled in fold order, so every frame is held out once. Returns the
-    pooled scores and the K link sets. ``progress(k, folds)`` after each fold."""
-    from mlink.links.linkset import LinkSet
-
-    pooled: dict[tuple, list[np.ndarray]] = {}
-    linksets: list[LinkSet] = []
-    for k, (rest, held) in enumerate(tuples.folds(folds, seed)):
-        ls = LinkSet.train(tuples.subset(rest), **train_kw)
-        linksets.append(ls)
-        for key, v in frame_scores(ls, tuples.subset(held), subsets).items():
-            pooled.setdefault(key, []).append(v)
-        if progress is not None:
-            progress(k + 1, folds)
-    return {k: np.concatenate(v) for k, v in pooled.items()}, linksets
-
-
-def cross_validate(tuples: TupleSet, folds: int = 5, *, seed: int = 0, subsets: bool = False,
-                   progress: Callable[[int, int], None] | None = None, **train_kw: Any) -> LinkMatrix:
-    """The link matrix by K-fold cross-validation (:func:`cross_validated_scores`): on a few
-    hundred held-out frames the best of several links is picked partly for its luck, and one
-    split cannot tell a 1-point difference from noise."""
-    scores, linksets = cross_validated_scores(tuples, folds, seed=seed, subsets=subsets, progress=progress, **train_kw)
-    return matrix_from_scores(scores, list(linksets[0].ensembles), tuples.version(), folds)

@@ -23,8 +23,9 @@ import hashlib
 import json
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -37,9 +38,6 @@ from mlink.links.tuples import read_format_json, spec_from_dict, spec_to_dict, s
 from mlink.models.assets import sha256_of
 from mlink.models.spec import OutputSpec
 
-if TYPE_CHECKING:
-    from mlink.links.linkset import LinkSet
-
 FORMAT = "mlink-links/2"  # 2: per-subset selections chosen on held-out tuples (1 had routes)
 WEIGHTS_FILE = "links.pt"
 MANIFEST_FILE = "manifest.json"
@@ -48,6 +46,20 @@ MANIFEST_FILE = "manifest.json"
 def _manifest_digest(manifest: dict) -> str:
     body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+@dataclass
+class StoredLinks:
+    """What a saved link set holds: ``LinkSet.save`` hands one to :func:`save_linkset`, and
+    ``LinkSet.load`` builds the link set from the one :func:`load_linkset` returns."""
+
+    specs: dict[str, OutputSpec]
+    ensembles: dict[str, Ensemble]
+    config: TrainConfig
+    data_version: str | None = None
+    metrics: dict = field(default_factory=dict)
+    created_at: str | None = None
+    history: list = field(default_factory=list)
 
 
 def jsonable(obj: Any) -> Any:
@@ -63,7 +75,7 @@ def jsonable(obj: Any) -> Any:
     return obj
 
 
-def save_linkset(linkset: "LinkSet", directory: str | os.PathLike) -> dict:
+def save_linkset(linkset: StoredLinks, directory: str | os.PathLike) -> dict:
     path = Path(directory)
     path.mkdir(parents=True, exist_ok=True)
     state = {t: {k: v.detach().clone() for k, v in ens.state_dict().items()} for t, ens in linkset.ensembles.items()}
@@ -129,9 +141,7 @@ def load_linkset(
     directory: str | os.PathLike,
     expect_specs: Mapping[str, OutputSpec] | None = None,
     expect_data_version: str | None = None,
-) -> "LinkSet":
-    from mlink.links.linkset import LinkSet
-
+) -> StoredLinks:
     path = Path(directory)
     manifest = read_manifest(path)
     try:
@@ -194,7 +204,7 @@ def load_linkset(
         raise
     except Exception as exc:  # missing keys, shape mismatches, unknown architectures
         raise LinkStoreError(f"link set {path}: weights do not fit the manifest ({type(exc).__name__}: {exc})") from exc
-    return LinkSet(
+    return StoredLinks(
         specs,
         ensembles,
         config,

@@ -299,7 +299,7 @@ def links_eval(
 
     def body() -> None:
         from mlink.links import LinkSet
-        from mlink.links.matrix import cross_validate
+        from mlink.links.crossval import cross_validate
         from mlink.scheduler.profiler import link_store_dir
 
         cfg = resolve_config(site, config)

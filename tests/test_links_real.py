@@ -41,7 +41,8 @@ from mlink.links import (
     Vec2Seq,
     Vec2Vec,
 )
-from mlink.links.matrix import cross_validated_scores, matrix_from_scores
+from mlink.links.crossval import cross_validated_scores
+from mlink.links.matrix import matrix_from_scores
 from mlink.links.tuples import node_key, node_model
 from mlink.models.assets import AssetStore
 from mlink.models.spec import Task

@@ -530,7 +530,7 @@ def test_matrix_json_and_heatmap(vector_links, tmp_path) -> None:
 
 
 def test_cross_validation_holds_out_every_frame_once(synth: TupleSet) -> None:
-    from mlink.links.matrix import cross_validate
+    from mlink.links.crossval import cross_validate
 
     vec = [k for k, sp in synth.specs.items() if sp.kind == "vector"]
     data = synth.head(120)

@@ -252,11 +252,6 @@ class ModelPool:
         with self._cond:
             return list(self._cost_history.get(name, []))
 
-    def seed_costs(self, costs: Mapping[str, int]) -> None:
-        """Add costs from a profile (they count as one measurement each)."""
-        for name, cost in costs.items():
-            self._record_cost(name, int(cost))
-
     def loaded(self) -> frozenset[str]:
         with self._cond:
             return frozenset(n for n, s in self._slots.items() if s.loaded)
@@ -299,18 +294,6 @@ class ModelPool:
         if self.accounting == "costs":
             return committed
         return max(committed, self.measured())
-
-    def headroom(self) -> int:
-        return self.budget - self.charged()
-
-    def rebaseline(self) -> int:
-        """Re-read the baseline; only while nothing is loaded. Returns the new baseline."""
-        with self._op_lock:
-            if self.loaded():
-                raise RuntimeError("rebaseline needs an empty pool")
-            self.meter.release()
-            self.baseline = self.meter.used()
-            return self.baseline
 
     def metrics(self) -> dict[str, Any]:
         """A snapshot for /metrics (mlink_model_loaded, _memory_bytes, _load_seconds, _unloads_total...)."""

@@ -3,14 +3,15 @@
 A budget is a size in bytes (``4e9``, ``"4GiB"``, ``"500MB"``), a share of the device's memory
 (``0.8``, ``"80%"``) or a share of the site's models' measured cost added up (``"0.5x"``).
 :func:`parse_budget` is the one parser (the site config validates with it);
-:func:`resolve_budget` turns a spec into bytes once the device's memory and the models' cost are
-known (the memory meter and the planner measure those, above).
+:func:`resolve_site_budget` is the one resolver: it turns a spec into bytes from the device's
+memory and the models' measured costs (the memory meter and the pool measure those, above), and
+says when it cannot know yet. :func:`resolve_budget` is its arithmetic.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Iterable, Literal, Mapping
 
 _UNITS = {
     "": 1,
@@ -101,3 +102,28 @@ def resolve_budget(spec: int | float | str, total: int, models_cost: int | None 
             raise ValueError(f"budget {spec!r} is a share of the models' cost, and no cost was given")
         return int(amount * models_cost)
     return int(amount)
+
+
+def budget_is_relative(spec: int | float | str) -> bool:
+    """True when the budget is a share of the models' measured cost (``"0.5x"``)."""
+    return parse_budget(spec)[0] == "models"
+
+
+def resolve_site_budget(
+    spec: int | float | str, total: int, costs: Mapping[str, int] | None = None, models: Iterable[str] | None = None
+) -> int | None:
+    """The budget in bytes: the one place a site's budget spec is resolved.
+
+    ``total`` is the device's memory (``MemoryMeter.total()``). A share of the models' cost
+    (``"0.5x"``) adds up ``costs`` of ``models`` (default: every model in ``costs``, e.g. those
+    that could be measured) and is None while one of ``models`` has no cost yet (measure them
+    first); bytes and device shares ignore the costs.
+    """
+    if not budget_is_relative(spec):
+        return resolve_budget(spec, total)
+    if costs is None:
+        return None
+    names = list(costs) if models is None else list(models)
+    if any(n not in costs for n in names):
+        return None
+    return resolve_budget(spec, total, sum(int(costs[n]) for n in names))

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mlink.configs.budget import parse_bytes, resolve_budget
+from mlink.configs.budget import parse_bytes, resolve_budget, resolve_site_budget
 from mlink.models.assets import AssetStore
 from mlink.models.catalog import create_model
 from mlink.scheduler.memory import CPU_SOURCES, MemoryMeter
@@ -53,12 +53,17 @@ def test_budget_forms():
     meter = MemoryMeter("cpu")
     total = meter.total()
     assert 0 < total
-    assert meter.budget(0.5) == total // 2
-    assert meter.budget("50%") == total // 2
-    assert meter.budget(1) == total  # a share, not one byte
-    assert meter.budget("512MiB") == 512 * MiB
-    assert meter.budget(3e9) == 3_000_000_000
+    assert resolve_site_budget(0.5, total) == total // 2
+    assert resolve_site_budget("50%", total) == total // 2
+    assert resolve_site_budget(1, total) == total  # a share, not one byte
+    assert resolve_site_budget("512MiB", total) == 512 * MiB
+    assert resolve_site_budget(3e9, total, {"a": 1}) == 3_000_000_000  # costs do not matter
     assert resolve_budget("0.5x", total, models_cost=300) == 150
+    # A share of the models' cost: known once every model named has a cost.
+    assert resolve_site_budget("0.5x", total, {"a": 100, "b": 200}) == 150
+    assert resolve_site_budget("0.5x", total, {"a": 100, "b": 200}, ["a"]) == 50
+    assert resolve_site_budget("0.5x", total, {"a": 100}, ["a", "b"]) is None
+    assert resolve_site_budget("0.5x", total) is None
     assert parse_bytes("1.5GB") == 1_500_000_000
     for bad in ("lots", "-1GB", "0x"):
         with pytest.raises(ValueError):
@@ -133,7 +138,7 @@ def test_nvml_meter_reads_this_process_and_catches_the_peak(fake_nvml: FakeNvml)
     assert meter.used() == 300 * MiB
     assert meter.device_used() == 2000 * MiB + 5300 * MiB
     assert meter.total() == 80_000 * MiB
-    assert meter.budget(0.25) == 20_000 * MiB
+    assert resolve_site_budget(0.25, meter.total()) == 20_000 * MiB
     assert meter.snapshot()["consistent"] is True
 
     def load() -> None:  # 900 MiB for a moment (warm-up activations), 500 MiB stay

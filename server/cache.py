@@ -36,7 +36,6 @@ import itertools
 import json
 import logging
 import math
-import random
 import re
 import threading
 import time
@@ -48,6 +47,9 @@ from typing import TYPE_CHECKING, Any, Iterable
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+
+from mlink.server.backoff import Backoff
+from mlink.server.redact import redact_url
 
 if TYPE_CHECKING:
     from mlink.configs.schema import CacheConfig
@@ -95,10 +97,6 @@ class _Entry:
     member: str  # the envelope JSON
 
 
-def _redis_url_redacted(url: str) -> str:
-    return re.sub(r"(://)[^/?#\s]*@", r"\1***@", url)
-
-
 class ResultCache:
     """Latest result and history per camera in Redis, with an outage buffer. Thread-safe."""
 
@@ -143,7 +141,8 @@ class ResultCache:
         self._reconnects = 0
         self._errors = 0
         self._last_error: str | None = None
-        self._attempt = 0
+        # jittered so that many daemons do not reconnect in step
+        self._backoff = Backoff(backoff_base, backoff_max, jitter=0.25)
         self._connected = True
         self._closing = False
         self._wake = threading.Event()
@@ -174,7 +173,7 @@ class ResultCache:
 
     @property
     def _safe_url(self) -> str:
-        return _redis_url_redacted(self.url)
+        return redact_url(self.url)
 
     # -- writing ---------------------------------------------------------------------------
     def put(self, camera: str, result: dict[str, Any], ts: float | None = None) -> bool:
@@ -284,16 +283,13 @@ class ResultCache:
                 continue
             ok = self._drain() if pending else (self._reconnect_if_idle() or self._connected)
             if ok:
-                self._attempt = 0
+                self._backoff.reset()
                 continue
-            delay = min(self.backoff_max, self.backoff_base * (2 ** min(self._attempt, 30)))
-            delay *= 0.5 + random.random() * 0.5  # jitter: many daemons must not reconnect in step
-            self._attempt += 1
-            self._stop.wait(delay)
+            self._stop.wait(self._backoff.next())
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wake the flusher and wait until the buffer is empty; False if it is not within timeout."""
-        self._attempt = 0
+        self._backoff.reset()
         self._wake.set()
         deadline = time.monotonic() + timeout
         with self._lock:

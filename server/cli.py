@@ -367,7 +367,7 @@ def serve_cmd(
 
     from mlink.server.api import create_app
     from mlink.server.daemon import Daemon
-    from mlink.server.ingest import redact
+    from mlink.server.redact import redact
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = run_guarded(lambda: resolve_config(site, config))

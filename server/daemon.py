@@ -430,7 +430,7 @@ class Daemon:
             reasons.append(f"plan: not loaded yet (daemon is {self.state}{': ' + self.error if self.error else ''})")
         if self.ingest is not None:
             for cam, st in self.ingest.status().items():
-                if st.state not in ("connecting", "connected", "retrying"):
+                if not st.healthy:
                     reasons.append(f"camera {cam}: {st.state}")
         return not reasons, reasons
 

@@ -7,13 +7,14 @@ fps (25 when the source reports none).
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 import cv2
 import numpy as np
+
+from mlink.server.redact import redact
 
 if TYPE_CHECKING:
     from mlink.models.assets import AssetStore
@@ -23,16 +24,7 @@ class FrameSourceError(RuntimeError):
     """A video could not be opened or decoded; the message names it and says why."""
 
 
-# the userinfo runs to the LAST "@" of the authority: an unencoded "@" in a password leaks nothing
-_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/?#\s]*@")
-_SECRET_QUERY = re.compile(r"([?&](?:password|passwd|pwd|pass|token|access_token|auth|key|api_key|apikey|secret|signature|sig)=)[^&#\s]*", re.I)
 _LIVE_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "rtmps://", "http://", "https://", "udp://", "tcp://", "srt://")
-
-
-def redact(text: str) -> str:
-    """Hide credentials in URLs inside ``text``: ``rtsp://user:pass@h`` -> ``rtsp://***@h``,
-    and the values of password/token-like query parameters."""
-    return _SECRET_QUERY.sub(r"\1***", _USERINFO.sub(r"\1***@", text))
 
 
 def is_live(url: str) -> bool:

@@ -22,7 +22,6 @@ stop, changed ones (url, fps, loop) restart, unchanged ones keep running untouch
 from __future__ import annotations
 
 import logging
-import random
 import threading
 import time
 from collections import deque
@@ -33,7 +32,9 @@ import cv2
 import numpy as np
 
 from mlink.configs.schema import IngestConfig, StreamEntry
-from mlink.server.frames import FrameSourceError, is_live, open_capture, redact, resolve_url
+from mlink.server.backoff import Backoff
+from mlink.server.frames import FrameSourceError, is_live, open_capture, resolve_url
+from mlink.server.redact import redact
 
 if TYPE_CHECKING:
     from mlink.models.assets import AssetStore
@@ -76,27 +77,9 @@ class CameraStatus:
 
     @property
     def healthy(self) -> bool:
-        """Open or retrying (what /readyz asks of every stream)."""
-        return self.state in ("connecting", "connected", "retrying", "ended")
-
-
-class Backoff:
-    """Delays base, 2*base, 4*base ... capped at ``maximum``, each scaled by 1 +- jitter."""
-
-    def __init__(self, base: float, maximum: float, jitter: float = 0.2, rng: random.Random | None = None) -> None:
-        self.base, self.maximum, self.jitter = base, max(base, maximum), jitter
-        self.attempt = 0
-        self._rng = rng or random.Random()
-
-    def next(self) -> float:
-        d = min(self.maximum, self.base * (2 ** min(self.attempt, 40)))
-        self.attempt += 1
-        if self.jitter:
-            d *= 1 + self._rng.uniform(-self.jitter, self.jitter)
-        return d
-
-    def reset(self) -> None:
-        self.attempt = 0
+        """Open or retrying: what /readyz asks of every stream. A file that ended (and does not
+        loop) or a stopped reader delivers nothing more, so it is not healthy."""
+        return self.state in ("connecting", "connected", "retrying")
 
 
 class _Rate:

@@ -44,6 +44,11 @@ def test_redact_hides_credentials() -> None:
     assert redact("a rtsp://u:pw@h1/s and http://v:pw2@h2/m") == "a rtsp://***@h1/s and http://***@h2/m"
     assert redact("/videos/a.mp4") == "/videos/a.mp4" and redact("rtsp://host/s") == "rtsp://host/s"
     assert redact("http://h/p?mail=a@b.c") == "http://h/p?mail=a@b.c"
+    # unencoded "/" (and "/" with "@") in a password, and a password-only userinfo (Redis)
+    assert redact("rtsp://u:pa/ss@cam:554/s") == "rtsp://***@cam:554/s"
+    assert redact("cannot open rtsp://u:p@s/s@cam/x now") == "cannot open rtsp://***@cam/x now"
+    assert redact("redis://:se/cr@t@db:6379/0") == "redis://***@db:6379/0"
+    assert redact("https://medium.com/@user") == "https://medium.com/@user"
     assert is_live("rtsp://h/s") and is_live("HTTPS://h/v.mjpg") and is_live("0")
     assert not is_live("/v/a.mp4") and not is_live("asset://vtest")
 
@@ -74,6 +79,7 @@ def test_file_is_sampled_by_video_time(megamind: str) -> None:
     assert [f.seq for f in frames] == list(range(23))
     st = r.status()
     assert (st.frames_in, st.drops, st.loops, st.reconnects, st.live, st.last_error) == (23, 0, 0, 0, False, None)
+    assert not st.healthy  # an ended file that does not loop is neither open nor retrying (/readyz)
     r.stop()
     assert r.status().state == "stopped" and not r.alive
 

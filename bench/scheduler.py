@@ -91,6 +91,7 @@ def time_selection(n: int, repeats: int = 5, seed: int = 0) -> dict[str, Any]:
 
 def _links_for(cfg, store, epochs: int, quiet: bool):
     from mlink.links import LinkSet, LinkStoreError, TrainConfig, TupleSet
+    from mlink.links.matrix import heldout_split
     from mlink.scheduler.profiler import latest_profile, link_store_dir, profile_site
 
     path = latest_profile(store.home, cfg.site)
@@ -99,7 +100,7 @@ def _links_for(cfg, store, epochs: int, quiet: bool):
         if not quiet:
             print(f"no stored profile of {cfg.site}: profiling 60 frames", file=sys.stderr)
         tuples = profile_site(cfg, 60, store, progress=not quiet)
-    train, test = tuples.split(0.2, seed=0)
+    train, test = heldout_split(tuples)
     try:
         links = LinkSet.load(link_store_dir(cfg, store.home), expect_specs=train.specs)
         if links.data_version == train.version():

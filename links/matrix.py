@@ -38,6 +38,15 @@ from mlink.links.train import TrainConfig
 from mlink.links.tuples import TupleSet, node_model
 
 
+HELDOUT_SHARE = 0.2  # of a site's profile: links never train on it, the matrix and expected accuracies are measured on it
+
+
+def heldout_split(tuples: TupleSet) -> tuple[TupleSet, TupleSet]:
+    """(training part, held-out part) of a site's profile, the one split that ``mlink links
+    train|eval``, ``mlink schedule plan`` and the daemon use (seeded), so their figures agree."""
+    return tuples.split(HELDOUT_SHARE, seed=0)
+
+
 class Linked(Protocol):
     """What the matrix reads of a link set (``LinkSet``): one ensemble per target node, and the
     training config (its ``cap`` bounds the encoded sequences)."""

@@ -229,7 +229,6 @@ def profile_cmd(
 # -- links ----------------------------------------------------------------------------------
 links_app = typer.Typer(help="Model links: train, evaluate and show a site's links.", no_args_is_help=True)
 app.add_typer(links_app, name="links")
-TEST_SHARE = 0.2  # held-out share of the profile: links never train on it, the matrix is measured on it
 
 
 def _site_tuples(cfg: SiteConfig, frames: Optional[int]):
@@ -268,11 +267,12 @@ def links_train(
 
     def body() -> None:
         from mlink.links import LinkSet, TrainConfig
+        from mlink.links.matrix import heldout_split
         from mlink.scheduler.profiler import link_store_dir
 
         cfg = resolve_config(site, config)
         tuples = _site_tuples(cfg, frames)
-        train, test = tuples.split(TEST_SHARE, seed=0)
+        train, test = heldout_split(tuples)
         tc = TrainConfig() if epochs is None else TrainConfig(epochs=epochs)
         links = LinkSet.train(train, config=tc, progress=not as_json)
         out = link_store_dir(cfg, default_store().home)
@@ -300,6 +300,7 @@ def links_eval(
     def body() -> None:
         from mlink.links import LinkSet
         from mlink.links.crossval import cross_validate
+        from mlink.links.matrix import heldout_split
         from mlink.scheduler.profiler import link_store_dir
 
         cfg = resolve_config(site, config)
@@ -313,7 +314,7 @@ def links_eval(
             matrix = cross_validate(tuples, folds, progress=said)
             _report_matrix(cfg, matrix, png or link_store_dir(cfg, default_store().home) / f"matrix-cv{folds}.png", as_json)
             return
-        _, test = tuples.split(TEST_SHARE, seed=0)
+        _, test = heldout_split(tuples)
         links = LinkSet.load(link_store_dir(cfg, default_store().home), expect_specs=tuples.specs)
         _report_matrix(cfg, links.matrix(test), png, as_json)
 

@@ -8,7 +8,7 @@ What it does, in order:
    ``mlink profile``); with ``--frames N`` or without a stored profile, N frames
    (default ``links.profile_frames``) are profiled first and stored.
 2. **Held-out split and links**: the profile is split as ``mlink links train`` splits it
-   (``TupleSet.split(0.2, seed=0)``): links train on the first part, accuracies are measured on
+   (``links.matrix.heldout_split``): links train on the first part, accuracies are measured on
    the held-out part. The stored links (``links.store`` or ``$MLINK_HOME/links/SITE``) are used
    when they were trained on exactly that training split (their ``data_version``); otherwise
    links are trained on it now (with a progress bar; ``--epochs`` to shorten) and stored there,
@@ -42,7 +42,6 @@ from mlink.server.cli_common import ConfigOpt, SiteOpt, resolve_config, run_guar
 schedule_app = typer.Typer(help="The scheduler: which models to load under a memory budget.", no_args_is_help=True)
 
 MiB = 1 << 20
-TEST_SHARE = 0.2  # as `mlink links train`: links never train on this share of the profile
 
 
 def _mib(n: float | None) -> str:
@@ -124,6 +123,7 @@ def plan_site(
 ) -> dict[str, Any]:
     """Everything ``mlink schedule plan`` prints, as one dict."""
     from mlink.configs.budget import resolve_budget
+    from mlink.links.matrix import heldout_split
     from mlink.models.assets import default_store
     from mlink.scheduler.memory import MemoryMeter
     from mlink.scheduler.planner import LinkAccuracy, select_models, site_served
@@ -132,7 +132,7 @@ def plan_site(
     served = site_served(cfg)
     names = list(served)
     tuples, profile_path = site_tuples(cfg, store, frames, progress=not quiet)
-    train, test = tuples.split(TEST_SHARE, seed=0)
+    train, test = heldout_split(tuples)
     links, links_path, retrained = _links(cfg, store, train, epochs, quiet)
 
     table_path = cost_table_path(store.home, cfg.site, cfg.device)

@@ -32,7 +32,8 @@ from typing import Any
 
 from mlink.configs.load import ConfigError, load_config, parse_config
 from mlink.configs.schema import SiteConfig
-from mlink.links import LinkError, LinkSet, TupleSet
+from mlink.links import LinkError, LinkSet, TupleSet, node_model
+from mlink.links.matrix import heldout_split
 from mlink.models.assets import AssetStore, default_store
 from mlink.models.catalog import zoo_catalog
 from mlink.scheduler.planner import Plan, Planner, build_pool
@@ -50,7 +51,6 @@ from mlink.server.snapshot import NO_LINKS, LinkViews, ServedCounts, Snapshot, l
 
 log = logging.getLogger("mlink.daemon")
 
-HELDOUT_SHARE = 0.2  # the same split `mlink links train` holds out (seeded), so the figures agree
 PLAN_FIELDS = ("device", "budget", "models", "scheduler", "links")
 
 
@@ -231,7 +231,7 @@ class Daemon:
             if set(tuples.specs) != set(cfg.nodes()):
                 log.info("stored profile %s has other outputs than the config; profiling again", path)
                 return None, None
-            _, heldout = tuples.split(HELDOUT_SHARE, seed=0)
+            _, heldout = heldout_split(tuples)  # the split `mlink links train` holds out, so the figures agree
             links = LinkSet.load(link_store_dir(cfg, self.store.home), expect_specs=tuples.specs)
             return links, heldout
         except LinkError as exc:
@@ -363,7 +363,7 @@ class Daemon:
                 log.exception("result of camera %s could not be stored", f.camera)
             self.frames_total[f.camera] += 1
             for node, out in r.outputs.items():
-                self.outputs_total[(node.split(":", 1)[0], out.provenance)] += 1
+                self.outputs_total[(node_model(node), out.provenance)] += 1
             self.ingest.mark_processed(f.camera)
         self.served = ServedCounts.of(self.frames_total, self.outputs_total)
         self.step_seconds += time.perf_counter() - t0

@@ -40,7 +40,7 @@ from typing import Any, Iterator, Sequence
 import cv2
 import numpy as np
 
-from mlink.links.tuples import TupleSet
+from mlink.links.tuples import TupleSet, node_key
 
 MAP_W, MAP_H = 256, 192
 PIXEL_LOW = 21  # Reducto's pixel/area/edge intensity threshold lower bound
@@ -137,10 +137,10 @@ class Oracle:
 
     @property
     def nodes(self) -> list[str]:
-        return [f"{m}:{o}" for m, outs in self.served.items() for o in outs]
+        return [node_key(m, o) for m, outs in self.served.items() for o in outs]
 
     def nodes_of(self, model: str) -> list[str]:
-        return [f"{model}:{o}" for o in self.served[model]]
+        return [node_key(model, o) for o in self.served[model]]
 
     def exact(self, node: str, positions: Sequence[int]) -> list[np.ndarray]:
         vals = self.tuples.values[node]
@@ -154,7 +154,7 @@ def load_oracle(cfg: Any, store: Any, home: Path, frames: int | None, progress: 
     from mlink.scheduler.profiler import site_profile, site_served
 
     served = {m: list(outs) for m, outs in site_served(cfg).items()}
-    nodes = [f"{m}:{o}" for m, outs in served.items() for o in outs]
+    nodes = [node_key(m, o) for m, outs in served.items() for o in outs]
     stored, path, _ = site_profile(cfg, store, min_frames=frames or 0, home=home, progress=progress)
     stored = stored.select(nodes)
     order = time_order(stored)

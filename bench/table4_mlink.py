@@ -47,7 +47,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from mlink.bench.table4_methods import Context, result
-from mlink.links import LinkSet, TrainConfig, TupleSet
+from mlink.links import LinkSet, TrainConfig, TupleSet, node_model
 from mlink.scheduler.planner import LinkAccuracy, select_models
 from mlink.scheduler.selection import evaluate, keep_or_switch
 
@@ -74,7 +74,7 @@ def _link_ms(links: LinkSet, tuples: TupleSet, active: frozenset[str], positions
         return 0.0
     times = []
     for p in positions:
-        outs = {k: tuples.values[k][p] for k in tuples.specs if k.split(":", 1)[0] in active}
+        outs = {k: tuples.values[k][p] for k in tuples.specs if node_model(k) in active}
         for _ in range(repeats):
             t0 = time.perf_counter()
             links.predict(active, outs)
@@ -161,7 +161,7 @@ def run_mlink(ctx: Context, budgets: list[float], switch_margin: float = 0.01) -
                         link_ms_cache[lkey] = _link_ms(trajs[name], tuples, active, served_pos[:10])
                     preds = pred_cache[key]
                     for k in oracle.nodes:
-                        st["preds"][k].extend(sub.values[k] if k.split(":", 1)[0] in active else preds[k])
+                        st["preds"][k].extend(sub.values[k] if node_model(k) in active else preds[k])
                     run = sum(ctx.latency[m] for m in active) + link_ms_cache[lkey]
                     st["ms"].extend([run] * len(served_pos))
                     st["ms"].extend([sum(ctx.latency[m] for m in profiled_models)] * len(prof))
@@ -187,7 +187,7 @@ def run_mlink(ctx: Context, budgets: list[float], switch_margin: float = 0.01) -
                             pred_cache[key] = trajs[name].predict_tuples(A, sub)
                         acc_h = fixed.setdefault((name, A), {k: [] for k in oracle.nodes})
                         for k in oracle.nodes:
-                            acc_h[k].extend(sub.values[k] if k.split(":", 1)[0] in A else pred_cache[key][k])
+                            acc_h[k].extend(sub.values[k] if node_model(k) in A else pred_cache[key][k])
             for key in [k for k in pred_cache if k[1] == pi]:
                 del pred_cache[key]
             bar.update(1)

@@ -22,6 +22,7 @@ from typing import Any, Literal, Protocol
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator, model_validator
 
 from mlink.configs.budget import parse_budget
+from mlink.configs.nodes import node_key
 
 CATALOG = "catalog"  # the validation-context key of the ModelCatalog
 
@@ -194,7 +195,7 @@ class SiteConfig(_Strict):
 
     def nodes(self) -> list[str]:
         """The served outputs as link-graph nodes, ``model:output``, in config order."""
-        return [f"{m.name}:{out}" for m in self.models for out in m.served]
+        return [node_key(m.name, out) for m in self.models for out in m.served]
 
     def model(self, name: str) -> ModelEntry:
         for m in self.models:

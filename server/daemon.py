@@ -15,8 +15,9 @@ second; a reload publishes the new camera list. The API reads :attr:`Daemon.snap
 
 Startup: links and held-out tuples are taken from the link store and the site's latest profile
 when they match the config; otherwise the initial phase profiles ``links.profile_frames`` frames
-of the site's streams and trains them (with progress on stderr). The HTTP API is up during
-that time and ``/readyz`` says why it is not ready yet.
+of the site's streams and trains them (with progress on stderr), and stores the links but not
+that profile, so the next start profiles again unless a command (``mlink links train``)
+stored one. The HTTP API is up during that time and ``/readyz`` says why it is not ready yet.
 """
 
 from __future__ import annotations

@@ -105,16 +105,18 @@ def pipeline_overhead(frames: int) -> dict:
     from mlink.configs.load import parse_config
     from mlink.models.assets import default_store
     from mlink.models.catalog import zoo_catalog
-    from mlink.scheduler.planner import Planner, build_pool
-    from mlink.scheduler.profiler import ProfileFrame, plan_stream_frames, site_frames
+    from mlink.scheduler.planner import Planner
+    from mlink.scheduler.profiler import ProfileFrame
+    from mlink.scheduler.site import build_pool
     from mlink.server.cache import ResultCache
+    from mlink.server.profiling import plan_stream_frames, site_frames
     from mlink.server.frames import read_frames
     from mlink.server.redis_embedded import EmbeddedRedis
 
     cfg = parse_config(yaml.safe_dump(SITE), catalog=zoo_catalog())
     store = default_store()
     pool = build_pool(cfg, store=store)
-    planner = Planner(cfg, pool, progress=False)
+    planner = Planner(cfg, pool)
     planner.initial(site_frames(plan_stream_frames(cfg, cfg.links.profile_frames, store)))
     plan = planner.plan
     assert plan is not None

@@ -126,13 +126,15 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from mlink.configs.budget import resolve_budget
+    from mlink.configs.budget import resolve_site_budget
     from mlink.configs.load import parse_config
     from mlink.links import TrainConfig
     from mlink.models.assets import default_store
     from mlink.models.catalog import zoo_catalog
     from mlink.scheduler.memory import MemoryMeter
-    from mlink.scheduler.planner import Planner, model_factory
+    from mlink.scheduler.options import PlannerOptions
+    from mlink.scheduler.planner import Planner
+    from mlink.scheduler.site import model_factory
     from mlink.scheduler.pool import ModelPool
 
     meter = MemoryMeter(args.device)
@@ -194,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         largest = max(costs.values())
         budget = int(max(min(1.5 * largest, 0.8 * sum(costs.values())), 1.15 * largest))
     else:
-        budget = resolve_budget(args.budget, meter.total(), sum(costs.values()))
+        budget = resolve_site_budget(args.budget, meter.total(), costs)
     for r in rows:
         r["fits_alone"] = r["cost"] is not None and r["cost"] <= budget
     out["models"] = rows
@@ -207,14 +209,10 @@ def main(argv: list[str] | None = None) -> int:
     pool = ModelPool(
         budget, args.device, meter=meter, factory=model_factory(cfg, store), costs=costs, warmup_batch=args.batch, models=names
     )
-    planner = Planner(
-        cfg,
-        pool,
-        budget=budget,
-        train_config=TrainConfig(epochs=5, patience=2, combiner_steps=50, fine_tune_epochs=2),
-        frame_rate=fps,
-        clock=lambda: 0.0,
+    options = PlannerOptions.from_site(
+        cfg, budget=budget, train_config=TrainConfig(epochs=5, patience=2, combiner_steps=50, fine_tune_epochs=2), frame_rate=fps
     )
+    planner = Planner(cfg, pool, options=options, clock=lambda: 0.0)
     watcher = MemoryMeter(args.device)
     served_frames = 0
 

@@ -78,9 +78,9 @@ def model_latencies(cfg: Any, store: Any, n: int) -> dict[str, float]:
     """Median ms per frame of each site model on ``n`` real frames of the site's streams."""
     from mlink.bench.measure import latency_ms
     from mlink.models.catalog import create_model
-    from mlink.scheduler.profiler import plan_stream_frames, site_frames
+    from mlink.server.profiling import plan_stream_frames, site_frames
 
-    images = [f.image for f in site_frames(plan_stream_frames(cfg, n, store))()]
+    images = [f.image for f in site_frames(plan_stream_frames(cfg, n, store))]
     out = {}
     for m in cfg.models:
         model = create_model(m.name, store=store, **m.params)
@@ -100,7 +100,7 @@ def run(site: str | None, config: str | None, tuples_n: int, threads: int, batch
     from mlink.configs.load import load_config, site_config_path
     from mlink.models.assets import default_store
     from mlink.models.catalog import zoo_catalog
-    from mlink.scheduler.profiler import site_profile
+    from mlink.server.profiling import site_profile
 
     cfg = load_config(config if config else site_config_path(site or "default"), catalog=zoo_catalog())
     store = default_store()

@@ -92,7 +92,8 @@ def time_selection(n: int, repeats: int = 5, seed: int = 0) -> dict[str, Any]:
 def _links_for(cfg, store, epochs: int, quiet: bool):
     from mlink.links import LinkSet, LinkStoreError, TrainConfig, TupleSet
     from mlink.links.matrix import heldout_split
-    from mlink.scheduler.profiler import latest_profile, link_store_dir, profile_site
+    from mlink.scheduler.profiler import latest_profile, link_store_dir
+    from mlink.server.profiling import profile_site
 
     path = latest_profile(store.home, cfg.site)
     tuples = TupleSet.load(path) if path is not None else None
@@ -120,8 +121,10 @@ def reprofile_overhead(site: str, period_s: float, share: float, budget: str | N
     from mlink.configs.load import load_config, site_config_path
     from mlink.models.assets import default_store
     from mlink.models.catalog import zoo_catalog
-    from mlink.scheduler.planner import Planner, build_pool
-    from mlink.scheduler.profiler import plan_stream_frames, site_frames
+    from mlink.scheduler.options import PlannerOptions
+    from mlink.scheduler.planner import Planner
+    from mlink.scheduler.site import build_pool
+    from mlink.server.profiling import plan_stream_frames, site_frames
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     cfg = load_config(site_config_path(site), catalog=zoo_catalog())
@@ -130,9 +133,9 @@ def reprofile_overhead(site: str, period_s: float, share: float, budget: str | N
     links, test, how = _links_for(cfg, store, epochs, quiet)
     rate = sum(s.fps for s in cfg.streams)
     n = max(2, math.ceil(share * period_s * rate - 1e-9))
-    frames = list(site_frames(plan_stream_frames(cfg, n, store))())
+    frames = list(site_frames(plan_stream_frames(cfg, n, store)))
     pool = build_pool(cfg, store=store, budget=budget)
-    planner = Planner(cfg, pool, links, heldout=test, clock=lambda: 0.0, budget=budget)
+    planner = Planner(cfg, pool, links, heldout=test, options=PlannerOptions.from_site(cfg, budget=budget), clock=lambda: 0.0)
     planner.initial(now=0.0)
     # Buffer the period's share, as the daemon does at the boundary, then run the period.
     tick = planner.on_frames(frames, now=period_s, run=False)

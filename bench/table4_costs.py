@@ -59,10 +59,10 @@ def _setup(threads: int, home: str | None, mirror: str | None, offline: bool) ->
 
 
 def _site_images(cfg: Any, store: Any, n: int) -> list:
-    from mlink.scheduler.profiler import plan_stream_frames, site_frames
+    from mlink.server.profiling import plan_stream_frames, site_frames
 
     plan = plan_stream_frames(cfg, max(1, n), store)
-    return [f.image for f in site_frames(plan)()]
+    return [f.image for f in site_frames(plan)]
 
 
 def _figures(device: str, meter: Any, peaks: list[int], deltas: list[int], secs: list[float], lat: list[float], threads: int) -> dict:

@@ -14,7 +14,7 @@ frames (which MLink fine-tunes on), so no method is scored on a frame it trained
 
 Per-frame features (cached in the output folder as an ``.npz`` keyed by the profile's version
 and the frames kept): the frames are decoded again from the site's videos (the same sampling
-as :func:`mlink.scheduler.profiler.plan_stream_frames`, checked frame by frame against the
+as :func:`mlink.server.profiling.plan_stream_frames`, checked frame by frame against the
 profile's streams and timestamps) and, frame by frame, reduced to what the baselines need, so
 no image is kept in memory:
 
@@ -151,7 +151,8 @@ def load_oracle(cfg: Any, store: Any, home: Path, frames: int | None, progress: 
     """The site's latest stored profile (profiled and stored first when missing, over other
     outputs than the config's, or shorter than ``frames``); ``frames`` fewer than stored keeps
     that many spread evenly in time. Returns (oracle, the stored profile as stored)."""
-    from mlink.scheduler.profiler import site_profile, site_served
+    from mlink.scheduler.site import site_served
+    from mlink.server.profiling import site_profile
 
     served = {m: list(outs) for m, outs in site_served(cfg).items()}
     nodes = [node_key(m, o) for m, outs in served.items() for o in outs]
@@ -243,11 +244,11 @@ def _key(oracle: Oracle) -> str:
 
 def _decoded(cfg: Any, store: Any, stored: TupleSet) -> Iterator[tuple[int, np.ndarray]]:
     """(stored index, image) for every frame of the stored profile, decoded again and checked."""
-    from mlink.scheduler.profiler import plan_stream_frames, site_frames
+    from mlink.server.profiling import plan_stream_frames, site_frames
 
     plan = plan_stream_frames(cfg, len(stored), store)
     i = 0
-    for f in site_frames(plan)():
+    for f in site_frames(plan):
         if i >= len(stored):
             break
         if f.stream != stored.streams[i] or abs(f.timestamp - stored.timestamps[i]) > 1e-3:

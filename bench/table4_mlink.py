@@ -48,7 +48,8 @@ import numpy as np
 
 from mlink.bench.table4_methods import Context, result
 from mlink.links import LinkSet, TrainConfig, TupleSet, node_model
-from mlink.scheduler.planner import LinkAccuracy, select_models
+from mlink.scheduler.accuracy import LinkAccuracy
+from mlink.scheduler.selector import select_models
 from mlink.scheduler.selection import evaluate, keep_or_switch
 
 SELECTORS = {"paper": "MLink (paper greedy)", "objective": "MLink (objective)"}

@@ -1,15 +1,16 @@
 """The serving step: run the plan's loaded models, predict every other served output.
 
-:func:`serve` takes a batch of frames and the current :class:`~mlink.scheduler.planner.Plan`,
+:func:`serve` takes a batch of frames and the current :class:`~mlink.scheduler.plans.Plan`,
 runs each active model (pinned in the pool for the duration of its inference, so an unload
 waits for it) in batches, and fills in every other served node with its ensemble of links over
 the models that actually ran (:meth:`LinkSet.predict`). Every output says where it came from:
 
 - ``provenance == "executed"``: the model ran on this frame; expected accuracy 1.0;
 - ``provenance == "predicted"``: ``sources`` lists the models whose links the prediction used
-  (empty: the ensemble's trivial output, nothing active helps); ``expected_accuracy`` is the
-  plan's p(h_{A,node}) when the models that ran are the plan's, else (an active model was
-  missing) the accuracy for the models that did run, from ``accuracy`` when given;
+  (empty: the ensemble's trivial output, nothing active helps); ``sources`` and
+  ``expected_accuracy`` are the plan's (``Plan.sources``, p(h_{A,node})) when the models that ran
+  are the plan's, else (an active model was missing) those for the models that did run, looked
+  up once per batch (the accuracy from ``accuracy`` when given);
 - ``provenance == "unavailable"``: no links exist for this node (its model could never be
   profiled) and its model did not run; ``value`` is None.
 
@@ -28,13 +29,15 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from mlink.links import LinkSet, node_model
+from mlink.links import LinkSet, node_key, node_model
 from mlink.models.catalog import model_info
 from mlink.models.spec import OutputSpec
-from mlink.scheduler.pool import ModelNotLoaded, ModelPool
+from mlink.scheduler.accuracy import used_sources
+from mlink.scheduler.pool import ModelPool
+from mlink.scheduler.pool_records import ModelNotLoaded
 
 if TYPE_CHECKING:
-    from mlink.scheduler.planner import Plan
+    from mlink.scheduler.plans import Plan
 
 log = logging.getLogger(__name__)
 
@@ -124,61 +127,94 @@ def serve(
     None. Never raises for a missing model or a failing inference.
     """
     parts = [_frame_parts(f, i) for i, f in enumerate(frames)]
-    nodes = [f"{m}:{o}" for m, outs in plan.served.items() for o in outs]
-    specs = {k: _spec(k) for k in nodes}
-    active = [m for m in plan.served if m in plan.active]
-    results: list[FrameResult] = []
+    step = _Step(plan, pool, links, accuracy)
     bs = max(1, int(batch_size))
+    results: list[FrameResult] = []
     for start in range(0, len(parts), bs):
-        t0 = time.perf_counter()
-        chunk = parts[start : start + bs]
-        images = [img for _, _, img in chunk]
+        results.extend(step.chunk(parts[start : start + bs]))
+    return results
+
+
+class _Step:
+    """One :func:`serve` call: the plan's nodes and specs, served chunk by chunk."""
+
+    def __init__(self, plan: "Plan", pool: ModelPool, links: LinkSet | None, accuracy: NodeAccuracy | None) -> None:
+        self.plan = plan
+        self.pool = pool
+        self.links = links
+        self.accuracy = accuracy
+        self.nodes = [node_key(m, o) for m, outs in plan.served.items() for o in outs]
+        self.specs = {k: _spec(k) for k in self.nodes}
+        self.active = [m for m in plan.served if m in plan.active]
+
+    def _run(self, images: list[np.ndarray]) -> tuple[dict[str, list[dict[str, np.ndarray]]], dict[str, str]]:
+        """Each active model on ``images``: (outputs per model that ran, why the others did not)."""
         ran: dict[str, list[dict[str, np.ndarray]]] = {}
         missing: dict[str, str] = {}
-        for m in active:
+        for m in self.active:
             try:
-                with pool.pin(m) as model:
+                with self.pool.pin(m) as model:
                     ran[m] = model.infer(images)
             except ModelNotLoaded as exc:
                 missing[m] = str(exc)
             except Exception as exc:  # a failing model must not fail the step
                 log.warning("serving: %s failed on a batch: %s", m, exc)
                 missing[m] = f"{type(exc).__name__}: {exc}"
-        executed = frozenset(ran)
-        foreseen = executed == plan.active
-        per_frame = (time.perf_counter() - t0) / max(len(chunk), 1)
+        return ran, missing
+
+    def _expected(self, executed: frozenset[str], foreseen: bool) -> dict[str, float | None]:
+        """p(h_{A,node}) of every node not executed: the plan's, else for what did run."""
         expected: dict[str, float | None] = {}
-        for k in nodes:
+        for k in self.nodes:
             if node_model(k) in executed:
                 continue
-            if foreseen and k in plan.expected_nodes:
-                expected[k] = float(plan.expected_nodes[k])
-            elif accuracy is not None:
+            if foreseen and k in self.plan.expected_nodes:
+                expected[k] = float(self.plan.expected_nodes[k])
+            elif self.accuracy is not None:
                 try:
-                    expected[k] = float(accuracy(executed, k))
+                    expected[k] = float(self.accuracy(executed, k))
                 except Exception:
                     expected[k] = None
             else:
                 expected[k] = None
-        note = f"active model(s) missing: {', '.join(sorted(missing))}" if missing else ""
-        # Every frame of the chunk had the same models run: predict the others for the whole
-        # chunk in one pass (per-frame cost falls with the batch; see LinkSet.predict_batch).
-        t1 = time.perf_counter()
-        source_outputs = [
-            {f"{m}:{o}": ran[m][i][o] for m in executed for o in plan.served[m]} for i in range(len(chunk))
-        ]
-        wanted = [k for k in nodes if node_model(k) not in executed and links is not None and k in links.ensembles]
-        predicted: list[Mapping[str, np.ndarray]] = [{} for _ in chunk]
+        return expected
+
+    def _predict(
+        self, executed: frozenset[str], source_outputs: list[dict[str, np.ndarray]]
+    ) -> tuple[list[str], list[Mapping[str, np.ndarray]], str]:
+        """(the nodes predicted, per frame their values, a note when prediction failed)."""
+        links = self.links
+        wanted = [k for k in self.nodes if node_model(k) not in executed and links is not None and k in links.ensembles]
+        predicted: list[Mapping[str, np.ndarray]] = [{} for _ in source_outputs]
         if wanted:
             try:
                 predicted = links.predict_batch(executed, source_outputs, targets=wanted)  # type: ignore[union-attr]
             except Exception as exc:  # links are someone else's code: never fail the step
                 log.exception("serving: link prediction failed")
-                note = (note + "; " if note else "") + f"prediction failed: {type(exc).__name__}: {exc}"
+                return wanted, predicted, f"prediction failed: {type(exc).__name__}: {exc}"
+        return wanted, predicted, ""
+
+    def chunk(self, chunk: list[tuple[str, float, np.ndarray]]) -> list[FrameResult]:
+        """Serve frames that go through the models together."""
+        plan, nodes, specs = self.plan, self.nodes, self.specs
+        t0 = time.perf_counter()
+        ran, missing = self._run([img for _, _, img in chunk])
+        executed = frozenset(ran)
+        foreseen = executed == plan.active
+        per_frame = (time.perf_counter() - t0) / max(len(chunk), 1)
+        expected = self._expected(executed, foreseen)
+        note = f"active model(s) missing: {', '.join(sorted(missing))}" if missing else ""
+        # Every frame of the chunk had the same models run: predict the others for the whole
+        # chunk in one pass (per-frame cost falls with the batch; see LinkSet.predict_batch).
+        t1 = time.perf_counter()
+        source_outputs = [{node_key(m, o): ran[m][i][o] for m in executed for o in plan.served[m]} for i in range(len(chunk))]
+        wanted, predicted, failed = self._predict(executed, source_outputs)
+        note = "; ".join(n for n in (note, failed) if n)
+        sources = plan.sources if foreseen else _sources(self.links, executed, wanted)
         predict_per_frame = (time.perf_counter() - t1) / max(len(chunk), 1)
+        results = []
         for i, (stream, ts, _) in enumerate(chunk):
             t1 = time.perf_counter()
-            fnote = note
             outputs: dict[str, NodeOutput] = {
                 k: NodeOutput(k, v, specs[k].to_json(v), "executed", (), 1.0) for k, v in source_outputs[i].items()
             }
@@ -187,10 +223,9 @@ def serve(
                     continue
                 if k in predicted[i]:
                     v = predicted[i][k]
-                    srcs = _sources(links, executed, k)
-                    outputs[k] = NodeOutput(k, v, specs[k].to_json(v), "predicted", tuple(srcs), expected.get(k), fnote)
+                    outputs[k] = NodeOutput(k, v, specs[k].to_json(v), "predicted", tuple(sources.get(k, ())), expected.get(k), note)
                 else:
-                    outputs[k] = NodeOutput(k, None, None, "unavailable", (), 0.0, fnote or "no links predict this output")
+                    outputs[k] = NodeOutput(k, None, None, "unavailable", (), 0.0, note or "no links predict this output")
             results.append(
                 FrameResult(
                     stream=stream,
@@ -202,12 +237,11 @@ def serve(
                     seconds=per_frame + predict_per_frame + (time.perf_counter() - t1),
                 )
             )
-    return results
+        return results
 
 
-def _sources(links: LinkSet | None, executed: frozenset[str], node: str) -> list[str]:
+def _sources(links: LinkSet | None, executed: frozenset[str], nodes: list[str]) -> dict[str, tuple[str, ...]]:
+    """Per node, the models whose links predict it from ``executed`` (when the plan's do not apply)."""
     if links is None:
-        return []
-    from mlink.scheduler.planner import used_sources
-
-    return used_sources(links, executed, node)
+        return {}
+    return {k: tuple(used_sources(links, executed, k)) for k in nodes}

@@ -211,7 +211,8 @@ def profile_cmd(
     """Run every model of a site on sampled frames and store the aligned output tuples."""
 
     def body() -> None:
-        from mlink.scheduler.profiler import profile_site, save_profile
+        from mlink.scheduler.profiler import save_profile
+        from mlink.server.profiling import profile_site
 
         cfg = resolve_config(site, config)
         store = default_store()

@@ -58,7 +58,7 @@ def resolve_config(site: Optional[str], config: Optional[Path]) -> SiteConfig:
 def site_tuples(cfg: SiteConfig, store: "AssetStore", frames: Optional[int], *, progress: bool = True) -> tuple["TupleSet", Path]:
     """The site's latest stored profile, or a fresh one of ``frames`` (default
     links.profile_frames), saying on stderr when a stored one no longer fits the config."""
-    from mlink.scheduler.profiler import site_profile
+    from mlink.server.profiling import site_profile
 
     tuples, path, why = site_profile(cfg, store, frames, progress=progress)
     if why is not None and why.endswith("other outputs than the config"):

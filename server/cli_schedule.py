@@ -70,8 +70,8 @@ def load_cost_table(path: Path) -> dict[str, int] | None:
 def measure_costs(cfg: Any, store: Any, progress: bool = True) -> tuple[dict[str, int], dict[str, str], dict[str, float], str]:
     """Load each model once, alone, through a pool; (costs, failures, load seconds, meter source)."""
     from mlink.scheduler.memory import MemoryMeter
-    from mlink.scheduler.planner import model_factory
     from mlink.scheduler.pool import ModelPool
+    from mlink.scheduler.site import model_factory
 
     meter = MemoryMeter(cfg.device)
     names = [m.name for m in cfg.models]
@@ -126,7 +126,9 @@ def plan_site(
     from mlink.links.matrix import heldout_split
     from mlink.models.assets import default_store
     from mlink.scheduler.memory import MemoryMeter
-    from mlink.scheduler.planner import LinkAccuracy, select_models, site_served
+    from mlink.scheduler.accuracy import LinkAccuracy
+    from mlink.scheduler.selector import select_models
+    from mlink.scheduler.site import site_served
 
     store = default_store()
     served = site_served(cfg)

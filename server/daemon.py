@@ -37,17 +37,14 @@ from mlink.links import LinkError, LinkSet, TupleSet, node_model
 from mlink.links.matrix import heldout_split
 from mlink.models.assets import AssetStore, default_store
 from mlink.models.catalog import zoo_catalog
-from mlink.scheduler.planner import Plan, Planner, build_pool
-from mlink.scheduler.profiler import (
-    NoProfileFiles,
-    ProfileFrame,
-    latest_profile,
-    link_store_dir,
-    plan_stream_frames,
-    site_frames,
-)
+from mlink.scheduler.options import PlannerOptions
+from mlink.scheduler.planner import Planner
+from mlink.scheduler.plans import Plan
+from mlink.scheduler.profiler import ProfileFrame, latest_profile, link_store_dir
+from mlink.scheduler.site import build_pool
 from mlink.server.cache import ResultCache, open_cache
 from mlink.server.ingest import Ingest
+from mlink.server.profiling import NoProfileFiles, plan_stream_frames, site_frames
 from mlink.server.snapshot import NO_LINKS, LinkViews, ServedCounts, Snapshot, link_views, model_rows
 
 log = logging.getLogger("mlink.daemon")
@@ -259,7 +256,8 @@ class Daemon:
                 previous.pool.close()  # unload everything before the new set is measured and loaded
             pool = build_pool(cfg, store=self.store, costs={k: v for k, v in (known or {}).items() if k in {m.name for m in cfg.models}} or None)
         next_id = previous.plan.id + 1 if previous is not None and previous.plan is not None else 1
-        planner = Planner(cfg, pool, links, heldout, progress=self.progress, first_plan_id=next_id)
+        options = PlannerOptions.from_site(cfg, progress=self.progress)
+        planner = Planner(cfg, pool, links, heldout, options=options, first_plan_id=next_id)
         frames: Any = None
         if links is None or heldout is None:
             self.state = "profiling"

@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 from mlink.models.catalog import model_info
 
 if TYPE_CHECKING:
-    from mlink.scheduler.planner import Plan, Planner
+    from mlink.scheduler.planner import Planner
+    from mlink.scheduler.plans import Plan
     from mlink.scheduler.pool import ModelPool
 
 

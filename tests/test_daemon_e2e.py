@@ -21,7 +21,7 @@ from mlink.configs.load import load_config
 from mlink.links import LinkSet
 from mlink.models.assets import AssetStore
 from mlink.models.catalog import zoo_catalog
-from mlink.scheduler.planner import LinkAccuracy
+from mlink.scheduler.accuracy import LinkAccuracy
 from mlink.server.api import create_app
 from mlink.server.daemon import Daemon
 from waiting import wait_for as _wait_for  # tests/waiting.py

@@ -18,11 +18,14 @@ from mlink.configs.load import parse_config
 from mlink.links import LinkSet, TrainConfig, TupleSet
 from mlink.models.assets import AssetStore
 from mlink.models.catalog import create_model, model_info, zoo_catalog
-from mlink.scheduler.planner import LinkAccuracy, Planner, build_pool, model_factory, site_served
+from mlink.scheduler.accuracy import LinkAccuracy
+from mlink.scheduler.options import PlannerOptions
+from mlink.scheduler.planner import Planner
 from mlink.scheduler.pool import ModelPool
 from mlink.scheduler.profiler import ProfileFrame, loader, profile
 from mlink.scheduler.selection import objective_select
 from mlink.scheduler.serving import serve
+from mlink.scheduler.site import build_pool, model_factory, site_served
 from mlink.server.frames import read_frames
 
 MiB = 1 << 20
@@ -257,7 +260,7 @@ def test_periods_reprofile_reselect_and_load_once_per_period(store: AssetStore, 
     cfg = site_cfg(budget="0.95x", selector=selector)
     pool = build_pool(cfg, store=store)
     links = fresh_links(trained)
-    planner = Planner(cfg, pool, links, heldout=trained[1], frame_rate=5.0, cost_margin=0.3)
+    planner = Planner(cfg, pool, links, heldout=trained[1], options=PlannerOptions.from_site(cfg, frame_rate=5.0, cost_margin=0.3))
     assert planner.profile_target() == 4  # 40% of 2 s at 5 fps
     t0 = frames[40].timestamp
     plan = planner.initial(now=t0)

@@ -10,7 +10,9 @@ from mlink.links.tuples import TupleSet
 from mlink.models.assets import AssetStore
 from mlink.models.base import BlackBoxModel
 from mlink.models.catalog import zoo_catalog
-from mlink.scheduler.profiler import latest_profile, loader, plan_stream_frames, profile, save_profile, site_frames, site_served
+from mlink.scheduler.profiler import latest_profile, loader, profile, save_profile
+from mlink.scheduler.site import site_served
+from mlink.server.profiling import plan_stream_frames, site_frames
 
 
 def test_profile_site_slice_runs_models_one_at_a_time(store: AssetStore, tmp_path) -> None:

@@ -239,7 +239,7 @@ def test_measured_costs_are_positive_and_repeatable(store: AssetStore, name: str
     charged to a load. The first load of a model in a process pays one-time allocator and
     kernel set-up that moves its figure by up to ~25% either way (seen: 30 MB then 39, 38, 39
     for mobilenet_v2); the pool keeps the last three, which must agree within what the CPU
-    meter is documented to vary from load to load (scheduler/planner.py, "Costs and the
+    meter is documented to vary from load to load (scheduler/loads.py, "Costs and the
     budget": up to ~20%, which the planner's cost margin covers)."""
     import json
     import subprocess
@@ -255,7 +255,7 @@ def test_measured_costs_are_positive_and_repeatable(store: AssetStore, name: str
     assert len(history) == 4
     costs = history[-3:]
     assert min(costs) > 4 * MiB
-    # The spread as the planner measures it (Planner.margin): (max - min) / max.
+    # The spread as the planner measures it (LoadBook.margin): (max - min) / max.
     assert (max(costs) - min(costs)) / max(costs) <= 0.20, costs
     assert measured["cost"] == max(costs)
 

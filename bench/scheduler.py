@@ -90,14 +90,13 @@ def time_selection(n: int, repeats: int = 5, seed: int = 0) -> dict[str, Any]:
 
 
 def _links_for(cfg, store, epochs: int, quiet: bool):
-    from mlink.links import LinkSet, LinkStoreError, TrainConfig, TupleSet
+    from mlink.links import LinkSet, LinkStoreError, TrainConfig
     from mlink.links.matrix import heldout_split
-    from mlink.scheduler.profiler import latest_profile, link_store_dir
-    from mlink.server.profiling import profile_site
+    from mlink.scheduler.profiler import link_store_dir
+    from mlink.server.profiling import profile_site, stored_profile
 
-    path = latest_profile(store.home, cfg.site)
-    tuples = TupleSet.load(path) if path is not None else None
-    if tuples is None or set(tuples.specs) != set(cfg.nodes()):
+    tuples, _, _ = stored_profile(cfg, store.home)
+    if tuples is None:
         if not quiet:
             print(f"no stored profile of {cfg.site}: profiling 60 frames", file=sys.stderr)
         tuples = profile_site(cfg, 60, store, progress=not quiet)

@@ -40,11 +40,11 @@ from mlink.models.catalog import zoo_catalog
 from mlink.scheduler.options import PlannerOptions
 from mlink.scheduler.planner import Planner
 from mlink.scheduler.plans import Plan
-from mlink.scheduler.profiler import ProfileFrame, latest_profile, link_store_dir
+from mlink.scheduler.profiler import ProfileFrame, link_store_dir
 from mlink.scheduler.site import build_pool
 from mlink.server.cache import ResultCache, open_cache
 from mlink.server.ingest import Ingest
-from mlink.server.profiling import NoProfileFiles, plan_stream_frames, site_frames
+from mlink.server.profiling import NoProfileFiles, plan_stream_frames, site_frames, stored_profile
 from mlink.server.snapshot import NO_LINKS, LinkViews, ServedCounts, Snapshot, link_views, model_rows
 
 log = logging.getLogger("mlink.daemon")
@@ -221,13 +221,11 @@ class Daemon:
     # -- planning ----------------------------------------------------------------------------
     def _stored_links(self, cfg: SiteConfig) -> tuple[LinkSet | None, TupleSet | None]:
         """Links and held-out tuples from disk, when they match the config's outputs."""
-        path = latest_profile(self.store.home, cfg.site)
-        if path is None:
-            return None, None
         try:
-            tuples = TupleSet.load(path)
-            if set(tuples.specs) != set(cfg.nodes()):
-                log.info("stored profile %s has other outputs than the config; profiling again", path)
+            tuples, path, why = stored_profile(cfg, self.store.home)
+            if tuples is None:
+                if path is not None:
+                    log.info("%s; profiling again", why)
                 return None, None
             _, heldout = heldout_split(tuples)  # the split `mlink links train` holds out, so the figures agree
             links = LinkSet.load(link_store_dir(cfg, self.store.home), expect_specs=tuples.specs)

@@ -5,7 +5,7 @@ is given; opening a site's streams is this floor's job. :func:`plan_stream_frame
 many frames each video file gives and at which rate, :class:`SiteFrames` decodes them (again on
 every pass, so a thousand frames need not sit in memory), :func:`profile_site` profiles every
 served output of a site on them, and :func:`site_profile` reuses the latest stored profile when
-it fits the config.
+it fits the config (:func:`stored_profile`, which the daemon and the scheduler bench ask too).
 """
 
 from __future__ import annotations
@@ -113,6 +113,18 @@ def profile_site(
     return profile(site_frames(plan), site_served(cfg), loader(cfg, store), batch_size, progress, total_frames=total)
 
 
+def stored_profile(cfg: SiteConfig, home: Path) -> tuple[TupleSet | None, Path | None, str | None]:
+    """The site's latest stored profile when it holds exactly the config's outputs: (tuples,
+    path, None); otherwise (None, its path or None, why it does not serve)."""
+    path = latest_profile(home, cfg.site)
+    if path is None:
+        return None, None, "no stored profile"
+    tuples = TupleSet.load(path)
+    if set(tuples.specs) != set(cfg.nodes()):
+        return None, path, f"profile {path} has other outputs than the config"
+    return tuples, path, None
+
+
 def site_profile(
     cfg: SiteConfig,
     store: AssetStore,
@@ -127,15 +139,13 @@ def site_profile(
     profile of ``frames`` (else ``min_frames``, else ``links.profile_frames``) frames, stored as
     the latest. Returns (tuples, where they are stored, why it profiled afresh or None)."""
     home = home if home is not None else store.home
-    path = latest_profile(home, cfg.site)
-    why = "no stored profile" if path is None else f"{frames} frames asked for"
-    if path is not None and frames is None:
-        tuples = TupleSet.load(path)
-        if set(tuples.specs) != set(cfg.nodes()):
-            why = f"profile {path} has other outputs than the config"
-        elif len(tuples) < min_frames:
-            why = f"profile {path} has {len(tuples)} tuples, fewer than {min_frames}"
-        else:
-            return tuples, path, None
+    if frames is None:
+        stored, path, why = stored_profile(cfg, home)
+        if stored is not None and path is not None and len(stored) >= min_frames:
+            return stored, path, None
+        if stored is not None:
+            why = f"profile {path} has {len(stored)} tuples, fewer than {min_frames}"
+    else:
+        why = "no stored profile" if latest_profile(home, cfg.site) is None else f"{frames} frames asked for"
     tuples = profile_site(cfg, frames or min_frames or cfg.links.profile_frames, store, progress=progress)
     return tuples, save_profile(tuples, home, cfg.site), why

@@ -31,6 +31,7 @@ import numpy as np
 
 from mlink.links.errors import DatasetError
 from mlink.models.assets import sha256_of
+from mlink.configs.nodes import node_key, node_model
 from mlink.models.spec import OutputSpec, Task
 
 FORMAT = "mlink-tuples/1"
@@ -38,19 +39,7 @@ DATA_FILE = "tuples.npz"
 META_FILE = "meta.json"
 
 
-# -- nodes ------------------------------------------------------------------------------------
-def node_key(model: str, output: str) -> str:
-    """The key of one served output of one model: ``"model:output"``."""
-    if ":" in model:
-        raise ValueError(f"model name {model!r} must not contain ':'")
-    return f"{model}:{output}"
-
-
-def node_model(key: str) -> str:
-    """The model a node belongs to (the part before the first ``:``)."""
-    return key.split(":", 1)[0]
-
-
+# -- nodes (keys built and split by mlink.configs.nodes, re-exported here) ---------------------
 def node_models(keys: Iterable[str]) -> list[str]:
     """The models these nodes belong to, sorted, each once."""
     return sorted({node_model(k) for k in keys})

@@ -18,6 +18,10 @@ An active model that is unexpectedly missing (unloaded, failed, or its inference
 not fail the step: its outputs are predicted from the remaining active models, and
 ``FrameResult.missing`` says which model and why. Nothing here does I/O (no Redis, no HTTP);
 the daemon stores and publishes :meth:`FrameResult.to_json`.
+
+Each :class:`FrameResult` carries the :class:`~mlink.scheduler.frame.FrameRecord` it was made
+from, unchanged, so the stored result names the frame (camera, index, video time, wall time) as
+ingest produced it; other frames (bare arrays, profiling frames) get a record here.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from mlink.links import LinkSet, node_key, node_model
 from mlink.models.catalog import model_info
 from mlink.models.spec import OutputSpec
 from mlink.scheduler.accuracy import used_sources
+from mlink.scheduler.frame import FrameRecord
 from mlink.scheduler.pool import ModelPool
 from mlink.scheduler.pool_records import ModelNotLoaded
 
@@ -79,24 +84,37 @@ class NodeOutput:
 
 @dataclass
 class FrameResult:
-    """Every served output of one frame, with the plan that produced them."""
+    """Every served output of one frame, with the plan that produced them and the frame's record."""
 
-    stream: str
-    timestamp: float
+    frame: FrameRecord  # the record served, as it came in
     plan_id: int
     outputs: dict[str, NodeOutput]
     executed: tuple[str, ...] = ()  # models that ran on this frame
     missing: dict[str, str] = field(default_factory=dict)  # active models that did not run, and why
     seconds: float = 0.0  # the step's wall time for the batch this frame was in, per frame
 
+    @property
+    def stream(self) -> str:
+        return self.frame.camera
+
+    @property
+    def timestamp(self) -> float:
+        """The frame's video time (seconds into its source)."""
+        return self.frame.video_time
+
     def to_json(self) -> dict[str, Any]:
+        """The stored result: ``timestamp`` is the video time, ``wall_time`` the capture time
+        (the clock the cache scores results by and ``since``/``until`` select on)."""
+        f = self.frame
         return {
-            "camera": self.stream,
-            "timestamp": self.timestamp,
+            "camera": f.camera,
+            "timestamp": f.video_time,
             "plan_id": self.plan_id,
             "executed": list(self.executed),
             "missing": dict(self.missing),
             "outputs": {k: v.to_json() for k, v in self.outputs.items()},
+            "frame_index": f.index,
+            "wall_time": f.wall_time,
         }
 
 
@@ -105,10 +123,15 @@ def _spec(node: str) -> OutputSpec:
     return model_info(model).output(output)
 
 
-def _frame_parts(frame: Any, index: int) -> tuple[str, float, np.ndarray]:
+def _record(frame: Any, position: int, now: float) -> FrameRecord:
+    """``frame`` itself when it is a record; else one made for it (index: its position in the
+    call; wall time: ``now``, when it is served; a bare array has camera "" and video time
+    its position)."""
+    if isinstance(frame, FrameRecord):
+        return frame
     if isinstance(frame, np.ndarray):
-        return "", float(index), frame
-    return str(getattr(frame, "stream", "")), float(getattr(frame, "timestamp", index)), frame.image
+        return FrameRecord("", position, float(position), now, frame)
+    return FrameRecord(str(getattr(frame, "stream", "")), position, float(getattr(frame, "timestamp", position)), now, frame.image)
 
 
 def serve(
@@ -120,13 +143,15 @@ def serve(
     batch_size: int = 4,
     accuracy: NodeAccuracy | None = None,
 ) -> list[FrameResult]:
-    """Serve ``frames`` (objects with ``.image``/``.stream``/``.timestamp``, or bare BGR arrays).
+    """Serve ``frames``: :class:`FrameRecord` objects (carried into the results unchanged),
+    other objects with ``.image``/``.stream``/``.timestamp``, or bare BGR arrays.
 
     ``accuracy(active, node)`` gives p(h_{A,node}) for a set of models the plan did not foresee
     (an active model went missing); without it such predictions carry ``expected_accuracy``
     None. Never raises for a missing model or a failing inference.
     """
-    parts = [_frame_parts(f, i) for i, f in enumerate(frames)]
+    now = time.time()
+    parts = [_record(f, i, now) for i, f in enumerate(frames)]
     step = _Step(plan, pool, links, accuracy)
     bs = max(1, int(batch_size))
     results: list[FrameResult] = []
@@ -194,11 +219,11 @@ class _Step:
                 return wanted, predicted, f"prediction failed: {type(exc).__name__}: {exc}"
         return wanted, predicted, ""
 
-    def chunk(self, chunk: list[tuple[str, float, np.ndarray]]) -> list[FrameResult]:
+    def chunk(self, chunk: list[FrameRecord]) -> list[FrameResult]:
         """Serve frames that go through the models together."""
         plan, nodes, specs = self.plan, self.nodes, self.specs
         t0 = time.perf_counter()
-        ran, missing = self._run([img for _, _, img in chunk])
+        ran, missing = self._run([f.image for f in chunk])
         executed = frozenset(ran)
         foreseen = executed == plan.active
         per_frame = (time.perf_counter() - t0) / max(len(chunk), 1)
@@ -213,7 +238,7 @@ class _Step:
         sources = plan.sources if foreseen else _sources(self.links, executed, wanted)
         predict_per_frame = (time.perf_counter() - t1) / max(len(chunk), 1)
         results = []
-        for i, (stream, ts, _) in enumerate(chunk):
+        for i, frame in enumerate(chunk):
             t1 = time.perf_counter()
             outputs: dict[str, NodeOutput] = {
                 k: NodeOutput(k, v, specs[k].to_json(v), "executed", (), 1.0) for k, v in source_outputs[i].items()
@@ -228,8 +253,7 @@ class _Step:
                     outputs[k] = NodeOutput(k, None, None, "unavailable", (), 0.0, note or "no links predict this output")
             results.append(
                 FrameResult(
-                    stream=stream,
-                    timestamp=ts,
+                    frame=frame,
                     plan_id=plan.id,
                     outputs={k: outputs[k] for k in nodes},
                     executed=tuple(sorted(executed)),

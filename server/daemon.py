@@ -40,7 +40,8 @@ from mlink.models.catalog import zoo_catalog
 from mlink.scheduler.options import PlannerOptions
 from mlink.scheduler.planner import Planner
 from mlink.scheduler.plans import Plan
-from mlink.scheduler.profiler import ProfileFrame, link_store_dir
+from mlink.scheduler.frame import FrameRecord
+from mlink.scheduler.profiler import link_store_dir
 from mlink.scheduler.site import build_pool
 from mlink.server.cache import ResultCache, open_cache
 from mlink.server.ingest import Ingest
@@ -269,15 +270,15 @@ class Daemon:
             planner.links.save(link_store_dir(cfg, self.store.home))
         return pool, planner
 
-    def _ingested_frames(self, n: int, timeout: float = 600.0) -> list[ProfileFrame]:
+    def _ingested_frames(self, n: int, timeout: float = 600.0) -> list[FrameRecord]:
         """Buffer ``n`` frames from the running cameras (live sites have no file to profile)."""
         assert self.ingest is not None
-        frames: list[ProfileFrame] = []
+        frames: list[FrameRecord] = []
         deadline = time.monotonic() + timeout
         while len(frames) < n and time.monotonic() < deadline and not self._stop.is_set():
             f = self.ingest.next_frame(timeout=self.poll_s)
             if f is not None:
-                frames.append(ProfileFrame(f.camera, f.pts, f.image))
+                frames.append(f)  # a record is a profiling frame too
         if len(frames) < 2:
             raise RuntimeError(f"no camera delivered frames to profile within {timeout:.0f} s")
         return frames
@@ -327,9 +328,9 @@ class Daemon:
             if time.monotonic() - self._refreshed_at >= self.refresh_s:
                 self._publish_pipeline("refresh")
 
-    def _take_batch(self) -> list[Any]:
+    def _take_batch(self) -> list[FrameRecord]:
         assert self.ingest is not None
-        batch = []
+        batch: list[FrameRecord] = []
         first = self.ingest.next_frame(timeout=self.poll_s)
         if first is None:
             return batch
@@ -341,20 +342,18 @@ class Daemon:
             batch.append(more)
         return batch
 
-    def _step(self, batch: list[Any]) -> None:
+    def _step(self, batch: list[FrameRecord]) -> None:
+        """Serve ingest's records as they are; each result carries its record, and is stored
+        under the record's camera and scored by its wall time (the clock ``since``/``until`` use)."""
         assert self.planner is not None and self.cache is not None and self.ingest is not None
         t0 = time.perf_counter()
-        frames = [ProfileFrame(f.camera, f.pts, f.image) for f in batch]
-        self.planner.on_frames(frames)  # may run a period (re-profile, re-select) before serving
+        self.planner.on_frames(batch)  # may run a period (re-profile, re-select) before serving
         if self.planner.plan is not self.snapshot.plan:
             self._publish_pipeline("plan")  # before any result of the new plan is stored
-        results = self.planner.serve(frames)
-        for f, r in zip(batch, results):
-            record = r.to_json()
-            record["frame_index"] = f.index
-            record["wall_time"] = f.wall
+        for r in self.planner.serve(batch):
+            f = r.frame
             try:
-                self.cache.put(f.camera, record, ts=f.wall)
+                self.cache.put(f.camera, r.to_json(), ts=f.wall_time)
             except (TypeError, ValueError):
                 self.results_failed += 1
                 log.exception("result of camera %s could not be stored", f.camera)

@@ -15,6 +15,9 @@ once a frame arrives. Every camera has its own thread and queue, so a dead or sl
 stalls the others. Credentials in URLs are redacted (``rtsp://***@host``) in statuses, errors
 and log lines.
 
+Every sampled frame becomes one :class:`~mlink.scheduler.frame.FrameRecord` (camera, index,
+video time, wall time of capture, image), the object the daemon serves and stores unchanged.
+
 ``Ingest.apply(streams)`` applies a new stream list as a diff: new cameras start, removed ones
 stop, changed ones (url, fps, loop) restart, unchanged ones keep running untouched.
 """
@@ -29,9 +32,9 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import cv2
-import numpy as np
 
 from mlink.configs.schema import IngestConfig, StreamEntry
+from mlink.scheduler.frame import FrameRecord
 from mlink.server.backoff import Backoff
 from mlink.server.frames import FrameSourceError, is_live, open_capture, resolve_url
 from mlink.server.redact import redact
@@ -40,17 +43,6 @@ if TYPE_CHECKING:
     from mlink.models.assets import AssetStore
 
 log = logging.getLogger("mlink.ingest")
-
-@dataclass(frozen=True)
-class CameraFrame:
-    camera: str
-    seq: int  # n-th frame this reader queued (from 0)
-    index: int  # index of the decoded frame in the source (within the current pass of a file)
-    pts: float  # seconds into the source: video time for files, since the (re)connect for live
-    wall: float  # unix time when the frame was read
-    image: np.ndarray  # HxWx3 uint8 BGR
-    loop: int = 0  # how many times a looped file restarted before this frame
-
 
 @dataclass
 class CameraStatus:
@@ -136,7 +128,7 @@ class CameraReader:
         self.safe_url = redact(stream.url)
         self._notify = notify
         self._cond = threading.Condition()
-        self._queue: deque[CameraFrame] = deque()
+        self._queue: deque[FrameRecord] = deque()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._slock = threading.Lock()
@@ -188,14 +180,14 @@ class CameraReader:
         return ended
 
     # -- consumer side ---------------------------------------------------------------------
-    def get(self, timeout: float | None = None) -> CameraFrame | None:
+    def get(self, timeout: float | None = None) -> FrameRecord | None:
         """The oldest queued frame, waiting up to ``timeout`` (None: forever, until stopped)."""
         with self._cond:
             if not self._cond.wait_for(lambda: self._queue or self._stop.is_set(), timeout):
                 return None
             return self._queue.popleft() if self._queue else None
 
-    def get_nowait(self) -> CameraFrame | None:
+    def get_nowait(self) -> FrameRecord | None:
         with self._cond:
             return self._queue.popleft() if self._queue else None
 
@@ -235,7 +227,7 @@ class CameraReader:
             for k, v in fields.items():
                 setattr(self, f"_{k}", v)
 
-    def _push(self, frame: CameraFrame) -> None:
+    def _push(self, frame: FrameRecord) -> None:
         with self._cond:
             if len(self._queue) >= self.settings.queue:
                 self._queue.popleft()
@@ -245,7 +237,7 @@ class CameraReader:
             self._cond.notify()
         with self._slock:
             self._frames_in += 1
-            self._last_frame_at = frame.wall
+            self._last_frame_at = frame.wall_time
         self._rate_in.tick()
         if self._notify is not None:
             with self._notify:
@@ -366,7 +358,7 @@ class CameraReader:
                 delay = anchor + pts - time.monotonic()
                 if delay > 0 and self._stop.wait(delay):
                     return ("stopped", seq)
-            self._push(CameraFrame(self.id, seq, index, round(pts, 4), time.time(), image, self._loops))
+            self._push(FrameRecord(self.id, index, round(pts, 4), time.time(), image, seq=seq, loop=self._loops))
             seq += 1
             if produced == 0:
                 self._backoff.reset()
@@ -444,10 +436,10 @@ class Ingest:
         with self._lock:
             return self._readers[camera]
 
-    def get(self, camera: str, timeout: float | None = None) -> CameraFrame | None:
+    def get(self, camera: str, timeout: float | None = None) -> FrameRecord | None:
         return self.reader(camera).get(timeout)
 
-    def next_frame(self, timeout: float | None = None) -> CameraFrame | None:
+    def next_frame(self, timeout: float | None = None) -> FrameRecord | None:
         """The next frame of any camera, round-robin (no camera starves another); None on timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._signal:
@@ -467,7 +459,7 @@ class Ingest:
                 # bounded wait: a reader added by apply() is seen even if nothing notifies
                 self._signal.wait(0.5 if left is None else min(left, 0.5))
 
-    def frames(self, stop: threading.Event | None = None) -> Iterator[CameraFrame]:
+    def frames(self, stop: threading.Event | None = None) -> Iterator[FrameRecord]:
         """Round-robin frames of all cameras until ``stop`` is set."""
         while stop is None or not stop.is_set():
             f = self.next_frame(timeout=0.25)

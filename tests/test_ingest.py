@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from mlink.configs.schema import IngestConfig, StreamEntry
+from mlink.scheduler.frame import FrameRecord
 from mlink.server.frames import read_frames, resolve_url
 from mlink.server.ingest import Backoff, CameraReader, Ingest, is_live, redact
 from waiting import wait_for  # tests/waiting.py
@@ -73,10 +74,14 @@ def test_file_is_sampled_by_video_time(megamind: str) -> None:
     assert wait_for(lambda: r.status().state == "ended")
     frames = drain(r)
     expected = list(read_frames(megamind, sample_fps=2))
-    assert [(f.index, f.pts) for f in frames] == [(e.index, e.timestamp) for e in expected]
+    assert [(f.index, f.video_time) for f in frames] == [(e.index, e.timestamp) for e in expected]
     assert len(frames) == 23  # 0.0, 0.5, ... 11.0 s
     assert np.array_equal(frames[5].image, expected[5].image)
     assert [f.seq for f in frames] == list(range(23))
+    # one record type from ingest on: camera, index, video time and the wall time of capture
+    assert all(isinstance(f, FrameRecord) and f.camera == "m" for f in frames)
+    walls = [f.wall_time for f in frames]
+    assert walls == sorted(walls) and time.time() - 120 < walls[0] <= walls[-1] <= time.time()
     st = r.status()
     assert (st.frames_in, st.drops, st.loops, st.reconnects, st.live, st.last_error) == (23, 0, 0, 0, False, None)
     assert not st.healthy  # an ended file that does not loop is neither open nor retrying (/readyz)
@@ -90,9 +95,9 @@ def test_looped_file_restarts_from_the_start(megamind: str) -> None:
     assert wait_for(lambda: r.status().frames_in >= 25)  # two passes of 12 frames, and one more
     r.stop()
     frames = drain(r)
-    firsts = [f for f in frames if f.pts == 0.0]
+    firsts = [f for f in frames if f.video_time == 0.0]
     assert [f.loop for f in firsts][:3] == [0, 1, 2]
-    pass0 = [f.pts for f in frames if f.loop == 0]
+    pass0 = [f.video_time for f in frames if f.loop == 0]
     assert pass0 == pytest.approx([float(s) for s in range(12)], abs=0.05)  # one pass: t = 0..11 s
     assert r.status().reconnects == 0 and r.status().state == "stopped"
 
@@ -113,9 +118,9 @@ def test_realtime_paces_a_file_at_its_sampled_rate(megamind: str) -> None:
             assert f is not None
             got.append(f)
             received.append(time.monotonic() - started)
-        assert [round(f.pts, 1) for f in got] == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
+        assert [round(f.video_time, 1) for f in got] == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
         for f, at in zip(got, received):
-            assert at >= f.pts - 1e-3, (f.pts, at)  # never ahead of the video's own clock
+            assert at >= f.video_time - 1e-3, (f.video_time, at)  # never ahead of the video's own clock
         assert r.status().drops == 0
     finally:
         r.stop()
@@ -260,7 +265,7 @@ def test_http_mjpeg_stream_sampled_by_wall_clock_and_reconnected() -> None:
         assert wait_for(lambda: r.status().state == "connected", 10)
         frames: list = []
         while not frames or frames[-1].image.mean() < 160:  # until a frame from after the burst
-            assert len(frames) < 50, [f.pts for f in frames]  # a safety net
+            assert len(frames) < 50, [f.video_time for f in frames]  # a safety net
             f = r.get(timeout=5)
             assert f is not None
             frames.append(f)
@@ -269,7 +274,7 @@ def test_http_mjpeg_stream_sampled_by_wall_clock_and_reconnected() -> None:
         # pts is monotonic time since the connect, taken when a frame is sampled, so these hold
         # on any machine: sample k is taken no earlier than k periods (0.2 s) after the connect
         # (at most 5 fps on average, not the stream's 25) ...
-        pts = np.array([f.pts for f in frames])
+        pts = np.array([f.video_time for f in frames])
         assert np.all(pts >= 0.2 * np.arange(len(pts)) - 1e-3), pts
         # ... and never two closer than half a period: the burst after the stall (which arrives
         # when the next sample is long due) is not passed on.
@@ -342,7 +347,7 @@ def test_round_robin_serves_cameras_in_turn(megamind: str) -> None:
             if len(order) == 8:
                 stop.set()
         assert [f.camera for f in order] == ["x", "y"] * 4  # neither starves the other
-        assert [f.pts for f in order[::2]] == pytest.approx([8.0, 9.0, 10.0, 11.0], abs=0.05)  # the newest 4
+        assert [f.video_time for f in order[::2]] == pytest.approx([8.0, 9.0, 10.0, 11.0], abs=0.05)  # the newest 4
         assert ing.next_frame(timeout=0.1) is None
         st = ing.status()["x"]
         assert (st.frames_in, st.drops) == (12, 8)

@@ -22,6 +22,7 @@ from mlink.scheduler.accuracy import LinkAccuracy
 from mlink.scheduler.options import PlannerOptions
 from mlink.scheduler.planner import Planner
 from mlink.scheduler.pool import ModelPool
+from mlink.scheduler.frame import FrameRecord
 from mlink.scheduler.profiler import ProfileFrame, loader, profile
 from mlink.scheduler.selection import objective_select
 from mlink.scheduler.serving import serve
@@ -153,6 +154,12 @@ def test_serving_executes_active_models_and_predicts_the_rest(store: AssetStore,
     batch = frames[50:54]
     results = serve(batch, plan, pool, links, batch_size=3, accuracy=planner.accuracy.node)
     assert [r.timestamp for r in results] == [f.timestamp for f in batch]
+    # a frame record goes through the step unchanged, into the result and its JSON
+    record = FrameRecord("walkway", 7, batch[0].timestamp, 1.7e9, batch[0].image, seq=3)
+    (mine,) = serve([record], plan, pool, links, accuracy=planner.accuracy.node)
+    assert mine.frame is record
+    js = mine.to_json()
+    assert (js["camera"], js["frame_index"], js["timestamp"], js["wall_time"]) == ("walkway", 7, batch[0].timestamp, 1.7e9)
 
     # Executed outputs are the model's real output on the same frames.
     real = {}

@@ -4,15 +4,20 @@ Key layout (``P`` is the prefix, default ``mlink``; the daemon uses ``mlink:SITE
 
     P:cameras               SET     camera ids that ever had a result
     P:cam:ID:latest         STRING  envelope of the last result put for camera ID
-    P:cam:ID:history        ZSET    envelopes scored by their timestamp (unix seconds, float)
+    P:cam:ID:history        ZSET    envelopes scored by their timestamp ``ts`` (unix seconds, float)
 
-An envelope is the JSON text ``{"id": UNIQUE, "ts": SECONDS, "result": {...}}``. The history is a
-sorted set rather than a stream because the score is the time the result was *produced*: a result
-buffered during an outage is written later with its own timestamp, out-of-order or equal
-timestamps and clock steps are harmless (a stream's ids must grow, and its ``*`` ids would stamp
-the flush time), ``ZRANGEBYSCORE``/``ZREVRANGEBYSCORE ... LIMIT`` answer time-range queries, and
-``ZREMRANGEBYRANK`` keeps the newest N. The unique id makes members distinct and makes every write
-idempotent, so a batch re-sent after an ambiguous failure (applied, reply lost) adds nothing twice.
+An envelope is the JSON text ``{"id": UNIQUE, "ts": SECONDS, "result": {...}}``. ``ts`` is the
+score, and what ``history(since, until)`` selects on: the ``ts`` given to :meth:`ResultCache.put`
+(now when none is given). The daemon gives the wall time at which the camera frame was captured
+(:attr:`mlink.scheduler.frame.FrameRecord.wall_time`, also the result's ``wall_time`` field), so
+an operator's ``since``/``until`` mean when the frame was taken, not when it was served or
+stored. The history is a sorted set rather than a stream because the score is that time, not
+the time of the write: a result buffered during an outage is written later with its own
+timestamp, out-of-order or equal timestamps and clock steps are harmless (a stream's ids must
+grow, and its ``*`` ids would stamp the flush time), ``ZRANGEBYSCORE``/``ZREVRANGEBYSCORE ...
+LIMIT`` answer time-range queries, and ``ZREMRANGEBYRANK`` keeps the newest N. The unique id
+makes members distinct and makes every write idempotent, so a batch re-sent after an ambiguous
+failure (applied, reply lost) adds nothing twice.
 
 Availability: ``put`` never raises on Redis errors. While Redis is unreachable, results go into a
 bounded in-memory FIFO (``buffer``); a background flusher reconnects with exponential backoff and
@@ -67,7 +72,7 @@ class CacheUnavailable(RuntimeError):
 @dataclass(frozen=True)
 class Record:
     camera: str
-    ts: float  # unix seconds when the result was produced
+    ts: float  # the score: unix seconds (the daemon's results: the frame's wall time of capture)
     result: dict[str, Any]
     id: str = ""
 

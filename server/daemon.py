@@ -37,10 +37,10 @@ from mlink.links import LinkError, LinkSet, TupleSet, node_model
 from mlink.links.matrix import heldout_split
 from mlink.models.assets import AssetStore, default_store
 from mlink.models.catalog import zoo_catalog
+from mlink.scheduler.frame import FrameRecord
 from mlink.scheduler.options import PlannerOptions
 from mlink.scheduler.planner import Planner
 from mlink.scheduler.plans import Plan
-from mlink.scheduler.frame import FrameRecord
 from mlink.scheduler.profiler import link_store_dir
 from mlink.scheduler.site import build_pool
 from mlink.server.cache import ResultCache, open_cache

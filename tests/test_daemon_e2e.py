@@ -16,7 +16,6 @@ import httpx
 import pytest
 import uvicorn
 import yaml
-
 from mlink.configs.load import load_config
 from mlink.links import LinkSet
 from mlink.models.assets import AssetStore
@@ -126,6 +125,47 @@ def test_history_returns_what_was_produced(running) -> None:
     assert [r["ts"] for r in two["results"]] == [t for t in ts if t <= mid][-2:]
     assert client.get("/api/v1/cameras/nope/results").status_code == 404
     assert client.get("/api/v1/cameras/walkway/results", params={"limit": 0}).status_code == 422
+
+
+def test_a_stored_result_carries_the_record_ingest_produced(running) -> None:
+    """The result stored for a frame names it as ingest did (camera, index, video time, wall
+    time), and ``since``/``until`` select on that wall time: the cache's score is the record's."""
+    daemon, client, _ = running
+    ingest = daemon.ingest
+    produced: list = []
+    take = ingest.next_frame
+
+    def spy(timeout=None):
+        f = take(timeout)
+        if f is not None:
+            produced.append(f)
+        return f
+
+    ingest.next_frame = spy  # the pipeline thread takes its frames through this
+    try:
+        wait_for(lambda: len([f for f in produced if f.camera == "walkway"]) >= 4, 60, "four walkway frames taken")
+    finally:
+        del ingest.next_frame
+    walkway = [f for f in produced if f.camera == "walkway"][:4]
+
+    def stored(since: float, until: float) -> list[dict]:
+        r = client.get("/api/v1/cameras/walkway/results", params={"since": repr(since), "until": repr(until), "limit": 10000})
+        assert r.status_code == 200, r.text
+        return r.json()["results"]
+
+    for f in walkway:
+        got = wait_for(lambda: stored(f.wall_time, f.wall_time), 30, f"the result of frame {f.index}")
+        assert len(got) == 1, got
+        env = got[0]
+        assert env["camera"] == "walkway" and env["ts"] == f.wall_time
+        res = env["result"]
+        assert (res["camera"], res["frame_index"], res["timestamp"], res["wall_time"]) == (f.camera, f.index, f.video_time, f.wall_time)
+        assert {"plan_id", "executed", "missing", "outputs"} <= set(res)
+    # a window selects exactly the frames captured in it (by wall time), in capture order
+    first, last = walkway[0], walkway[-1]
+    window = stored(first.wall_time, last.wall_time)
+    assert [(r["result"]["frame_index"], r["result"]["wall_time"]) for r in window] == [(f.index, f.wall_time) for f in walkway]
+    assert stored(first.wall_time + 1e-6, last.wall_time - 1e-6) == window[1:-1]
 
 
 def test_a_bad_camera_reports_its_error_while_others_produce(running) -> None:

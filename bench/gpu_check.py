@@ -99,8 +99,8 @@ def sample_frames(store: Any, n: int, fps: float) -> list[Any]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument("--device", default="cuda")
     ap.add_argument(
         "--budget",
@@ -114,58 +114,31 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--dry-run-cpu", action="store_true", help=argparse.SUPPRESS)  # the same steps on the CPU meter
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
 
-    if args.dry_run_cpu:
-        args.device = "cpu"
-    else:
-        why = cuda_status(args.device)
-        if why is not None:
-            print(f"skipped: no CUDA device ({why})")
-            return 0
 
-    import torch
-
-    from mlink.configs.budget import resolve_site_budget
+def _site_config(args: argparse.Namespace, params: dict[str, dict[str, Any]]) -> Any:
+    """The gpu-check site: every model of ``params`` on ``args.device`` (the budget is set later, in bytes)."""
     from mlink.configs.load import parse_config
-    from mlink.links import TrainConfig
-    from mlink.models.assets import default_store
     from mlink.models.catalog import zoo_catalog
-    from mlink.scheduler.memory import MemoryMeter
-    from mlink.scheduler.options import PlannerOptions
-    from mlink.scheduler.planner import Planner
-    from mlink.scheduler.site import model_factory
-    from mlink.scheduler.pool import ModelPool
 
-    meter = MemoryMeter(args.device)
-    if not meter.gpu and not args.dry_run_cpu:
-        print(f"error: CUDA works but NVML does not ({meter.nvml_error}); GPU memory cannot be measured", file=sys.stderr)
-        return 2
-    torch.set_num_threads(min(4, os.cpu_count() or 1))
-    store = default_store()
-    params, left_out = torch_models(store)
-    if len(params) < 2:
-        print(f"error: fewer than two torch models can load here ({left_out})", file=sys.stderr)
-        return 2
-    names = sorted(params)
     site_yaml = "\n".join(
         [f"site: gpu-check\ndevice: {args.device}\nbudget: {args.budget}\nmodels:"]
-        + [f"  - name: {n}\n    params: {json.dumps(params[n])}" for n in names]
+        + [f"  - name: {n}\n    params: {json.dumps(params[n])}" for n in sorted(params)]
         + [
             f"links:\n  profile_frames: {max(20, args.frames)}",
             f"scheduler:\n  period_s: 1.0\n  profile_share: 0.34\n  switch_margin: 0.0\n  batch_size: {args.batch}",
         ]
     )
-    cfg = parse_config(site_yaml.replace("budget: auto", "budget: 0.8x"), "<gpu-check>", catalog=zoo_catalog())  # the planner gets bytes below
-    fps = 4.0
-    total_frames = args.frames + args.periods * args.period_frames + args.period_frames
-    frames = sample_frames(store, total_frames, fps)
+    return parse_config(site_yaml.replace("budget: auto", "budget: 0.8x"), "<gpu-check>", catalog=zoo_catalog())  # the planner gets bytes below
 
-    gpu = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "no GPU (dry run on the CPU)"
-    out: dict[str, Any] = {"device": args.device, "gpu": gpu, "left_out": left_out}
-    t_all = time.perf_counter()
 
-    # 1. per-model NVML costs, each model alone.
+def _probe_costs(args: argparse.Namespace, cfg: Any, store: Any, meter: Any, params: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Step 1: each model loaded alone through a pool and unloaded again; one row of figures per model."""
+    from mlink.scheduler.pool import ModelPool
+    from mlink.scheduler.site import model_factory
+
+    names = sorted(params)
     probe = ModelPool(meter.total(), args.device, meter=meter, factory=model_factory(cfg, store), warmup_batch=args.batch, models=names)
     rows = []
     for n in names:
@@ -189,23 +162,35 @@ def main(argv: list[str] | None = None) -> int:
                 "random_weights": bool(params[n].get("allow_random_weights")),
             }
         )
-    costs = {r["model"]: r["cost"] for r in rows if r["ok"] and r["cost"]}
-    if args.budget == "auto":
+    probe.close()
+    return rows
+
+
+def _budget(spec: str, costs: dict[str, int], total: int) -> int:
+    """The planner's budget in bytes for ``--budget``."""
+    from mlink.configs.budget import resolve_site_budget
+
+    if spec == "auto":
         # Every model must fit alone with the planner's 10% margin (a serving peak measured on
         # the H100 was 0.7% above its warm-up peak), else the check tests the margin, not the plan.
         largest = max(costs.values())
-        budget = int(max(min(1.5 * largest, 0.8 * sum(costs.values())), 1.15 * largest))
-    else:
-        budget = resolve_site_budget(args.budget, meter.total(), costs)
-    for r in rows:
-        r["fits_alone"] = r["cost"] is not None and r["cost"] <= budget
-    out["models"] = rows
-    out["budget_bytes"] = budget
-    out["nvml_source"] = meter.source
-    probe.close()
-    del probe
+        return int(max(min(1.5 * largest, 0.8 * sum(costs.values())), 1.15 * largest))
+    budget = resolve_site_budget(spec, total, costs)
+    assert budget is not None  # never None when the costs are given
+    return budget
 
-    # 2. the planner over a few short periods, sampled all along.
+
+def _run_planner(args: argparse.Namespace, cfg: Any, store: Any, meter: Any, budget: int, costs: dict[str, int], frames: list[Any], fps: float) -> tuple[Any, Any, Any, int]:
+    """Step 2: the planner over a few short periods, GPU memory sampled all along.
+    Returns the planner, its pool, the measurement and the number of frames served."""
+    from mlink.links import TrainConfig
+    from mlink.scheduler.memory import MemoryMeter
+    from mlink.scheduler.options import PlannerOptions
+    from mlink.scheduler.planner import Planner
+    from mlink.scheduler.pool import ModelPool
+    from mlink.scheduler.site import model_factory
+
+    names = [m.name for m in cfg.models]  # sorted, as _site_config wrote them
     pool = ModelPool(
         budget, args.device, meter=meter, factory=model_factory(cfg, store), costs=costs, warmup_batch=args.batch, models=names
     )
@@ -230,44 +215,28 @@ def main(argv: list[str] | None = None) -> int:
                 break
 
     _, m = watcher.measure_call(run, release_before=True)
-    peak_above_baseline = m.peak - pool.baseline if m.source == pool.meter.source else None
-    out["planner"] = {
-        "periods": planner.period,
-        "served_frames": served_frames,
-        "plans": [r.to_json() for r in planner.reports],
-        "final_plan": planner.plan.to_json() if planner.plan else None,
-        "peak_charged": planner.peak_charged,
-        "refusals": dict(pool.refusals),
-        "sticky": [r.name for r in pool.sticky],
-    }
-    out["measured"] = {
-        "source": m.source,
-        "baseline": pool.baseline,
-        "peak": m.peak,
-        "peak_above_baseline": peak_above_baseline,
-        "parts": list(m.parts),
-        "samples": m.samples,
-        "device_used_now": meter.device_used(),
-    }
+    return planner, pool, m, served_frames
+
+
+def _twice(planner: Any, names: list[str]) -> dict[int, dict[str, tuple[int, int]]]:
+    """Models loaded or unloaded more than once in a period, by period (after the first plan)."""
     twice = {
         r.period: {k: (r.loads.get(k, 0), r.unloads.get(k, 0)) for k in names if r.loads.get(k, 0) > 1 or r.unloads.get(k, 0) > 1}
         for r in planner.reports
         if r.period >= 1
     }
-    twice = {p: v for p, v in twice.items() if v}
-    over = peak_above_baseline is not None and peak_above_baseline > budget
-    out["ok"] = not over and not twice
-    out["seconds"] = time.perf_counter() - t_all
-    pool.close()
+    return {p: v for p, v in twice.items() if v}
 
-    if args.json:
-        print(json.dumps(out, default=str))
-        return 0 if out["ok"] else 1
+
+def _print_report(args: argparse.Namespace, out: dict[str, Any], costs: dict[str, int], twice: dict[int, Any], planner: Any, pool: Any, m: Any) -> None:
+    budget = out["budget_bytes"]
+    peak_above_baseline = out["measured"]["peak_above_baseline"]
+    over = peak_above_baseline is not None and peak_above_baseline > budget
     print(f"GPU check on {out['gpu']} ({args.device}), memory from {out['nvml_source']}")
-    for n, w in left_out.items():
+    for n, w in out["left_out"].items():
         print(f"  left out {n}: {w}")
     print(f"{'model':<40} {'peak cost':>13} {'resident':>13} {'unload freed':>13} {'device delta':>13} {'load s':>7}  fits {_mib(budget).strip()}?")
-    for r in rows:
+    for r in out["models"]:
         if not r["ok"]:
             print(f"{r['model']:<40} FAILED: {r['why']}")
             continue
@@ -294,6 +263,84 @@ def main(argv: list[str] | None = None) -> int:
     if pool.refusals:
         print(f"refused loads (measured over budget): {dict(pool.refusals)}")
     print(f"{'PASS' if out['ok'] else 'FAIL'} in {out['seconds']:.0f} s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    if args.dry_run_cpu:
+        args.device = "cpu"
+    else:
+        why = cuda_status(args.device)
+        if why is not None:
+            print(f"skipped: no CUDA device ({why})")
+            return 0
+
+    import torch
+
+    from mlink.models.assets import default_store
+    from mlink.scheduler.memory import MemoryMeter
+
+    meter = MemoryMeter(args.device)
+    if not meter.gpu and not args.dry_run_cpu:
+        print(f"error: CUDA works but NVML does not ({meter.nvml_error}); GPU memory cannot be measured", file=sys.stderr)
+        return 2
+    torch.set_num_threads(min(4, os.cpu_count() or 1))
+    store = default_store()
+    params, left_out = torch_models(store)
+    if len(params) < 2:
+        print(f"error: fewer than two torch models can load here ({left_out})", file=sys.stderr)
+        return 2
+    names = sorted(params)
+    cfg = _site_config(args, params)
+    fps = 4.0
+    total_frames = args.frames + args.periods * args.period_frames + args.period_frames
+    frames = sample_frames(store, total_frames, fps)
+
+    gpu = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "no GPU (dry run on the CPU)"
+    out: dict[str, Any] = {"device": args.device, "gpu": gpu, "left_out": left_out}
+    t_all = time.perf_counter()
+
+    # 1. per-model NVML costs, each model alone.
+    rows = _probe_costs(args, cfg, store, meter, params)
+    costs = {r["model"]: r["cost"] for r in rows if r["ok"] and r["cost"]}
+    budget = _budget(args.budget, costs, meter.total())
+    for r in rows:
+        r["fits_alone"] = r["cost"] is not None and r["cost"] <= budget
+    out["models"] = rows
+    out["budget_bytes"] = budget
+    out["nvml_source"] = meter.source
+
+    # 2. the planner over a few short periods, sampled all along.
+    planner, pool, m, served_frames = _run_planner(args, cfg, store, meter, budget, costs, frames, fps)
+    peak_above_baseline = m.peak - pool.baseline if m.source == pool.meter.source else None
+    out["planner"] = {
+        "periods": planner.period,
+        "served_frames": served_frames,
+        "plans": [r.to_json() for r in planner.reports],
+        "final_plan": planner.plan.to_json() if planner.plan else None,
+        "peak_charged": planner.peak_charged,
+        "refusals": dict(pool.refusals),
+        "sticky": [r.name for r in pool.sticky],
+    }
+    out["measured"] = {
+        "source": m.source,
+        "baseline": pool.baseline,
+        "peak": m.peak,
+        "peak_above_baseline": peak_above_baseline,
+        "parts": list(m.parts),
+        "samples": m.samples,
+        "device_used_now": meter.device_used(),
+    }
+    twice = _twice(planner, names)
+    over = peak_above_baseline is not None and peak_above_baseline > budget
+    out["ok"] = not over and not twice
+    out["seconds"] = time.perf_counter() - t_all
+    pool.close()
+
+    if args.json:
+        print(json.dumps(out, default=str))
+        return 0 if out["ok"] else 1
+    _print_report(args, out, costs, twice, planner, pool, m)
     return 0 if out["ok"] else 1
 
 

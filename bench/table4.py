@@ -24,8 +24,9 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 MiB = float(1 << 20)
 METHOD_ORDER = ["Standalone", "MTL", "DRLS", "Reducto", "MLink (paper greedy)", "MLink (objective)"]
@@ -77,37 +78,19 @@ def _mtl_result(ctx: Any, budget: float, mtl: Any, row: Mapping[str, Any], head_
     )
 
 
-def run_table4(
-    cfg: Any,
-    *,
-    store: Any,
-    home: Path,
-    out_dir: Path,
-    config_path: Path,
-    frames: int | None = None,
-    options: Mapping[str, Any] | None = None,
-    remeasure: bool = False,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Run the whole harness; write table4.json/.md/.png into ``out_dir``; return the report."""
-    import cv2
-    import torch
+def _options(options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """DEFAULTS overridden by the options given (None means "the default")."""
+    return {**DEFAULTS, **{k: v for k, v in (options or {}).items() if v is not None}}
 
-    from mlink.bench.table4_costs import budgets as make_budgets
+
+def _oracle_and_costs(
+    cfg: Any, store: Any, home: Path, out_dir: Path, config_path: Path, frames: int | None, opts: Mapping[str, Any],
+    remeasure: bool, progress: bool, timings: dict[str, float],
+) -> tuple[Any, Any, Any, dict[str, Any]]:
+    """Steps 1 and 2: the oracle, the protocol, the per-frame features and the cost table."""
     from mlink.bench.table4_costs import measure_costs
     from mlink.bench.table4_data import frame_features, load_oracle, make_protocol
-    from mlink.bench.table4_drls import drls
-    from mlink.bench.table4_methods import Context, reducto, standalone, tune_reducto
-    from mlink.bench.table4_mlink import SELECTORS, run_mlink
-    from mlink.bench.table4_mtl import MTL, head_specs
-
-    opts = {**DEFAULTS, **{k: v for k, v in (options or {}).items() if v is not None}}
-    torch.set_num_threads(max(1, min(2, int(opts["threads"]))))
-    cv2.setNumThreads(max(1, min(2, int(opts["threads"]))))
-    t_start = time.time()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
+    from mlink.bench.table4_mtl import head_specs
 
     t0 = time.perf_counter()
     oracle, stored = load_oracle(cfg, store, Path(home), frames, progress=progress)
@@ -123,14 +106,19 @@ def run_table4(
         remeasure=remeasure, progress=progress,
     )
     timings["costs_s"] = time.perf_counter() - t0
-    rows = table["rows"]
-    costs = {m: float(rows[m]["memory_bytes"]) for m in oracle.models}
-    latency = {m: float(rows[m]["latency_ms"]) for m in oracle.models}
-    bud = make_budgets(costs, int(opts["sweep"]))
-    named = {"one": bud["one"], "two": bud["two"]}
-    all_budgets = sorted({*named.values(), *bud["sweep"]})
+    return oracle, proto, features, table
 
-    ctx = Context(oracle, proto, costs, latency, features, options=opts, progress=progress)
+
+def _run_methods(
+    ctx: Any, cfg: Any, mtl_row: Mapping[str, Any], all_budgets: list[float], opts: Mapping[str, Any], timings: dict[str, float]
+) -> tuple[dict[str, dict[float, dict[str, Any]]], Any]:
+    """Step 3: every method at every budget, each timed. Returns the results and Reducto's tuning."""
+    from mlink.bench.table4_drls import drls
+    from mlink.bench.table4_methods import reducto, standalone, tune_reducto
+    from mlink.bench.table4_mlink import SELECTORS, run_mlink
+    from mlink.bench.table4_mtl import MTL
+
+    oracle, proto, features = ctx.oracle, ctx.protocol, ctx.features
     results: dict[str, dict[float, dict[str, Any]]] = {m: {} for m in METHOD_ORDER}
 
     t0 = time.perf_counter()
@@ -146,7 +134,7 @@ def run_table4(
     )
     head_ms = mtl.head_ms(features.backbone)
     for b in all_budgets:
-        results["MTL"][b] = _mtl_result(ctx, b, mtl, rows["mtl"], head_ms)
+        results["MTL"][b] = _mtl_result(ctx, b, mtl, mtl_row, head_ms)
     timings["mtl_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -171,12 +159,56 @@ def run_table4(
         for b, r in per.items():
             assert r["memory_bytes"] <= b + 1e-6, f"{method} over budget at {b}"
             assert 0.0 <= r["accuracy"] <= 1.0
+    return results, tuned
 
+
+def _trivial_score(oracle: Any, proto: Any) -> dict[str, Any]:
+    """Accuracy of constant outputs fitted on the training share, no model run."""
     from mlink.bench.table4_data import score
     from mlink.links.ensemble import trivial_output
 
-    trivial = {k: trivial_output(oracle.tuples.specs[k], oracle.exact(k, train)) for k in oracle.nodes}
-    trivial_score = score(oracle, proto.scored, {k: [v] * len(proto.scored) for k, v in trivial.items()})
+    trivial = {k: trivial_output(oracle.tuples.specs[k], oracle.exact(k, proto.train)) for k in oracle.nodes}
+    return score(oracle, proto.scored, {k: [v] * len(proto.scored) for k, v in trivial.items()})
+
+
+def run_table4(
+    cfg: Any,
+    *,
+    store: Any,
+    home: Path,
+    out_dir: Path,
+    config_path: Path,
+    frames: int | None = None,
+    options: Mapping[str, Any] | None = None,
+    remeasure: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run the whole harness; write table4.json/.md/.png into ``out_dir``; return the report."""
+    import cv2
+    import torch
+
+    from mlink.bench.table4_costs import budgets as make_budgets
+    from mlink.bench.table4_methods import Context
+
+    opts = _options(options)
+    torch.set_num_threads(max(1, min(2, int(opts["threads"]))))
+    cv2.setNumThreads(max(1, min(2, int(opts["threads"]))))
+    t_start = time.time()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+
+    oracle, proto, features, table = _oracle_and_costs(cfg, store, home, out_dir, config_path, frames, opts, remeasure, progress, timings)
+    rows = table["rows"]
+    costs = {m: float(rows[m]["memory_bytes"]) for m in oracle.models}
+    latency = {m: float(rows[m]["latency_ms"]) for m in oracle.models}
+    bud = make_budgets(costs, int(opts["sweep"]))
+    named = {"one": bud["one"], "two": bud["two"]}
+    all_budgets = sorted({*named.values(), *bud["sweep"]})
+
+    ctx = Context(oracle, proto, costs, latency, features, options=opts, progress=progress)
+    results, tuned = _run_methods(ctx, cfg, rows["mtl"], all_budgets, opts, timings)
+    trivial_score = _trivial_score(oracle, proto)
 
     report = {
         "site": cfg.site,

@@ -42,15 +42,17 @@ from __future__ import annotations
 import copy
 import itertools
 import time
-from typing import Any, Iterable
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from mlink.bench.table4_methods import Context, result
 from mlink.links import LinkSet, TrainConfig, TupleSet, node_model
 from mlink.scheduler.accuracy import LinkAccuracy
-from mlink.scheduler.selector import select_models
 from mlink.scheduler.selection import evaluate, keep_or_switch
+from mlink.scheduler.selector import select_models
 
 SELECTORS = {"paper": "MLink (paper greedy)", "objective": "MLink (objective)"}
 
@@ -83,163 +85,209 @@ def _link_ms(links: LinkSet, tuples: TupleSet, active: frozenset[str], positions
     return 1000.0 * float(np.median(times)) if times else 0.0
 
 
+def _train_links(ctx: Context) -> tuple[LinkSet, TupleSet, TupleSet, float]:
+    """Step 1: links and ensembles on 80% of the training share; the other 20% held out.
+    Returns the links, what they trained on, the held-out tuples and the training seconds."""
+    train = ctx.oracle.tuples.subset(ctx.protocol.train)
+    seed = int(ctx.opt("seed", 0))
+    links_train, heldout = train.split(0.2, seed)
+    config = TrainConfig(epochs=int(ctx.opt("epochs", 100)), seed=seed, threads=1)
+    t0 = time.perf_counter()
+    links = LinkSet.train(links_train, val_share=0.2, config=config, progress=ctx.progress)
+    return links, links_train, heldout, time.perf_counter() - t0
+
+
+@dataclass
+class _Run:
+    """The periods of :func:`run_mlink`: per (selector, budget) what was served, and the caches.
+
+    ``trajs`` holds the links of each trajectory: ``"tuned"`` is fine-tuned every period,
+    ``"frozen"`` (for budgets some model does not fit alone) stays as first trained;
+    ``traj_of`` names each budget's trajectory.
+    """
+
+    ctx: Context
+    budgets: list[float]
+    switch_margin: float
+    trajs: dict[str, LinkSet]
+    windows: dict[str, TupleSet]
+    traj_of: dict[float, str]
+    cap: int
+    link_ms_cache: dict[tuple[str, frozenset[str]], float] = field(default_factory=dict)
+    pred_cache: dict[tuple[str, int, frozenset[str]], dict[str, list[np.ndarray]]] = field(default_factory=dict)
+    fine_tune_s: list[float] = field(default_factory=list)
+    select_s: list[float] = field(default_factory=list)
+    fixed: dict[tuple[str, frozenset[str]], dict[str, list]] = field(default_factory=dict)
+    state: dict[tuple[str, float], dict[str, Any]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.state = {
+            (sel, b): {"preds": {k: [] for k in self.ctx.oracle.nodes}, "ms": [], "executions": 0, "memory": 0.0, "periods": [], "active": None}
+            for sel in SELECTORS
+            for b in self.budgets
+        }
+
+    def period(self, pi: int, chunk: list[int], prof: list[int], hindsight: bool) -> None:
+        """One period: profile, fine-tune, re-measure, then select and serve at every budget."""
+        ctx = self.ctx
+        tuples, models = ctx.oracle.tuples, ctx.models
+        seed = int(ctx.opt("seed", 0))
+        served_pos = [p for p in chunk if p not in set(prof)]
+        # 1-2. profile, fine-tune on half, re-measure on the window with the other half.
+        new = tuples.subset(prof)
+        tune, held = new.split(0.5, seed + pi + 1) if len(new) >= 2 else (new, None)
+        t0 = time.perf_counter()
+        self.trajs["tuned"].fine_tune(tune, epochs=ctx.options.get("fine_tune_epochs"))
+        self.fine_tune_s.append(time.perf_counter() - t0)
+        self.windows["tuned"] = _extend(self.windows["tuned"], held, self.cap)
+        served_map = {m: tuple(ctx.oracle.served[m]) for m in models}
+        accs = {name: LinkAccuracy(self.trajs[name], self.windows[name], served_map) for name in self.trajs}
+        sub = tuples.subset(served_pos)
+        for b in self.budgets:
+            acc = accs[self.traj_of[b]]
+            for sel in SELECTORS:
+                self._select_and_serve(sel, b, acc, pi, sub, served_pos, prof)
+        if hindsight:
+            self._hindsight(pi, sub)
+        for key in [k for k in self.pred_cache if k[1] == pi]:
+            del self.pred_cache[key]
+
+    def _select(self, sel: str, b: float, acc: LinkAccuracy) -> tuple[Any, Any]:
+        """3. The selector's candidate and, after hysteresis against the current set, the choice."""
+        ctx, models = self.ctx, self.ctx.models
+        st = self.state[(sel, b)]
+        t0 = time.perf_counter()
+        cand = select_models(sel, ctx.costs, acc, int(b), models=models, cost_margin=0.0)
+        if st["active"] is not None:
+            current = evaluate(st["active"], ctx.costs, acc, b, models=models, selector=cand.selector)
+            chosen = keep_or_switch(current, cand, self.switch_margin, True)
+        else:
+            chosen = cand
+        self.select_s.append(time.perf_counter() - t0)
+        return cand, chosen
+
+    def _select_and_serve(self, sel: str, b: float, acc: LinkAccuracy, pi: int, sub: TupleSet, served_pos: list[int], prof: list[int]) -> None:
+        """3-4. Select under budget ``b``, then serve the period's frames and charge them."""
+        ctx = self.ctx
+        name = self.traj_of[b]
+        profiled_models = [m for m in ctx.models if ctx.costs[m] <= b + 1e-9]
+        st = self.state[(sel, b)]
+        cand, chosen = self._select(sel, b, acc)
+        active = frozenset(chosen.active)
+        mem = sum(ctx.costs[m] for m in active)
+        if mem > b + 1e-6:
+            raise AssertionError(f"MLink {sel}: active set {sorted(active)} costs {mem} B over the budget {b} B")
+        st["active"] = active
+        key = (name, pi, active)
+        if key not in self.pred_cache:
+            self.pred_cache[key] = self.trajs[name].predict_tuples(active, sub)
+        lkey = (name, active)
+        if lkey not in self.link_ms_cache:
+            self.link_ms_cache[lkey] = _link_ms(self.trajs[name], ctx.oracle.tuples, active, served_pos[:10])
+        preds = self.pred_cache[key]
+        for k in ctx.oracle.nodes:
+            st["preds"][k].extend(sub.values[k] if node_model(k) in active else preds[k])
+        run = sum(ctx.latency[m] for m in active) + self.link_ms_cache[lkey]
+        st["ms"].extend([run] * len(served_pos))
+        st["ms"].extend([sum(ctx.latency[m] for m in profiled_models)] * len(prof))
+        st["executions"] += len(active) * len(served_pos) + len(profiled_models) * len(prof)
+        st["memory"] = max(st["memory"], mem, max((ctx.costs[m] for m in profiled_models), default=0.0))
+        st["periods"].append(
+            {
+                "period": pi,
+                "active": sorted(active),
+                "expected_objective": round(chosen.objective, 4),
+                "candidate": sorted(cand.active),
+                "links": name,
+                "profiled": len(prof),
+                "served": len(served_pos),
+            }
+        )
+
+    def _hindsight(self, pi: int, sub: TupleSet) -> None:
+        """Every fixed set served through the same links, for the best set in hindsight."""
+        models, nodes = self.ctx.models, self.ctx.oracle.nodes
+        subsets = [frozenset(c) for r in range(len(models) + 1) for c in itertools.combinations(models, r)]
+        for name in self.trajs:
+            for A in subsets:
+                key = (name, pi, A)
+                if key not in self.pred_cache:
+                    self.pred_cache[key] = self.trajs[name].predict_tuples(A, sub)
+                acc_h = self.fixed.setdefault((name, A), {k: [] for k in nodes})
+                for k in nodes:
+                    acc_h[k].extend(sub.values[k] if node_model(k) in A else self.pred_cache[key][k])
+
+    def results(self, meta: dict[str, Any]) -> dict[tuple[str, float], dict[str, Any]]:
+        """{(selector, budget): result}, each with ``meta`` under ``"mlink"``."""
+        from mlink.bench.table4_data import score
+
+        ctx = self.ctx
+        fixed_acc = {(name, A): score(ctx.oracle, ctx.protocol.scored, preds)["accuracy"] for (name, A), preds in self.fixed.items()}
+        out: dict[tuple[str, float], dict[str, Any]] = {}
+        for (sel, b), st in self.state.items():
+            actives = [tuple(p["active"]) for p in st["periods"]]
+            counts: dict[str, int] = {}
+            for a in actives:
+                counts["+".join(a) or "(none)"] = counts.get("+".join(a) or "(none)", 0) + 1
+            notes = []
+            if self.traj_of[b] == "frozen":
+                notes.append("a model does not fit alone: links not fine-tuned (no complete profiling tuples)")
+            best = None
+            if fixed_acc:
+                feasible = [(acc, A) for (name, A), acc in fixed_acc.items() if name == self.traj_of[b] and sum(ctx.costs[m] for m in A) <= b + 1e-9]
+                acc_b, A_b = max(feasible, key=lambda t: (t[0], -len(t[1])))
+                best = {"active": sorted(A_b), "accuracy": acc_b}
+            out[(sel, b)] = result(
+                ctx,
+                SELECTORS[sel],
+                b,
+                st["preds"],
+                float(np.mean(st["ms"])),
+                st["executions"],
+                st["memory"],
+                memory_mode="at once (serving); time-shared profiling, one model at a time",
+                runs=True,
+                notes=notes,
+                selector=sel,
+                active_sets=counts,
+                periods=st["periods"],
+                expected_objective=float(np.mean([p["expected_objective"] for p in st["periods"]])),
+                hindsight_best=best,
+                link_ms={"+".join(sorted(a)) or "(none)": round(v, 3) for (n, a), v in self.link_ms_cache.items() if n == self.traj_of[b]},
+            )
+            out[(sel, b)]["mlink"] = meta
+        return out
+
+
 def run_mlink(ctx: Context, budgets: list[float], switch_margin: float = 0.01) -> dict[tuple[str, float], dict[str, Any]]:
     """Every selector at every budget, over the same periods; {(selector, budget): result}."""
     from tqdm import tqdm
 
-    oracle, proto = ctx.oracle, ctx.protocol
-    tuples = oracle.tuples
-    models = ctx.models
-    served_map = {m: tuple(oracle.served[m]) for m in models}
-    seed = int(ctx.opt("seed", 0))
-    epochs = int(ctx.opt("epochs", 100))
-    ft_epochs = ctx.options.get("fine_tune_epochs")
-
-    train = tuples.subset(proto.train)
-    links_train, heldout = train.split(0.2, seed)
-    config = TrainConfig(epochs=epochs, seed=seed, threads=1)
-    t0 = time.perf_counter()
-    links = LinkSet.train(links_train, val_share=0.2, config=config, progress=ctx.progress)
-    train_s = time.perf_counter() - t0
-
+    proto = ctx.protocol
+    links, links_train, heldout, train_s = _train_links(ctx)
     max_cost = max(ctx.costs.values())
     traj_of = {b: ("tuned" if b + 1e-9 >= max_cost else "frozen") for b in budgets}
     trajs: dict[str, LinkSet] = {"tuned": links}
     if "frozen" in traj_of.values():
         trajs["frozen"] = copy.deepcopy(links)
     windows = {name: heldout for name in trajs}
-    cap = max(len(heldout), 50)
-
-    link_ms_cache: dict[tuple[str, frozenset[str]], float] = {}
-    pred_cache: dict[tuple[str, int, frozenset[str]], dict[str, list[np.ndarray]]] = {}
-    state: dict[tuple[str, float], dict[str, Any]] = {
-        (sel, b): {"preds": {k: [] for k in oracle.nodes}, "ms": [], "executions": 0, "memory": 0.0, "periods": [], "active": None}
-        for sel in SELECTORS
-        for b in budgets
-    }
-    fine_tune_s: list[float] = []
-    select_s: list[float] = []
+    run = _Run(ctx, budgets, switch_margin, trajs, windows, traj_of, cap=max(len(heldout), 50))
     hindsight = bool(ctx.opt("hindsight", True))
-    subsets = [frozenset(c) for r in range(len(models) + 1) for c in itertools.combinations(models, r)]
-    fixed: dict[tuple[str, frozenset[str]], dict[str, list]] = {}
     bar = tqdm(total=len(proto.periods), desc="MLink periods", unit="period", disable=not ctx.progress)
     try:
         for pi, (chunk, prof) in enumerate(zip(proto.periods, proto.profiled)):
-            served_pos = [p for p in chunk if p not in set(prof)]
-            # 1-2. profile, fine-tune on half, re-measure on the window with the other half.
-            new = tuples.subset(prof)
-            tune, held = new.split(0.5, seed + pi + 1) if len(new) >= 2 else (new, None)
-            t0 = time.perf_counter()
-            trajs["tuned"].fine_tune(tune, epochs=ft_epochs)
-            fine_tune_s.append(time.perf_counter() - t0)
-            windows["tuned"] = _extend(windows["tuned"], held, cap)
-            accs = {name: LinkAccuracy(trajs[name], windows[name], served_map) for name in trajs}
-            sub = tuples.subset(served_pos)
-            for b in budgets:
-                name = traj_of[b]
-                acc = accs[name]
-                profiled_models = [m for m in models if ctx.costs[m] <= b + 1e-9]
-                for sel in SELECTORS:
-                    st = state[(sel, b)]
-                    t0 = time.perf_counter()
-                    cand = select_models(sel, ctx.costs, acc, int(b), models=models, cost_margin=0.0)
-                    if st["active"] is not None:
-                        current = evaluate(st["active"], ctx.costs, acc, b, models=models, selector=cand.selector)
-                        chosen = keep_or_switch(current, cand, switch_margin, True)
-                    else:
-                        chosen = cand
-                    select_s.append(time.perf_counter() - t0)
-                    active = frozenset(chosen.active)
-                    mem = sum(ctx.costs[m] for m in active)
-                    if mem > b + 1e-6:
-                        raise AssertionError(f"MLink {sel}: active set {sorted(active)} costs {mem} B over the budget {b} B")
-                    st["active"] = active
-                    key = (name, pi, active)
-                    if key not in pred_cache:
-                        pred_cache[key] = trajs[name].predict_tuples(active, sub)
-                    lkey = (name, active)
-                    if lkey not in link_ms_cache:
-                        link_ms_cache[lkey] = _link_ms(trajs[name], tuples, active, served_pos[:10])
-                    preds = pred_cache[key]
-                    for k in oracle.nodes:
-                        st["preds"][k].extend(sub.values[k] if node_model(k) in active else preds[k])
-                    run = sum(ctx.latency[m] for m in active) + link_ms_cache[lkey]
-                    st["ms"].extend([run] * len(served_pos))
-                    st["ms"].extend([sum(ctx.latency[m] for m in profiled_models)] * len(prof))
-                    st["executions"] += len(active) * len(served_pos) + len(profiled_models) * len(prof)
-                    st["memory"] = max(st["memory"], mem, max((ctx.costs[m] for m in profiled_models), default=0.0))
-                    st["periods"].append(
-                        {
-                            "period": pi,
-                            "active": sorted(active),
-                            "expected_objective": round(chosen.objective, 4),
-                            "candidate": sorted(cand.active),
-                            "links": name,
-                            "profiled": len(prof),
-                            "served": len(served_pos),
-                        }
-                    )
-            if hindsight:
-                # Every fixed set served through the same links, for the best set in hindsight.
-                for name in trajs:
-                    for A in subsets:
-                        key = (name, pi, A)
-                        if key not in pred_cache:
-                            pred_cache[key] = trajs[name].predict_tuples(A, sub)
-                        acc_h = fixed.setdefault((name, A), {k: [] for k in oracle.nodes})
-                        for k in oracle.nodes:
-                            acc_h[k].extend(sub.values[k] if node_model(k) in A else pred_cache[key][k])
-            for key in [k for k in pred_cache if k[1] == pi]:
-                del pred_cache[key]
+            run.period(pi, chunk, prof, hindsight)
             bar.update(1)
     finally:
         bar.close()
 
-    from mlink.bench.table4_data import score
-
-    fixed_acc = {(name, A): score(oracle, proto.scored, preds)["accuracy"] for (name, A), preds in fixed.items()}
-
-    out: dict[tuple[str, float], dict[str, Any]] = {}
-    for (sel, b), st in state.items():
-        actives = [tuple(p["active"]) for p in st["periods"]]
-        counts: dict[str, int] = {}
-        for a in actives:
-            counts["+".join(a) or "(none)"] = counts.get("+".join(a) or "(none)", 0) + 1
-        notes = []
-        if traj_of[b] == "frozen":
-            notes.append("a model does not fit alone: links not fine-tuned (no complete profiling tuples)")
-        best = None
-        if fixed_acc:
-            feasible = [(acc, A) for (name, A), acc in fixed_acc.items() if name == traj_of[b] and sum(ctx.costs[m] for m in A) <= b + 1e-9]
-            acc_b, A_b = max(feasible, key=lambda t: (t[0], -len(t[1])))
-            best = {"active": sorted(A_b), "accuracy": acc_b}
-        out[(sel, b)] = result(
-            ctx,
-            SELECTORS[sel],
-            b,
-            st["preds"],
-            float(np.mean(st["ms"])),
-            st["executions"],
-            st["memory"],
-            memory_mode="at once (serving); time-shared profiling, one model at a time",
-            runs=True,
-            notes=notes,
-            selector=sel,
-            active_sets=counts,
-            periods=st["periods"],
-            expected_objective=float(np.mean([p["expected_objective"] for p in st["periods"]])),
-            hindsight_best=best,
-            link_ms={"+".join(sorted(a)) or "(none)": round(v, 3) for (n, a), v in link_ms_cache.items() if n == traj_of[b]},
-        )
     meta = {
         "train_s": train_s,
         "links_trained_on": len(links_train),
         "held_out": len(heldout),
-        "fine_tune_s_per_period": float(np.mean(fine_tune_s)) if fine_tune_s else 0.0,
-        "select_ms_per_period": 1000.0 * float(np.mean(select_s)) if select_s else 0.0,
+        "fine_tune_s_per_period": float(np.mean(run.fine_tune_s)) if run.fine_tune_s else 0.0,
+        "select_ms_per_period": 1000.0 * float(np.mean(run.select_s)) if run.select_s else 0.0,
         "link_host_bytes": link_bytes(links),
-        "epochs": epochs,
+        "epochs": int(ctx.opt("epochs", 100)),
     }
-    for r in out.values():
-        r["mlink"] = meta
-    return out
+    return run.results(meta)

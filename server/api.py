@@ -14,9 +14,10 @@ URLs are redacted everywhere.
 from __future__ import annotations
 
 import hmac
-from typing import Any, Optional
+from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request, Response
+import anyio
+from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 
@@ -40,132 +41,167 @@ def _tag(response: Response, snap: Snapshot) -> None:
     response.headers.update(snapshot_headers(snap))
 
 
+async def get_daemon(request: Request) -> Daemon:
+    """The daemon this app serves (``create_app`` keeps it on ``app.state``)."""
+    daemon: Daemon = request.app.state.daemon
+    return daemon
+
+
+DaemonDep = Annotated[Daemon, Depends(get_daemon)]
+
+
+async def _http_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
+    body = exc.detail if isinstance(exc.detail, dict) else {"error": str(exc.detail)}
+    return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+
+async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = [{"path": ".".join(str(p) for p in e["loc"]), "message": e["msg"]} for e in exc.errors()]
+    return JSONResponse({"error": "invalid request", "errors": errors}, status_code=422)
+
+
+def camera_or_404(daemon: Daemon, camera_id: str) -> None:
+    cameras = daemon.snapshot.cameras
+    if camera_id not in cameras:
+        raise HTTPException(404, {"error": f"no camera {camera_id!r}", "cameras": list(cameras)})
+
+
+def require_token(daemon: DaemonDep, authorization: str | None = Header(None)) -> None:
+    token = daemon.cfg.api.token
+    if not token:
+        raise HTTPException(403, {"error": "operator actions are disabled: set api.token in the config"})
+    given = (authorization or "").removeprefix("Bearer ").strip()
+    if not authorization or not authorization.startswith("Bearer ") or not hmac.compare_digest(given, token):
+        raise HTTPException(401, {"error": "a valid bearer token is required"}, headers={"WWW-Authenticate": "Bearer"})
+
+
+health = APIRouter(tags=["health"])
+cameras_router = APIRouter(tags=["cameras"])
+results_router = APIRouter(tags=["results"])
+scheduler_router = APIRouter(tags=["scheduler"])
+operator = APIRouter(tags=["operator"])
+
+
+@health.get("/healthz")
+def healthz(daemon: DaemonDep) -> dict[str, Any]:
+    """The process is alive (not that it is ready: see /readyz)."""
+    return {"status": "ok", "state": daemon.state}
+
+
+@health.get("/readyz")
+def readyz(daemon: DaemonDep) -> JSONResponse:
+    """200 when Redis is reachable, a plan is loaded and every stream is open or retrying."""
+    ok, reasons = daemon.readiness()
+    return JSONResponse({"ready": ok, "reasons": reasons}, status_code=200 if ok else 503)
+
+
+@health.get("/metrics", response_class=PlainTextResponse)
+def metrics(daemon: DaemonDep) -> PlainTextResponse:
+    snap = daemon.snapshot
+    return PlainTextResponse(
+        render(collect_metrics(daemon, snap)), media_type="text/plain; version=0.0.4", headers=snapshot_headers(snap)
+    )
+
+
+@cameras_router.get("/api/v1/cameras")
+def cameras(daemon: DaemonDep, response: Response) -> list[dict[str, Any]]:
+    snap = daemon.snapshot
+    _tag(response, snap)
+    status = daemon.ingest.status() if daemon.ingest else {}
+    return [status[c].to_dict() if c in status else {"id": c, "state": "unknown"} for c in snap.cameras]
+
+
+@cameras_router.get("/api/v1/cameras/{camera_id}")
+def camera(daemon: DaemonDep, camera_id: str) -> dict[str, Any]:
+    camera_or_404(daemon, camera_id)
+    status = daemon.ingest.status() if daemon.ingest else {}
+    return status[camera_id].to_dict() if camera_id in status else {"id": camera_id, "state": "unknown"}
+
+
+@results_router.get("/api/v1/cameras/{camera_id}/results/latest")
+def latest(daemon: DaemonDep, camera_id: str) -> dict[str, Any]:
+    camera_or_404(daemon, camera_id)
+    try:
+        rec = daemon.cache.latest(camera_id) if daemon.cache else None
+    except CacheUnavailable as exc:
+        raise HTTPException(503, {"error": str(exc)}) from None
+    if rec is None:
+        raise HTTPException(404, {"error": f"no result for camera {camera_id!r} yet"})
+    return rec.to_dict()
+
+
+@results_router.get("/api/v1/cameras/{camera_id}/results")
+def results(
+    daemon: DaemonDep,
+    camera_id: str,
+    since: float | None = Query(None, description="unix seconds, inclusive"),
+    until: float | None = Query(None, description="unix seconds, inclusive"),
+    limit: int = Query(100, ge=1, le=10000, description="the newest results in the range"),
+) -> dict[str, Any]:
+    camera_or_404(daemon, camera_id)
+    if since is not None and until is not None and since > until:
+        raise HTTPException(400, {"error": "since is after until"})
+    try:
+        recs = daemon.cache.history(camera_id, since, until, limit) if daemon.cache else []
+    except CacheUnavailable as exc:
+        raise HTTPException(503, {"error": str(exc)}) from None
+    return {"camera": camera_id, "count": len(recs), "results": records_json(recs)}
+
+
+@scheduler_router.get("/api/v1/models")
+def models(daemon: DaemonDep, response: Response) -> list[dict[str, Any]]:
+    snap = daemon.snapshot
+    _tag(response, snap)
+    return list(snap.models)
+
+
+@scheduler_router.get("/api/v1/schedule")
+def schedule(daemon: DaemonDep, response: Response) -> dict[str, Any]:
+    snap = daemon.snapshot
+    if snap.plan_json is None:
+        raise HTTPException(503, {"error": f"no plan yet (daemon is {daemon.state})"})
+    _tag(response, snap)
+    return {"state": daemon.state, "plan": snap.plan_json, "pool": snap.pool}
+
+
+@scheduler_router.get("/api/v1/links")
+def links(daemon: DaemonDep, response: Response) -> dict[str, Any]:
+    snap = daemon.snapshot
+    if snap.links.matrix is None:
+        raise HTTPException(503, {"error": f"no links yet (daemon is {daemon.state})"})
+    _tag(response, snap)
+    return snap.links.matrix
+
+
+@operator.post("/api/v1/config/reload", dependencies=[Depends(require_token)])
+async def reload(daemon: DaemonDep, request: Request) -> JSONResponse:
+    """Reload the config file (empty body) or apply the YAML in the body. Invalid: 400, nothing changes."""
+    body = (await request.body()).decode("utf-8", "replace")
+    if body.strip():
+        result = await anyio.to_thread.run_sync(daemon.reload_text, body)
+    else:
+        result = await anyio.to_thread.run_sync(daemon.reload_file)
+    status = 200 if result.ok else (400 if result.errors else 409)
+    payload = result.to_json()
+    if not result.ok:
+        payload["error"] = result.message
+    return JSONResponse(payload, status_code=status)
+
+
 def create_app(daemon: Daemon) -> FastAPI:
+    """The app serving ``daemon``: its handlers reach it through the :func:`get_daemon` dependency."""
     app = FastAPI(
         title="mlink",
         version="0.1.0",
         description="Results of every model on every camera: executed, or predicted by model links, with expected accuracy.",
     )
-
-    @app.exception_handler(HTTPException)
-    async def _http_error(_: Request, exc: HTTPException) -> JSONResponse:
-        body = exc.detail if isinstance(exc.detail, dict) else {"error": str(exc.detail)}
-        return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = [{"path": ".".join(str(p) for p in e["loc"]), "message": e["msg"]} for e in exc.errors()]
-        return JSONResponse({"error": "invalid request", "errors": errors}, status_code=422)
-
-    def camera_or_404(camera_id: str) -> None:
-        cameras = daemon.snapshot.cameras
-        if camera_id not in cameras:
-            raise HTTPException(404, {"error": f"no camera {camera_id!r}", "cameras": list(cameras)})
-
-    def require_token(authorization: Optional[str] = Header(None)) -> None:
-        token = daemon.cfg.api.token
-        if not token:
-            raise HTTPException(403, {"error": "operator actions are disabled: set api.token in the config"})
-        given = (authorization or "").removeprefix("Bearer ").strip()
-        if not authorization or not authorization.startswith("Bearer ") or not hmac.compare_digest(given, token):
-            raise HTTPException(401, {"error": "a valid bearer token is required"}, headers={"WWW-Authenticate": "Bearer"})
-
-    @app.get("/healthz", tags=["health"])
-    def healthz() -> dict[str, Any]:
-        """The process is alive (not that it is ready: see /readyz)."""
-        return {"status": "ok", "state": daemon.state}
-
-    @app.get("/readyz", tags=["health"])
-    def readyz() -> JSONResponse:
-        """200 when Redis is reachable, a plan is loaded and every stream is open or retrying."""
-        ok, reasons = daemon.readiness()
-        return JSONResponse({"ready": ok, "reasons": reasons}, status_code=200 if ok else 503)
-
-    @app.get("/metrics", tags=["health"], response_class=PlainTextResponse)
-    def metrics() -> PlainTextResponse:
-        snap = daemon.snapshot
-        return PlainTextResponse(
-            render(collect_metrics(daemon, snap)), media_type="text/plain; version=0.0.4", headers=snapshot_headers(snap)
-        )
-
-    @app.get("/api/v1/cameras", tags=["cameras"])
-    def cameras(response: Response) -> list[dict[str, Any]]:
-        snap = daemon.snapshot
-        _tag(response, snap)
-        status = daemon.ingest.status() if daemon.ingest else {}
-        return [status[c].to_dict() if c in status else {"id": c, "state": "unknown"} for c in snap.cameras]
-
-    @app.get("/api/v1/cameras/{camera_id}", tags=["cameras"])
-    def camera(camera_id: str) -> dict[str, Any]:
-        camera_or_404(camera_id)
-        status = daemon.ingest.status() if daemon.ingest else {}
-        return status[camera_id].to_dict() if camera_id in status else {"id": camera_id, "state": "unknown"}
-
-    @app.get("/api/v1/cameras/{camera_id}/results/latest", tags=["results"])
-    def latest(camera_id: str) -> dict[str, Any]:
-        camera_or_404(camera_id)
-        try:
-            rec = daemon.cache.latest(camera_id) if daemon.cache else None
-        except CacheUnavailable as exc:
-            raise HTTPException(503, {"error": str(exc)}) from None
-        if rec is None:
-            raise HTTPException(404, {"error": f"no result for camera {camera_id!r} yet"})
-        return rec.to_dict()
-
-    @app.get("/api/v1/cameras/{camera_id}/results", tags=["results"])
-    def results(
-        camera_id: str,
-        since: Optional[float] = Query(None, description="unix seconds, inclusive"),
-        until: Optional[float] = Query(None, description="unix seconds, inclusive"),
-        limit: int = Query(100, ge=1, le=10000, description="the newest results in the range"),
-    ) -> dict[str, Any]:
-        camera_or_404(camera_id)
-        if since is not None and until is not None and since > until:
-            raise HTTPException(400, {"error": "since is after until"})
-        try:
-            recs = daemon.cache.history(camera_id, since, until, limit) if daemon.cache else []
-        except CacheUnavailable as exc:
-            raise HTTPException(503, {"error": str(exc)}) from None
-        return {"camera": camera_id, "count": len(recs), "results": records_json(recs)}
-
-    @app.get("/api/v1/models", tags=["scheduler"])
-    def models(response: Response) -> list[dict[str, Any]]:
-        snap = daemon.snapshot
-        _tag(response, snap)
-        return list(snap.models)
-
-    @app.get("/api/v1/schedule", tags=["scheduler"])
-    def schedule(response: Response) -> dict[str, Any]:
-        snap = daemon.snapshot
-        if snap.plan_json is None:
-            raise HTTPException(503, {"error": f"no plan yet (daemon is {daemon.state})"})
-        _tag(response, snap)
-        return {"state": daemon.state, "plan": snap.plan_json, "pool": snap.pool}
-
-    @app.get("/api/v1/links", tags=["scheduler"])
-    def links(response: Response) -> dict[str, Any]:
-        snap = daemon.snapshot
-        if snap.links.matrix is None:
-            raise HTTPException(503, {"error": f"no links yet (daemon is {daemon.state})"})
-        _tag(response, snap)
-        return snap.links.matrix
-
-    @app.post("/api/v1/config/reload", tags=["operator"], dependencies=[Depends(require_token)])
-    async def reload(request: Request) -> JSONResponse:
-        """Reload the config file (empty body) or apply the YAML in the body. Invalid: 400, nothing changes."""
-        body = (await request.body()).decode("utf-8", "replace")
-        import anyio
-
-        if body.strip():
-            result = await anyio.to_thread.run_sync(daemon.reload_text, body)
-        else:
-            result = await anyio.to_thread.run_sync(daemon.reload_file)
-        status = 200 if result.ok else (400 if result.errors else 409)
-        payload = result.to_json()
-        if not result.ok:
-            payload["error"] = result.message
-        return JSONResponse(payload, status_code=status)
-
+    app.state.daemon = daemon
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    for router in (health, cameras_router, results_router, scheduler_router, operator):
+        app.include_router(router)
     return app
 
 

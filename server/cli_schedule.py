@@ -33,7 +33,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
@@ -89,7 +89,7 @@ def measure_costs(cfg: Any, store: Any, progress: bool = True) -> tuple[dict[str
     return {n: c for n, c in pool.costs().items() if n not in failures}, failures, seconds, meter.source
 
 
-def _links(cfg: Any, store: Any, train: Any, epochs: Optional[int], quiet: bool):
+def _links(cfg: Any, store: Any, train: Any, epochs: int | None, quiet: bool):
     from mlink.links import LinkSet, LinkStoreError, TrainConfig
     from mlink.scheduler.profiler import link_store_dir
 
@@ -110,33 +110,10 @@ def _links(cfg: Any, store: Any, train: Any, epochs: Optional[int], quiet: bool)
     return links, path, why
 
 
-def plan_site(
-    cfg: Any,
-    *,
-    budget: Optional[str] = None,
-    selector: Optional[str] = None,
-    frames: Optional[int] = None,
-    saved_costs: bool = False,
-    epochs: Optional[int] = None,
-    margin: float = 0.1,
-    quiet: bool = False,
-) -> dict[str, Any]:
-    """Everything ``mlink schedule plan`` prints, as one dict."""
-    from mlink.configs.budget import resolve_budget
-    from mlink.links.matrix import heldout_split
-    from mlink.models.assets import default_store
-    from mlink.scheduler.memory import MemoryMeter
-    from mlink.scheduler.accuracy import LinkAccuracy
-    from mlink.scheduler.selector import select_models
-    from mlink.scheduler.site import site_served
-
-    store = default_store()
-    served = site_served(cfg)
-    names = list(served)
-    tuples, profile_path = site_tuples(cfg, store, frames, progress=not quiet)
-    train, test = heldout_split(tuples)
-    links, links_path, retrained = _links(cfg, store, train, epochs, quiet)
-
+def _site_costs(cfg: Any, store: Any, names: list[str], saved_costs: bool, quiet: bool) -> tuple[dict[str, int], dict[str, str], dict[str, float], str]:
+    """Each model's memory cost: the saved table when asked for and complete, else measured now
+    and saved. Returns the costs, the models that failed to load, load seconds and where the
+    costs come from."""
     table_path = cost_table_path(store.home, cfg.site, cfg.device)
     costs = load_cost_table(table_path) if saved_costs else None
     failures: dict[str, str] = {}
@@ -148,12 +125,15 @@ def plan_site(
         costs, failures, seconds, source = measure_costs(cfg, store, progress=not quiet)
         save_cost_table(table_path, costs, {"site": cfg.site, "device": cfg.device, "meter": source, "measured_at": time.time()})
         cost_source = f"measured now ({source}), saved to {table_path}"
-    total = MemoryMeter(cfg.device).total()
-    spec = cfg.budget if budget is None else budget
-    budget_bytes = resolve_budget(spec, total, sum(costs.get(n, 0) for n in names))
+    return costs, failures, seconds, cost_source
 
-    acc = LinkAccuracy(links, test, served)
-    chosen = selector or cfg.scheduler.selector
+
+def _run_selectors(
+    costs: dict[str, int], acc: Any, budget_bytes: int, names: list[str], failures: dict[str, str], margin: float
+) -> tuple[dict[str, Any], dict[str, float]]:
+    """Both selectors (``paper`` and ``objective``) on the same inputs, and how long each took."""
+    from mlink.scheduler.selector import select_models
+
     selections = {}
     timing = {}
     for sel_name in ("paper", "objective"):
@@ -162,6 +142,43 @@ def plan_site(
             sel_name, costs, acc, budget_bytes, models=names, exclude=set(failures), cost_margin=margin
         )
         timing[sel_name] = time.perf_counter() - t0
+    return selections, timing
+
+
+def plan_site(
+    cfg: Any,
+    *,
+    budget: str | None = None,
+    selector: str | None = None,
+    frames: int | None = None,
+    saved_costs: bool = False,
+    epochs: int | None = None,
+    margin: float = 0.1,
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """Everything ``mlink schedule plan`` prints, as one dict."""
+    from mlink.configs.budget import resolve_site_budget
+    from mlink.links.matrix import heldout_split
+    from mlink.models.assets import default_store
+    from mlink.scheduler.accuracy import LinkAccuracy
+    from mlink.scheduler.memory import MemoryMeter
+    from mlink.scheduler.site import site_served
+
+    store = default_store()
+    served = site_served(cfg)
+    names = list(served)
+    tuples, profile_path = site_tuples(cfg, store, frames, progress=not quiet)
+    train, test = heldout_split(tuples)
+    links, links_path, retrained = _links(cfg, store, train, epochs, quiet)
+    costs, failures, seconds, cost_source = _site_costs(cfg, store, names, saved_costs, quiet)
+    total = MemoryMeter(cfg.device).total()
+    spec = cfg.budget if budget is None else budget
+    budget_bytes = resolve_site_budget(spec, total, {n: costs[n] for n in names if n in costs})
+    assert budget_bytes is not None  # never None when the costs are given
+
+    acc = LinkAccuracy(links, test, served)
+    chosen = selector or cfg.scheduler.selector
+    selections, timing = _run_selectors(costs, acc, budget_bytes, names, failures, margin)
     sel = selections[chosen]
     active = frozenset(sel.active)
     return {
@@ -195,14 +212,14 @@ def plan_site(
 
 @schedule_app.command("plan")
 def plan_cmd(
-    site: Optional[str] = SiteOpt,
-    config: Optional[Path] = ConfigOpt,
-    budget: Optional[str] = typer.Option(None, "--budget", help="bytes (4GiB), a device share (0.8, 80%), or a share of the models' cost (0.5x); default: the config's"),
-    selector: Optional[str] = typer.Option(None, "--selector", help="paper | objective (default: the config's)"),
+    site: str | None = SiteOpt,
+    config: Path | None = ConfigOpt,
+    budget: str | None = typer.Option(None, "--budget", help="bytes (4GiB), a device share (0.8, 80%), or a share of the models' cost (0.5x); default: the config's"),
+    selector: str | None = typer.Option(None, "--selector", help="paper | objective (default: the config's)"),
     as_json: bool = typer.Option(False, "--json"),
-    frames: Optional[int] = typer.Option(None, "--frames", min=4, help="profile this many frames first (default: use the latest profile)"),
+    frames: int | None = typer.Option(None, "--frames", min=4, help="profile this many frames first (default: use the latest profile)"),
     saved_costs: bool = typer.Option(False, "--saved-costs", help="reuse the cost table saved by an earlier run instead of loading each model"),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="epochs if links must be trained (default: the paper's 100, early-stopped)"),
+    epochs: int | None = typer.Option(None, "--epochs", help="epochs if links must be trained (default: the paper's 100, early-stopped)"),
     margin: float = typer.Option(0.1, "--margin", min=0.0, help="charge each measured cost plus this share (measurement variance)"),
 ) -> None:
     """Print the measured costs, the chosen set, its expected objective and the budget used."""

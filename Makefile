@@ -10,7 +10,7 @@ CONFIG ?= configs/default.yaml
 SHARED_MIRROR := $(abspath ../shared/assets)
 export MLINK_ASSET_MIRROR ?= $(if $(wildcard $(SHARED_MIRROR)/README.md),$(SHARED_MIRROR),)
 
-.PHONY: install run demo test bench bench-table4 assets gpu-check clean
+.PHONY: install run demo test lint bench bench-table4 assets gpu-check clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,21 @@ demo: assets
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# Guard rails (issue 11; the rules and why are in pyproject.toml): lint, formatting, types, and
+# tests/test_architecture.py (floors that only look down, no circles, module/function sizes).
+# The folders are installed as mlink.<folder> by an import hook mypy cannot follow, so mypy reads
+# them through links under build/mypy/mlink ([tool.mypy] mypy_path).
+MYPY_TREE := build/mypy/mlink
+FLOORS := configs models links scheduler server bench
+
+lint: install
+	mkdir -p $(MYPY_TREE)
+	for d in $(FLOORS); do ln -sfn ../../../$$d $(MYPY_TREE)/$$d; done
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/python -m pytest -q tests/test_architecture.py
 
 bench: install
 	$(BIN)/python -m mlink.bench.zoo

@@ -11,7 +11,8 @@ says when it cannot know yet. :func:`resolve_budget` is its arithmetic.
 from __future__ import annotations
 
 import re
-from typing import Iterable, Literal, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Literal
 
 _UNITS = {
     "": 1,
@@ -48,6 +49,36 @@ def parse_bytes(spec: int | float | str) -> int:
 BudgetKind = Literal["bytes", "device", "models"]
 
 
+def _parse_budget_text(spec: str) -> tuple[BudgetKind, float] | float:
+    """A budget spec written as text: (kind, amount) for ``"80%"``, ``"0.5x"`` or a size
+    (``"4GiB"``), else the plain number it spells (which :func:`parse_budget` reads on)."""
+    s = spec.strip().lower()
+    try:
+        if s.endswith("%"):
+            frac = float(s[:-1]) / 100.0
+            if not 0.0 < frac <= 1.0:
+                raise ValueError(f"a budget percentage must be in (0, 100]: {spec!r}")
+            return "device", frac
+        if s.endswith("x"):
+            share = float(s[:-1])
+            if share <= 0:
+                raise ValueError(f"budget {spec!r}: the share of the models' cost must be > 0")
+            return "models", share
+        return float(s)
+    except ValueError as exc:
+        if "budget" in str(exc):
+            raise
+    try:
+        amount = parse_bytes(s)
+    except ValueError:
+        raise ValueError(
+            f"budget {spec!r}: expected bytes (4GiB, 500MB), a device share (0.8, 80%) or a share of the models' cost (0.5x)"
+        ) from None
+    if amount < 1:
+        raise ValueError(f"budget {spec!r} is under one byte")
+    return "bytes", float(amount)
+
+
 def parse_budget(spec: int | float | str) -> tuple[BudgetKind, float]:
     """The one parser of budget specs (the site config validates with it): (kind, amount).
 
@@ -60,31 +91,10 @@ def parse_budget(spec: int | float | str) -> tuple[BudgetKind, float]:
     if isinstance(spec, bool):
         raise ValueError(f"not a budget: {spec!r}")
     if isinstance(spec, str):
-        s = spec.strip().lower()
-        try:
-            if s.endswith("%"):
-                frac = float(s[:-1]) / 100.0
-                if not 0.0 < frac <= 1.0:
-                    raise ValueError(f"a budget percentage must be in (0, 100]: {spec!r}")
-                return "device", frac
-            if s.endswith("x"):
-                share = float(s[:-1])
-                if share <= 0:
-                    raise ValueError(f"budget {spec!r}: the share of the models' cost must be > 0")
-                return "models", share
-            spec = float(s)
-        except ValueError as exc:
-            if "budget" in str(exc):
-                raise
-            try:
-                amount = parse_bytes(s)
-            except ValueError:
-                raise ValueError(
-                    f"budget {spec!r}: expected bytes (4GiB, 500MB), a device share (0.8, 80%) or a share of the models' cost (0.5x)"
-                ) from None
-            if amount < 1:
-                raise ValueError(f"budget {spec!r} is under one byte") from None
-            return "bytes", float(amount)
+        parsed = _parse_budget_text(spec)
+        if isinstance(parsed, tuple):
+            return parsed
+        spec = parsed
     if float(spec) <= 0:
         raise ValueError(f"a budget must be > 0, got {spec!r}")
     if float(spec) <= 1.0:

@@ -23,9 +23,10 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -91,7 +92,7 @@ def save_linkset(linkset: StoredLinks, directory: str | os.PathLike) -> dict:
                     "hparams": dict(link.hparams),
                     "metrics": linkset.metrics.get("links", {}).get(f"{s}->{t}", {}),
                 }
-                for s, link in zip(ens.sources, ens.links)
+                for s, link in zip(ens.sources, ens.by_index)
             ],
             "selection": [
                 {"models": sorted(a), "plan": [[s, w] for s, w in plan], "accuracy": ens.val_accuracy.get(a),
@@ -137,18 +138,14 @@ def read_manifest(directory: str | os.PathLike) -> dict:
     return manifest
 
 
-def load_linkset(
-    directory: str | os.PathLike,
-    expect_specs: Mapping[str, OutputSpec] | None = None,
-    expect_data_version: str | None = None,
-) -> StoredLinks:
-    path = Path(directory)
-    manifest = read_manifest(path)
-    try:
-        specs = {k: spec_from_dict(d) for k, d in manifest["specs"].items()}
-    except Exception as exc:
-        raise LinkStoreError(f"link set {path}: bad output specs in the manifest ({exc})") from exc
-
+def _check_compatible(
+    path: Path,
+    manifest: Mapping[str, Any],
+    specs: Mapping[str, OutputSpec],
+    expect_specs: Mapping[str, OutputSpec] | None,
+    expect_data_version: str | None,
+) -> None:
+    """IncompatibleLinksError when the saved links serve other outputs or came from other data."""
     if expect_specs is not None:
         problems = []
         for k in sorted(set(specs) | set(expect_specs)):
@@ -166,6 +163,9 @@ def load_linkset(
             f"expected {expect_data_version[:12]}..."
         )
 
+
+def _read_weights(path: Path, manifest: Mapping[str, Any]) -> Any:
+    """The weights file's state dicts, after checking its digest against the manifest's."""
     wpath = path / WEIGHTS_FILE
     if not wpath.is_file():
         raise LinkStoreError(f"link set {path}: {WEIGHTS_FILE} is missing")
@@ -176,29 +176,47 @@ def load_linkset(
             f"{str(manifest.get('weights', {}).get('sha256'))[:12]}...)"
         )
     try:
-        state = torch.load(wpath, map_location="cpu", weights_only=True)
+        return torch.load(wpath, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise LinkStoreError(f"link set {path}: {WEIGHTS_FILE} cannot be read ({type(exc).__name__}: {exc})") from exc
 
+
+def _ensemble(t: str, entry: Mapping[str, Any], specs: Mapping[str, OutputSpec], state: Any) -> Ensemble:
+    """Target ``t``'s ensemble rebuilt from its manifest entry and loaded with its weights."""
+    links = {}
+    for le in entry["links"]:
+        cls = ARCH_BY_NAME[le["arch"]]
+        links[le["source"]] = cls(specs[le["source"]], specs[t], **le["hparams"])
+    ens = Ensemble(t, specs[t], links)
+    ens.load_state_dict(state, strict=True)
+    chosen = entry["selection"]
+    ens.selection = {frozenset(c["models"]): [(str(s), float(w)) for s, w in c["plan"]] for c in chosen}
+    ens.trivial = np.array(entry["trivial"], dtype=np.float32).reshape(entry["trivial_shape"])
+    ens.link_val_accuracy = dict(entry.get("link_val_accuracy", {}))
+    ens.val_accuracy = {frozenset(c["models"]): c["accuracy"] for c in chosen if c.get("accuracy") is not None}
+    ens.val_noise = {frozenset(c["models"]): c["noise"] for c in chosen if c.get("noise") is not None}
+    ens.invalidate()
+    return ens
+
+
+def load_linkset(
+    directory: str | os.PathLike,
+    expect_specs: Mapping[str, OutputSpec] | None = None,
+    expect_data_version: str | None = None,
+) -> StoredLinks:
+    path = Path(directory)
+    manifest = read_manifest(path)
     try:
-        known = {f.name for f in TrainConfig.__dataclass_fields__.values()}  # type: ignore[attr-defined]
+        specs = {k: spec_from_dict(d) for k, d in manifest["specs"].items()}
+    except Exception as exc:
+        raise LinkStoreError(f"link set {path}: bad output specs in the manifest ({exc})") from exc
+
+    _check_compatible(path, manifest, specs, expect_specs, expect_data_version)
+    state = _read_weights(path, manifest)
+    try:
+        known = {f.name for f in fields(TrainConfig)}
         config = TrainConfig(**{k: v for k, v in manifest.get("config", {}).items() if k in known})
-        ensembles: dict[str, Ensemble] = {}
-        for t, entry in manifest["targets"].items():
-            links = {}
-            for le in entry["links"]:
-                cls = ARCH_BY_NAME[le["arch"]]
-                links[le["source"]] = cls(specs[le["source"]], specs[t], **le["hparams"])
-            ens = Ensemble(t, specs[t], links)
-            ens.load_state_dict(state[t], strict=True)
-            chosen = entry["selection"]
-            ens.selection = {frozenset(c["models"]): [(str(s), float(w)) for s, w in c["plan"]] for c in chosen}
-            ens.trivial = np.array(entry["trivial"], dtype=np.float32).reshape(entry["trivial_shape"])
-            ens.link_val_accuracy = dict(entry.get("link_val_accuracy", {}))
-            ens.val_accuracy = {frozenset(c["models"]): c["accuracy"] for c in chosen if c.get("accuracy") is not None}
-            ens.val_noise = {frozenset(c["models"]): c["noise"] for c in chosen if c.get("noise") is not None}
-            ens.invalidate()
-            ensembles[t] = ens
+        ensembles = {t: _ensemble(t, entry, specs, state[t]) for t, entry in manifest["targets"].items()}
         link_metrics = {f"{le['source']}->{t}": le.get("metrics", {}) for t, e in manifest["targets"].items() for le in e["links"]}
     except LinkStoreError:
         raise

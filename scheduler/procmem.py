@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import gc
 import os
 import sys
@@ -24,32 +25,33 @@ import psutil
 
 # -- releasing memory -------------------------------------------------------------------------
 
-_libc: Any = None
-_libc_checked = False
-
 _M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 
 
+@functools.cache
+def _libc() -> Any:
+    """glibc through ctypes, set up once (None where there is no malloc_trim)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        lib.malloc_trim.argtypes = [ctypes.c_size_t]
+        lib.malloc_trim.restype = ctypes.c_int
+        # A fixed mmap threshold: glibc raises it dynamically after a large block is
+        # freed, after which same-sized blocks come from the heap, stay resident in
+        # fragments, and the same model measured 30 or 39 MB from one load to the next.
+        lib.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+        lib.mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
+        return lib
+    except (OSError, AttributeError):  # musl and others have no malloc_trim
+        return None
+
+
 def _malloc_trim() -> bool:
-    global _libc, _libc_checked
-    if not _libc_checked:
-        _libc_checked = True
-        if sys.platform.startswith("linux"):
-            try:
-                lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-                lib.malloc_trim.argtypes = [ctypes.c_size_t]
-                lib.malloc_trim.restype = ctypes.c_int
-                # A fixed mmap threshold: glibc raises it dynamically after a large block is
-                # freed, after which same-sized blocks come from the heap, stay resident in
-                # fragments, and the same model measured 30 or 39 MB from one load to the next.
-                lib.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-                lib.mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
-                _libc = lib
-            except (OSError, AttributeError):  # musl and others have no malloc_trim
-                _libc = None
-    if _libc is None:
+    lib = _libc()
+    if lib is None:
         return False
-    _libc.malloc_trim(0)
+    lib.malloc_trim(0)
     return True
 
 

@@ -78,6 +78,9 @@ def mlp(in_dim: int, hidden: int, out_dim: int, dropout: float = 0.5) -> nn.Sequ
 class VectorHead(nn.Module):
     """Activation, loss and target scaling of a vector target (count or class)."""
 
+    mean: torch.Tensor  # buffers (registered in __init__)
+    std: torch.Tensor
+
     def __init__(self, spec: OutputSpec) -> None:
         super().__init__()
         self.task = spec.task
@@ -207,6 +210,7 @@ class Link(nn.Module):
     """A learned map from one source node's output to one target node's output."""
 
     arch: ClassVar[str]
+    decoder: AttnDecoder  # the links into sequence targets set it
 
     def __init__(
         self,
@@ -261,7 +265,7 @@ class Link(nn.Module):
         if self.head is not None:
             return self.head.loss(self.preact(src), self.head.scale(tgt.x))
         elem, stop = self.teacher(src, tgt)
-        return seq_loss(elem, stop, tgt.x, tgt.lengths)
+        return seq_loss(elem, stop, tgt.x, tgt.seq_lengths)
 
     # numpy inference (see links/infer.py) ---------------------------------------------------
     def compile(self) -> None:
@@ -338,8 +342,8 @@ class Seq2Vec(Link):
         self.mlp = mlp(hidden + 1, width, target.dim, self.hparams["dropout"])
 
     def preact(self, src: Batch) -> torch.Tensor:
-        _, final, _ = self.encoder(src.x, src.lengths)
-        feat = torch.cat([final, torch.log1p(src.lengths.to(final.dtype))[:, None]], dim=1)
+        _, final, _ = self.encoder(src.x, src.seq_lengths)
+        feat = torch.cat([final, torch.log1p(src.seq_lengths.to(final.dtype))[:, None]], dim=1)
         return self.mlp(feat)
 
     def _compile_np(self) -> SimpleNamespace:
@@ -347,7 +351,7 @@ class Seq2Vec(Link):
 
     def preact_np(self, src: Batch, encoded: Encoded | None = None) -> np.ndarray:
         c = self._compiled()
-        lengths = src.lengths.numpy()
+        lengths = src.seq_lengths.numpy()
         _, final, _ = encoded if encoded is not None else c.encoder(src.x.numpy(), lengths)
         feat = np.concatenate([final, np.log1p(lengths.astype(np.float32))[:, None]], axis=1)
         return c.mlp(feat)
@@ -404,7 +408,7 @@ class Seq2Seq(Link):
 
     def _memory_np(self, c: SimpleNamespace, src: Batch, encoded: Encoded | None):
         x = src.x.numpy()
-        out, final, mask = encoded if encoded is not None else c.encoder(x, src.lengths.numpy())
+        out, final, mask = encoded if encoded is not None else c.encoder(x, src.seq_lengths.numpy())
         p = np.clip(x[:, : out.shape[1] - 1], 1e-3, 1 - 1e-3)
         raw = np.log(p / (1 - p))
         raw = np.concatenate([np.zeros((raw.shape[0], 1, raw.shape[2]), np.float32), raw], axis=1).astype(np.float32)
@@ -454,7 +458,7 @@ def greedy_decode(parts: list[tuple[Link, float]], srcs: list[Batch], cap: int, 
             e, s, states[i] = link.step(state, prev)
             elem = elem + w * e
             stop = stop + w * s
-        ends = (stop > 0) & ~done  # type: ignore[operator]
+        ends = (stop > 0) & ~done
         lengths[ends] = t
         done |= ends
         if t == cap or bool(done.all()):

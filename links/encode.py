@@ -23,8 +23,8 @@ to the longest one in the batch, with their lengths alongside.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -48,7 +48,14 @@ class Batch:
     def is_sequence(self) -> bool:
         return self.lengths is not None
 
-    def index(self, idx: torch.Tensor | np.ndarray | Sequence[int]) -> "Batch":
+    @property
+    def seq_lengths(self) -> torch.Tensor:
+        """``lengths`` of a sequence batch (ValueError for a vector batch, which has none)."""
+        if self.lengths is None:
+            raise ValueError("a batch of vectors has no lengths")
+        return self.lengths
+
+    def index(self, idx: torch.Tensor | np.ndarray | Sequence[int]) -> Batch:
         idx_t = torch.as_tensor(np.asarray(idx), dtype=torch.long)
         if self.lengths is None:
             return Batch(self.x[idx_t])

@@ -45,16 +45,16 @@ its best active single link.
 from __future__ import annotations
 
 import itertools
-from typing import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from mlink.links.arch import Encoded, Link, VectorHead, seq_loss
-from mlink.links.infer import DecoderBank, greedy_decode_np
 from mlink.links.encode import Batch, present
 from mlink.links.errors import LinkError
+from mlink.links.infer import DecoderBank, greedy_decode_np
 from mlink.links.tuples import node_model
 from mlink.models.spec import OutputSpec, Task
 
@@ -120,8 +120,9 @@ class Ensemble(nn.Module):
         self.sources = sorted(links)
         self.source_models = sorted({node_model(s) for s in self.sources})
         self._model_set = frozenset(self.source_models)
-        self.links = nn.ModuleList([links[s] for s in self.sources])
-        self.by_index: list[Link] = list(self.links)  # plain list: indexing a ModuleList costs microseconds per call
+        ordered = [links[s] for s in self.sources]
+        self.links = nn.ModuleList(ordered)  # registers the links' parameters
+        self.by_index: list[Link] = ordered  # the same links, typed; indexing a ModuleList costs microseconds per call
         self.mix = nn.Parameter(torch.zeros(len(self.sources)))
         self.head = VectorHead(spec) if spec.kind == "vector" else None
         # What each subset of active source models serves: [(source node, weight)], [] = trivial.
@@ -136,7 +137,7 @@ class Ensemble(nn.Module):
 
     # -- plans ------------------------------------------------------------------------------
     def link(self, source: str) -> Link:
-        return self.links[self.sources.index(source)]
+        return self.by_index[self.sources.index(source)]
 
     def active(self, active_models: Iterable[str]) -> frozenset[str]:
         return self._model_set.intersection(active_models)
@@ -212,6 +213,7 @@ class Ensemble(nn.Module):
             for i, w in plan:
                 zi = self.by_index[i].preact_np(enc[self.sources[i]], pre.get(i))
                 z = zi * w if z is None else z + zi * w
+            assert z is not None  # the plan is not empty
             return list(self.head.activate(z))
         idx = tuple(i for i, _ in plan)
         bank = self._banks.get(idx)
@@ -231,7 +233,7 @@ class Ensemble(nn.Module):
     @torch.no_grad()
     def _link_outputs(self, enc: Mapping[str, Batch], y: Batch) -> list[torch.Tensor]:
         outs = []
-        for s, link in zip(self.sources, self.links):
+        for s, link in zip(self.sources, self.by_index):
             link.eval()
             if self.head is not None:
                 outs.append(link.preact(enc[s]))
@@ -259,7 +261,7 @@ class Ensemble(nn.Module):
         gen = torch.Generator().manual_seed(seed)
         opt = torch.optim.Adam([self.mix], lr=lr)
         n = len(y)
-        y_scaled = self.head.scale(y.x) if self.head is not None else None
+        y_scaled = self.head.scale(y.x) if self.head is not None else y.x  # sequences: unused
         loss_value = float("nan")
         for _ in range(steps):
             mask = self._model_masks(n, gen)
@@ -269,7 +271,7 @@ class Ensemble(nn.Module):
             if self.head is not None:
                 loss = self.head.loss(z, y_scaled)
             else:
-                loss = seq_loss(z[..., :-1], z[..., -1], y.x, y.lengths)
+                loss = seq_loss(z[..., :-1], z[..., -1], y.x, y.seq_lengths)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

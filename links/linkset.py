@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import time
 import zlib
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -13,8 +14,8 @@ import torch
 from mlink.links.arch import Link, make_link
 from mlink.links.encode import Batch, encode_one, encode_source, encode_target
 from mlink.links.ensemble import Ensemble, trivial_output
-from mlink.links.infer import EncoderBank
 from mlink.links.errors import LinkError, LinkStoreError
+from mlink.links.infer import EncoderBank
 from mlink.links.matrix import LinkMatrix, compute_matrix, encode_sources, ensemble_accuracy
 from mlink.links.store import StoredLinks, load_linkset, save_linkset
 from mlink.links.train import TrainConfig, eval_loss, fit_link, torch_threads
@@ -151,7 +152,7 @@ class LinkSet:
     @property
     def links(self) -> dict[tuple[str, str], Link]:
         """Every single link, keyed (source node, target node)."""
-        return {(s, t): ens.links[i] for t, ens in self.ensembles.items() for i, s in enumerate(ens.sources)}
+        return {(s, t): ens.by_index[i] for t, ens in self.ensembles.items() for i, s in enumerate(ens.sources)}
 
     def link(self, source: str, target: str) -> Link:
         return self.ensembles[target].link(source)
@@ -167,7 +168,7 @@ class LinkSet:
         targets: Iterable[str] | None = None,
         sources: Iterable[str] | None = None,
         progress: ProgressArg = None,
-    ) -> "LinkSet":
+    ) -> LinkSet:
         """Train every link (source node -> target node of another model) and one ensemble per
         target on ``tuples``, and choose what each ensemble serves for every subset of active
         models (see :mod:`mlink.links.ensemble`).
@@ -202,7 +203,7 @@ class LinkSet:
                     bar.update(f"ensemble {t}")
             finally:
                 bar.close()
-        n_val = min(max(1, int(round(len(fit) * val_share))), len(fit) - 1)
+        n_val = min(max(1, round(len(fit) * val_share)), len(fit) - 1)
         metrics = {
             "n_train": len(fit) - n_val,
             "n_val": n_val,
@@ -248,7 +249,7 @@ class LinkSet:
             try:
                 for t, ens in self.ensembles.items():
                     y = encode_target(self.specs[t], new_tuples.values[t], cfg.cap)
-                    for s, link in zip(ens.sources, ens.links):
+                    for s, link in zip(ens.sources, ens.by_index):
                         key = f"{s}->{t}"
                         if s not in enc:
                             enc[s] = encode_source(self.specs[s], new_tuples.values[s], cfg.cap)
@@ -395,7 +396,7 @@ class LinkSet:
         directory: str | Path,
         expect_specs: Mapping[str, OutputSpec] | None = None,
         expect_data_version: str | None = None,
-    ) -> "LinkSet":
+    ) -> LinkSet:
         """Load a saved link set; raise :class:`LinkStoreError` (corrupt) or
         :class:`IncompatibleLinksError` (other specs / data version) instead of using it."""
         s = load_linkset(directory, expect_specs=expect_specs, expect_data_version=expect_data_version)
@@ -413,7 +414,7 @@ class LinkSet:
         expect_specs: Mapping[str, OutputSpec] | None = None,
         require_same_data: bool = False,
         **train_kw: Any,
-    ) -> tuple["LinkSet", str | None]:
+    ) -> tuple[LinkSet, str | None]:
         """Load the link set at ``directory``; if it is missing, corrupt or incompatible, train a
         new one on ``tuples`` and save it there. Returns (link set, why it was retrained or None)."""
         try:

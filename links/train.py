@@ -40,8 +40,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator
 
 import torch
 
@@ -177,7 +177,8 @@ def fit_link(
         if on_epoch is not None:
             on_epoch(epoch, train_loss, val)
         if val is not None:
-            if val < best_val - MIN_IMPROVEMENT * abs(best_val) or not torch.isfinite(torch.tensor(best_val)):  # type: ignore[operator]
+            assert best_val is not None  # has_val: measured before the first epoch
+            if val < best_val - MIN_IMPROVEMENT * abs(best_val) or not torch.isfinite(torch.tensor(best_val)):
                 best_val, best_epoch, since_best = val, epoch, 0
                 best_state = copy.deepcopy(link.state_dict())
             else:

@@ -23,15 +23,15 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from mlink.configs.nodes import node_key, node_model
 from mlink.links.errors import DatasetError
 from mlink.models.assets import sha256_of
-from mlink.configs.nodes import node_key, node_model
 from mlink.models.spec import OutputSpec, Task
 
 FORMAT = "mlink-tuples/1"
@@ -118,7 +118,7 @@ class TupleSet:
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
-    def for_models(cls, outputs: Mapping[str, Iterable[OutputSpec]]) -> "TupleSet":
+    def for_models(cls, outputs: Mapping[str, Iterable[OutputSpec]]) -> TupleSet:
         """An empty set over every output of the given models (``{model: specs}``)."""
         specs = {node_key(m, s.name): s for m, ss in outputs.items() for s in ss}
         return cls(specs=specs)
@@ -153,7 +153,7 @@ class TupleSet:
     def models(self) -> list[str]:
         return node_models(self.specs)
 
-    def subset(self, indices: Sequence[int] | np.ndarray) -> "TupleSet":
+    def subset(self, indices: Sequence[int] | np.ndarray) -> TupleSet:
         idx = [int(i) for i in indices]
         n = len(self)
         for i in idx:
@@ -166,7 +166,7 @@ class TupleSet:
             timestamps=[self.timestamps[i] for i in idx],
         )
 
-    def select(self, nodes: Iterable[str]) -> "TupleSet":
+    def select(self, nodes: Iterable[str]) -> TupleSet:
         """The same frames restricted to ``nodes`` (e.g. the outputs a site serves)."""
         keep = list(nodes)
         missing = [k for k in keep if k not in self.specs]
@@ -179,31 +179,31 @@ class TupleSet:
             timestamps=list(self.timestamps),
         )
 
-    def restrict(self, nodes: Iterable[str]) -> "TupleSet":
+    def restrict(self, nodes: Iterable[str]) -> TupleSet:
         """The same frames restricted to those of ``nodes`` this set has (the others are skipped,
         where :meth:`select` raises)."""
         return self.select([k for k in nodes if k in self.specs])
 
-    def copy(self) -> "TupleSet":
+    def copy(self) -> TupleSet:
         """A copy whose lists can be extended without touching this set's."""
         return self.select(self.specs)
 
-    def head(self, n: int) -> "TupleSet":
+    def head(self, n: int) -> TupleSet:
         return self.subset(range(min(max(n, 0), len(self))))
 
-    def tail(self, n: int) -> "TupleSet":
+    def tail(self, n: int) -> TupleSet:
         """The last ``n`` tuples (all of them when there are fewer)."""
         n = min(max(n, 0), len(self))
         return self.subset(range(len(self) - n, len(self)))
 
-    def split(self, val_share: float = 0.2, seed: int = 0) -> tuple["TupleSet", "TupleSet"]:
+    def split(self, val_share: float = 0.2, seed: int = 0) -> tuple[TupleSet, TupleSet]:
         """A random (seeded) split into ``(train, val)``; val gets ``round(N * val_share)`` >= 1 tuples."""
         if not 0.0 < val_share < 1.0:
             raise ValueError(f"val_share must be in (0, 1), got {val_share}")
         n = len(self)
         if n < 2:
             raise ValueError(f"need at least 2 tuples to split, have {n}")
-        n_val = min(max(1, int(round(n * val_share))), n - 1)
+        n_val = min(max(1, round(n * val_share)), n - 1)
         perm = np.random.default_rng(seed).permutation(n)
         return self.subset(np.sort(perm[n_val:])), self.subset(np.sort(perm[:n_val]))
 
@@ -217,7 +217,7 @@ class TupleSet:
         return [(np.sort(np.concatenate(parts[:j] + parts[j + 1 :])), np.sort(held)) for j, held in enumerate(parts)]
 
     @classmethod
-    def merge(cls, parts: Iterable["TupleSet"]) -> "TupleSet":
+    def merge(cls, parts: Iterable[TupleSet]) -> TupleSet:
         """One set over the same frames from several with their own nodes (one per model, as
         profiling gives them); ValueError when they saw different frames."""
         items = list(parts)
@@ -233,7 +233,7 @@ class TupleSet:
             values.update(ts.values)
         return cls(specs=specs, values={k: list(v) for k, v in values.items()}, streams=list(first.streams), timestamps=list(first.timestamps))
 
-    def extend(self, other: "TupleSet") -> None:
+    def extend(self, other: TupleSet) -> None:
         if set(other.specs) != set(self.specs) or any(
             not specs_equal(self.specs[k], other.specs[k]) for k in self.specs
         ):
@@ -291,7 +291,7 @@ class TupleSet:
         version = self._content_hash(core, arrays)
         tmp_data = path / (DATA_FILE + ".tmp")
         with open(tmp_data, "wb") as fh:
-            np.savez(fh, **arrays)
+            np.savez(fh, **arrays)  # type: ignore[arg-type]  # numpy's stub lets **arrays land on allow_pickle
         meta = dict(core)
         meta.update(
             {
@@ -308,7 +308,7 @@ class TupleSet:
         return version
 
     @classmethod
-    def load(cls, directory: str | os.PathLike) -> "TupleSet":
+    def load(cls, directory: str | os.PathLike) -> TupleSet:
         """Read a set written by :meth:`save`; raise :class:`DatasetError` if anything is off."""
         path = Path(directory)
         meta_path, data_path = path / META_FILE, path / DATA_FILE

@@ -22,7 +22,6 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import yaml
 
 SITE = {
@@ -109,8 +108,8 @@ def pipeline_overhead(frames: int) -> dict:
     from mlink.scheduler.profiler import ProfileFrame
     from mlink.scheduler.site import build_pool
     from mlink.server.cache import ResultCache
-    from mlink.server.profiling import plan_stream_frames, site_frames
     from mlink.server.frames import read_frames
+    from mlink.server.profiling import plan_stream_frames, site_frames
     from mlink.server.redis_embedded import EmbeddedRedis
 
     cfg = parse_config(yaml.safe_dump(SITE), catalog=zoo_catalog())

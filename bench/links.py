@@ -29,7 +29,6 @@ from typing import Any
 
 import numpy as np
 
-
 Job = tuple[frozenset, list]  # (active models, targets predicted from them)
 
 
@@ -87,7 +86,7 @@ def model_latencies(cfg: Any, store: Any, n: int) -> dict[str, float]:
         model.load(cfg.device)
         try:
             model.infer(images[:1])
-            out[m.name] = statistics.median(latency_ms(lambda img: model.infer([img]), images))
+            out[m.name] = statistics.median(latency_ms(lambda img, model=model: model.infer([img]), images))
         finally:
             model.unload()
     return out
@@ -96,8 +95,8 @@ def model_latencies(cfg: Any, store: Any, n: int) -> dict[str, float]:
 def run(site: str | None, config: str | None, tuples_n: int, threads: int, batches: list[int], latency_frames: int, progress: bool) -> dict:
     import torch
 
-    from mlink.links import LinkSet, TrainConfig
     from mlink.configs.load import load_config, site_config_path
+    from mlink.links import LinkSet, TrainConfig
     from mlink.models.assets import default_store
     from mlink.models.catalog import zoo_catalog
     from mlink.server.profiling import site_profile

@@ -8,7 +8,8 @@ scheduler's pool charges), the load time alone, and latencies over real frames, 
 from __future__ import annotations
 
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 
 def p90(sorted_values: Sequence[float]) -> float:
@@ -33,16 +34,16 @@ def measure_loads(meter: Any, make: Any, warm: Any, unload: Any, repeats: int) -
     """
     peaks, deltas, secs = [], [], []
     obj = None
+    holder: dict[str, Any] = {}  # what the last load_and_warm made
+
+    def load_and_warm() -> float:
+        t0 = time.perf_counter()
+        holder["obj"] = make()
+        s = time.perf_counter() - t0
+        warm(holder["obj"])
+        return s
+
     for r in range(max(1, repeats)):
-        holder: dict[str, Any] = {}
-
-        def load_and_warm() -> float:
-            t0 = time.perf_counter()
-            holder["obj"] = make()
-            s = time.perf_counter() - t0
-            warm(holder["obj"])
-            return s
-
         s, m = meter.measure_call(load_and_warm)
         peaks.append(max(int(m.peak_delta), 0))
         deltas.append(int(m.delta))

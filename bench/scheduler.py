@@ -63,7 +63,7 @@ def synthetic_problem(n: int, seed: int = 0, budget_share: float = 0.1):
 def time_selection(n: int, repeats: int = 5, seed: int = 0) -> dict[str, Any]:
     from mlink.scheduler.selection import objective_select, paper_greedy
 
-    names, costs, link_acc, acc, budget = synthetic_problem(n, seed)
+    _names, costs, link_acc, acc, budget = synthetic_problem(n, seed)
     out: dict[str, Any] = {"models": n, "budget_share": 0.1}
     for label, run in (
         ("paper", lambda: paper_greedy(costs, link_acc, budget, ensemble_acc=acc)),

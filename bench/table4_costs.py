@@ -31,8 +31,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from mlink.bench.measure import latency_ms, measure_loads, p90
 
@@ -171,7 +172,7 @@ def _child(args: list[str], store: Any) -> dict:
             cmd += ["--offline"]
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)  # the return code is read below
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["failed"])[-1]
         raise RuntimeError(f"cost measurement {' '.join(args[:4])} failed: {tail}")

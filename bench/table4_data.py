@@ -33,9 +33,10 @@ import hashlib
 import json
 import math
 import time
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import cv2
 import numpy as np
@@ -45,6 +46,7 @@ from mlink.links.tuples import TupleSet, node_key
 MAP_W, MAP_H = 256, 192
 PIXEL_LOW = 21  # Reducto's pixel/area/edge intensity threshold lower bound
 AREA_BLUR = 11
+DILATE_3X3 = np.ones((3, 3), np.uint8)  # the kernel cv2.dilate uses when given None
 CANNY_LOW, CANNY_HIGH = 101, 255
 HARRIS_BLOCK, HARRIS_K, HARRIS_APERTURE = 5, 0.05, 3
 BACKBONE_DIM = 1280
@@ -61,11 +63,11 @@ def time_order(tuples: TupleSet) -> list[int]:
     for i, s in enumerate(tuples.streams):
         streams.setdefault(s, []).append(i)
     rank = {s: k for k, s in enumerate(streams)}
-    keyed = []
-    for s, idx in streams.items():
-        idx = sorted(idx, key=lambda i: tuples.timestamps[i])
-        n = len(idx)
-        keyed.extend(((r + 0.5) / n, rank[s], i) for r, i in enumerate(idx))
+    keyed: list[tuple[float, int, int]] = []
+    for s, members in streams.items():
+        ordered = sorted(members, key=lambda i: tuples.timestamps[i])
+        n = len(ordered)
+        keyed.extend(((r + 0.5) / n, rank[s], i) for r, i in enumerate(ordered))
     return [i for _, _, i in sorted(keyed)]
 
 
@@ -73,7 +75,7 @@ def pick_evenly(n_total: int, n: int) -> list[int]:
     """``n`` positions spread evenly over ``range(n_total)`` (all when ``n >= n_total``)."""
     if n >= n_total:
         return list(range(n_total))
-    return sorted({int(round(x)) for x in np.linspace(0, n_total - 1, n)})
+    return sorted({round(float(x)) for x in np.linspace(0, n_total - 1, n)})
 
 
 @dataclass
@@ -106,7 +108,7 @@ class Protocol:
 def make_protocol(n: int, train_share: float = 0.1, periods: int = 10, profile_share: float = 0.01, min_profile: int = 2) -> Protocol:
     if not 0.0 < train_share < 1.0:
         raise ValueError(f"train_share must be in (0, 1), got {train_share}")
-    n_train = max(4, int(round(n * train_share)))
+    n_train = max(4, round(n * train_share))
     if n - n_train < 2 * max(1, periods):
         raise ValueError(f"{n} frames are too few for {n_train} training frames and {periods} periods")
     train = list(range(n_train))
@@ -174,7 +176,7 @@ def reducto_maps(image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray,
     grey = cv2.cvtColor(small, cv2.COLOR_BGR2GRAY)
     blur = cv2.GaussianBlur(grey, (AREA_BLUR, AREA_BLUR), 0)
     edges = cv2.Canny(blur, CANNY_LOW, CANNY_HIGH) > 0
-    harris = cv2.dilate(cv2.cornerHarris(np.float32(grey), HARRIS_BLOCK, HARRIS_APERTURE, HARRIS_K), None)
+    harris = cv2.dilate(cv2.cornerHarris(np.float32(grey), HARRIS_BLOCK, HARRIS_APERTURE, HARRIS_K), DILATE_3X3)
     top = float(harris.max())
     corners = harris > 0.01 * top if top > 0 else np.zeros_like(edges)
     return grey, blur, np.packbits(edges.ravel()), np.packbits(corners.ravel())
@@ -314,7 +316,7 @@ def frame_features(cfg: Any, store: Any, oracle: Oracle, stored: TupleSet, out_d
 
 # -- scoring -------------------------------------------------------------------------------------
 
-def score(oracle: Oracle, positions: Sequence[int], preds: dict[str, Sequence[np.ndarray | None]]) -> dict[str, Any]:
+def score(oracle: Oracle, positions: Sequence[int], preds: Mapping[str, Sequence[np.ndarray | None]]) -> dict[str, Any]:
     """Accuracy against the oracle on ``positions``: per node (its own metric), per model (mean
     over its nodes), overall (mean over models). ``preds[node][k]`` is the output served for
     ``positions[k]``, or None (no output: 0). A node missing from ``preds`` has no output."""

@@ -17,15 +17,17 @@ Every method is run on the same frames of the evaluation stream under the same b
 
 from __future__ import annotations
 
+import itertools
 import time
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import cv2
 import numpy as np
 
 from mlink.bench.table4_costs import fitting_sets
-from mlink.bench.table4_data import PIXEL_LOW, FrameFeatures, Oracle, Protocol, score
+from mlink.bench.table4_data import DILATE_3X3, PIXEL_LOW, FrameFeatures, Oracle, Protocol, score
 
 
 class BudgetViolation(AssertionError):
@@ -142,7 +144,7 @@ def frame_diff(fx: FrameFeatures, feature: str, a: int, b: int) -> float:
         return float(np.count_nonzero(cv2.absdiff(fx.grey[a], fx.grey[b]) > PIXEL_LOW)) / size
     if feature == "area":
         delta = (cv2.absdiff(fx.blur[a], fx.blur[b]) > PIXEL_LOW).astype(np.uint8) * 255
-        delta = cv2.dilate(delta, None, iterations=2)
+        delta = cv2.dilate(delta, DILATE_3X3, iterations=2)
         contours, _ = cv2.findContours(delta, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
         return float(sum(cv2.contourArea(c) for c in contours)) / size
     if feature == "edge":
@@ -191,7 +193,7 @@ def tune_reducto(ctx: Context, target: float = 0.9, candidates: int = 24) -> dic
     fx = ctx.features
     options: list[tuple[str, float, dict[int, int]]] = []
     for feature in FEATURES:
-        diffs = [frame_diff(fx, feature, a, b) for seq in runs.values() for a, b in zip(seq, seq[1:])]
+        diffs = [frame_diff(fx, feature, a, b) for seq in runs.values() for a, b in itertools.pairwise(seq)]
         qs = np.quantile(diffs, np.linspace(0.0, 0.98, candidates)) if diffs else np.array([])
         for thr in sorted({-1.0, *[float(q) for q in qs]}):
             ref, _ = filter_refs(fx, runs, feature, thr)

@@ -19,7 +19,8 @@ Its cost is measured like a model's (backbone + heads, load + warm-up, in a chil
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,11 +38,15 @@ def head_specs(specs: Mapping[str, OutputSpec]) -> dict[str, dict[str, Any]]:
 
 
 class Heads(nn.Module):
+    mean: torch.Tensor  # buffers (registered in __init__)
+    std: torch.Tensor
+    count_scale: torch.Tensor
+
     def __init__(self, shapes: Mapping[str, Mapping[str, Any]], in_dim: int = 1280) -> None:
         super().__init__()
         self.shapes = {k: dict(v) for k, v in shapes.items()}
         self.names = list(self.shapes)
-        mods = []
+        mods: list[nn.Module] = []
         for k in self.names:
             if self.shapes[k]["task"] == Task.COUNT.value:
                 mods.append(nn.Sequential(nn.Linear(in_dim, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, 1)))
@@ -87,7 +92,7 @@ class MTL:
         lr: float = 1e-3,
         weight_decay: float = 1e-4,
         seed: int = 0,
-    ) -> "MTL":
+    ) -> MTL:
         torch.manual_seed(seed)
         shapes = head_specs(specs)
         heads = Heads(shapes, features.shape[1])
@@ -118,7 +123,7 @@ class MTL:
             loss_v = float(loss.detach())
         heads.eval().requires_grad_(False)
         trivial = {k: trivial_output(s, list(targets[k])) for k, s in specs.items() if k not in shapes}
-        return cls(specs, heads, trivial, {"epochs": epochs, "final_loss": loss_v, "n_train": int(len(x))})
+        return cls(specs, heads, trivial, {"epochs": epochs, "final_loss": loss_v, "n_train": len(x)})
 
     def predict(self, features: np.ndarray) -> dict[str, list[np.ndarray]]:
         with torch.inference_mode():

@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name in tqdm(names, desc="zoo bench", unit="model", file=sys.stderr):
         cmd = [sys.executable, "-m", "mlink.bench.zoo", "--one", name, "--frames", str(args.frames), "--device", args.device, "--threads", str(args.threads)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)  # a failure is a row
         if proc.returncode != 0:
             rows.append({"model": name, "error": (proc.stderr.strip().splitlines() or ["failed"])[-1]})
             continue

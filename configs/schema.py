@@ -90,7 +90,7 @@ class ModelEntry(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _known(self, info: ValidationInfo) -> "ModelEntry":
+    def _known(self, info: ValidationInfo) -> ModelEntry:
         entry = _entry(info, self.name)
         declared = list(entry.outputs)
         for out in self.outputs or []:
@@ -186,7 +186,7 @@ class SiteConfig(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _unique(self) -> "SiteConfig":
+    def _unique(self) -> SiteConfig:
         for what, ids in (("model", [m.name for m in self.models]), ("stream id", [s.id for s in self.streams])):
             dupes = sorted({i for i in ids if ids.count(i) > 1})
             if dupes:

@@ -33,6 +33,7 @@ from mlink.links.tuples import TupleSet, node_key, node_model
 
 __all__ = [
     "ARCHS",
+    "SEQ_CAP",
     "Batch",
     "DatasetError",
     "Ensemble",
@@ -43,7 +44,6 @@ __all__ = [
     "LinkMatrix",
     "LinkSet",
     "LinkStoreError",
-    "SEQ_CAP",
     "Seq2Seq",
     "Seq2Vec",
     "TrainConfig",

@@ -8,7 +8,8 @@ and one split cannot tell a 1-point difference from noise (``mlink links eval --
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 

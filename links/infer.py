@@ -81,7 +81,7 @@ class StackedGRU:
     bank advances with a few batched numpy calls instead of a few per GRU.
     """
 
-    def __init__(self, grus: list["NpGRU"]) -> None:
+    def __init__(self, grus: list[NpGRU]) -> None:
         self.hidden = grus[0].hidden
         self.w_ih = np.stack([g.w_ih for g in grus])  # (K, E, 3H)
         self.b_ih = np.stack([g.b_ih for g in grus])[:, None, :]  # (K, 1, 3H)

@@ -26,9 +26,10 @@ config), so this module imports nothing of ``linkset``, which builds on it.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping, Protocol
+from typing import Protocol
 
 import numpy as np
 
@@ -36,7 +37,6 @@ from mlink.links.encode import Batch, encode_source
 from mlink.links.ensemble import Ensemble, all_subsets
 from mlink.links.train import TrainConfig
 from mlink.links.tuples import TupleSet, node_model
-
 
 HELDOUT_SHARE = 0.2  # of a site's profile: links never train on it, the matrix and expected accuracies are measured on it
 
@@ -117,8 +117,8 @@ class LinkMatrix:
     def table(self) -> str:
         """A plain-text rendering (rows: targets; columns: source nodes, ensemble, trivial)."""
         cols = list(self.sources)
-        w = max([len(c) for c in cols] + [8])
-        head = " " * (max(len(t) for t in self.targets) + 2) + " ".join(c.rjust(w) for c in cols + ["ensemble", "trivial"])
+        w = max([*(len(c) for c in cols), 8])
+        head = " " * (max(len(t) for t in self.targets) + 2) + " ".join(c.rjust(w) for c in [*cols, "ensemble", "trivial"])
         lines = [head]
         for t in self.targets:
             cells = [
@@ -142,7 +142,7 @@ class LinkMatrix:
         matplotlib.use("Agg", force=True)
         import matplotlib.pyplot as plt
 
-        cols = list(self.sources) + ["ensemble\n(all others)", "trivial"]
+        cols = [*self.sources, "ensemble\n(all others)", "trivial"]
         data = np.full((len(self.targets), len(cols)), np.nan)
         for r, t in enumerate(self.targets):
             for c, s in enumerate(self.sources):

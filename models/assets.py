@@ -26,9 +26,10 @@ import sys
 import tempfile
 import urllib.request
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Literal
 
 MIRROR_ENV = "MLINK_ASSET_MIRROR"
 HOME_ENV = "MLINK_HOME"
@@ -407,7 +408,7 @@ _default_store: AssetStore | None = None
 
 def default_store() -> AssetStore:
     """The process-wide store, configured from the environment at first use."""
-    global _default_store
+    global _default_store  # noqa: PLW0603 - a lazy process-wide singleton that tests replace
     if _default_store is None:
         _default_store = AssetStore()
     return _default_store

@@ -10,7 +10,8 @@ validated against: ``mlink.configs.load.load_config(path, catalog=zoo_catalog())
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from mlink.configs.schema import CatalogEntry
 from mlink.models.base import BlackBoxModel, ModelError, ModelInfo

@@ -98,7 +98,7 @@ class OutputSpec:
         """A JSON-friendly rendering for APIs and the CLI (derived values, not raw arrays)."""
         arr = np.asarray(value, dtype=np.float32)
         if self.task is Task.COUNT:
-            return {"count": int(round(max(float(arr[0]), 0.0))), "value": round(float(arr[0]), 3)}
+            return {"count": round(max(float(arr[0]), 0.0)), "value": round(float(arr[0]), 3)}
         if self.task is Task.CLASS:
             top = np.argsort(-arr)[:5]
             return {

@@ -28,7 +28,8 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 from mlink.links import LinkSet, TupleSet, node_key, node_model
 
@@ -74,7 +75,8 @@ class LinkAccuracy:
         hit = self._cache.get(key)
         if hit is None:
             t0 = time.perf_counter()
-            hit = float(self.links.ensemble_accuracy(self.tuples, node, key[0]))  # type: ignore[union-attr]
+            assert self.links is not None and self.tuples is not None  # predictable, and n > 0
+            hit = float(self.links.ensemble_accuracy(self.tuples, node, key[0]))
             hit = min(max(hit, 0.0), 1.0) if math.isfinite(hit) else 0.0
             self.seconds += time.perf_counter() - t0
             self.evaluations += 1

@@ -29,8 +29,9 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 from mlink.links import TupleSet
 from mlink.scheduler.plans import PeriodReport
@@ -117,10 +118,8 @@ class LoadBook:
         temp = self.loaded_in_period
 
         def rank(m: str) -> tuple[int, int, str]:
-            if m not in self.likely:
-                group = 0 if m in temp else 1
-            else:
-                group = 2 if m not in temp else 3
+            # (likely to be served, loaded only for this period) -> the order they go in
+            group = {(False, True): 0, (False, False): 1, (True, False): 2, (True, True): 3}[(m in self.likely, m in temp)]
             return (group, -(self.pool.cost(m) or 0), m)
 
         # Never unload twice in a period: a model unloaded and reloaded stays.
@@ -137,7 +136,7 @@ class LoadBook:
     def costs(self) -> dict[str, int]:
         """Costs as selection sees them: the pool's measured cost plus :meth:`margin`."""
         served = set(self.universe)
-        return {m: int(math.ceil(c * (1.0 + self.margin(m)))) for m, c in self.pool.costs().items() if m in served}
+        return {m: math.ceil(c * (1.0 + self.margin(m))) for m, c in self.pool.costs().items() if m in served}
 
     # -- loading for profiling -------------------------------------------------------------
     def make_room(self, name: str, cost: int, protect: set[str], report: PeriodReport | None) -> bool:
@@ -197,7 +196,7 @@ class LoadBook:
 
     def profile(
         self,
-        frames: Sequence[ProfileFrame],
+        frames: Iterable[ProfileFrame],
         order: Sequence[str],
         served: Mapping[str, Sequence[str]],
         report: PeriodReport,
@@ -205,7 +204,7 @@ class LoadBook:
         batch_size: int,
         keep: bool = True,
     ) -> dict[str, TupleSet]:
-        """Run ``frames`` through each model of ``order``, one after another, loaded within the
+        """Run ``frames`` (read once per model) through each model of ``order``, one after another, loaded within the
         budget (models that cannot be are reported in ``report.skipped``); unloaded after each
         unless ``keep``."""
         parts: dict[str, TupleSet] = {}

@@ -34,8 +34,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, TypeVar
+from typing import Any, TypeVar
 
 import psutil
 
@@ -124,11 +125,11 @@ class MemoryMeter:
             value, source = self._nvml.used()
             self.source = source
             return value
-        value = self._cpu_read(self.source)
-        if value is None:  # the source went away (permissions): RSS always answers
+        cpu = self._cpu_read(self.source)
+        if cpu is None:  # the source went away (permissions): RSS always answers
             self.source = "rss"
-            value = procmem.rss()
-        return value
+            return procmem.rss()
+        return cpu
 
     def device_used(self) -> int | None:
         """Device-level used GPU memory (every process), the NVML cross-check; None on CPU."""
@@ -241,7 +242,7 @@ class _PeakSampler:
             self.peak[1] = max(self.peak[1], b)
             self._stop.wait(self.interval)
 
-    def __enter__(self) -> "_PeakSampler":
+    def __enter__(self) -> _PeakSampler:
         self._thread.start()
         return self
 

@@ -10,6 +10,7 @@ its allocation during a measurement).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from typing import Any
@@ -91,7 +92,5 @@ class Nvml:
         return self.device_used(), "nvml-device"
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(Exception):
             self.nv.nvmlShutdown()
-        except Exception:
-            pass

@@ -58,7 +58,7 @@ class PlannerOptions:
         set_(self, "frame_rate", float(self.frame_rate) if self.frame_rate else None)
 
     @classmethod
-    def from_site(cls, cfg: SiteConfig, **overrides: Any) -> "PlannerOptions":
+    def from_site(cls, cfg: SiteConfig, **overrides: Any) -> PlannerOptions:
         """Options from ``cfg``; ``overrides`` replace any field (None for ``budget``,
         ``selector`` or ``frame_rate`` keeps the config's)."""
         s = cfg.scheduler

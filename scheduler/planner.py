@@ -58,7 +58,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 from mlink.configs.budget import resolve_site_budget
 from mlink.configs.schema import SiteConfig

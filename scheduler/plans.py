@@ -8,8 +8,9 @@ models whose links predict it (``sources``), so the serving step never looks the
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 
 @dataclass(frozen=True)

@@ -47,18 +47,27 @@ The exceptions and records the pool raises and keeps are in :mod:`mlink.schedule
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterable, Iterator, Literal, Mapping
+from typing import Any, Literal
 
 import numpy as np
 
 from mlink.scheduler.memory import MemoryMeter
-from mlink.scheduler.pool_records import ApplyReport, BudgetExceeded, LoadRecord, ModelNotLoaded, ModelPinned, UnloadRecord
+from mlink.scheduler.pool_records import (
+    ApplyReport,
+    BudgetExceeded,
+    LoadRecord,
+    ModelNotLoaded,
+    ModelPinned,
+    UnloadRecord,
+)
 
 log = logging.getLogger(__name__)
 
@@ -158,10 +167,8 @@ class ModelPool:
             if models is not None:
                 backends = set()
                 for name in models:
-                    try:
+                    with contextlib.suppress(Exception):  # an unknown name fails at load, with a reason
                         backends.add(model_info(name).backend)
-                    except Exception:  # an unknown name fails at load, with a reason
-                        pass
             self.meter.prepare(backends)
         else:
             self.meter.release()

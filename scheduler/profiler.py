@@ -23,9 +23,10 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ContextManager, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -37,7 +38,6 @@ from mlink.models.base import BlackBoxModel, batched
 from mlink.models.catalog import model_info
 from mlink.scheduler.site import model_factory
 
-
 log = logging.getLogger(__name__)
 
 
@@ -48,7 +48,7 @@ class ProfileFrame:
     image: np.ndarray
 
 
-ModelUser = Callable[[str], ContextManager[BlackBoxModel]]
+ModelUser = Callable[[str], AbstractContextManager[BlackBoxModel]]
 
 
 class Head:

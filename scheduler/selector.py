@@ -8,7 +8,7 @@ running site adds: a cost margin on every measured cost, models that cannot be l
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from mlink.scheduler.accuracy import LinkAccuracy
 from mlink.scheduler.selection import Selection, evaluate, objective_select, paper_greedy
@@ -16,7 +16,7 @@ from mlink.scheduler.selection import Selection, evaluate, objective_select, pap
 
 def select_models(
     selector: str,
-    costs: Mapping[str, int],
+    costs: Mapping[str, float],
     accuracy: Callable[[frozenset[str], str], float],
     budget: int,
     *,
@@ -39,7 +39,7 @@ def select_models(
     f = 1.0 + max(0.0, cost_margin)
     excluded = set(exclude)
     fixed = set(forced) - excluded
-    avail = {m: int(math.ceil(c * f)) for m, c in costs.items() if m in set(models) and m not in excluded}
+    avail = {m: math.ceil(c * f) for m, c in costs.items() if m in set(models) and m not in excluded}
     forced_cost = sum(avail.get(m, 0) for m in fixed)
     if fixed:
 

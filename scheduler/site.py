@@ -9,7 +9,8 @@ under which budget; these helpers turn that into what the scheduler's parts take
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from mlink.configs.budget import resolve_site_budget
 from mlink.configs.schema import SiteConfig

@@ -13,7 +13,7 @@ must not stop serving.
 from __future__ import annotations
 
 import logging
-from typing import Mapping
+from collections.abc import Mapping
 
 from mlink.links import LinkError, LinkSet, TrainConfig, TupleSet
 from mlink.scheduler.plans import PeriodReport

@@ -8,10 +8,9 @@ it can be piped into ``jq``.
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
@@ -72,8 +71,8 @@ def assets_list(as_json: bool = typer.Option(False, "--json")) -> None:
 @assets_app.command("fetch")
 def assets_fetch(
     names: list[str] = typer.Argument(None, help="assets to fetch (default: those of the config, or all)"),
-    site: Optional[str] = SiteOpt,
-    config: Optional[Path] = ConfigOpt,
+    site: str | None = SiteOpt,
+    config: Path | None = ConfigOpt,
     force: bool = typer.Option(False, help="fetch again even when a verified copy is cached"),
 ) -> None:
     """Fetch and verify assets (sha256) into the cache."""
@@ -122,7 +121,7 @@ def config_assets(cfg: SiteConfig) -> list[str]:
 def models_list(as_json: bool = typer.Option(False, "--json")) -> None:
     """Zoo entries: name, task, output specs, backend, whether their assets are available."""
     store = default_store()
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name, cls in zoo().items():
         info = cls.info()
         rows.append(
@@ -153,7 +152,7 @@ def models_run(
     name: str = typer.Argument(..., help="zoo model name"),
     video: str = typer.Option(..., "--video", help="video file, URL, or asset://NAME"),
     frames: int = typer.Option(10, "--frames", min=1),
-    fps: Optional[float] = typer.Option(None, "--fps", help="sample rate (default: every frame)"),
+    fps: float | None = typer.Option(None, "--fps", help="sample rate (default: every frame)"),
     device: str = typer.Option("cpu", "--device"),
     as_json: bool = typer.Option(False, "--json", help="one JSON object per frame"),
 ) -> None:
@@ -165,7 +164,7 @@ def models_run(
         try:
             for frame in read_frames(resolve_url(video), sample_fps=fps, max_frames=frames):
                 out = model.infer([frame.image])[0]
-                record = {"frame": frame.index, "timestamp": frame.timestamp, "model": name, "output": model.derived(out)}
+                record: dict[str, Any] = {"frame": frame.index, "timestamp": frame.timestamp, "model": name, "output": model.derived(out)}
                 if as_json:
                     typer.echo(json.dumps(record))
                 else:
@@ -196,17 +195,17 @@ def config_validate(path: Path = typer.Argument(..., help="config file")) -> Non
         cfg = load_config(path, catalog=zoo_catalog())
     except ConfigError as exc:
         typer.echo(str(exc), err=True)
-        raise typer.Exit(1)
+        raise typer.Exit(1) from None
     typer.echo(f"ok: site {cfg.site}: {len(cfg.models)} models ({', '.join(cfg.nodes())}), {len(cfg.streams)} streams")
 
 
 # -- profiling ------------------------------------------------------------------------------
 @app.command("profile")
 def profile_cmd(
-    site: Optional[str] = SiteOpt,
-    config: Optional[Path] = ConfigOpt,
+    site: str | None = SiteOpt,
+    config: Path | None = ConfigOpt,
     frames: int = typer.Option(1000, "--frames", min=2, help="profiling frames, spread over the site's streams"),
-    out: Optional[Path] = typer.Option(None, "--out", help="dataset folder (default: $MLINK_HOME/profiles/SITE/VERSION)"),
+    out: Path | None = typer.Option(None, "--out", help="dataset folder (default: $MLINK_HOME/profiles/SITE/VERSION)"),
 ) -> None:
     """Run every model of a site on sampled frames and store the aligned output tuples."""
 
@@ -232,14 +231,14 @@ links_app = typer.Typer(help="Model links: train, evaluate and show a site's lin
 app.add_typer(links_app, name="links")
 
 
-def _site_tuples(cfg: SiteConfig, frames: Optional[int]):
+def _site_tuples(cfg: SiteConfig, frames: int | None):
     """The site's latest profile, or a fresh one of ``frames`` (default links.profile_frames)."""
     tuples, path = site_tuples(cfg, default_store(), frames)
     typer.echo(f"profile: {path} ({len(tuples)} tuples)", err=True)
     return tuples
 
 
-def _report_matrix(cfg: SiteConfig, matrix, png: Optional[Path], as_json: bool) -> None:
+def _report_matrix(cfg: SiteConfig, matrix, png: Path | None, as_json: bool) -> None:
     from mlink.scheduler.profiler import link_store_dir
 
     png = png or link_store_dir(cfg, default_store().home) / "matrix.png"
@@ -257,11 +256,11 @@ def _report_matrix(cfg: SiteConfig, matrix, png: Optional[Path], as_json: bool) 
 
 @links_app.command("train")
 def links_train(
-    site: Optional[str] = SiteOpt,
-    config: Optional[Path] = ConfigOpt,
-    frames: Optional[int] = typer.Option(None, "--frames", help="profile this many frames first (default: use the latest profile)"),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="training epochs (default: the paper's 100, early-stopped)"),
-    png: Optional[Path] = typer.Option(None, "--png", help="heatmap path (default: in the link store)"),
+    site: str | None = SiteOpt,
+    config: Path | None = ConfigOpt,
+    frames: int | None = typer.Option(None, "--frames", help="profile this many frames first (default: use the latest profile)"),
+    epochs: int | None = typer.Option(None, "--epochs", help="training epochs (default: the paper's 100, early-stopped)"),
+    png: Path | None = typer.Option(None, "--png", help="heatmap path (default: in the link store)"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Train every link and ensemble of a site, store them, print the accuracy matrix."""
@@ -286,9 +285,9 @@ def links_train(
 
 @links_app.command("eval")
 def links_eval(
-    site: Optional[str] = SiteOpt,
-    config: Optional[Path] = ConfigOpt,
-    png: Optional[Path] = typer.Option(None, "--png"),
+    site: str | None = SiteOpt,
+    config: Path | None = ConfigOpt,
+    png: Path | None = typer.Option(None, "--png"),
     as_json: bool = typer.Option(False, "--json"),
     folds: int = typer.Option(
         1, "--folds", min=1,
@@ -323,7 +322,7 @@ def links_eval(
 
 
 @links_app.command("show")
-def links_show(site: Optional[str] = SiteOpt, config: Optional[Path] = ConfigOpt, as_json: bool = typer.Option(False, "--json")) -> None:
+def links_show(site: str | None = SiteOpt, config: Path | None = ConfigOpt, as_json: bool = typer.Option(False, "--json")) -> None:
     """What is stored for a site: links, their training data version and metrics."""
 
     def body() -> None:
@@ -333,12 +332,12 @@ def links_show(site: Optional[str] = SiteOpt, config: Optional[Path] = ConfigOpt
         cfg = resolve_config(site, config)
         path = link_store_dir(cfg, default_store().home)
         links = LinkSet.load(path)
-        info = {
+        info: dict[str, Any] = {
             "site": cfg.site,
             "path": str(path),
             "created_at": links.created_at,
             "data_version": links.data_version,
-            "links": [f"{s} -> {t} ({type(l).__name__})" for (s, t), l in links.links.items()],
+            "links": [f"{s} -> {t} ({type(link).__name__})" for (s, t), link in links.links.items()],
             "metrics": links.metrics,
         }
         if as_json:
@@ -354,10 +353,10 @@ def links_show(site: Optional[str] = SiteOpt, config: Optional[Path] = ConfigOpt
 # -- the daemon -----------------------------------------------------------------------------
 @app.command("serve")
 def serve_cmd(
-    site: Optional[str] = SiteOpt,
-    config: Optional[Path] = ConfigOpt,
-    host: Optional[str] = typer.Option(None, "--host", help="bind address (default: api.host of the config, 127.0.0.1)"),
-    port: Optional[int] = typer.Option(None, "--port", help="port (default: api.port of the config, 8000)"),
+    site: str | None = SiteOpt,
+    config: Path | None = ConfigOpt,
+    host: str | None = typer.Option(None, "--host", help="bind address (default: api.host of the config, 127.0.0.1)"),
+    port: int | None = typer.Option(None, "--port", help="port (default: api.port of the config, 8000)"),
     log_level: str = typer.Option("info", "--log-level"),
 ) -> None:
     """Run the daemon: ingest the cameras, schedule, serve results over HTTP (SIGHUP reloads)."""
@@ -398,8 +397,8 @@ def serve_cmd(
 # -- demo -----------------------------------------------------------------------------------
 @app.command("demo")
 def demo(
-    site: Optional[str] = SiteOpt,
-    config: Optional[Path] = ConfigOpt,
+    site: str | None = SiteOpt,
+    config: Path | None = ConfigOpt,
     frames: int = typer.Option(5, "--frames", min=1, help="frames per stream"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
@@ -416,7 +415,7 @@ def demo(
             m.load(cfg.device)
         for stream in cfg.streams:
             for frame in read_frames(resolve_url(stream.url), sample_fps=stream.fps, max_frames=frames):
-                result = {"camera": stream.id, "frame": frame.index, "timestamp": frame.timestamp, "outputs": {}}
+                result: dict[str, Any] = {"camera": stream.id, "frame": frame.index, "timestamp": frame.timestamp, "outputs": {}}
                 for entry in cfg.models:
                     derived = models[entry.name].derived(models[entry.name].infer([frame.image])[0])
                     for out in entry.served:
@@ -446,4 +445,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -7,8 +7,9 @@ it imports none of them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, NoReturn, Optional
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import typer
 
@@ -43,19 +44,19 @@ def run_guarded(fn: Callable[[], Any]) -> Any:
         fail(str(exc))
 
 
-def config_path(site: Optional[str], config: Optional[Path]) -> Path:
+def config_path(site: str | None, config: Path | None) -> Path:
     """The file ``--site NAME`` (configs/NAME.yaml) or ``--config FILE`` names (default: the default site)."""
     return Path(config) if config else site_config_path(site or "default")
 
 
-def resolve_config(site: Optional[str], config: Optional[Path]) -> SiteConfig:
+def resolve_config(site: str | None, config: Path | None) -> SiteConfig:
     """``--site NAME`` means configs/NAME.yaml; ``--config FILE`` takes any file."""
     if site and config:
         raise ConfigError("command line", [("", "give --site or --config, not both")])
     return load_config(config_path(site, config), catalog=zoo_catalog())
 
 
-def site_tuples(cfg: SiteConfig, store: "AssetStore", frames: Optional[int], *, progress: bool = True) -> tuple["TupleSet", Path]:
+def site_tuples(cfg: SiteConfig, store: AssetStore, frames: int | None, *, progress: bool = True) -> tuple[TupleSet, Path]:
     """The site's latest stored profile, or a fresh one of ``frames`` (default
     links.profile_frames), saying on stderr when a stored one no longer fits the config."""
     from mlink.server.profiling import site_profile

@@ -7,9 +7,10 @@ fps (25 when the source reports none).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
@@ -53,7 +54,7 @@ def open_capture(url: str | int) -> cv2.VideoCapture:
     return cap
 
 
-def resolve_url(url: str, store: "AssetStore | None" = None) -> str:
+def resolve_url(url: str, store: AssetStore | None = None) -> str:
     """``asset://NAME`` -> verified local path of that sample video; anything else unchanged."""
     if url.startswith("asset://"):
         from mlink.models.assets import default_store

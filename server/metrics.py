@@ -11,8 +11,9 @@ state. Names follow the conventions page: ``mlink_`` prefix, ``_total`` for coun
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Iterable, Literal, Mapping
+from typing import Literal
 
 MetricType = Literal["counter", "gauge"]
 
@@ -24,7 +25,7 @@ class Metric:
     type: MetricType
     samples: list[tuple[dict[str, str], float]] = field(default_factory=list)
 
-    def add(self, value: float, **labels: str) -> "Metric":
+    def add(self, value: float, **labels: str) -> Metric:
         self.samples.append((labels, float(value)))
         return self
 

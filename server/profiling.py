@@ -11,8 +11,8 @@ it fits the config (:func:`stored_profile`, which the daemon and the scheduler b
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Iterator, Mapping
 
 import cv2
 

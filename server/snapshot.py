@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from mlink.models.catalog import model_info
 
@@ -69,7 +70,7 @@ class Snapshot:
     def plan_id(self) -> int | None:
         return self.plan.id if self.plan is not None else None
 
-    def next(self, reason: str, **changes: Any) -> "Snapshot":
+    def next(self, reason: str, **changes: Any) -> Snapshot:
         """The next version, with ``changes``; everything else carried over."""
         return replace(self, version=self.version + 1, published_at=time.time(), reason=reason, **changes)
 
@@ -82,7 +83,7 @@ class ServedCounts:
     outputs: Mapping[tuple[str, str], int] = field(default_factory=lambda: MappingProxyType({}))
 
     @classmethod
-    def of(cls, frames: Mapping[str, int], outputs: Mapping[tuple[str, str], int]) -> "ServedCounts":
+    def of(cls, frames: Mapping[str, int], outputs: Mapping[tuple[str, str], int]) -> ServedCounts:
         return cls(MappingProxyType(dict(frames)), MappingProxyType(dict(outputs)))
 
 
@@ -100,7 +101,7 @@ def model_rows(entries: Sequence[Any], plan: Plan | None, pool: ModelPool | None
                 "loaded": bool(pool is not None and pool.is_loaded(entry.name)),
                 "active": bool(plan and entry.name in plan.active),
                 "memory_bytes": (pool.cost(entry.name) if pool is not None else None),
-                "load_seconds": ((pool.load_seconds.get(entry.name) or [None])[-1] if pool is not None else None),
+                "load_seconds": (next(reversed(pool.load_seconds.get(entry.name) or []), None) if pool is not None else None),
                 "expected_accuracy": (plan.expected.get(entry.name) if plan else None),
                 "unavailable": (pool.unavailable_reason(entry.name) if pool is not None else None),
             }

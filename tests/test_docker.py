@@ -41,7 +41,7 @@ def compose_config(path: Path, env: dict[str, str] | None = None) -> subprocess.
     full.update(env or {})
     return subprocess.run(
         [str(COMPOSE), "-f", str(path), "config", "--format", "json"],
-        capture_output=True, text=True, env=full, timeout=60, cwd=path.parent,
+        capture_output=True, text=True, env=full, timeout=60, cwd=path.parent, check=False,
     )
 
 

@@ -36,7 +36,7 @@ def test_missing_and_unreadable_videos(tmp_path: Path) -> None:
         list(read_frames(str(tmp_path / "nope.mp4")))
     junk = tmp_path / "junk.mp4"
     junk.write_bytes(b"this is not a video" * 100)
-    with pytest.raises(FrameSourceError, match="junk.mp4"):
+    with pytest.raises(FrameSourceError, match=r"junk\.mp4"):
         list(read_frames(str(junk)))
 
 

@@ -262,7 +262,7 @@ def test_a_decoder_bank_steps_each_decoder_as_it_would_alone() -> None:
     state = bank.begin(memories)
     alone = [(link._np.bank, link._np.bank.begin([m])) for link, m in zip(links, memories)]
     prev = None
-    for t in range(4):
+    for _ in range(4):
         e, s = bank.step(state, prev)
         for k, (b, st) in enumerate(alone):
             e1, s1 = b.step(st, prev)
@@ -363,7 +363,7 @@ def vector_links(synth: TupleSet) -> tuple[LinkSet, TupleSet]:
     train, test = synth.head(180), synth.subset(range(180, 240))
     ls = LinkSet.train(
         train, config=_fast(), targets=["hog_people:person_count", "mobilenet_v2:probs"],
-        sources=VECTOR_SOURCES + ["hog_people:person_count"],
+        sources=[*VECTOR_SOURCES, "hog_people:person_count"],
     )
     return ls, test
 
@@ -486,7 +486,7 @@ def test_fine_tune_moves_links_towards_new_tuples(vector_links, synth: TupleSet)
     # a drifted scene: the hog count is now doubled
     new = synth.subset(range(180, 240))
     for v in new.values["hog_people:person_count"]:
-        v *= 2
+        v[...] *= 2  # in place: the tuple set holds the same arrays
     link = copy_ls.link("yolox_nano:person_count", "hog_people:person_count")
     src = encode_source(COUNT, new.values["yolox_nano:person_count"])
     tgt = encode_target(COUNT, new.values["hog_people:person_count"])
@@ -522,7 +522,7 @@ def test_matrix_json_and_heatmap(vector_links, tmp_path) -> None:
         ("yolox_nano", "mobilenet_v2:probs"), ("hog_people", "mobilenet_v2:probs"),
     }
     assert len(js["subsets"]) == 6
-    for (s, t), acc in m.single.items():
+    for acc in m.single.values():
         assert 0.0 <= acc <= 1.0
     png = m.plot_heatmap(tmp_path / "m.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 from mlink.configs.load import CONFIG_DIR, load_config
 from mlink.links.tuples import TupleSet

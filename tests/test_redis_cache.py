@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 import redis
+from waiting import wait_for  # tests/waiting.py
 
 from mlink.configs.schema import CacheConfig
 from mlink.server.cache import CacheUnavailable, ResultCache, open_cache
 from mlink.server.redis_embedded import EmbeddedRedis, find_redis_server
-from waiting import wait_for  # tests/waiting.py
 
 
 @pytest.fixture

@@ -52,7 +52,7 @@ def test_cpu_meter_measures_resident_delta_and_transient_peak():
 def test_budget_forms():
     meter = MemoryMeter("cpu")
     total = meter.total()
-    assert 0 < total
+    assert total > 0
     assert resolve_site_budget(0.5, total) == total // 2
     assert resolve_site_budget("50%", total) == total // 2
     assert resolve_site_budget(1, total) == total  # a share, not one byte
@@ -76,7 +76,7 @@ def test_cuda_meter_without_nvml_falls_back_with_a_reason():
     meter = MemoryMeter("cuda:0")
     if meter.gpu:  # a GPU host: NVML answered
         assert meter.source in ("nvml", "nvml-device") and meter.nvml_error is None
-        assert 0 < meter.total()
+        assert meter.total() > 0
     else:
         assert meter.source in CPU_SOURCES and meter.nvml_error
 
@@ -389,9 +389,8 @@ def test_out_of_memory_during_warm_up_is_a_failure_not_a_crash(store: AssetStore
 
 def test_pin_blocks_unload_until_released(store: AssetStore):
     pool = ModelPool(1 << 30, factory=real(store), prepare=False)
-    with pytest.raises(ModelNotLoaded):
-        with pool.pin("hog_people"):
-            pass
+    with pytest.raises(ModelNotLoaded), pool.pin("hog_people"):
+        pass
     assert pool.load("hog_people")
     frame = np.zeros((240, 320, 3), np.uint8)
     done = threading.Event()
@@ -404,9 +403,8 @@ def test_pin_blocks_unload_until_released(store: AssetStore):
         time.sleep(0.3)
         assert not done.is_set()  # the unload waits for the in-flight inference
         assert pool.loaded() == {"hog_people"}
-        with pytest.raises(ModelNotLoaded, match="being unloaded"):  # no new pins meanwhile
-            with pool.pin("hog_people"):
-                pass
+        with pytest.raises(ModelNotLoaded, match="being unloaded"), pool.pin("hog_people"):  # no new pins meanwhile
+            pass
         assert pool.pins("hog_people") == 1
     assert done.wait(10)
     worker.join()

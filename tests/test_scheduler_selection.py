@@ -302,7 +302,7 @@ def test_costs_must_be_finite_and_non_negative():
 
 
 def test_selection_to_json_is_serialisable_and_complete():
-    costs, links, acc = big_vs_small()
+    costs, _links, acc = big_vs_small()
     sel = objective_select(costs, acc, budget=12.0)
     data = json.loads(json.dumps(sel.to_json()))
     assert data["active"] == ["B"]
@@ -334,7 +334,7 @@ def test_keep_or_switch_leaves_an_infeasible_plan_even_before_residency():
 
 
 def test_reevaluated_current_plan_feeds_the_hysteresis():
-    costs, links, acc = big_vs_small()
+    costs, _links, acc = big_vs_small()
     current = objective_select(costs, acc, budget=10.0)  # {B}
     # B's cost grew (re-measured): the current plan no longer fits and must be left.
     grown = {**costs, "B": 11.0}

@@ -15,6 +15,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from mlink.bench.cli import bench_app
 from mlink.bench.table4 import METHOD_ORDER, run_table4
 from mlink.bench.table4_costs import budgets, fitting_sets, k_fit_budget
 from mlink.bench.table4_data import make_protocol, pick_evenly, score, time_order
@@ -23,7 +24,6 @@ from mlink.links.tuples import TupleSet
 from mlink.models.assets import AssetStore
 from mlink.models.catalog import zoo_catalog
 from mlink.models.spec import OutputSpec, Task
-from mlink.bench.cli import bench_app
 
 FAST = [
     "--periods", "2", "--train-share", "0.3", "--sweep", "3", "--epochs", "5", "--mtl-epochs", "60",

@@ -20,8 +20,10 @@ from mlink.models.base import BlackBoxModel, ModelError
 from mlink.models.catalog import create_model, model_info, zoo
 from mlink.models.detections import COCO_OUTPUTS, MAX_BOXES
 from mlink.models.spec import box_f1, box_iou
-from mlink.models.zoo.centerface import CenterFace, decode as centerface_decode, dynamicize
-from mlink.models.zoo.yolox_nano import INPUT_SIZE, PAD_VALUE, decode as yolox_decode, letterbox
+from mlink.models.zoo.centerface import CenterFace, dynamicize
+from mlink.models.zoo.centerface import decode as centerface_decode
+from mlink.models.zoo.yolox_nano import INPUT_SIZE, PAD_VALUE, letterbox
+from mlink.models.zoo.yolox_nano import decode as yolox_decode
 
 DETECTORS = ("yolox_nano", "hog_people", "centerface")
 

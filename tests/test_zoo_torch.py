@@ -188,7 +188,7 @@ def test_classifier_without_weights_names_the_asset(tmp_path):
     empty.mkdir()
     offline = AssetStore(home=tmp_path / "home", mirror=empty, offline=True)
     m = create_model("mobilenet_v2", store=offline)
-    with pytest.raises(ModelError, match="mobilenet_v2-b0353104.pth") as err:
+    with pytest.raises(ModelError, match=r"mobilenet_v2-b0353104\.pth") as err:
         m.load()
     assert "'mobilenet_v2'" in str(err.value)
     assert not m.loaded

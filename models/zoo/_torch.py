@@ -180,6 +180,7 @@ class TorchImageNetClassifier(TorchModule):
         self._place(self._build(path), dev)
 
     def _forward(self, chunk: list[np.ndarray]) -> list[ModelOutput]:
+        assert self._module is not None and self._dev is not None  # loaded
         x = classification_batch(chunk, self._dev, self.resize_size, self.crop_size, self.mean, self.std)
-        probs = torch.softmax(self._module(x).float(), dim=1).cpu().numpy()  # type: ignore[misc]
+        probs = torch.softmax(self._module(x).float(), dim=1).cpu().numpy()
         return [{"probs": p.astype(np.float32)} for p in probs]

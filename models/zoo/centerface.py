@@ -28,7 +28,7 @@ import numpy as np
 from pydantic import Field, ValidationError, ValidatorFunctionWrapHandler, field_validator
 
 from mlink.models.base import BlackBoxModel, ModelError, ModelOutput
-from mlink.models.detections import FACE_COUNT, boxes_spec, box_sequence
+from mlink.models.detections import FACE_COUNT, box_sequence, boxes_spec
 from mlink.models.protobuf import field, fields
 from mlink.models.registry import register
 from mlink.models.zoo._onnx import OnnxParams, onnx_session
@@ -188,6 +188,8 @@ class CenterFace(BlackBoxModel):
     def network_size(self, width: int, height: int) -> tuple[int, int]:
         """(w, h) the network sees for a frame of ``width`` x ``height``: multiples of 32."""
         size = self.params.input_size
+        w: float
+        h: float
         if size is None:
             w, h = width, height
         elif isinstance(size, int):

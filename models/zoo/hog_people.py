@@ -101,7 +101,7 @@ class HogPeople(BlackBoxModel):
         elif device != "cpu":
             raise ModelError(f"model {self.name}: unknown device {device!r} (use cpu, cuda or cuda:N)")
         hog = cv2.HOGDescriptor()  # the default: 64x128 window, 9 bins, the layout the SVM expects
-        hog.setSVMDetector(cv2.HOGDescriptor_getDefaultPeopleDetector())
+        hog.setSVMDetector(np.asarray(cv2.HOGDescriptor.getDefaultPeopleDetector(), np.float32))
         self._hog = hog
 
     def _unload(self) -> None:
@@ -135,12 +135,12 @@ class HogPeople(BlackBoxModel):
             scale=p.scale,
             groupThreshold=p.group_threshold,
         )
-        rects = np.asarray(rects, dtype=np.float32).reshape(-1, 4)
-        if len(rects) == 0:
+        xywh = np.asarray(rects, dtype=np.float32).reshape(-1, 4)
+        if len(xywh) == 0:
             return np.zeros((0, 4), np.float32), np.zeros(0, np.float32)
         margins = np.asarray(weights, dtype=np.float32).reshape(-1) - p.hit_threshold
         scores = (1.0 - np.exp(-np.clip(margins, 0.0, None))).astype(np.float32)
-        x, y, bw, bh = rects.T
+        x, y, bw, bh = xywh.T
         boxes = np.stack([x + 0.1 * bw, y + 0.07 * bh, x + 0.9 * bw, y + 0.87 * bh], axis=1) / f
         keep = suppress_nested(boxes, scores, p.overlap_threshold)
         return boxes[keep].astype(np.float32), scores[keep]

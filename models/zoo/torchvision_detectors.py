@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Callable, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -40,7 +41,15 @@ from pydantic import Field, model_validator
 
 from mlink.models.assets import AssetError
 from mlink.models.base import BlackBoxModel, ModelError, ModelInfo, ModelOutput
-from mlink.models.detections import COCO_CLASSES, COCO_OUTPUTS, MAX_BOXES, PERSON, PERSON_COUNT, boxes_spec, coco_outputs
+from mlink.models.detections import (
+    COCO_CLASSES,
+    COCO_OUTPUTS,
+    MAX_BOXES,
+    PERSON,
+    PERSON_COUNT,
+    boxes_spec,
+    coco_outputs,
+)
 from mlink.models.registry import register
 from mlink.models.spec import OutputSpec
 from mlink.models.zoo._torch import TorchModule, TorchParams, frame_tensor, load_state_dict_file, torch_device
@@ -68,7 +77,7 @@ class _InfoWithWeights:
     """``Cls.info()`` describes the zoo entry; ``instance.info()`` also carries the instance's
     ``weights_note`` (random weights) as its ``pretrained_note``."""
 
-    def __get__(self, obj: "TorchvisionDetector | None", cls: type["TorchvisionDetector"]) -> Callable[[], ModelInfo]:
+    def __get__(self, obj: TorchvisionDetector | None, cls: type[TorchvisionDetector]) -> Callable[[], ModelInfo]:
         base = BlackBoxModel.__dict__["info"].__func__
 
         def info() -> ModelInfo:
@@ -93,7 +102,7 @@ class FixedSizeDetectorParams(DetectorParams):
     """Params of a detector that resizes every frame to one size itself (SSD)."""
 
     @model_validator(mode="after")
-    def _fixed(self) -> "FixedSizeDetectorParams":
+    def _fixed(self) -> FixedSizeDetectorParams:
         if self.min_size is not None or self.max_size is not None:
             raise ValueError("fixed input size; min_size/max_size do not apply")
         return self
@@ -109,7 +118,7 @@ class TorchvisionDetector(TorchModule):
     Params: ClassVar[type[DetectorParams]] = DetectorParams  # R-CNN: min_size/max_size apply
     params: DetectorParams
 
-    info = _InfoWithWeights()  # type: ignore[assignment]
+    info = _InfoWithWeights()
 
     def __init__(self, store: Any = None, **params: Any) -> None:
         super().__init__(store, **params)

@@ -14,7 +14,7 @@ Params (:class:`YoloxParams`): ``score_threshold`` (0.3), ``nms_threshold`` (IoU
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 import cv2
@@ -42,7 +42,7 @@ def letterbox(frame: np.ndarray, size: int = INPUT_SIZE) -> tuple[np.ndarray, fl
     return blob, r
 
 
-@lru_cache(maxsize=None)
+@cache
 def _grids(size: int = INPUT_SIZE) -> tuple[np.ndarray, np.ndarray]:
     """(A, 2) grid cell x, y and (A, 1) stride of every anchor point, in YOLOX's output order."""
     cells, strides = [], []
@@ -75,8 +75,8 @@ def decode(raw: np.ndarray, ratio: float, score_threshold: float, nms_threshold:
         score_threshold,
         nms_threshold,
     )
-    idx = np.asarray(idx, dtype=np.int64).reshape(-1)
-    return boxes[idx].astype(np.float32), scores[idx].astype(np.float32), cls[idx].astype(np.int64)
+    keep = np.asarray(idx, dtype=np.int64).reshape(-1)
+    return boxes[keep].astype(np.float32), scores[keep].astype(np.float32), cls[keep].astype(np.int64)
 
 
 class YoloxParams(OnnxParams):

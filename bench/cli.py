@@ -8,6 +8,7 @@ group is registered as the ``bench`` entry point of ``mlink.commands`` (pyprojec
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -37,42 +38,55 @@ def table4_cmd(
     quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
 ) -> None:
     """Run Standalone, MTL, DRLS, Reducto and MLink (both selectors) under the same budgets."""
-    def body() -> None:
-        from mlink.bench.table4 import markdown, run_table4
-        from mlink.models.assets import default_store
+    options = {
+        "periods": periods,
+        "train_share": train_share,
+        "profile_share": profile_share,
+        "sweep": sweep,
+        "epochs": epochs,
+        "mtl_epochs": mtl_epochs,
+        "dqn_steps": dqn_steps,
+        "latency_frames": latency_frames,
+        "cost_repeats": cost_repeats,
+    }
+    run_guarded(lambda: _table4(site, config, frames, out, home, options, remeasure=remeasure, quiet=quiet, as_json=as_json))
 
-        cfg = resolve_config(site, config)
-        store = default_store()
-        h = Path(home) if home else store.home
-        out_dir = Path(out) if out else h / "bench" / cfg.site
-        report = run_table4(
-            cfg,
-            store=store,
-            home=h,
-            out_dir=out_dir,
-            config_path=config_path(site, config),
-            frames=frames,
-            options={
-                "periods": periods,
-                "train_share": train_share,
-                "profile_share": profile_share,
-                "sweep": sweep,
-                "epochs": epochs,
-                "mtl_epochs": mtl_epochs,
-                "dqn_steps": dqn_steps,
-                "latency_frames": latency_frames,
-                "cost_repeats": cost_repeats,
-            },
-            remeasure=remeasure,
-            progress=not quiet,
-        )
-        if as_json:
-            typer.echo(Path(report["outputs"]["json"]).read_text())
-            return
-        typer.echo(markdown(report))
-        typer.echo(f"written: {report['outputs']['markdown']}, {report['outputs']['json']}, {report['outputs']['png']}")
 
-    run_guarded(body)
+def _table4(
+    site: str | None,
+    config: Path | None,
+    frames: int | None,
+    out: Path | None,
+    home: Path | None,
+    options: dict[str, Any],
+    *,
+    remeasure: bool,
+    quiet: bool,
+    as_json: bool,
+) -> None:
+    from mlink.bench.table4 import markdown, run_table4
+    from mlink.models.assets import default_store
+
+    cfg = resolve_config(site, config)
+    store = default_store()
+    h = Path(home) if home else store.home
+    out_dir = Path(out) if out else h / "bench" / cfg.site
+    report = run_table4(
+        cfg,
+        store=store,
+        home=h,
+        out_dir=out_dir,
+        config_path=config_path(site, config),
+        frames=frames,
+        options=options,
+        remeasure=remeasure,
+        progress=not quiet,
+    )
+    if as_json:
+        typer.echo(Path(report["outputs"]["json"]).read_text())
+        return
+    typer.echo(markdown(report))
+    typer.echo(f"written: {report['outputs']['markdown']}, {report['outputs']['json']}, {report['outputs']['png']}")
 
 
 __all__ = ["bench_app"]

@@ -81,7 +81,7 @@ def sample_frames(store: Any, n: int, fps: float) -> list[Any]:
     """Frames of vtest.avi when the asset is there, topped up with deterministic synthetic ones."""
     import numpy as np
 
-    from mlink.scheduler.pool import synthetic_frame
+    from mlink.scheduler.priming import synthetic_frame
     from mlink.scheduler.profiler import ProfileFrame
 
     out: list[Any] = []

@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 MiB = float(1 << 20)
+COST_FIELDS = ("memory_bytes", "latency_ms", "latency_ms_p90", "load_s", "meter", "memory_peaks")
+TRIVIAL_WHAT = "constant outputs fitted on the training share (majority class, rounded mean count, empty box list), no model run"
 METHOD_ORDER = ["Standalone", "MTL", "DRLS", "Reducto", "MLink (paper greedy)", "MLink (objective)"]
 
 DEFAULTS: dict[str, Any] = {
@@ -216,9 +218,7 @@ def run_table4(
         "profile": oracle.source,
         "protocol": proto.to_json(),
         "options": opts,
-        "costs": {
-            m: {k: rows[m][k] for k in ("memory_bytes", "latency_ms", "latency_ms_p90", "load_s", "meter", "memory_peaks")} for m in [*oracle.models, "mtl"]
-        },
+        "costs": {m: {k: rows[m][k] for k in COST_FIELDS} for m in [*oracle.models, "mtl"]},
         "cost_source": table.get("source"),
         "features": {"source": features.source, "reducto_map_ms": features.map_ms, "backbone_ms": features.backbone_ms},
         "budgets": {"one": named["one"], "two": named["two"], "sweep": bud["sweep"], "all": all_budgets, "rule": bud["rule"]},
@@ -226,22 +226,25 @@ def run_table4(
             name: {"fits_alone": sorted(m for m in costs if costs[m] <= b), "max_models_at_once": _max_at_once(costs, b)}
             for name, b in named.items()
         },
-        "methods": {
-            m: {
-                "one": results[m][named["one"]],
-                "two": results[m][named["two"]],
-                "curve": [results[m][b] for b in all_budgets],
-            }
-            for m in METHOD_ORDER
-        },
+        "methods": _methods_json(results, named, all_budgets),
         "reducto_tuning": tuned,
-        "trivial": {"accuracy": trivial_score["accuracy"], "by_node": trivial_score["by_node"], "what": "constant outputs fitted on the training share (majority class, rounded mean count, empty box list), no model run"},
+        "trivial": {"accuracy": trivial_score["accuracy"], "by_node": trivial_score["by_node"], "what": TRIVIAL_WHAT},
         "timings_s": {k: round(v, 2) for k, v in timings.items()},
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t_start)),
         "seconds": round(time.time() - t_start, 1),
     }
     write_outputs(report, out_dir)
     return report
+
+
+def _methods_json(
+    results: Mapping[str, Mapping[float, dict[str, Any]]], named: Mapping[str, float], all_budgets: list[float]
+) -> dict[str, dict[str, Any]]:
+    """Each method's results at the named budgets and along the sweep (the report's "methods")."""
+    return {
+        m: {"one": results[m][named["one"]], "two": results[m][named["two"]], "curve": [results[m][b] for b in all_budgets]}
+        for m in METHOD_ORDER
+    }
 
 
 def _max_at_once(costs: Mapping[str, float], budget: float) -> int:

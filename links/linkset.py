@@ -109,6 +109,31 @@ def _select(ens: Ensemble, enc: Mapping[str, Batch], exact: Sequence[np.ndarray]
     ens.invalidate()
 
 
+
+def _fine_tune_mode(
+    cfg: TrainConfig, before: float, ref: float | None, epochs: int | None, lr_scale: float | None
+) -> tuple[str, int, float]:
+    """How :meth:`LinkSet.fine_tune` updates one link: (mode, epochs, lr scale). ``"fixed"`` when
+    ``epochs`` or ``lr_scale`` is given; ``"adapt"`` when the loss ``before`` on the new tuples
+    exceeds ``drift_ratio`` times the link's reference loss ``ref``; else ``"gentle"``."""
+    if epochs is not None or lr_scale is not None:
+        n_epochs = cfg.fine_tune_epochs if epochs is None else epochs
+        return "fixed", n_epochs, cfg.fine_tune_lr_scale if lr_scale is None else lr_scale
+    if ref is not None and before > cfg.drift_ratio * max(float(ref), 1e-6):
+        return "adapt", cfg.adapt_epochs, cfg.adapt_lr_scale
+    return "gentle", cfg.fine_tune_epochs, cfg.fine_tune_lr_scale
+
+
+def _fine_tune_link(
+    link: Link, src: Batch, y: Batch, cfg: TrainConfig, ref: float | None, epochs: int | None, lr_scale: float | None, seed: int
+) -> dict[str, Any]:
+    """One link of :meth:`LinkSet.fine_tune`: its mode, losses before and after, and the fit."""
+    before = eval_loss(link, src, y)
+    mode, n_epochs, scale = _fine_tune_mode(cfg, before, ref, epochs, lr_scale)
+    base = cfg.seq_lr if (link.source.kind == "sequence" or link.target.kind == "sequence") else cfg.lr
+    fit = fit_link(link, src, y, None, None, cfg, epochs=n_epochs, lr=base * scale, optimizer="adam", seed=seed)
+    return {"mode": mode, "loss_before": before, "loss_after": eval_loss(link, src, y), "reference_val_loss": ref, "fit": fit.to_dict()}
+
 class LinkSet:
     """All links and ensembles of one site.
 
@@ -238,9 +263,9 @@ class LinkSet:
         cfg = self.config
         if len(new_tuples) == 0:
             return {}
-        for k, spec in self.specs.items():
-            if k not in new_tuples.specs or not specs_equal(new_tuples.specs[k], spec):
-                raise LinkError(f"fine-tuning: node {k} is missing from the new tuples or has another spec")
+        missing = [k for k, spec in self.specs.items() if k not in new_tuples.specs or not specs_equal(new_tuples.specs[k], spec)]
+        if missing:
+            raise LinkError(f"fine-tuning: node {missing[0]} is missing from the new tuples or has another spec")
         results: dict[str, dict] = {}
         bar = _Progress(progress, len(self.links), "fine-tuning links")
         enc: dict[str, Batch] = {}
@@ -253,25 +278,11 @@ class LinkSet:
                         key = f"{s}->{t}"
                         if s not in enc:
                             enc[s] = encode_source(self.specs[s], new_tuples.values[s], cfg.cap)
-                        before = eval_loss(link, enc[s], y)
                         fitted = link_metrics.get(key, {}).get("fit") or {}
-                        ref = fitted.get("val_loss") or fitted.get("train_loss")  # links into sequences do not early-stop
-                        if epochs is not None or lr_scale is not None:
-                            mode = "fixed"
-                            n_epochs = cfg.fine_tune_epochs if epochs is None else epochs
-                            scale = cfg.fine_tune_lr_scale if lr_scale is None else lr_scale
-                        elif ref is not None and before > cfg.drift_ratio * max(float(ref), 1e-6):
-                            mode, n_epochs, scale = "adapt", cfg.adapt_epochs, cfg.adapt_lr_scale
-                        else:
-                            mode, n_epochs, scale = "gentle", cfg.fine_tune_epochs, cfg.fine_tune_lr_scale
-                        base = cfg.seq_lr if (link.source.kind == "sequence" or link.target.kind == "sequence") else cfg.lr
-                        fit = fit_link(
-                            link, enc[s], y, None, None, cfg, epochs=n_epochs, lr=base * scale, optimizer="adam",
-                            seed=_link_seed(cfg.seed + len(self.history) + 1, s, t),
-                        )
-                        results[key] = {"mode": mode, "loss_before": before, "loss_after": eval_loss(link, enc[s], y),
-                                        "reference_val_loss": ref, "fit": fit.to_dict()}
-                        bar.update(f"{s} -> {t} ({mode})")
+                        ref = fitted.get("val_loss") or fitted.get("train_loss")  # into sequences: no early stop
+                        seed = _link_seed(cfg.seed + len(self.history) + 1, s, t)
+                        results[key] = _fine_tune_link(link, enc[s], y, cfg, ref, epochs, lr_scale, seed)
+                        bar.update(f"{s} -> {t} ({results[key]['mode']})")
                     ens.invalidate()
             finally:
                 bar.close()

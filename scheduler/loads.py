@@ -37,7 +37,7 @@ from mlink.links import TupleSet
 from mlink.scheduler.plans import PeriodReport
 from mlink.scheduler.pool import ModelPool
 from mlink.scheduler.pool_records import ApplyReport, BudgetExceeded, ModelNotLoaded, ModelPinned
-from mlink.scheduler.profiler import ProfileFrame, profile
+from mlink.scheduler.profiler import Frame, profile
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +162,16 @@ class LoadBook:
                 protect = protect | {victim}
         return True
 
+    def measure_unknown(self, report: PeriodReport, unload: bool) -> None:
+        """Load the models whose cost is still unknown (measured); unloaded after with ``unload``."""
+        for m in self.universe:
+            if self.pool.cost(m) is None and self.pool.unavailable_reason(m) is None and m not in report.skipped:
+                why = self.ensure_loaded(m, report)
+                if why is not None:
+                    report.skipped[m] = why
+                elif unload:
+                    self.unload(m, "measure")
+
     def ensure_loaded(self, name: str, report: PeriodReport | None) -> str | None:
         """Load ``name`` for profiling within the budget; None when loaded, else why not."""
         if self.pool.is_loaded(name):
@@ -196,7 +206,7 @@ class LoadBook:
 
     def profile(
         self,
-        frames: Iterable[ProfileFrame],
+        frames: Iterable[Frame],
         order: Sequence[str],
         served: Mapping[str, Sequence[str]],
         report: PeriodReport,

@@ -69,12 +69,12 @@ from mlink.scheduler.loads import LoadBook
 from mlink.scheduler.options import PlannerOptions
 from mlink.scheduler.plans import PeriodReport, Plan, Tick
 from mlink.scheduler.pool import ModelPool
-from mlink.scheduler.profiler import ProfileFrame, head
+from mlink.scheduler.profiler import Frame, head
 from mlink.scheduler.selection import Selection, evaluate, keep_or_switch
 from mlink.scheduler.selector import select_models
 from mlink.scheduler.serving import FrameResult, serve
 from mlink.scheduler.site import site_served
-from mlink.scheduler.upkeep import fine_tune_links, slide_window, train_links
+from mlink.scheduler.upkeep import fine_tune_links, initial_links, slide_window
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ class Planner:
         self._next_id = int(first_plan_id)
         self._next_at = math.inf
         self._collect_from: float | None = None
-        self._buffer: list[ProfileFrame] = []
+        self._buffer: list[Frame] = []
         self._frames_seen = 0
         self._frames_last_period = 0
         self._active_since = -math.inf
@@ -264,7 +264,7 @@ class Planner:
         del self.reports[: max(0, len(self.reports) - self.options.history)]
 
     # -- the initial phase -----------------------------------------------------------------------
-    def initial(self, frames: Iterable[ProfileFrame] | None = None, now: float | None = None) -> Plan:
+    def initial(self, frames: Iterable[Frame] | None = None, now: float | None = None) -> Plan:
         """Period 0: measure costs (and profile, train links if there are none), select, apply.
 
         ``frames``: what to profile when there are no links or no held-out tuples (at most
@@ -279,13 +279,14 @@ class Planner:
             raise ValueError("the initial phase needs frames to profile: no links or no held-out tuples were given")
         t0 = time.perf_counter()
         tuples = self._profile_initial(frames, report, keep=not measuring) if frames is not None else None
-        self._measure_unknown(report, unload=measuring)
+        self.book.measure_unknown(report, unload=measuring)
         report.profile_s = time.perf_counter() - t0
         if measuring:
             self._budget_from_measured(report, total)
         report.budget = self.budget
         t0 = time.perf_counter()
-        self._initial_links(tuples, report)
+        self.links, self.heldout = initial_links(self.links, self.heldout, tuples, self.options, report)
+        self.eval_tuples = self.heldout
         report.fine_tune_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         self._remeasure(report)
@@ -326,42 +327,18 @@ class Planner:
         assert budget is not None  # the costs that could be measured are all given
         self.budget = self.pool.budget = budget
 
-    def _profile_initial(self, frames: Iterable[ProfileFrame], report: PeriodReport, keep: bool) -> TupleSet | None:
-        parts = self.book.profile(
-            head(frames, self.options.profile_frames), self.universe, self.served, report, batch_size=self.options.batch_size, keep=keep
-        )
+    def _profile_initial(self, frames: Iterable[Frame], report: PeriodReport, keep: bool) -> TupleSet | None:
+        opts = self.options
+        first = head(frames, opts.profile_frames)
+        parts = self.book.profile(first, self.universe, self.served, report, batch_size=opts.batch_size, keep=keep)
         if not parts:
             return None
         tuples = TupleSet.merge(parts.values())
         report.frames = len(tuples)
         return tuples
 
-    def _measure_unknown(self, report: PeriodReport, unload: bool) -> None:
-        """Load the models whose cost is still unknown (measured); unloaded after with ``unload``."""
-        for m in self.universe:
-            if self.pool.cost(m) is None and self.pool.unavailable_reason(m) is None and m not in report.skipped:
-                why = self.book.ensure_loaded(m, report)
-                if why is not None:
-                    report.skipped[m] = why
-                elif unload:
-                    self.book.unload(m, "measure")
-
-    def _initial_links(self, tuples: TupleSet | None, report: PeriodReport) -> None:
-        if self.links is None:
-            opts = self.options
-            links, held, note = train_links(
-                tuples, heldout_share=opts.heldout_share, seed=opts.seed, config=opts.train_config, progress=opts.progress
-            )
-            report.fine_tune_note = note
-            if links is not None:
-                self.links, self.heldout = links, held
-                report.trained = True
-        elif self.heldout is None and tuples is not None:
-            self.heldout = tuples.restrict(self.links.specs)
-        self.eval_tuples = self.heldout
-
     # -- periods -------------------------------------------------------------------------------
-    def on_frames(self, frames: Sequence[ProfileFrame], now: float | None = None, *, run: bool = True) -> Tick:
+    def on_frames(self, frames: Sequence[Frame], now: float | None = None, *, run: bool = True) -> Tick:
         """Account for incoming frames; returns the plan to serve them with.
 
         Buffers profiling frames from each period boundary on; with ``run`` (default) the

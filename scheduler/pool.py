@@ -68,6 +68,7 @@ from mlink.scheduler.pool_records import (
     ModelPinned,
     UnloadRecord,
 )
+from mlink.scheduler.priming import synthetic_frame
 
 log = logging.getLogger(__name__)
 
@@ -88,15 +89,6 @@ def _default_factory(name: str) -> Any:
     from mlink.models.catalog import create_model
 
     return create_model(name)
-
-
-def synthetic_frame(width: int = 320, height: int = 240, seed: int = 0) -> np.ndarray:
-    """A deterministic textured BGR frame for warm-up inference (noise over gradients)."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width]
-    base = np.stack([(x * 255 // max(width - 1, 1)), (y * 255 // max(height - 1, 1)), ((x + y) * 127 // max(width + height - 2, 1))], axis=-1)
-    noise = rng.integers(0, 64, size=(height, width, 3))
-    return np.clip(base + noise, 0, 255).astype(np.uint8)
 
 
 class ModelPool:

@@ -7,6 +7,7 @@ that never comes back) and ONNX Runtime's kernel registries (about 9 MB). Withou
 first model of each backend is charged for them, 10-40% over its later loads.
 :func:`prime_backends` runs a small model of each backend on the device; the ONNX one is
 written by hand (:func:`tiny_onnx_model`) so priming needs no ``onnx`` package.
+:func:`synthetic_frame` is the frame the pool warms each model up with.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Iterable
+
+import numpy as np
 
 from mlink.models.protobuf import field
 
@@ -99,3 +102,12 @@ def prime_backends(device: str, backends: Iterable[str] | None = None) -> None:
                 prime()
             except Exception as exc:  # not installed, or broken: the first model pays
                 log.info("memory meter: could not prime %s: %s", backend, exc)
+
+
+def synthetic_frame(width: int = 320, height: int = 240, seed: int = 0) -> np.ndarray:
+    """A deterministic textured BGR frame for warm-up inference (noise over gradients)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([(x * 255 // max(width - 1, 1)), (y * 255 // max(height - 1, 1)), ((x + y) * 127 // max(width + height - 2, 1))], axis=-1)
+    noise = rng.integers(0, 64, size=(height, width, 3))
+    return np.clip(base + noise, 0, 255).astype(np.uint8)

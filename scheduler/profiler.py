@@ -9,7 +9,7 @@ frames come from and in who loads the models (a plain :func:`loader` there, the 
 pool here).
 
 Frames come from the caller, never from a stream opened here: any iterable of
-:class:`ProfileFrame`. Each model iterates the frames again, so a re-iterable source (a list of
+:class:`Frame` (a :class:`ProfileFrame`, or ingest's :class:`~mlink.scheduler.frame.FrameRecord`). Each model iterates the frames again, so a re-iterable source (a list of
 buffered frames, or :class:`mlink.server.profiling.SiteFrames`, which decodes the site's videos
 again on each pass so a thousand frames need not sit in memory) is used as it is; a one-shot
 iterator is read into a list first.
@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 from tqdm import tqdm
@@ -48,21 +49,32 @@ class ProfileFrame:
     image: np.ndarray
 
 
+class Frame(Protocol):
+    """What profiling reads of a frame: :class:`ProfileFrame` and ingest's ``FrameRecord`` have it."""
+
+    @property
+    def stream(self) -> str: ...
+    @property
+    def timestamp(self) -> float: ...
+    @property
+    def image(self) -> np.ndarray: ...
+
+
 ModelUser = Callable[[str], AbstractContextManager[BlackBoxModel]]
 
 
 class Head:
     """The first ``n`` frames of a re-iterable source, itself re-iterable (nothing is read ahead)."""
 
-    def __init__(self, frames: Iterable[ProfileFrame], n: int) -> None:
+    def __init__(self, frames: Iterable[Frame], n: int) -> None:
         self.frames = frames
         self.n = n
 
-    def __iter__(self) -> Iterator[ProfileFrame]:
+    def __iter__(self) -> Iterator[Frame]:
         return itertools.islice(iter(self.frames), self.n)
 
 
-def head(frames: Iterable[ProfileFrame], n: int) -> Iterable[ProfileFrame]:
+def head(frames: Iterable[Frame], n: int) -> Iterable[Frame]:
     """The first ``n`` of ``frames``: a list for a sequence or an iterator, else a :class:`Head`."""
     if isinstance(frames, Sequence):
         return list(frames[:n])
@@ -72,7 +84,7 @@ def head(frames: Iterable[ProfileFrame], n: int) -> Iterable[ProfileFrame]:
 
 
 def profile(
-    frames: Iterable[ProfileFrame],
+    frames: Iterable[Frame],
     served: Mapping[str, Sequence[str]],
     use_model: ModelUser,
     batch_size: int = 8,

@@ -1,7 +1,8 @@
 """Link upkeep for the planner: the first training, each period's fine-tuning, the eval window.
 
 - :func:`train_links`: links trained on a share of the first profile, the rest held out (the
-  links never train on it) for accuracies;
+  links never train on it) for accuracies; :func:`initial_links`: period 0's links and
+  held-out tuples, trained or given;
 - :func:`fine_tune_links`: each period's new tuples split in half; one half fine-tunes the links
   (when ``links.fine_tune``), the other is returned to join the evaluation window;
 - :func:`slide_window`: the evaluation window keeps the most recent held-out tuples.
@@ -16,6 +17,7 @@ import logging
 from collections.abc import Mapping
 
 from mlink.links import LinkError, LinkSet, TrainConfig, TupleSet
+from mlink.scheduler.options import PlannerOptions
 from mlink.scheduler.plans import PeriodReport
 
 log = logging.getLogger(__name__)
@@ -43,6 +45,30 @@ def train_links(
         log.error("planner: %s", why)
         return None, None, why
     return links, test, ""
+
+
+def initial_links(
+    links: LinkSet | None,
+    heldout: TupleSet | None,
+    tuples: TupleSet | None,
+    options: PlannerOptions,
+    report: PeriodReport,
+) -> tuple[LinkSet | None, TupleSet | None]:
+    """Period 0's (links, held-out tuples): trained on the profiled ``tuples`` when there are no
+    links (as they were when training fails); given links keep their held-out tuples, or hold
+    out ``tuples`` (restricted to their nodes) when they have none."""
+    if links is None:
+        trained, held, note = train_links(
+            tuples, heldout_share=options.heldout_share, seed=options.seed, config=options.train_config, progress=options.progress
+        )
+        report.fine_tune_note = note
+        if trained is None:
+            return None, heldout
+        report.trained = True
+        return trained, held
+    if heldout is None and tuples is not None:
+        return links, tuples.restrict(links.specs)
+    return links, heldout
 
 
 def fine_tune_links(

@@ -14,6 +14,7 @@ URLs are redacted everywhere.
 from __future__ import annotations
 
 import hmac
+from collections.abc import Mapping
 from typing import Annotated, Any
 
 import anyio
@@ -21,8 +22,10 @@ from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, R
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 
-from mlink.server.cache import CacheUnavailable, records_json
+from mlink.scheduler.plans import Plan
+from mlink.server.cache import CacheStats, CacheUnavailable, records_json
 from mlink.server.daemon import Daemon
+from mlink.server.ingest import CameraStatus
 from mlink.server.metrics import Metric, per_label, render
 from mlink.server.snapshot import ServedCounts, Snapshot
 
@@ -210,42 +213,64 @@ def collect_metrics(daemon: Daemon, snap: Snapshot | None = None) -> list[Metric
     snapshot), frame and output counts as of the last batch, camera and cache counters as their
     owners copy them out now."""
     snap = daemon.snapshot if snap is None else snap
-    served: ServedCounts = daemon.served
-    ms: list[Metric] = []
-    ms.append(Metric("mlink_snapshot_version", "Version of the published state these figures come from.", "gauge").add(snap.version))
-    ms.append(Metric("mlink_snapshot_timestamp_seconds", "When that state was published (unix seconds).", "gauge").add(snap.published_at))
-    ms.append(per_label("mlink_frames_total", "Frames served per camera.", "counter", "camera", dict(served.frames)))
-    outputs = Metric("mlink_outputs_total", "Outputs served, by model and provenance (executed/predicted/unavailable).", "counter")
-    for (model, prov), n in sorted(served.outputs.items()):
-        outputs.add(n, model=model, provenance=prov)
-    ms.append(outputs)
+    ms = [
+        Metric("mlink_snapshot_version", "Version of the published state these figures come from.", "gauge").add(snap.version),
+        Metric("mlink_snapshot_timestamp_seconds", "When that state was published (unix seconds).", "gauge").add(snap.published_at),
+        *_served_metrics(daemon.served),
+    ]
     if daemon.ingest is not None:
-        status = daemon.ingest.status()
-        ms.append(per_label("mlink_frames_dropped_total", "Frames dropped by full camera queues.", "counter", "camera", {c: s.drops for c, s in status.items()}))
-        ms.append(per_label("mlink_stream_reconnects_total", "Camera reconnect attempts.", "counter", "camera", {c: s.reconnects for c, s in status.items()}))
-        ms.append(per_label("mlink_stream_connected", "1 while the camera is connected.", "gauge", "camera", {c: float(s.state == "connected") for c, s in status.items()}))
-    pm = snap.pool
-    if pm is not None:
-        ms.append(Metric("mlink_gpu_budget_bytes", "Memory budget of the model pool.", "gauge").add(pm["budget_bytes"]))
-        ms.append(Metric("mlink_gpu_memory_used_bytes", f"Memory charged to loaded models ({pm['source']}).", "gauge").add(pm["charged_bytes"]))
-        names = [row["name"] for row in snap.models]
-        ms.append(per_label("mlink_model_loaded", "1 when the model is loaded.", "gauge", "model", {n: float(n in pm["loaded"]) for n in names}))
-        ms.append(per_label("mlink_model_memory_bytes", "Measured memory cost (peak over load + warm-up).", "gauge", "model", {n: pm["costs"][n] for n in names if n in pm["costs"]}))
-        ms.append(per_label("mlink_model_load_seconds", "Duration of the model's last load.", "gauge", "model", {n: v[-1] for n, v in pm["load_seconds"].items() if v}))
-        ms.append(per_label("mlink_model_unloads_total", "Unloads by reason.", "counter", "reason", pm["unloads"]))
-    plan = snap.plan
-    if plan is not None:
-        ms.append(Metric("mlink_plan_id", "Id of the plan being served.", "gauge").add(plan.id))
-        ms.append(Metric("mlink_plan_expected_accuracy", "Expected mean output accuracy of the plan (Eq. 1).", "gauge").add(plan.objective))
-        ms.append(per_label("mlink_output_expected_accuracy", "Expected accuracy per served output.", "gauge", "output", dict(plan.expected_nodes)))
+        ms += _camera_metrics(daemon.ingest.status())
+    if snap.pool is not None:
+        ms += _pool_metrics(snap.pool, [row["name"] for row in snap.models])
+    if snap.plan is not None:
+        ms += _plan_metrics(snap.plan)
     links = Metric("mlink_link_accuracy", "Held-out accuracy of each single link.", "gauge")
     for src, dst, acc in snap.links.single:
         links.add(acc, source=src, target=dst)
     ms.append(links)
     if daemon.cache is not None:
-        st = daemon.cache.stats()
-        ms.append(Metric("mlink_cache_buffered", "Results waiting in memory for Redis.", "gauge").add(st.buffered))
-        ms.append(Metric("mlink_cache_dropped_total", "Results dropped because the outage buffer was full.", "counter").add(st.dropped))
-        ms.append(Metric("mlink_cache_reconnects_total", "Reconnects to Redis.", "counter").add(st.reconnects))
-        ms.append(Metric("mlink_cache_up", "1 while Redis is reachable.", "gauge").add(float(st.connected)))
+        ms += _cache_metrics(daemon.cache.stats())
     return ms
+
+
+def _served_metrics(served: ServedCounts) -> list[Metric]:
+    outputs = Metric("mlink_outputs_total", "Outputs served, by model and provenance (executed/predicted/unavailable).", "counter")
+    for (model, prov), n in sorted(served.outputs.items()):
+        outputs.add(n, model=model, provenance=prov)
+    return [per_label("mlink_frames_total", "Frames served per camera.", "counter", "camera", dict(served.frames)), outputs]
+
+
+def _camera_metrics(status: Mapping[str, CameraStatus]) -> list[Metric]:
+    return [
+        per_label("mlink_frames_dropped_total", "Frames dropped by full camera queues.", "counter", "camera", {c: s.drops for c, s in status.items()}),
+        per_label("mlink_stream_reconnects_total", "Camera reconnect attempts.", "counter", "camera", {c: s.reconnects for c, s in status.items()}),
+        per_label("mlink_stream_connected", "1 while the camera is connected.", "gauge", "camera", {c: float(s.state == "connected") for c, s in status.items()}),
+    ]
+
+
+def _pool_metrics(pm: dict[str, Any], names: list[str]) -> list[Metric]:
+    return [
+        Metric("mlink_gpu_budget_bytes", "Memory budget of the model pool.", "gauge").add(pm["budget_bytes"]),
+        Metric("mlink_gpu_memory_used_bytes", f"Memory charged to loaded models ({pm['source']}).", "gauge").add(pm["charged_bytes"]),
+        per_label("mlink_model_loaded", "1 when the model is loaded.", "gauge", "model", {n: float(n in pm["loaded"]) for n in names}),
+        per_label("mlink_model_memory_bytes", "Measured memory cost (peak over load + warm-up).", "gauge", "model", {n: pm["costs"][n] for n in names if n in pm["costs"]}),
+        per_label("mlink_model_load_seconds", "Duration of the model's last load.", "gauge", "model", {n: v[-1] for n, v in pm["load_seconds"].items() if v}),
+        per_label("mlink_model_unloads_total", "Unloads by reason.", "counter", "reason", pm["unloads"]),
+    ]
+
+
+def _plan_metrics(plan: Plan) -> list[Metric]:
+    return [
+        Metric("mlink_plan_id", "Id of the plan being served.", "gauge").add(plan.id),
+        Metric("mlink_plan_expected_accuracy", "Expected mean output accuracy of the plan (Eq. 1).", "gauge").add(plan.objective),
+        per_label("mlink_output_expected_accuracy", "Expected accuracy per served output.", "gauge", "output", dict(plan.expected_nodes)),
+    ]
+
+
+def _cache_metrics(st: CacheStats) -> list[Metric]:
+    return [
+        Metric("mlink_cache_buffered", "Results waiting in memory for Redis.", "gauge").add(st.buffered),
+        Metric("mlink_cache_dropped_total", "Results dropped because the outage buffer was full.", "counter").add(st.dropped),
+        Metric("mlink_cache_reconnects_total", "Reconnects to Redis.", "counter").add(st.reconnects),
+        Metric("mlink_cache_up", "1 while Redis is reachable.", "gauge").add(float(st.connected)),
+    ]

@@ -2,7 +2,9 @@
 
 Sampling is by timestamp, not by frame count, so a 10 fps file and a 30 fps camera sampled at
 1 fps both give one frame per second of video. Timestamps are the frame index over the nominal
-fps (25 when the source reports none).
+fps (25 when the source reports none). :class:`FrameSampler` is the same sampling for the
+camera readers (``server/ingest.py``), which grab frame by frame and sample live streams by
+wall time.
 """
 
 from __future__ import annotations
@@ -101,3 +103,39 @@ def read_frames(
             raise FrameSourceError(f"video {redact(str(url))}: opened but no frame could be decoded")
     finally:
         cap.release()
+
+
+def grab_failed_reason(live: bool, produced: int) -> str:
+    """Why a reader's grab failed: a live stream stopped, a file had no frame, or it ended."""
+    if live:
+        return "read failed: the stream stopped sending frames (closed, timed out or lost)"
+    if produced == 0:
+        return "opened but no frame could be decoded"
+    return "eof"
+
+
+class FrameSampler:
+    """Which grabbed frames a camera reader keeps, ``fps`` of them a second: by video time for
+    files (frame ``index`` / the file's ``native`` rate), by wall (monotonic) time for live streams."""
+
+    def __init__(self, live: bool, fps: float, native: float, opened: float) -> None:
+        self.live = live
+        self.period = 1.0 / fps
+        self.native = native
+        self.opened = opened
+        self.next_t = 0.0  # files: next sampled video time
+        self.next_due = opened  # live: next sampled wall (monotonic) time
+
+    def due(self, index: int, now: float) -> float | None:
+        """The frame's time (video seconds; for live streams, seconds since opening), or None to skip it."""
+        if self.live:
+            if now < self.next_due:
+                return None
+            # on average fps; never two samples closer than half a period (network bursts)
+            self.next_due = max(self.next_due + self.period, now + self.period / 2)
+            return now - self.opened
+        t = index / self.native
+        if t + 1e-6 < self.next_t:
+            return None
+        self.next_t = max(self.next_t + self.period, t)
+        return t

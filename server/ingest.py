@@ -28,15 +28,16 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import cv2
 
 from mlink.configs.schema import IngestConfig, StreamEntry
 from mlink.scheduler.frame import FrameRecord
 from mlink.server.backoff import Backoff
-from mlink.server.frames import FrameSourceError, is_live, open_capture, resolve_url
+from mlink.server.frames import FrameSampler, FrameSourceError, grab_failed_reason, is_live, open_capture, resolve_url
 from mlink.server.redact import redact
 
 if TYPE_CHECKING:
@@ -118,7 +119,7 @@ class CameraReader:
         stream: StreamEntry,
         settings: IngestConfig | None = None,
         *,
-        store: "AssetStore | None" = None,
+        store: AssetStore | None = None,
         notify: threading.Condition | None = None,
     ) -> None:
         self.stream = stream
@@ -156,7 +157,7 @@ class CameraReader:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def start(self) -> "CameraReader":
+    def start(self) -> CameraReader:
         if self._thread is not None:
             raise RuntimeError(f"camera {self.id}: reader already started (make a new one to restart)")
         self._thread = threading.Thread(target=self._run, name=f"mlink-ingest-{self.id}", daemon=True)
@@ -259,10 +260,7 @@ class CameraReader:
         return open_capture(url), live
 
     def _error(self, exc: BaseException | str) -> None:
-        if isinstance(exc, (str, FrameSourceError)):
-            msg = redact(str(exc))
-        else:
-            msg = redact(f"{type(exc).__name__}: {exc}")
+        msg = redact(str(exc)) if isinstance(exc, (str, FrameSourceError)) else redact(f"{type(exc).__name__}: {exc}")
         self._set(last_error=msg, last_error_at=time.time())
         log.warning("camera %s (%s): %s", self.id, self.safe_url, msg)
 
@@ -319,42 +317,25 @@ class CameraReader:
         native = cap.get(cv2.CAP_PROP_FPS) or 0.0
         if native <= 0 or native > 1000:
             native = 25.0
-        period = 1.0 / self.stream.fps
-        opened = time.monotonic()
-        next_t = 0.0  # files: next sampled video time
-        next_due = opened  # live: next sampled wall (monotonic) time
+        sampler = FrameSampler(live, self.stream.fps, native, time.monotonic())
         anchor: float | None = None  # files with realtime: monotonic time of video t=0
         index = -1
         produced = 0
         while not self._stop.is_set():
             if not cap.grab():
-                if live:
-                    return ("read failed: the stream stopped sending frames (closed, timed out or lost)", seq)
-                if produced == 0:
-                    return ("opened but no frame could be decoded", seq)
-                return ("eof", seq)
+                return (grab_failed_reason(live, produced), seq)
             index += 1
             now = time.monotonic()
-            if live:
-                if now < next_due:
-                    continue
-                # on average fps; never two samples closer than half a period (network bursts)
-                next_due = max(next_due + period, now + period / 2)
-                pts = now - opened
-            else:
-                t = index / native
-                if t + 1e-6 < next_t:
-                    continue
-                next_t = max(next_t + period, t)
-                pts = t
+            pts = sampler.due(index, now)
+            if pts is None:
+                continue
             ok, image = cap.retrieve()
             if not ok or image is None:
                 if live:
                     return ("decode failed", seq)
                 continue
             if self.settings.realtime and not live:
-                if anchor is None:
-                    anchor = now - pts
+                anchor = now - pts if anchor is None else anchor
                 delay = anchor + pts - time.monotonic()
                 if delay > 0 and self._stop.wait(delay):
                     return ("stopped", seq)
@@ -382,7 +363,7 @@ class ApplyResult:
 class Ingest:
     """All cameras' readers; frames per camera or round-robin across them."""
 
-    def __init__(self, settings: IngestConfig | None = None, *, store: "AssetStore | None" = None) -> None:
+    def __init__(self, settings: IngestConfig | None = None, *, store: AssetStore | None = None) -> None:
         self.settings = settings or IngestConfig()
         self.store = store
         self._readers: dict[str, CameraReader] = {}
@@ -486,7 +467,7 @@ class Ingest:
         for r in readers:
             r.stop(timeout=2.0)
 
-    def __enter__(self) -> "Ingest":
+    def __enter__(self) -> Ingest:
         return self
 
     def __exit__(self, *exc: object) -> None:

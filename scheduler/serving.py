@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -136,7 +137,7 @@ def _record(frame: Any, position: int, now: float) -> FrameRecord:
 
 def serve(
     frames: Sequence[Any],
-    plan: "Plan",
+    plan: Plan,
     pool: ModelPool,
     links: LinkSet | None,
     *,
@@ -163,7 +164,7 @@ def serve(
 class _Step:
     """One :func:`serve` call: the plan's nodes and specs, served chunk by chunk."""
 
-    def __init__(self, plan: "Plan", pool: ModelPool, links: LinkSet | None, accuracy: NodeAccuracy | None) -> None:
+    def __init__(self, plan: Plan, pool: ModelPool, links: LinkSet | None, accuracy: NodeAccuracy | None) -> None:
         self.plan = plan
         self.pool = pool
         self.links = links
@@ -213,7 +214,8 @@ class _Step:
         predicted: list[Mapping[str, np.ndarray]] = [{} for _ in source_outputs]
         if wanted:
             try:
-                predicted = links.predict_batch(executed, source_outputs, targets=wanted)  # type: ignore[union-attr]
+                assert links is not None  # wanted is empty without links
+                predicted = list[Mapping[str, np.ndarray]](links.predict_batch(executed, source_outputs, targets=wanted))
             except Exception as exc:  # links are someone else's code: never fail the step
                 log.exception("serving: link prediction failed")
                 return wanted, predicted, f"prediction failed: {type(exc).__name__}: {exc}"

@@ -46,8 +46,9 @@ import threading
 import time
 import uuid
 from collections import Counter, deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, cast
 
 import redis
 from redis.backoff import NoBackoff
@@ -159,7 +160,7 @@ class ResultCache:
         self._thread.start()
 
     @classmethod
-    def from_config(cls, cfg: "CacheConfig", url: str | None = None, *, prefix: str = "mlink", **kwargs: Any) -> "ResultCache":
+    def from_config(cls, cfg: CacheConfig, url: str | None = None, *, prefix: str = "mlink", **kwargs: Any) -> ResultCache:
         """A cache for ``cfg``; ``url`` (an embedded server's) is used when cfg has no redis_url."""
         target = cfg.redis_url or url
         if not target:
@@ -286,7 +287,11 @@ class ResultCache:
                 self._wake.wait()
                 self._wake.clear()
                 continue
-            ok = self._drain() if pending else (self._reconnect_if_idle() or self._connected)
+            if pending:
+                ok = self._drain()
+            else:
+                self._reconnect_if_idle()
+                ok = self._connected
             if ok:
                 self._backoff.reset()
                 continue
@@ -307,7 +312,7 @@ class ResultCache:
             return True
 
     # -- reading ---------------------------------------------------------------------------
-    def _decode(self, camera: str, raw: str) -> Record:
+    def _decode(self, camera: str, raw: str | bytes) -> Record:
         env = json.loads(raw)
         return Record(camera=camera, ts=env["ts"], result=env["result"], id=env["id"])
 
@@ -362,12 +367,12 @@ class ResultCache:
         hi = "+inf" if until is None else repr(float(until))
         try:
             if limit is None:
-                raw = self._client.zrangebyscore(self._k_history(camera), lo, hi)
+                raw = list(self._client.zrangebyscore(self._k_history(camera), lo, hi))
             else:
                 raw = list(reversed(self._client.zrevrangebyscore(self._k_history(camera), hi, lo, start=0, num=limit)))
         except redis.RedisError as exc:
             raise self._fail(exc) from None
-        records = [self._decode(camera, r) for r in raw]
+        records = [self._decode(camera, cast(str, r)) for r in raw]  # members: str (decode_responses)
         pending = [
             e for e in self._buffered(camera)
             if (since is None or e.ts >= since) and (until is None or e.ts <= until)
@@ -386,7 +391,7 @@ class ResultCache:
         if err:
             raise err
         try:
-            ids = set(self._client.smembers(self._k_cameras()))
+            ids = {str(c) for c in self._client.smembers(self._k_cameras())}  # str already (decode_responses)
         except redis.RedisError as exc:
             raise self._fail(exc) from None
         with self._lock:
@@ -449,14 +454,14 @@ class ResultCache:
         self._thread.join(timeout=5.0)
         self._client.close()
 
-    def __enter__(self) -> "ResultCache":
+    def __enter__(self) -> ResultCache:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
 
-def open_cache(cfg: "CacheConfig", *, prefix: str = "mlink", directory: str | None = None) -> tuple[ResultCache, "EmbeddedRedis | None"]:
+def open_cache(cfg: CacheConfig, *, prefix: str = "mlink", directory: str | None = None) -> tuple[ResultCache, EmbeddedRedis | None]:
     """The daemon's cache: cfg.redis_url, or an embedded redis-server (returned, to be closed after
     the cache) when it has none."""
     server = None

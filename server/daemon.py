@@ -29,7 +29,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mlink.configs.load import ConfigError, load_config, parse_config
 from mlink.configs.schema import SiteConfig
@@ -47,6 +47,9 @@ from mlink.server.cache import ResultCache, open_cache
 from mlink.server.ingest import Ingest
 from mlink.server.profiling import NoProfileFiles, plan_stream_frames, site_frames, stored_profile
 from mlink.server.snapshot import NO_LINKS, LinkViews, ServedCounts, Snapshot, link_views, model_rows
+
+if TYPE_CHECKING:
+    from mlink.server.redis_embedded import EmbeddedRedis
 
 log = logging.getLogger("mlink.daemon")
 
@@ -105,7 +108,7 @@ class Daemon:
         self.state = "starting"  # starting -> profiling -> serving -> stopped | failed
         self.error: str | None = None
         self.cache: ResultCache | None = None
-        self._redis = None
+        self._redis: EmbeddedRedis | None = None
         self.ingest: Ingest | None = None
         self.pool = None
         self.planner: Planner | None = None

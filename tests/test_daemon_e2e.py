@@ -9,13 +9,15 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import httpx
 import pytest
 import uvicorn
 import yaml
+from waiting import wait_for as _wait_for  # tests/waiting.py
+
 from mlink.configs.load import load_config
 from mlink.links import LinkSet
 from mlink.models.assets import AssetStore
@@ -23,7 +25,6 @@ from mlink.models.catalog import zoo_catalog
 from mlink.scheduler.accuracy import LinkAccuracy
 from mlink.server.api import create_app
 from mlink.server.daemon import Daemon
-from waiting import wait_for as _wait_for  # tests/waiting.py
 
 TOKEN = "test-token"
 
@@ -80,7 +81,7 @@ def running(store: AssetStore, tmp_path_factory: pytest.TempPathFactory) -> Iter
 
 
 def test_health_before_and_after_readiness(running) -> None:
-    daemon, client, _ = running
+    _daemon, client, _ = running
     assert client.get("/healthz").json()["status"] == "ok"
     r = client.get("/readyz")
     assert r.status_code == 200, r.text
@@ -88,7 +89,7 @@ def test_health_before_and_after_readiness(running) -> None:
 
 
 def test_every_model_output_appears_with_provenance(running) -> None:
-    daemon, client, _ = running
+    _daemon, client, _ = running
     latest = wait_for(lambda: client.get("/api/v1/cameras/walkway/results/latest").status_code == 200
                       and client.get("/api/v1/cameras/walkway/results/latest").json(), 60, "a walkway result")
     result = latest["result"]
@@ -154,7 +155,7 @@ def test_a_stored_result_carries_the_record_ingest_produced(running) -> None:
         return r.json()["results"]
 
     for f in walkway:
-        got = wait_for(lambda: stored(f.wall_time, f.wall_time), 30, f"the result of frame {f.index}")
+        got = wait_for(lambda f=f: stored(f.wall_time, f.wall_time), 30, f"the result of frame {f.index}")
         assert len(got) == 1, got
         env = got[0]
         assert env["camera"] == "walkway" and env["ts"] == f.wall_time
@@ -182,7 +183,7 @@ def test_a_bad_camera_reports_its_error_while_others_produce(running) -> None:
 
 
 def test_invalid_reload_is_rejected_and_changes_nothing(running) -> None:
-    daemon, client, config_path = running
+    daemon, client, _config_path = running
     plan_before = client.get("/api/v1/schedule").json()["plan"]["plan_id"]
     bad = yaml.safe_dump(site_yaml("0.6x", [WALKWAY, {"id": "x y", "url": "asset://vtest", "fps": -1}]))
     assert client.post("/api/v1/config/reload", content=bad).status_code == 401
@@ -275,6 +276,23 @@ def _check_response(path: str, body, snap) -> None:
         assert m["mlink_gpu_budget_bytes"][()] == snap.pool["budget_bytes"] == snap.plan.budget
 
 
+def _check_burst(seen: list[list[tuple[str, int, int, object, str]]], published: dict) -> set[int]:
+    """Every client's responses: versions never go backwards, each 200 and whole from the snapshot
+    its header names; returns the plan ids seen."""
+    plans = set()
+    for rows in seen:
+        versions = [v for _, _, v, _, _ in rows]
+        assert versions == sorted(versions), "a client saw an older snapshot after a newer one"
+        for path, status, version, body, plan_header in rows:
+            assert status == 200, (path, body)
+            snap = published[version]
+            assert plan_header == str(snap.plan.id)
+            assert set(snap.plan.active) <= set(snap.pool["loaded"])
+            _check_response(path, body, snap)
+            plans.add(snap.plan.id)
+    return plans
+
+
 def test_reload_and_period_during_a_burst_of_readers_serve_whole_snapshots(running, monkeypatch) -> None:
     """Three clients read links, metrics, schedule and models while a reload re-plans, a period
     re-profiles and fine-tunes the links, and a second reload re-plans again: every response is
@@ -343,17 +361,7 @@ def test_reload_and_period_during_a_burst_of_readers_serve_whole_snapshots(runni
     assert not any(t.is_alive() for t in threads)
     assert computing_threads == {"mlink-pipeline"}, computing_threads
 
-    plans = set()
-    for rows in seen:
-        versions = [v for _, _, v, _, _ in rows]
-        assert versions == sorted(versions), "a client saw an older snapshot after a newer one"
-        for path, status, version, body, plan_header in rows:
-            assert status == 200, (path, body)
-            snap = published[version]
-            assert plan_header == str(snap.plan.id)
-            assert set(snap.plan.active) <= set(snap.pool["loaded"])
-            _check_response(path, body, snap)
-            plans.add(snap.plan.id)
+    plans = _check_burst(seen, published)
     # The burst spanned the first reload's plan, the period's, and the second reload's.
     assert period.plan.id in plans and len(plans) >= 3, sorted(plans)
     assert any(s.links is not period.links for s in published.values() if s.plan is not None and s.plan.id < period.plan.id)

@@ -3,6 +3,7 @@ looping, pacing, drop-oldest, reconnects with redacted errors, apply() as a diff
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import threading
@@ -12,12 +13,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import cv2
 import numpy as np
 import pytest
+from waiting import wait_for  # tests/waiting.py
 
 from mlink.configs.schema import IngestConfig, StreamEntry
 from mlink.scheduler.frame import FrameRecord
 from mlink.server.frames import read_frames, resolve_url
 from mlink.server.ingest import Backoff, CameraReader, Ingest, is_live, redact
-from waiting import wait_for  # tests/waiting.py
 
 FAST = IngestConfig(realtime=False, queue=4, backoff_base_s=0.05, backoff_max_s=0.2, backoff_jitter=0.1,
                     open_timeout_s=2, read_timeout_s=2)
@@ -135,7 +136,7 @@ def test_slow_consumer_gets_the_newest_frames_and_drops_are_counted(store) -> No
             # A consumer slower than decoding, on any machine: it takes a frame only after the
             # full queue dropped one since its last take.
             seen = r.status().drops
-            wait_for(lambda: r.status().drops > seen, 10, "the full queue to drop a frame")
+            wait_for(lambda seen=seen: r.status().drops > seen, 10, "the full queue to drop a frame")
             f = r.get(timeout=5)
             assert f is not None
             consumed.append(f)
@@ -148,7 +149,7 @@ def test_slow_consumer_gets_the_newest_frames_and_drops_are_counted(store) -> No
     st = r.status()
     assert st.drops >= 5  # at least one per take
     # Drop-oldest: a drop since the last take removed the frame after it, so every take skips.
-    assert consumed[0].seq >= 1 and all(b.seq >= a.seq + 2 for a, b in zip(consumed, consumed[1:]))
+    assert consumed[0].seq >= 1 and all(b.seq >= a.seq + 2 for a, b in itertools.pairwise(consumed))
     assert st.frames_in == len(consumed) + len(left) + st.drops  # every frame accounted for
     assert [f.seq for f in left] == list(range(st.frames_in - 3, st.frames_in))  # the newest 3
     assert st.frames_processed == 5 and st.queued == 0

@@ -21,19 +21,44 @@ bench_app = typer.Typer(help="Benchmarks: the paper's evaluation on our sites.",
 def table4_cmd(
     site: str | None = SiteOpt,
     config: Path | None = ConfigOpt,
-    frames: int | None = typer.Option(None, "--frames", min=20, help="oracle frames (default: the site's latest profile; profiled first when missing or shorter)"),
-    as_json: bool = typer.Option(False, "--json", help="print every method's figures at every budget as one JSON object"),
+    frames: int | None = typer.Option(
+        None,
+        "--frames",
+        min=20,
+        help="oracle frames (default: the site's latest profile; profiled first when missing or shorter)",
+    ),
+    as_json: bool = typer.Option(
+        False, "--json", help="print every method's figures at every budget as one JSON object"
+    ),
     out: Path | None = typer.Option(None, "--out", help="output folder (default: $MLINK_HOME/bench/SITE)"),
-    home: Path | None = typer.Option(None, "--home", help="where profiles live (default: the asset store's home, $MLINK_HOME)"),
-    periods: int | None = typer.Option(None, "--periods", min=1, help="periods over the evaluation stream (default 10)"),
-    train_share: float | None = typer.Option(None, "--train-share", help="share of the frames (first, in time order) everything trains on (default 0.1)"),
-    profile_share: float | None = typer.Option(None, "--profile-share", help="share of each period MLink profiles through all models (default 0.01, at least 2 frames)"),
+    home: Path | None = typer.Option(
+        None, "--home", help="where profiles live (default: the asset store's home, $MLINK_HOME)"
+    ),
+    periods: int | None = typer.Option(
+        None, "--periods", min=1, help="periods over the evaluation stream (default 10)"
+    ),
+    train_share: float | None = typer.Option(
+        None, "--train-share", help="share of the frames (first, in time order) everything trains on (default 0.1)"
+    ),
+    profile_share: float | None = typer.Option(
+        None,
+        "--profile-share",
+        help="share of each period MLink profiles through all models (default 0.01, at least 2 frames)",
+    ),
     sweep: int | None = typer.Option(None, "--sweep", min=0, help="budgets in the sweep for the curve (default 8)"),
-    epochs: int | None = typer.Option(None, "--epochs", min=1, help="link training epochs (default 100, early-stopped)"),
+    epochs: int | None = typer.Option(
+        None, "--epochs", min=1, help="link training epochs (default 100, early-stopped)"
+    ),
     mtl_epochs: int | None = typer.Option(None, "--mtl-epochs", min=1, help="MTL head training epochs (default 300)"),
-    dqn_steps: int | None = typer.Option(None, "--dqn-steps", min=1, help="DRLS DQN training steps per budget (default 4000)"),
-    latency_frames: int | None = typer.Option(None, "--latency-frames", min=1, help="frames per model for the latency median (default 20)"),
-    cost_repeats: int | None = typer.Option(None, "--cost-repeats", min=1, help="loads per model for the memory cost (largest kept; default 2)"),
+    dqn_steps: int | None = typer.Option(
+        None, "--dqn-steps", min=1, help="DRLS DQN training steps per budget (default 4000)"
+    ),
+    latency_frames: int | None = typer.Option(
+        None, "--latency-frames", min=1, help="frames per model for the latency median (default 20)"
+    ),
+    cost_repeats: int | None = typer.Option(
+        None, "--cost-repeats", min=1, help="loads per model for the memory cost (largest kept; default 2)"
+    ),
     remeasure: bool = typer.Option(False, "--remeasure", help="measure costs again instead of using the cached table"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
 ) -> None:
@@ -49,7 +74,9 @@ def table4_cmd(
         "latency_frames": latency_frames,
         "cost_repeats": cost_repeats,
     }
-    run_guarded(lambda: _table4(site, config, frames, out, home, options, remeasure=remeasure, quiet=quiet, as_json=as_json))
+    run_guarded(
+        lambda: _table4(site, config, frames, out, home, options, remeasure=remeasure, quiet=quiet, as_json=as_json)
+    )
 
 
 def _table4(

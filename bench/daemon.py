@@ -27,7 +27,11 @@ import yaml
 SITE = {
     "site": "bench",
     "budget": "0.8x",
-    "models": [{"name": "hog_people"}, {"name": "mobilenet_v2"}, {"name": "yolox_nano", "outputs": ["object_count", "boxes"]}],
+    "models": [
+        {"name": "hog_people"},
+        {"name": "mobilenet_v2"},
+        {"name": "yolox_nano", "outputs": ["object_count", "boxes"]},
+    ],
     "streams": [{"id": "walkway", "url": "asset://vtest", "fps": 5, "loop": True}],
     "links": {"profile_frames": 60},
     "scheduler": {"batch_size": 1},
@@ -88,7 +92,9 @@ def api_latency(rate: float, seconds: float) -> dict:
             time.sleep(0.1)
         port = server.servers[0].sockets[0].getsockname()[1]
         url = f"http://127.0.0.1:{port}/api/v1/cameras/walkway/results/latest"
-        out = subprocess.run([sys.executable, "-c", LOADGEN, url, str(rate), str(seconds)], capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, "-c", LOADGEN, url, str(rate), str(seconds)], capture_output=True, text=True, check=True
+        )
         return json.loads(out.stdout)
     finally:
         server.should_exit = True
@@ -170,12 +176,16 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"api": api, "pipeline": pipe}))
         return 0
     print(f"\nGET latest result, {args.rate:.0f} req/s for {args.seconds:.0f} s from a second process on loopback:")
-    print(f"  p50 {api['p50_ms']:.2f} ms   p99 {api['p99_ms']:.2f} ms   max {api['max_ms']:.2f} ms   "
-          f"({api['ok']}/{api['requests']} ok, achieved {api['achieved_rate']:.0f} req/s)")
+    print(
+        f"  p50 {api['p50_ms']:.2f} ms   p99 {api['p99_ms']:.2f} ms   max {api['max_ms']:.2f} ms   "
+        f"({api['ok']}/{api['requests']} ok, achieved {api['achieved_rate']:.0f} req/s)"
+    )
     print(f"\npipeline per frame ({pipe['frames']} frames of vtest, active {pipe['active']}):")
     for k, v in pipe["per_frame_ms"].items():
         print(f"  {k:<9} {v:8.2f} ms")
-    print(f"  overhead (decode + scheduling + links + cache write) / model time: {pipe['overhead_share_of_model_time']:.1%}")
+    print(
+        f"  overhead (decode + scheduling + links + cache write) / model time: {pipe['overhead_share_of_model_time']:.1%}"
+    )
     return 0
 
 

@@ -130,16 +130,27 @@ def _site_config(args: argparse.Namespace, params: dict[str, dict[str, Any]]) ->
             f"scheduler:\n  period_s: 1.0\n  profile_share: 0.34\n  switch_margin: 0.0\n  batch_size: {args.batch}",
         ]
     )
-    return parse_config(site_yaml.replace("budget: auto", "budget: 0.8x"), "<gpu-check>", catalog=zoo_catalog())  # the planner gets bytes below
+    return parse_config(
+        site_yaml.replace("budget: auto", "budget: 0.8x"), "<gpu-check>", catalog=zoo_catalog()
+    )  # the planner gets bytes below
 
 
-def _probe_costs(args: argparse.Namespace, cfg: Any, store: Any, meter: Any, params: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+def _probe_costs(
+    args: argparse.Namespace, cfg: Any, store: Any, meter: Any, params: dict[str, dict[str, Any]]
+) -> list[dict[str, Any]]:
     """Step 1: each model loaded alone through a pool and unloaded again; one row of figures per model."""
     from mlink.scheduler.pool import ModelPool
     from mlink.scheduler.site import model_factory
 
     names = sorted(params)
-    probe = ModelPool(meter.total(), args.device, meter=meter, factory=model_factory(cfg, store), warmup_batch=args.batch, models=names)
+    probe = ModelPool(
+        meter.total(),
+        args.device,
+        meter=meter,
+        factory=model_factory(cfg, store),
+        warmup_batch=args.batch,
+        models=names,
+    )
     rows = []
     for n in names:
         dev0 = meter.device_used()
@@ -180,7 +191,16 @@ def _budget(spec: str, costs: dict[str, int], total: int) -> int:
     return budget
 
 
-def _run_planner(args: argparse.Namespace, cfg: Any, store: Any, meter: Any, budget: int, costs: dict[str, int], frames: list[Any], fps: float) -> tuple[Any, Any, Any, int]:
+def _run_planner(
+    args: argparse.Namespace,
+    cfg: Any,
+    store: Any,
+    meter: Any,
+    budget: int,
+    costs: dict[str, int],
+    frames: list[Any],
+    fps: float,
+) -> tuple[Any, Any, Any, int]:
     """Step 2: the planner over a few short periods, GPU memory sampled all along.
     Returns the planner, its pool, the measurement and the number of frames served."""
     from mlink.links import TrainConfig
@@ -192,10 +212,19 @@ def _run_planner(args: argparse.Namespace, cfg: Any, store: Any, meter: Any, bud
 
     names = [m.name for m in cfg.models]  # sorted, as _site_config wrote them
     pool = ModelPool(
-        budget, args.device, meter=meter, factory=model_factory(cfg, store), costs=costs, warmup_batch=args.batch, models=names
+        budget,
+        args.device,
+        meter=meter,
+        factory=model_factory(cfg, store),
+        costs=costs,
+        warmup_batch=args.batch,
+        models=names,
     )
     options = PlannerOptions.from_site(
-        cfg, budget=budget, train_config=TrainConfig(epochs=5, patience=2, combiner_steps=50, fine_tune_epochs=2), frame_rate=fps
+        cfg,
+        budget=budget,
+        train_config=TrainConfig(epochs=5, patience=2, combiner_steps=50, fine_tune_epochs=2),
+        frame_rate=fps,
     )
     planner = Planner(cfg, pool, options=options, clock=lambda: 0.0)
     watcher = MemoryMeter(args.device)
@@ -221,21 +250,35 @@ def _run_planner(args: argparse.Namespace, cfg: Any, store: Any, meter: Any, bud
 def _twice(planner: Any, names: list[str]) -> dict[int, dict[str, tuple[int, int]]]:
     """Models loaded or unloaded more than once in a period, by period (after the first plan)."""
     twice = {
-        r.period: {k: (r.loads.get(k, 0), r.unloads.get(k, 0)) for k in names if r.loads.get(k, 0) > 1 or r.unloads.get(k, 0) > 1}
+        r.period: {
+            k: (r.loads.get(k, 0), r.unloads.get(k, 0))
+            for k in names
+            if r.loads.get(k, 0) > 1 or r.unloads.get(k, 0) > 1
+        }
         for r in planner.reports
         if r.period >= 1
     }
     return {p: v for p, v in twice.items() if v}
 
 
-def _print_report(args: argparse.Namespace, out: dict[str, Any], costs: dict[str, int], twice: dict[int, Any], planner: Any, pool: Any, m: Any) -> None:
+def _print_report(
+    args: argparse.Namespace,
+    out: dict[str, Any],
+    costs: dict[str, int],
+    twice: dict[int, Any],
+    planner: Any,
+    pool: Any,
+    m: Any,
+) -> None:
     budget = out["budget_bytes"]
     peak_above_baseline = out["measured"]["peak_above_baseline"]
     over = peak_above_baseline is not None and peak_above_baseline > budget
     print(f"GPU check on {out['gpu']} ({args.device}), memory from {out['nvml_source']}")
     for n, w in out["left_out"].items():
         print(f"  left out {n}: {w}")
-    print(f"{'model':<40} {'peak cost':>13} {'resident':>13} {'unload freed':>13} {'device delta':>13} {'load s':>7}  fits {_mib(budget).strip()}?")
+    print(
+        f"{'model':<40} {'peak cost':>13} {'resident':>13} {'unload freed':>13} {'device delta':>13} {'load s':>7}  fits {_mib(budget).strip()}?"
+    )
     for r in out["models"]:
         if not r["ok"]:
             print(f"{r['model']:<40} FAILED: {r['why']}")
@@ -253,7 +296,9 @@ def _print_report(args: argparse.Namespace, out: dict[str, Any], costs: dict[str
             f"plan {r.plan_id} active {r.candidate and r.candidate.get('active')}, loads {sum(r.loads.values())}, "
             f"unloads {sum(r.unloads.values())}, peak charged {_mib(r.peak_charged).strip()}, {r.total_s:.1f} s"
         )
-    peak_txt = _mib(peak_above_baseline).strip() if peak_above_baseline is not None else f"n/a (source changed to {m.source})"
+    peak_txt = (
+        _mib(peak_above_baseline).strip() if peak_above_baseline is not None else f"n/a (source changed to {m.source})"
+    )
     print(
         f"measured peak above the pool's baseline: {peak_txt} vs budget {_mib(budget).strip()}"
         f" -> {'OK' if not over else 'OVER BUDGET'}  ({m.samples} samples of {m.source}; planner's peak charged {_mib(planner.peak_charged).strip()})"
@@ -282,7 +327,9 @@ def main(argv: list[str] | None = None) -> int:
 
     meter = MemoryMeter(args.device)
     if not meter.gpu and not args.dry_run_cpu:
-        print(f"error: CUDA works but NVML does not ({meter.nvml_error}); GPU memory cannot be measured", file=sys.stderr)
+        print(
+            f"error: CUDA works but NVML does not ({meter.nvml_error}); GPU memory cannot be measured", file=sys.stderr
+        )
         return 2
     torch.set_num_threads(min(4, os.cpu_count() or 1))
     store = default_store()

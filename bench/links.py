@@ -51,7 +51,9 @@ def plan_jobs(links: Any, active: frozenset) -> list[Job]:
     return [(active, [t for t in links.targets if node_model(t) not in active])]
 
 
-def prediction_ms(links: Any, frames: list[dict[str, np.ndarray]], batch: int, jobs: list[Job], rounds: int = 3) -> float:
+def prediction_ms(
+    links: Any, frames: list[dict[str, np.ndarray]], batch: int, jobs: list[Job], rounds: int = 3
+) -> float:
     """Time per frame to run ``jobs`` for a batch of ``batch`` frames: the median over batches,
     the lowest of ``rounds`` passes (this is a shared 2-core machine; a pass right after
     training ran up to 1.7x slower)."""
@@ -92,7 +94,15 @@ def model_latencies(cfg: Any, store: Any, n: int) -> dict[str, float]:
     return out
 
 
-def run(site: str | None, config: str | None, tuples_n: int, threads: int, batches: list[int], latency_frames: int, progress: bool) -> dict:
+def run(
+    site: str | None,
+    config: str | None,
+    tuples_n: int,
+    threads: int,
+    batches: list[int],
+    latency_frames: int,
+    progress: bool,
+) -> dict:
     import torch
 
     from mlink.configs.load import load_config, site_config_path
@@ -125,7 +135,9 @@ def run(site: str | None, config: str | None, tuples_n: int, threads: int, batch
     serving_batch = cfg.scheduler.batch_size
     plans = [frozenset(c) for r in range(1, len(links.models)) for c in itertools.combinations(links.models, r)]
     per_plan = {
-        ",".join(sorted(a)): {str(b): prediction_ms(links, frames, b, plan_jobs(links, a)) for b in sorted({1, serving_batch})}
+        ",".join(sorted(a)): {
+            str(b): prediction_ms(links, frames, b, plan_jobs(links, a)) for b in sorted({1, serving_batch})
+        }
         for a in plans
     }
     lat = model_latencies(cfg, store, latency_frames)
@@ -134,7 +146,13 @@ def run(site: str | None, config: str | None, tuples_n: int, threads: int, batch
         "plans": per_plan,
         "serving_batch": serving_batch,
         "site": cfg.site,
-        "train": {"tuples": len(train), "threads": threads, "seconds": train_s, "links": len(links.links), "ensembles": len(links.ensembles)},
+        "train": {
+            "tuples": len(train),
+            "threads": threads,
+            "seconds": train_s,
+            "links": len(links.links),
+            "ensembles": len(links.ensembles),
+        },
         "prediction": {str(b): {**v, "share_of_cheapest": v["all_ms"] / lat[cheapest]} for b, v in pred.items()},
         "held_out_frames": len(frames),
         "model_ms": lat,
@@ -152,15 +170,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--latency-frames", type=int, default=20)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
-    r = run(args.site, args.config, args.tuples, args.threads, [int(b) for b in args.batches.split(",")], args.latency_frames, not args.json)
+    r = run(
+        args.site,
+        args.config,
+        args.tuples,
+        args.threads,
+        [int(b) for b in args.batches.split(",")],
+        args.latency_frames,
+        not args.json,
+    )
     if args.json:
         print(json.dumps(r))
         return 0
     t = r["train"]
-    print(f"\nlinks of site {r['site']}: {t['links']} links + {t['ensembles']} ensembles trained on {t['tuples']} tuples, "
-          f"{t['threads']} threads: {t['seconds']:.1f} s")
+    print(
+        f"\nlinks of site {r['site']}: {t['links']} links + {t['ensembles']} ensembles trained on {t['tuples']} tuples, "
+        f"{t['threads']} threads: {t['seconds']:.1f} s"
+    )
     lat = r["model_ms"]
-    print("models, median ms per frame: " + ", ".join(f"{m} {v:.1f}" for m, v in sorted(lat.items(), key=lambda kv: kv[1])))
+    print(
+        "models, median ms per frame: "
+        + ", ".join(f"{m} {v:.1f}" for m, v in sorted(lat.items(), key=lambda kv: kv[1]))
+    )
     print(f"prediction of all ensembles (each with every other model active), {r['held_out_frames']} held-out frames:")
     print(f"{'batch':>6} {'all ms/frame':>13} {'vector ms/frame':>16} {'% of ' + r['cheapest']:>22}")
     for b, v in r["prediction"].items():
@@ -168,7 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     sb = str(r["serving_batch"])
     cheap = lat[r["cheapest"]]
     print("what the serving step predicts under each plan (every output of the models not active), ms per frame:")
-    print(f"{'active models':<48} {'batch 1':>9} {'batch ' + sb:>9} {'% of ' + r['cheapest'] + ' (batch ' + sb + ')':>30}")
+    print(
+        f"{'active models':<48} {'batch 1':>9} {'batch ' + sb:>9} {'% of ' + r['cheapest'] + ' (batch ' + sb + ')':>30}"
+    )
     for active, v in r["plans"].items():
         print(f"{active:<48} {v['1']:>9.3f} {v[sb]:>9.3f} {100 * v[sb] / cheap:>29.1f}%")
     return 0

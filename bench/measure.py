@@ -26,7 +26,9 @@ def latency_ms(fn: Any, images: Sequence[Any]) -> list[float]:
     return sorted(lat)
 
 
-def measure_loads(meter: Any, make: Any, warm: Any, unload: Any, repeats: int) -> tuple[list[int], list[int], list[float], Any]:
+def measure_loads(
+    meter: Any, make: Any, warm: Any, unload: Any, repeats: int
+) -> tuple[list[int], list[int], list[float], Any]:
     """``repeats`` times: ``make()`` (timed) then ``warm(obj)``, measured by ``meter``.
 
     Returns the peak deltas, end deltas, load seconds, and the object of the last round, still

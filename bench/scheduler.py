@@ -114,7 +114,9 @@ def _links_for(cfg, store, epochs: int, quiet: bool):
     return links, test, f"trained now ({epochs} epochs, {time.perf_counter() - t0:.0f} s)"
 
 
-def reprofile_overhead(site: str, period_s: float, share: float, budget: str | None, epochs: int, quiet: bool) -> dict[str, Any]:
+def reprofile_overhead(
+    site: str, period_s: float, share: float, budget: str | None, epochs: int, quiet: bool
+) -> dict[str, Any]:
     import torch
 
     from mlink.configs.load import load_config, site_config_path
@@ -127,14 +129,21 @@ def reprofile_overhead(site: str, period_s: float, share: float, budget: str | N
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     cfg = load_config(site_config_path(site), catalog=zoo_catalog())
-    cfg = cfg.model_copy(update={"device": "cpu", "scheduler": cfg.scheduler.model_copy(update={"period_s": period_s, "profile_share": share})})
+    cfg = cfg.model_copy(
+        update={
+            "device": "cpu",
+            "scheduler": cfg.scheduler.model_copy(update={"period_s": period_s, "profile_share": share}),
+        }
+    )
     store = default_store()
     links, test, how = _links_for(cfg, store, epochs, quiet)
     rate = sum(s.fps for s in cfg.streams)
     n = max(2, math.ceil(share * period_s * rate - 1e-9))
     frames = list(site_frames(plan_stream_frames(cfg, n, store)))
     pool = build_pool(cfg, store=store, budget=budget)
-    planner = Planner(cfg, pool, links, heldout=test, options=PlannerOptions.from_site(cfg, budget=budget), clock=lambda: 0.0)
+    planner = Planner(
+        cfg, pool, links, heldout=test, options=PlannerOptions.from_site(cfg, budget=budget), clock=lambda: 0.0
+    )
     planner.initial(now=0.0)
     # Buffer the period's share, as the daemon does at the boundary, then run the period.
     tick = planner.on_frames(frames, now=period_s, run=False)
@@ -189,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     out: dict[str, Any] = {"selection": [time_selection(args.models, args.repeats), time_selection(12, args.repeats)]}
     if not args.skip_overhead:
         out["overhead"] = [
-            reprofile_overhead(s, args.period, args.share, args.budget, args.epochs, args.json) for s in (args.site or ["building"])
+            reprofile_overhead(s, args.period, args.share, args.budget, args.epochs, args.json)
+            for s in (args.site or ["building"])
         ]
     if args.json:
         print(json.dumps(out, default=str))

@@ -30,7 +30,9 @@ from typing import Any
 
 MiB = float(1 << 20)
 COST_FIELDS = ("memory_bytes", "latency_ms", "latency_ms_p90", "load_s", "meter", "memory_peaks")
-TRIVIAL_WHAT = "constant outputs fitted on the training share (majority class, rounded mean count, empty box list), no model run"
+TRIVIAL_WHAT = (
+    "constant outputs fitted on the training share (majority class, rounded mean count, empty box list), no model run"
+)
 METHOD_ORDER = ["Standalone", "MTL", "DRLS", "Reducto", "MLink (paper greedy)", "MLink (objective)"]
 
 DEFAULTS: dict[str, Any] = {
@@ -62,7 +64,9 @@ def _mtl_result(ctx: Any, budget: float, mtl: Any, row: Mapping[str, Any], head_
     preds = mtl.predict(ctx.features.backbone[scored]) if fits else {}
     notes = ["box outputs: the trivial (empty) list; counts by regression heads, classes by soft-label heads"]
     if not fits:
-        notes.insert(0, f"does not fit: backbone + heads cost {cost / MiB:.1f} MiB > budget {budget / MiB:.1f} MiB; no output")
+        notes.insert(
+            0, f"does not fit: backbone + heads cost {cost / MiB:.1f} MiB > budget {budget / MiB:.1f} MiB; no output"
+        )
     return result(
         ctx,
         "MTL",
@@ -86,8 +90,16 @@ def _options(options: Mapping[str, Any] | None) -> dict[str, Any]:
 
 
 def _oracle_and_costs(
-    cfg: Any, store: Any, home: Path, out_dir: Path, config_path: Path, frames: int | None, opts: Mapping[str, Any],
-    remeasure: bool, progress: bool, timings: dict[str, float],
+    cfg: Any,
+    store: Any,
+    home: Path,
+    out_dir: Path,
+    config_path: Path,
+    frames: int | None,
+    opts: Mapping[str, Any],
+    remeasure: bool,
+    progress: bool,
+    timings: dict[str, float],
 ) -> tuple[Any, Any, Any, dict[str, Any]]:
     """Steps 1 and 2: the oracle, the protocol, the per-frame features and the cost table."""
     from mlink.bench.table4_costs import measure_costs
@@ -96,23 +108,37 @@ def _oracle_and_costs(
 
     t0 = time.perf_counter()
     oracle, stored = load_oracle(cfg, store, Path(home), frames, progress=progress)
-    proto = make_protocol(len(oracle.tuples), opts["train_share"], opts["periods"], opts["profile_share"], opts["min_profile"])
+    proto = make_protocol(
+        len(oracle.tuples), opts["train_share"], opts["periods"], opts["profile_share"], opts["min_profile"]
+    )
     features = frame_features(cfg, store, oracle, stored, out_dir, progress=progress)
     timings["oracle_and_features_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     shapes = head_specs(oracle.tuples.specs)
     table = measure_costs(
-        cfg, Path(config_path), store, shapes, out_dir,
-        frames=int(opts["latency_frames"]), repeats=int(opts["cost_repeats"]), threads=int(opts["threads"]),
-        remeasure=remeasure, progress=progress,
+        cfg,
+        Path(config_path),
+        store,
+        shapes,
+        out_dir,
+        frames=int(opts["latency_frames"]),
+        repeats=int(opts["cost_repeats"]),
+        threads=int(opts["threads"]),
+        remeasure=remeasure,
+        progress=progress,
     )
     timings["costs_s"] = time.perf_counter() - t0
     return oracle, proto, features, table
 
 
 def _run_methods(
-    ctx: Any, cfg: Any, mtl_row: Mapping[str, Any], all_budgets: list[float], opts: Mapping[str, Any], timings: dict[str, float]
+    ctx: Any,
+    cfg: Any,
+    mtl_row: Mapping[str, Any],
+    all_budgets: list[float],
+    opts: Mapping[str, Any],
+    timings: dict[str, float],
 ) -> tuple[dict[str, dict[float, dict[str, Any]]], Any]:
     """Step 3: every method at every budget, each timed. Returns the results and Reducto's tuning."""
     from mlink.bench.table4_drls import drls
@@ -131,8 +157,11 @@ def _run_methods(
     t0 = time.perf_counter()
     train = proto.train
     mtl = MTL.train(
-        oracle.tuples.specs, features.backbone[train], {k: oracle.exact(k, train) for k in oracle.nodes},
-        epochs=int(opts["mtl_epochs"]), seed=int(opts["seed"]),
+        oracle.tuples.specs,
+        features.backbone[train],
+        {k: oracle.exact(k, train) for k in oracle.nodes},
+        epochs=int(opts["mtl_epochs"]),
+        seed=int(opts["seed"]),
     )
     head_ms = mtl.head_ms(features.backbone)
     for b in all_budgets:
@@ -200,7 +229,9 @@ def run_table4(
     out_dir.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
 
-    oracle, proto, features, table = _oracle_and_costs(cfg, store, home, out_dir, config_path, frames, opts, remeasure, progress, timings)
+    oracle, proto, features, table = _oracle_and_costs(
+        cfg, store, home, out_dir, config_path, frames, opts, remeasure, progress, timings
+    )
     rows = table["rows"]
     costs = {m: float(rows[m]["memory_bytes"]) for m in oracle.models}
     latency = {m: float(rows[m]["latency_ms"]) for m in oracle.models}
@@ -221,9 +252,18 @@ def run_table4(
         "costs": {m: {k: rows[m][k] for k in COST_FIELDS} for m in [*oracle.models, "mtl"]},
         "cost_source": table.get("source"),
         "features": {"source": features.source, "reducto_map_ms": features.map_ms, "backbone_ms": features.backbone_ms},
-        "budgets": {"one": named["one"], "two": named["two"], "sweep": bud["sweep"], "all": all_budgets, "rule": bud["rule"]},
+        "budgets": {
+            "one": named["one"],
+            "two": named["two"],
+            "sweep": bud["sweep"],
+            "all": all_budgets,
+            "rule": bud["rule"],
+        },
         "fits": {
-            name: {"fits_alone": sorted(m for m in costs if costs[m] <= b), "max_models_at_once": _max_at_once(costs, b)}
+            name: {
+                "fits_alone": sorted(m for m in costs if costs[m] <= b),
+                "max_models_at_once": _max_at_once(costs, b),
+            }
             for name, b in named.items()
         },
         "methods": _methods_json(results, named, all_budgets),
@@ -242,7 +282,11 @@ def _methods_json(
 ) -> dict[str, dict[str, Any]]:
     """Each method's results at the named budgets and along the sweep (the report's "methods")."""
     return {
-        m: {"one": results[m][named["one"]], "two": results[m][named["two"]], "curve": [results[m][b] for b in all_budgets]}
+        m: {
+            "one": results[m][named["one"]],
+            "two": results[m][named["two"]],
+            "curve": [results[m][b] for b in all_budgets],
+        }
         for m in METHOD_ORDER
     }
 
@@ -308,12 +352,20 @@ def markdown(report: Mapping[str, Any]) -> str:
             r = report["methods"][sel][which]
             sets = ", ".join(f"{k} x{v}" for k, v in r["active_sets"].items())
             hb = r.get("hindsight_best")
-            best = f"; best fixed set in hindsight: {'+'.join(hb['active']) or '(none)'} at {_pct(hb['accuracy'])}%" if hb else ""
-            lines.append(f"- {sel} ({which}): active sets over the periods: {sets}; expected objective {r['expected_objective']:.3f}{best}")
+            best = (
+                f"; best fixed set in hindsight: {'+'.join(hb['active']) or '(none)'} at {_pct(hb['accuracy'])}%"
+                if hb
+                else ""
+            )
+            lines.append(
+                f"- {sel} ({which}): active sets over the periods: {sets}; expected objective {r['expected_objective']:.3f}{best}"
+            )
     t = report.get("trivial")
     if t:
         nodes = ", ".join(f"{k} {_pct(v)}%" for k, v in t["by_node"].items())
-        lines.append(f"- Reference, no model at all: constant outputs fitted on the training share score {_pct(t['accuracy'])}% ({nodes}).")
+        lines.append(
+            f"- Reference, no model at all: constant outputs fitted on the training share score {_pct(t['accuracy'])}% ({nodes})."
+        )
     lines.append("")
     return "\n".join(lines)
 
@@ -333,8 +385,15 @@ def plot(report: Mapping[str, Any], path: Path) -> Path:
         xs = [c["budget_bytes"] / MiB for c in r["curve"]]
         ys = [100 * c["accuracy"] for c in r["curve"]]
         ax.plot(
-            xs, ys, marker=markers[i % len(markers)], linestyle=styles[i % len(styles)], drawstyle="steps-post",
-            label=m, linewidth=1.6, markersize=4 + (i % 2) * 2, alpha=0.9,
+            xs,
+            ys,
+            marker=markers[i % len(markers)],
+            linestyle=styles[i % len(styles)],
+            drawstyle="steps-post",
+            label=m,
+            linewidth=1.6,
+            markersize=4 + (i % 2) * 2,
+            alpha=0.9,
         )
     for name, b in (("one fits", report["budgets"]["one"]), ("two fit", report["budgets"]["two"])):
         ax.axvline(b / MiB, color="grey", linestyle="--", linewidth=0.8)

@@ -66,7 +66,9 @@ def _site_images(cfg: Any, store: Any, n: int) -> list:
     return [f.image for f in site_frames(plan)]
 
 
-def _figures(device: str, meter: Any, peaks: list[int], deltas: list[int], secs: list[float], lat: list[float], threads: int) -> dict:
+def _figures(
+    device: str, meter: Any, peaks: list[int], deltas: list[int], secs: list[float], lat: list[float], threads: int
+) -> dict:
     """The cost-table fields every measured entry (a model, the MTL network) has."""
     return {
         "device": device,
@@ -82,7 +84,9 @@ def _figures(device: str, meter: Any, peaks: list[int], deltas: list[int], secs:
     }
 
 
-def measure_model(config: str, name: str, frames: int, device: str, threads: int, repeats: int, store: Any, warmup_batch: int = 1) -> dict:
+def measure_model(
+    config: str, name: str, frames: int, device: str, threads: int, repeats: int, store: Any, warmup_batch: int = 1
+) -> dict:
     from mlink.configs.load import load_config
     from mlink.models.catalog import create_model, model_info, zoo_catalog
     from mlink.scheduler.memory import MemoryMeter
@@ -106,7 +110,14 @@ def measure_model(config: str, name: str, frames: int, device: str, threads: int
 
 
 def measure_mtl(
-    config: str, shapes: Mapping[str, Any], frames: int, device: str, threads: int, repeats: int, store: Any, warmup_batch: int = 1
+    config: str,
+    shapes: Mapping[str, Any],
+    frames: int,
+    device: str,
+    threads: int,
+    repeats: int,
+    store: Any,
+    warmup_batch: int = 1,
 ) -> dict:
     import torch
 
@@ -133,7 +144,12 @@ def measure_mtl(
 
     peaks, deltas, secs, obj = measure_loads(meter, make, lambda o: run(o, batch), lambda o: None, repeats)
     lat = latency_ms(lambda img: run(obj, [img]), images)
-    return {"name": "mtl", "backend": "torch", **_figures(device, meter, peaks, deltas, secs, lat, threads), "heads": sorted(shapes)}
+    return {
+        "name": "mtl",
+        "backend": "torch",
+        **_figures(device, meter, peaks, deltas, secs, lat, threads),
+        "heads": sorted(shapes),
+    }
 
 
 def _child_main(argv: list[str] | None = None) -> int:
@@ -152,9 +168,20 @@ def _child_main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     store = _setup(args.threads, args.home, args.mirror, args.offline)
     if args.mtl:
-        row = measure_mtl(args.config, json.loads(args.mtl), args.frames, args.device, args.threads, args.repeats, store, args.warmup_batch)
+        row = measure_mtl(
+            args.config,
+            json.loads(args.mtl),
+            args.frames,
+            args.device,
+            args.threads,
+            args.repeats,
+            store,
+            args.warmup_batch,
+        )
     else:
-        row = measure_model(args.config, args.model, args.frames, args.device, args.threads, args.repeats, store, args.warmup_batch)
+        row = measure_model(
+            args.config, args.model, args.frames, args.device, args.threads, args.repeats, store, args.warmup_batch
+        )
     print(json.dumps(row))
     return 0
 
@@ -197,7 +224,13 @@ def measure_costs(
 
     names = [m.name for m in cfg.models]
     path = out_dir / f"costs-{cfg.device.replace(':', '_')}.json"
-    want = {"format": COSTS_FORMAT, "device": cfg.device, "models": sorted(names), "heads": sorted(shapes), "threads": threads}
+    want = {
+        "format": COSTS_FORMAT,
+        "device": cfg.device,
+        "models": sorted(names),
+        "heads": sorted(shapes),
+        "threads": threads,
+    }
     if path.is_file() and not remeasure:
         try:
             table = json.loads(path.read_text())
@@ -206,12 +239,29 @@ def measure_costs(
                 return table
         except (OSError, ValueError, KeyError, TypeError):
             pass
-    base = ["--config", str(config_path), "--frames", str(frames), "--device", cfg.device, "--threads", str(threads), "--repeats", str(repeats)]
+    base = [
+        "--config",
+        str(config_path),
+        "--frames",
+        str(frames),
+        "--device",
+        cfg.device,
+        "--threads",
+        str(threads),
+        "--repeats",
+        str(repeats),
+    ]
     rows: dict[str, Any] = {}
     jobs = [(n, ["--model", n]) for n in names] + [("mtl", ["--mtl", json.dumps(dict(shapes))])]
     for name, extra in tqdm(jobs, desc="measuring costs", unit="model", disable=not progress, file=sys.stderr):
         rows[name] = _child([*extra, *base], store)
-    table = {**want, "rows": rows, "frames": frames, "repeats": repeats, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    table = {
+        **want,
+        "rows": rows,
+        "frames": frames,
+        "repeats": repeats,
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(table, indent=1))

@@ -105,7 +105,9 @@ class Protocol:
         }
 
 
-def make_protocol(n: int, train_share: float = 0.1, periods: int = 10, profile_share: float = 0.01, min_profile: int = 2) -> Protocol:
+def make_protocol(
+    n: int, train_share: float = 0.1, periods: int = 10, profile_share: float = 0.01, min_profile: int = 2
+) -> Protocol:
     if not 0.0 < train_share < 1.0:
         raise ValueError(f"train_share must be in (0, 1), got {train_share}")
     n_train = max(4, round(n * train_share))
@@ -193,7 +195,9 @@ class Backbone:
 
         state = load_state_dict_file(store.path("mobilenet_v2"))
         features = torchvision.models.mobilenet_v2(weights=None).features
-        features.load_state_dict({k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}, strict=True)
+        features.load_state_dict(
+            {k[len("features.") :]: v for k, v in state.items() if k.startswith("features.")}, strict=True
+        )
         del state
         self.device = torch.device(device)
         self.features = features.eval().requires_grad_(False).to(self.device)
@@ -208,7 +212,9 @@ class Backbone:
         with torch.inference_mode():
             for f in frames:
                 t = frame_tensor(f, self.device)
-                t = TF.resize(t, [BACKBONE_SIDE, BACKBONE_SIDE], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+                t = TF.resize(
+                    t, [BACKBONE_SIDE, BACKBONE_SIDE], interpolation=TF.InterpolationMode.BILINEAR, antialias=True
+                )
                 x = t[None].float().div_(255.0)
                 m = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
                 s = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
@@ -265,7 +271,9 @@ def _decoded(cfg: Any, store: Any, stored: TupleSet) -> Iterator[tuple[int, np.n
         raise RuntimeError(f"decoding the site's videos again gave {i} frames, the profile has {len(stored)}")
 
 
-def frame_features(cfg: Any, store: Any, oracle: Oracle, stored: TupleSet, out_dir: Path, progress: bool = True) -> FrameFeatures:
+def frame_features(
+    cfg: Any, store: Any, oracle: Oracle, stored: TupleSet, out_dir: Path, progress: bool = True
+) -> FrameFeatures:
     """Per-frame features of the oracle's frames (time order), from the cache or one decode pass."""
     from tqdm import tqdm
 
@@ -276,7 +284,14 @@ def frame_features(cfg: Any, store: Any, oracle: Oracle, stored: TupleSet, out_d
                 meta = json.loads(str(z["meta"]))
                 if meta.get("format") == FEATURES_FORMAT and meta.get("n") == len(oracle.tuples):
                     return FrameFeatures(
-                        z["grey"], z["blur"], z["edges"], z["corners"], z["backbone"], meta["map_ms"], meta["backbone_ms"], f"cache {path}"
+                        z["grey"],
+                        z["blur"],
+                        z["edges"],
+                        z["corners"],
+                        z["backbone"],
+                        meta["map_ms"],
+                        meta["backbone_ms"],
+                        f"cache {path}",
                     )
         except Exception:  # a broken cache is recomputed
             pass
@@ -306,15 +321,24 @@ def frame_features(cfg: Any, store: Any, oracle: Oracle, stored: TupleSet, out_d
             bb_s += t2 - t1
     finally:
         bar.close()
-    meta = {"format": FEATURES_FORMAT, "n": n, "map_ms": 1000 * map_s / n, "backbone_ms": 1000 * bb_s / n, "profile": oracle.version}
+    meta = {
+        "format": FEATURES_FORMAT,
+        "n": n,
+        "map_ms": 1000 * map_s / n,
+        "backbone_ms": 1000 * bb_s / n,
+        "profile": oracle.version,
+    }
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npz")
-    np.savez_compressed(tmp, grey=grey, blur=blur, edges=edges, corners=corners, backbone=feats, meta=np.array(json.dumps(meta)))
+    np.savez_compressed(
+        tmp, grey=grey, blur=blur, edges=edges, corners=corners, backbone=feats, meta=np.array(json.dumps(meta))
+    )
     tmp.replace(path)
     return FrameFeatures(grey, blur, edges, corners, feats, meta["map_ms"], meta["backbone_ms"], "decode pass")
 
 
 # -- scoring -------------------------------------------------------------------------------------
+
 
 def score(oracle: Oracle, positions: Sequence[int], preds: Mapping[str, Sequence[np.ndarray | None]]) -> dict[str, Any]:
     """Accuracy against the oracle on ``positions``: per node (its own metric), per model (mean
@@ -330,6 +354,10 @@ def score(oracle: Oracle, positions: Sequence[int], preds: Mapping[str, Sequence
             continue
         if len(got) != len(positions):
             raise ValueError(f"{node}: {len(got)} outputs for {len(positions)} frames")
-        per_node[node] = float(np.mean([0.0 if g is None else spec.accuracy(g, e) for g, e in zip(got, exact)])) if positions else 0.0
+        per_node[node] = (
+            float(np.mean([0.0 if g is None else spec.accuracy(g, e) for g, e in zip(got, exact)]))
+            if positions
+            else 0.0
+        )
     per_model = {m: float(np.mean([per_node[k] for k in oracle.nodes_of(m)])) for m in oracle.models}
     return {"accuracy": float(np.mean(list(per_model.values()))), "by_model": per_model, "by_node": per_node}

@@ -61,7 +61,9 @@ def output_code(ctx: Context) -> tuple[np.ndarray, dict[str, slice]]:
                 cols.append(np.stack([p.max(1), ent], 1).astype(np.float32))
             else:
                 cols.append(
-                    np.array([[min(len(v), 30) / 10.0, float(v[:, 4].mean()) if len(v) else 0.0] for v in vals], np.float32)
+                    np.array(
+                        [[min(len(v), 30) / 10.0, float(v[:, 4].mean()) if len(v) else 0.0] for v in vals], np.float32
+                    )
                 )
         block = np.concatenate(cols, 1)
         parts.append(block)
@@ -71,7 +73,9 @@ def output_code(ctx: Context) -> tuple[np.ndarray, dict[str, slice]]:
 
 
 class _Env:
-    def __init__(self, ctx: Context, budget: float, code: np.ndarray, slices: Mapping[str, slice], penalty: float) -> None:
+    def __init__(
+        self, ctx: Context, budget: float, code: np.ndarray, slices: Mapping[str, slice], penalty: float
+    ) -> None:
         self.ctx = ctx
         self.models = ctx.models
         self.budget = budget
@@ -104,13 +108,17 @@ class _Env:
 class _QNet(nn.Module):
     def __init__(self, dim: int, n_actions: int, hidden: int = 64) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, n_actions))
+        self.net = nn.Sequential(
+            nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, n_actions)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
 
-def train_dqn(env: _Env, positions: list[int], steps: int, seed: int = 0, gamma: float = 0.99, progress: bool = False) -> tuple[_QNet, dict]:
+def train_dqn(
+    env: _Env, positions: list[int], steps: int, seed: int = 0, gamma: float = 0.99, progress: bool = False
+) -> tuple[_QNet, dict]:
     from tqdm import tqdm
 
     rng = random.Random(seed)
@@ -172,7 +180,11 @@ def train_dqn(env: _Env, positions: list[int], steps: int, seed: int = 0, gamma:
             target.load_state_dict(q.state_dict())
     q.eval()
     tail = returns[-200:]
-    return q, {"steps": steps, "final_loss": float(np.mean(losses[-100:])) if losses else None, "train_return": float(np.mean(tail)) if tail else None}
+    return q, {
+        "steps": steps,
+        "final_loss": float(np.mean(losses[-100:])) if losses else None,
+        "train_return": float(np.mean(tail)) if tail else None,
+    }
 
 
 def serve(env: _Env, q: _QNet, p: int) -> tuple[frozenset[str], int]:
@@ -238,4 +250,3 @@ def drls(ctx: Context, budget: float, cache: dict) -> dict[str, Any]:
         sets_served=dict(sorted(counts.items(), key=lambda kv: -kv[1])),
         dqn=fit,
     )
-

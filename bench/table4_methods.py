@@ -154,7 +154,9 @@ def frame_diff(fx: FrameFeatures, feature: str, a: int, b: int) -> float:
     raise ValueError(f"unknown Reducto feature {feature!r}")
 
 
-def filter_refs(fx: FrameFeatures, runs: Mapping[str, Sequence[int]], feature: str, threshold: float) -> tuple[dict[int, int], float]:
+def filter_refs(
+    fx: FrameFeatures, runs: Mapping[str, Sequence[int]], feature: str, threshold: float
+) -> tuple[dict[int, int], float]:
     """Reducto's filter over each camera's frames: a frame is processed when its difference to
     the camera's last processed frame exceeds ``threshold`` (the first frame always is); else the
     last output is reused. Returns ({position: position whose output it gets}, seconds spent
@@ -234,7 +236,11 @@ def reducto(ctx: Context, budget: float, tuned: Mapping[str, Mapping[str, Any]])
         for k in ctx.oracle.nodes_of(m):
             vals = ctx.oracle.tuples.values[k]
             preds[k] = [vals[ref[p]] for p in scored]
-        per_model[m] = {**t, "eval_processed": len(processed), "eval_filtered": 1.0 - len(processed) / len(ctx.protocol.eval)}
+        per_model[m] = {
+            **t,
+            "eval_processed": len(processed),
+            "eval_filtered": 1.0 - len(processed) / len(ctx.protocol.eval),
+        }
     n = len(ctx.protocol.eval)
     overhead = (ctx.features.map_ms if runnable else 0.0) + 1000.0 * diff_s / n
     frame_ms = float(run_ms[ctx.protocol.eval].mean()) + overhead
@@ -248,7 +254,9 @@ def reducto(ctx: Context, budget: float, tuned: Mapping[str, Mapping[str, Any]])
         max((ctx.costs[m] for m in runnable), default=0.0),
         memory_mode="time-shared",
         runs=bool(runnable),
-        notes=[] if len(runnable) == len(ctx.models) else [f"{', '.join(sorted(set(ctx.models) - set(runnable)))} does not fit alone: no output"],
+        notes=[]
+        if len(runnable) == len(ctx.models)
+        else [f"{', '.join(sorted(set(ctx.models) - set(runnable)))} does not fit alone: no output"],
         filter_ms=overhead,
         models=per_model,
         active=sorted(runnable),

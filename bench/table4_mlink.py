@@ -60,7 +60,12 @@ SELECTORS = {"paper": "MLink (paper greedy)", "objective": "MLink (objective)"}
 def _extend(window: TupleSet, held: TupleSet | None, cap: int) -> TupleSet:
     if held is None or len(held) == 0:
         return window
-    w = TupleSet(specs=dict(window.specs), values={k: list(v) for k, v in window.values.items()}, streams=list(window.streams), timestamps=list(window.timestamps))
+    w = TupleSet(
+        specs=dict(window.specs),
+        values={k: list(v) for k, v in window.values.items()},
+        streams=list(window.streams),
+        timestamps=list(window.timestamps),
+    )
     w.extend(held)
     if len(w) > cap:
         w = w.subset(range(len(w) - cap, len(w)))
@@ -71,7 +76,9 @@ def link_bytes(links: LinkSet) -> int:
     return int(sum(p.numel() * p.element_size() for ens in links.ensembles.values() for p in ens.parameters()))
 
 
-def _link_ms(links: LinkSet, tuples: TupleSet, active: frozenset[str], positions: Iterable[int], repeats: int = 1) -> float:
+def _link_ms(
+    links: LinkSet, tuples: TupleSet, active: frozenset[str], positions: Iterable[int], repeats: int = 1
+) -> float:
     """Median time (ms) of predicting every inactive node for one frame, as serving does."""
     if len(active) == 0:
         return 0.0
@@ -122,7 +129,14 @@ class _Run:
 
     def __post_init__(self) -> None:
         self.state = {
-            (sel, b): {"preds": {k: [] for k in self.ctx.oracle.nodes}, "ms": [], "executions": 0, "memory": 0.0, "periods": [], "active": None}
+            (sel, b): {
+                "preds": {k: [] for k in self.ctx.oracle.nodes},
+                "ms": [],
+                "executions": 0,
+                "memory": 0.0,
+                "periods": [],
+                "active": None,
+            }
             for sel in SELECTORS
             for b in self.budgets
         }
@@ -166,7 +180,9 @@ class _Run:
         self.select_s.append(time.perf_counter() - t0)
         return cand, chosen
 
-    def _select_and_serve(self, sel: str, b: float, acc: LinkAccuracy, pi: int, sub: TupleSet, served_pos: list[int], prof: list[int]) -> None:
+    def _select_and_serve(
+        self, sel: str, b: float, acc: LinkAccuracy, pi: int, sub: TupleSet, served_pos: list[int], prof: list[int]
+    ) -> None:
         """3-4. Select under budget ``b``, then serve the period's frames and charge them."""
         ctx = self.ctx
         name = self.traj_of[b]
@@ -222,7 +238,10 @@ class _Run:
         from mlink.bench.table4_data import score
 
         ctx = self.ctx
-        fixed_acc = {(name, A): score(ctx.oracle, ctx.protocol.scored, preds)["accuracy"] for (name, A), preds in self.fixed.items()}
+        fixed_acc = {
+            (name, A): score(ctx.oracle, ctx.protocol.scored, preds)["accuracy"]
+            for (name, A), preds in self.fixed.items()
+        }
         out: dict[tuple[str, float], dict[str, Any]] = {}
         for (sel, b), st in self.state.items():
             actives = [tuple(p["active"]) for p in st["periods"]]
@@ -234,7 +253,11 @@ class _Run:
                 notes.append("a model does not fit alone: links not fine-tuned (no complete profiling tuples)")
             best = None
             if fixed_acc:
-                feasible = [(acc, A) for (name, A), acc in fixed_acc.items() if name == self.traj_of[b] and sum(ctx.costs[m] for m in A) <= b + 1e-9]
+                feasible = [
+                    (acc, A)
+                    for (name, A), acc in fixed_acc.items()
+                    if name == self.traj_of[b] and sum(ctx.costs[m] for m in A) <= b + 1e-9
+                ]
                 acc_b, A_b = max(feasible, key=lambda t: (t[0], -len(t[1])))
                 best = {"active": sorted(A_b), "accuracy": acc_b}
             out[(sel, b)] = result(
@@ -253,13 +276,19 @@ class _Run:
                 periods=st["periods"],
                 expected_objective=float(np.mean([p["expected_objective"] for p in st["periods"]])),
                 hindsight_best=best,
-                link_ms={"+".join(sorted(a)) or "(none)": round(v, 3) for (n, a), v in self.link_ms_cache.items() if n == self.traj_of[b]},
+                link_ms={
+                    "+".join(sorted(a)) or "(none)": round(v, 3)
+                    for (n, a), v in self.link_ms_cache.items()
+                    if n == self.traj_of[b]
+                },
             )
             out[(sel, b)]["mlink"] = meta
         return out
 
 
-def run_mlink(ctx: Context, budgets: list[float], switch_margin: float = 0.01) -> dict[tuple[str, float], dict[str, Any]]:
+def run_mlink(
+    ctx: Context, budgets: list[float], switch_margin: float = 0.01
+) -> dict[tuple[str, float], dict[str, Any]]:
     """Every selector at every budget, over the same periods; {(selector, budget): result}."""
     from tqdm import tqdm
 

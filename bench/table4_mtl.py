@@ -75,7 +75,9 @@ class Heads(nn.Module):
 class MTL:
     """Trained heads + the trivial outputs of the nodes without a head."""
 
-    def __init__(self, specs: Mapping[str, OutputSpec], heads: Heads, trivial: Mapping[str, np.ndarray], fit: dict) -> None:
+    def __init__(
+        self, specs: Mapping[str, OutputSpec], heads: Heads, trivial: Mapping[str, np.ndarray], fit: dict
+    ) -> None:
         self.specs = dict(specs)
         self.heads = heads
         self.trivial = dict(trivial)

@@ -84,7 +84,19 @@ def main(argv: list[str] | None = None) -> int:
     names = [n for n in args.models.split(",") if n] or list(zoo())
     rows = []
     for name in tqdm(names, desc="zoo bench", unit="model", file=sys.stderr):
-        cmd = [sys.executable, "-m", "mlink.bench.zoo", "--one", name, "--frames", str(args.frames), "--device", args.device, "--threads", str(args.threads)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "mlink.bench.zoo",
+            "--one",
+            name,
+            "--frames",
+            str(args.frames),
+            "--device",
+            args.device,
+            "--threads",
+            str(args.threads),
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)  # a failure is a row
         if proc.returncode != 0:
             rows.append({"model": name, "error": (proc.stderr.strip().splitlines() or ["failed"])[-1]})
@@ -94,7 +106,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(rows))
         return 0
     print(f"\nzoo benchmark: {args.frames} frames of vtest.avi, device {args.device}, {args.threads} threads")
-    print(f"{'model':<40} {'backend':<12} {'load s':>7} {'median ms':>10} {'p90 ms':>8} {'mem MiB':>8} {'peak MiB':>9}  note")
+    print(
+        f"{'model':<40} {'backend':<12} {'load s':>7} {'median ms':>10} {'p90 ms':>8} {'mem MiB':>8} {'peak MiB':>9}  note"
+    )
     for r in rows:
         if "error" in r:
             print(f"{r['model']:<40} ERROR: {r['error']}")

@@ -70,7 +70,9 @@ class ModelEntry(_Strict):
 
     name: str = Field(description="zoo entry, see `mlink models list`")
     outputs: list[str] | None = Field(default=None, description="outputs served; default: the model's primary output")
-    params: dict[str, Any] = Field(default_factory=dict, description="adapter parameters, e.g. score_threshold; each adapter declares its own")
+    params: dict[str, Any] = Field(
+        default_factory=dict, description="adapter parameters, e.g. score_threshold; each adapter declares its own"
+    )
     _primary: str | None = PrivateAttr(default=None)
 
     @field_validator("params")
@@ -120,21 +122,31 @@ class StreamEntry(_Strict):
 
 class LinksConfig(_Strict):
     store: str | None = Field(default=None, description="link store folder; default: $MLINK_HOME/links/SITE")
-    profile_frames: int = Field(default=1000, ge=20, description="frames profiled through every model for the first training")
+    profile_frames: int = Field(
+        default=1000, ge=20, description="frames profiled through every model for the first training"
+    )
     fine_tune: bool = Field(default=True, description="fine-tune links on each period's profiling tuples")
 
 
 class SchedulerConfig(_Strict):
     selector: Literal["paper", "objective"] = "objective"
-    period_s: float = Field(default=3600.0, gt=0, description="re-profile and re-select once per period (paper: 1 hour)")
-    profile_share: float = Field(default=0.01, gt=0, le=1, description="share of a period's frames run through all models (paper: 1%)")
+    period_s: float = Field(
+        default=3600.0, gt=0, description="re-profile and re-select once per period (paper: 1 hour)"
+    )
+    profile_share: float = Field(
+        default=0.01, gt=0, le=1, description="share of a period's frames run through all models (paper: 1%)"
+    )
     min_residency_s: float = Field(default=0.0, ge=0, description="a loaded model stays at least this long")
-    switch_margin: float = Field(default=0.01, ge=0, le=1, description="a new plan must beat the current one by this much accuracy")
+    switch_margin: float = Field(
+        default=0.01, ge=0, le=1, description="a new plan must beat the current one by this much accuracy"
+    )
     batch_size: int = Field(default=4, ge=1, le=64)
 
 
 class CacheConfig(_Strict):
-    redis_url: str | None = Field(default=None, description="redis://host:port/db; unset: an embedded redis-server on a private socket")
+    redis_url: str | None = Field(
+        default=None, description="redis://host:port/db; unset: an embedded redis-server on a private socket"
+    )
     history: int = Field(default=10000, ge=1, description="results kept per camera")
     buffer: int = Field(default=10000, ge=1, description="results held in memory while Redis is unreachable")
 
@@ -142,19 +154,27 @@ class CacheConfig(_Strict):
 class IngestConfig(_Strict):
     """How camera readers queue frames and reconnect (server/ingest.py)."""
 
-    queue: int = Field(default=4, ge=1, le=1000, description="frames held per camera; when full the oldest is dropped and counted")
+    queue: int = Field(
+        default=4, ge=1, le=1000, description="frames held per camera; when full the oldest is dropped and counted"
+    )
     backoff_base_s: float = Field(default=0.5, gt=0, description="first reconnect delay; doubles per failed try")
     backoff_max_s: float = Field(default=30.0, gt=0, description="longest reconnect delay")
-    backoff_jitter: float = Field(default=0.2, ge=0, le=1, description="each delay is scaled by a random factor in [1-j, 1+j]")
+    backoff_jitter: float = Field(
+        default=0.2, ge=0, le=1, description="each delay is scaled by a random factor in [1-j, 1+j]"
+    )
     open_timeout_s: float = Field(default=10.0, gt=0, description="RTSP/HTTP open timeout")
-    read_timeout_s: float = Field(default=10.0, gt=0, description="RTSP/HTTP read timeout; a stream silent this long is reopened")
+    read_timeout_s: float = Field(
+        default=10.0, gt=0, description="RTSP/HTTP read timeout; a stream silent this long is reopened"
+    )
     realtime: bool = Field(default=True, description="pace files at their sampled rate (false: as fast as they decode)")
 
 
 class ApiConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
-    token: str | None = Field(default=None, description="bearer token for operator actions (reload); unset: they are refused")
+    token: str | None = Field(
+        default=None, description="bearer token for operator actions (reload); unset: they are refused"
+    )
 
 
 class SiteConfig(_Strict):

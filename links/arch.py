@@ -292,7 +292,9 @@ class Link(nn.Module):
         reads the same source at once); otherwise the link runs its own encoder."""
         raise NotImplementedError
 
-    def _memory_np(self, c: SimpleNamespace, src: Batch, encoded: Encoded | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _memory_np(
+        self, c: SimpleNamespace, src: Batch, encoded: Encoded | None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         raise NotImplementedError
 
     def memory_np(self, src: Batch, encoded: Encoded | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -364,7 +366,11 @@ class Vec2Seq(Link):
         super().__init__(source, target, **hp)
         hidden, slots = self.hparams["hidden"], self.hparams["slots"]
         self.encoder = nn.Sequential(
-            nn.Linear(source.dim, 2 * hidden), nn.Dropout(self.hparams["dropout"]), nn.ReLU(), nn.Linear(2 * hidden, slots * hidden), nn.Tanh()
+            nn.Linear(source.dim, 2 * hidden),
+            nn.Dropout(self.hparams["dropout"]),
+            nn.ReLU(),
+            nn.Linear(2 * hidden, slots * hidden),
+            nn.Tanh(),
         )
         self.decoder = AttnDecoder(target.dim, hidden, self.hparams["embed"], hidden)
 

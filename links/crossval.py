@@ -43,8 +43,15 @@ def cross_validated_scores(
     return {k: np.concatenate(v) for k, v in pooled.items()}, linksets
 
 
-def cross_validate(tuples: TupleSet, folds: int = 5, *, seed: int = 0, subsets: bool = False,
-                   progress: Callable[[int, int], None] | None = None, **train_kw: Any) -> LinkMatrix:
+def cross_validate(
+    tuples: TupleSet,
+    folds: int = 5,
+    *,
+    seed: int = 0,
+    subsets: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+    **train_kw: Any,
+) -> LinkMatrix:
     """The link matrix by K-fold cross-validation (:func:`cross_validated_scores`): on a few
     hundred held-out frames the best of several links is picked partly for its luck, and one
     split cannot tell a 1-point difference from noise."""

@@ -220,7 +220,13 @@ class DecoderBank:
         self.hidden = first.gru.hidden
         self.mem_dim = max(d.mem_dim for d in decoders)
         self.embed = first.we.shape[1]
-        if any(d.dim != self.dim or d.gru.hidden != self.hidden or d.we.shape[1] != self.embed or d.wq.shape != first.wq.shape for d in decoders):
+        if any(
+            d.dim != self.dim
+            or d.gru.hidden != self.hidden
+            or d.we.shape[1] != self.embed
+            or d.wq.shape != first.wq.shape
+            for d in decoders
+        ):
             raise ValueError("decoders of one bank need the same element, embedding, hidden and attention sizes")
         H, D = self.hidden, self.mem_dim
         self.we = np.concatenate([d.we for d in decoders], axis=1)  # (dim, K*E): one matmul embeds for all

@@ -85,7 +85,9 @@ def _fit_ensembles(
             if link.head is not None:
                 link.head.fit(y_tr.x)
             if spec.kind == "sequence":  # no early stopping: see mlink.links.train
-                fit = fit_link(link, src_all[s], encode_target(spec, tuples.values[t], cap), None, None, config, seed=seed)
+                fit = fit_link(
+                    link, src_all[s], encode_target(spec, tuples.values[t], cap), None, None, config, seed=seed
+                )
             else:
                 fit = fit_link(link, src_tr[s], y_tr, src_va[s], y_va, config, seed=seed)
             links[s] = link
@@ -109,7 +111,6 @@ def _select(ens: Ensemble, enc: Mapping[str, Batch], exact: Sequence[np.ndarray]
     ens.invalidate()
 
 
-
 def _fine_tune_mode(
     cfg: TrainConfig, before: float, ref: float | None, epochs: int | None, lr_scale: float | None
 ) -> tuple[str, int, float]:
@@ -125,14 +126,28 @@ def _fine_tune_mode(
 
 
 def _fine_tune_link(
-    link: Link, src: Batch, y: Batch, cfg: TrainConfig, ref: float | None, epochs: int | None, lr_scale: float | None, seed: int
+    link: Link,
+    src: Batch,
+    y: Batch,
+    cfg: TrainConfig,
+    ref: float | None,
+    epochs: int | None,
+    lr_scale: float | None,
+    seed: int,
 ) -> dict[str, Any]:
     """One link of :meth:`LinkSet.fine_tune`: its mode, losses before and after, and the fit."""
     before = eval_loss(link, src, y)
     mode, n_epochs, scale = _fine_tune_mode(cfg, before, ref, epochs, lr_scale)
     base = cfg.seq_lr if (link.source.kind == "sequence" or link.target.kind == "sequence") else cfg.lr
     fit = fit_link(link, src, y, None, None, cfg, epochs=n_epochs, lr=base * scale, optimizer="adam", seed=seed)
-    return {"mode": mode, "loss_before": before, "loss_after": eval_loss(link, src, y), "reference_val_loss": ref, "fit": fit.to_dict()}
+    return {
+        "mode": mode,
+        "loss_before": before,
+        "loss_after": eval_loss(link, src, y),
+        "reference_val_loss": ref,
+        "fit": fit.to_dict(),
+    }
+
 
 class LinkSet:
     """All links and ensembles of one site.
@@ -263,7 +278,11 @@ class LinkSet:
         cfg = self.config
         if len(new_tuples) == 0:
             return {}
-        missing = [k for k, spec in self.specs.items() if k not in new_tuples.specs or not specs_equal(new_tuples.specs[k], spec)]
+        missing = [
+            k
+            for k, spec in self.specs.items()
+            if k not in new_tuples.specs or not specs_equal(new_tuples.specs[k], spec)
+        ]
         if missing:
             raise LinkError(f"fine-tuning: node {missing[0]} is missing from the new tuples or has another spec")
         results: dict[str, dict] = {}
@@ -336,7 +355,11 @@ class LinkSet:
                 if any(s not in f for f in frames):
                     raise LinkError(f"predicting {t}: active model {node_model(s)} gave no output {s}")
                 spec, cap = ens.by_index[i].source, ens.by_index[i].hparams["cap"]
-                enc[s] = encode_one(spec, frames[0][s], cap) if len(frames) == 1 else encode_source(spec, [f[s] for f in frames], cap)
+                enc[s] = (
+                    encode_one(spec, frames[0][s], cap)
+                    if len(frames) == 1
+                    else encode_source(spec, [f[s] for f in frames], cap)
+                )
         encoded = self._shared_encodings(plans, enc)
         out: list[dict[str, np.ndarray]] = [{} for _ in frames]
         for t, plan in plans.items():
@@ -345,7 +368,9 @@ class LinkSet:
                 row[t] = self.ensembles[t].trivial.copy() if value is None else value
         return out
 
-    def _shared_encodings(self, plans: Mapping[str, list[tuple[int, float]]], enc: Mapping[str, Batch]) -> dict[str, dict[int, Any]]:
+    def _shared_encodings(
+        self, plans: Mapping[str, list[tuple[int, float]]], enc: Mapping[str, Batch]
+    ) -> dict[str, dict[int, Any]]:
         """Run, per sequence source node, the encoders of every planned link that reads it as
         one :class:`EncoderBank`: {target: {link index: encoder states}}."""
         readers: dict[str, list[tuple[str, int]]] = {}
@@ -396,8 +421,13 @@ class LinkSet:
     def save(self, directory: str | Path) -> dict:
         """Write the link set (weights + manifest with checksum) into ``directory``; return the manifest."""
         stored = StoredLinks(
-            self.specs, self.ensembles, self.config, data_version=self.data_version, metrics=self.metrics,
-            created_at=self.created_at, history=self.history,
+            self.specs,
+            self.ensembles,
+            self.config,
+            data_version=self.data_version,
+            metrics=self.metrics,
+            created_at=self.created_at,
+            history=self.history,
         )
         return save_linkset(stored, directory)
 
@@ -412,7 +442,12 @@ class LinkSet:
         :class:`IncompatibleLinksError` (other specs / data version) instead of using it."""
         s = load_linkset(directory, expect_specs=expect_specs, expect_data_version=expect_data_version)
         return cls(
-            s.specs, s.ensembles, s.config, data_version=s.data_version, metrics=s.metrics, created_at=s.created_at,
+            s.specs,
+            s.ensembles,
+            s.config,
+            data_version=s.data_version,
+            metrics=s.metrics,
+            created_at=s.created_at,
             history=s.history,
         )
 

@@ -38,7 +38,9 @@ from mlink.links.ensemble import Ensemble, all_subsets
 from mlink.links.train import TrainConfig
 from mlink.links.tuples import TupleSet, node_model
 
-HELDOUT_SHARE = 0.2  # of a site's profile: links never train on it, the matrix and expected accuracies are measured on it
+HELDOUT_SHARE = (
+    0.2  # of a site's profile: links never train on it, the matrix and expected accuracies are measured on it
+)
 
 
 def heldout_split(tuples: TupleSet) -> tuple[TupleSet, TupleSet]:
@@ -118,12 +120,12 @@ class LinkMatrix:
         """A plain-text rendering (rows: targets; columns: source nodes, ensemble, trivial)."""
         cols = list(self.sources)
         w = max([*(len(c) for c in cols), 8])
-        head = " " * (max(len(t) for t in self.targets) + 2) + " ".join(c.rjust(w) for c in [*cols, "ensemble", "trivial"])
+        head = " " * (max(len(t) for t in self.targets) + 2) + " ".join(
+            c.rjust(w) for c in [*cols, "ensemble", "trivial"]
+        )
         lines = [head]
         for t in self.targets:
-            cells = [
-                f"{self.single[(s, t)]:.3f}".rjust(w) if (s, t) in self.single else "-".rjust(w) for s in cols
-            ]
+            cells = [f"{self.single[(s, t)]:.3f}".rjust(w) if (s, t) in self.single else "-".rjust(w) for s in cols]
             cells += [f"{self.ensemble[t]:.3f}".rjust(w), f"{self.trivial[t]:.3f}".rjust(w)]
             lines.append(t.ljust(max(len(x) for x in self.targets) + 2) + " ".join(cells))
         held = f"{self.n} held-out frames" + (f" ({self.folds}-fold cross-validation)" if self.folds > 1 else "")
@@ -161,7 +163,15 @@ class LinkMatrix:
             for c in range(data.shape[1]):
                 v = data[r, c]
                 text = "-" if math.isnan(v) else f"{v:.2f}"
-                ax.text(c, r, text, ha="center", va="center", fontsize=7, color="black" if (math.isnan(v) or v > 0.6) else "white")
+                ax.text(
+                    c,
+                    r,
+                    text,
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="black" if (math.isnan(v) or v > 0.6) else "white",
+                )
         ax.set_xlabel("source node")
         ax.set_ylabel("target node")
         ax.set_title(title or f"link accuracy on {self.n} held-out tuples (target's own metric)")
@@ -197,7 +207,9 @@ def ensemble_accuracy(
     return float(ens.frame_scores(plan, encode_sources(linkset, tuples), tuples.values[target]).mean())
 
 
-Scores = dict[tuple, np.ndarray]  # ("single", s, t) / ("ensemble", t) / ("model", m, t) / ("subset", A, t) / ("trivial", t)
+Scores = dict[
+    tuple, np.ndarray
+]  # ("single", s, t) / ("ensemble", t) / ("model", m, t) / ("subset", A, t) / ("trivial", t)
 
 
 def frame_scores(linkset: Linked, tuples: TupleSet, subsets: bool = False) -> Scores:
@@ -220,7 +232,10 @@ def frame_scores(linkset: Linked, tuples: TupleSet, subsets: bool = False) -> Sc
         if subsets:
             for act in all_subsets(ens.source_models):
                 out[("subset", act, t)] = (
-                    out[("ensemble", t)] if act == every else out[("model", next(iter(act)), t)] if len(act) == 1
+                    out[("ensemble", t)]
+                    if act == every
+                    else out[("model", next(iter(act)), t)]
+                    if len(act) == 1
                     else score(ens, ens.plan(act))
                 )
         out[("trivial", t)] = score(ens, [])

@@ -95,8 +95,12 @@ def save_linkset(linkset: StoredLinks, directory: str | os.PathLike) -> dict:
                 for s, link in zip(ens.sources, ens.by_index)
             ],
             "selection": [
-                {"models": sorted(a), "plan": [[s, w] for s, w in plan], "accuracy": ens.val_accuracy.get(a),
-                 "noise": ens.val_noise.get(a)}
+                {
+                    "models": sorted(a),
+                    "plan": [[s, w] for s, w in plan],
+                    "accuracy": ens.val_accuracy.get(a),
+                    "noise": ens.val_noise.get(a),
+                }
                 for a, plan in sorted(ens.selection.items(), key=lambda kv: sorted(kv[0]))
             ],
             "trivial": [float(x) for x in np.asarray(ens.trivial, dtype=np.float32).reshape(-1)],
@@ -217,7 +221,9 @@ def load_linkset(
         known = {f.name for f in fields(TrainConfig)}
         config = TrainConfig(**{k: v for k, v in manifest.get("config", {}).items() if k in known})
         ensembles = {t: _ensemble(t, entry, specs, state[t]) for t, entry in manifest["targets"].items()}
-        link_metrics = {f"{le['source']}->{t}": le.get("metrics", {}) for t, e in manifest["targets"].items() for le in e["links"]}
+        link_metrics = {
+            f"{le['source']}->{t}": le.get("metrics", {}) for t, e in manifest["targets"].items() for le in e["links"]
+        }
     except LinkStoreError:
         raise
     except Exception as exc:  # missing keys, shape mismatches, unknown architectures

@@ -48,7 +48,9 @@ def _move_people(rng: np.random.Generator, people: list[np.ndarray], i: int) -> 
     """Frame ``i``: people enter or leave towards a slowly varying count, then walk; their boxes."""
     target = int(np.clip(round(6 + 5 * np.sin(i / 40.0) + rng.normal(0, 1.0)), 1, 12))
     while len(people) < target:
-        people.append(np.array([rng.uniform(0.1, 0.9), rng.uniform(0.1, 0.6), rng.normal(0, 0.01), rng.normal(0, 0.005)]))
+        people.append(
+            np.array([rng.uniform(0.1, 0.9), rng.uniform(0.1, 0.6), rng.normal(0, 0.01), rng.normal(0, 0.005)])
+        )
     while len(people) > target:
         people.pop(int(rng.integers(len(people))))
     for p in people:
@@ -56,7 +58,9 @@ def _move_people(rng: np.random.Generator, people: list[np.ndarray], i: int) -> 
     return [np.array([p[0] - 0.03, p[1] - 0.08, p[0] + 0.03, p[1] + 0.08]) for p in people]
 
 
-def _yolox_boxes(rng: np.random.Generator, pboxes: list[np.ndarray], cars: list[np.ndarray]) -> tuple[list[np.ndarray], int, int]:
+def _yolox_boxes(
+    rng: np.random.Generator, pboxes: list[np.ndarray], cars: list[np.ndarray]
+) -> tuple[list[np.ndarray], int, int]:
     """A good detector: most people and cars, jittered, now and then a false box; with its counts."""
     ybox, n_person, n_vehicle = [], 0, 0
     for b in pboxes:

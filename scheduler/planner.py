@@ -196,7 +196,9 @@ class Planner:
             served=dict(self.served),
             expected={m: (1.0 if m in active else float(sel.expected.get(m, acc(active, m)))) for m in self.universe},
             expected_nodes=acc.nodes(active),
-            sources={k: tuple(acc.sources(active, k)) for m in self.universe if m not in active for k in acc.node_nodes(m)},
+            sources={
+                k: tuple(acc.sources(active, k)) for m in self.universe if m not in active for k in acc.node_nodes(m)
+            },
             objective=float(sel.objective),
             budget=int(self.budget),
             cost=float(sum(self.pool.cost(m) or 0 for m in active)),
@@ -212,7 +214,9 @@ class Planner:
         self._next_id += 1
         return plan
 
-    def _apply(self, sel: Selection, reason: str, now: float, report: PeriodReport | None, candidate: Selection | None = None) -> Plan:
+    def _apply(
+        self, sel: Selection, reason: str, now: float, report: PeriodReport | None, candidate: Selection | None = None
+    ) -> Plan:
         """Make the pool hold ``sel.active``; re-select on failures and refusals; never raises."""
         previous = self.plan.active if self.plan is not None else None
         for _ in range(len(self.universe) + 2):
@@ -221,7 +225,13 @@ class Planner:
             self._drain_failures(report)
             if rep.ok:
                 break
-            log.warning("planner: applying %s: refused %s, failed %s, pinned %s; re-selecting", sorted(target), rep.refused, rep.failed, rep.pinned)
+            log.warning(
+                "planner: applying %s: refused %s, failed %s, pinned %s; re-selecting",
+                sorted(target),
+                rep.refused,
+                rep.failed,
+                rep.pinned,
+            )
             if report is not None:
                 report.replans += 1
             reason = "failure" if rep.failed else "refused"
@@ -235,7 +245,15 @@ class Planner:
             self._active_since = now
         self.plan = plan
         self.book.note_charged()
-        log.info("planner: plan %d (%s): active %s, objective %.4f, cost %.0f of %d B", plan.id, reason, sorted(plan.active), plan.objective, plan.cost, plan.budget)
+        log.info(
+            "planner: plan %d (%s): active %s, objective %.4f, cost %.0f of %d B",
+            plan.id,
+            reason,
+            sorted(plan.active),
+            plan.objective,
+            plan.cost,
+            plan.budget,
+        )
         return plan
 
     def _drain_failures(self, report: PeriodReport | None) -> list[tuple[str, str]]:
@@ -390,12 +408,18 @@ class Planner:
         started = self._collect_from if self._collect_from is not None else now
         self._collect_from = None
         self.period += 1
-        report = self._begin(PeriodReport(period=self.period, started_at=started, ran_at=now, frames=len(frames), budget=self.budget))
+        report = self._begin(
+            PeriodReport(period=self.period, started_at=started, ran_at=now, frames=len(frames), budget=self.budget)
+        )
         self._drain_failures(report)
 
         # 1. profile: loaded models first (no load), then the rest, likely ones last.
         t0 = time.perf_counter()
-        parts = self.book.profile(frames, self._profile_order(), self.served, report, batch_size=self.options.batch_size) if frames else {}
+        parts = (
+            self.book.profile(frames, self._profile_order(), self.served, report, batch_size=self.options.batch_size)
+            if frames
+            else {}
+        )
         report.profile_s = time.perf_counter() - t0
 
         # 2. fine-tune on half the new tuples, re-measure on a window holding the other half.
@@ -425,7 +449,14 @@ class Planner:
             report.fine_tune_note = "no links"
             return
         opts = self.options
-        held = fine_tune_links(self.links, parts, report, fine_tune=opts.fine_tune, epochs=opts.fine_tune_epochs, seed=opts.seed + self.period)
+        held = fine_tune_links(
+            self.links,
+            parts,
+            report,
+            fine_tune=opts.fine_tune,
+            epochs=opts.fine_tune_epochs,
+            seed=opts.seed + self.period,
+        )
         if held is not None:
             cap = opts.eval_window or max(len(self.heldout) if self.heldout is not None else 0, 50)
             self.eval_tuples = slide_window(self.eval_tuples, held, cap)
@@ -462,4 +493,6 @@ class Planner:
         """:func:`mlink.scheduler.serving.serve` with this planner's plan, pool, links, accuracies."""
         if self.plan is None:
             raise RuntimeError("call Planner.initial() before serve()")
-        return serve(frames, self.plan, self.pool, self.links, batch_size=self.options.batch_size, accuracy=self.accuracy.node)
+        return serve(
+            frames, self.plan, self.pool, self.links, batch_size=self.options.batch_size, accuracy=self.accuracy.node
+        )

@@ -22,7 +22,9 @@ class Plan:
     served: Mapping[str, tuple[str, ...]]  # {model: outputs}: the universe and its nodes
     expected: Mapping[str, float]  # per model: 1.0 executed, p(h_{A,j}) predicted
     expected_nodes: Mapping[str, float]  # per node "model:output"
-    sources: Mapping[str, tuple[str, ...]]  # per predicted node: the active models its links use (serving reads them here)
+    sources: Mapping[
+        str, tuple[str, ...]
+    ]  # per predicted node: the active models its links use (serving reads them here)
     objective: float  # Eq. 1: mean of ``expected``
     budget: int
     cost: float  # the active models' measured costs added up

@@ -322,7 +322,13 @@ class ModelPool:
             # Measured over budget: take it out again before anything else runs on it.
             self._drop(slot)
             self.refusals[name] += 1
-            log.warning("pool: %s measured %d B, over the budget (%d B charged, %d B budget); unloaded", name, cost, charged, self.budget)
+            log.warning(
+                "pool: %s measured %d B, over the budget (%d B charged, %d B budget); unloaded",
+                name,
+                cost,
+                charged,
+                self.budget,
+            )
             raise BudgetExceeded(name, cost, charged, self.budget, measured=True)
         with self._cond:
             slot.loaded = True
@@ -331,7 +337,15 @@ class ModelPool:
             slot.cost_index = cost_index
             self._unavailable.pop(name, None)
             self.loads[name] += 1
-        log.info("pool: loaded %s on %s: %d B peak, %d B resident, %.2f s (%s)", name, self.device, cost, m.delta, m.seconds, m.source)
+        log.info(
+            "pool: loaded %s on %s: %d B peak, %d B resident, %.2f s (%s)",
+            name,
+            self.device,
+            cost,
+            m.delta,
+            m.seconds,
+            m.source,
+        )
         return True
 
     def _fail(self, name: str, slot: _Slot, exc: BaseException) -> None:
@@ -396,7 +410,9 @@ class ModelPool:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     slot.draining = False
-                    raise ModelPinned(f"model {name} still pinned by {slot.pins} in-flight call(s) after {timeout:.1f} s")
+                    raise ModelPinned(
+                        f"model {name} still pinned by {slot.pins} in-flight call(s) after {timeout:.1f} s"
+                    )
                 self._cond.wait(left)
         cost = self.cost(name) or 0
         resident = slot.resident
@@ -425,7 +441,13 @@ class ModelPool:
             if sticky:
                 self.sticky.append(record)
         if sticky:
-            log.warning("pool: unload of %s freed %d B of the %d B its load left resident; %d B stayed (sticky)", name, freed, resident, resident - freed)
+            log.warning(
+                "pool: unload of %s freed %d B of the %d B its load left resident; %d B stayed (sticky)",
+                name,
+                freed,
+                resident,
+                resident - freed,
+            )
         else:
             log.info("pool: unloaded %s (%s): freed %d B of %d B resident", name, reason, freed, resident)
         return record

@@ -56,16 +56,20 @@ def prime_torch(device: str = "cpu") -> None:
     """
     import torch
 
-    net = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 32, 3, stride=2, padding=1),
-        torch.nn.BatchNorm2d(32),
-        torch.nn.ReLU6(),
-        torch.nn.Conv2d(32, 32, 3, padding=1, groups=32),
-        torch.nn.Conv2d(32, 64, 1),
-        torch.nn.AdaptiveAvgPool2d(1),
-        torch.nn.Flatten(),
-        torch.nn.Linear(64, 10),
-    ).eval().to(device)
+    net = (
+        torch.nn.Sequential(
+            torch.nn.Conv2d(3, 32, 3, stride=2, padding=1),
+            torch.nn.BatchNorm2d(32),
+            torch.nn.ReLU6(),
+            torch.nn.Conv2d(32, 32, 3, padding=1, groups=32),
+            torch.nn.Conv2d(32, 64, 1),
+            torch.nn.AdaptiveAvgPool2d(1),
+            torch.nn.Flatten(),
+            torch.nn.Linear(64, 10),
+        )
+        .eval()
+        .to(device)
+    )
     for batch in (1, 4):
         with torch.inference_mode():
             net(torch.zeros(batch, 3, 224, 224, device=device)).softmax(1)
@@ -108,6 +112,13 @@ def synthetic_frame(width: int = 320, height: int = 240, seed: int = 0) -> np.nd
     """A deterministic textured BGR frame for warm-up inference (noise over gradients)."""
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:height, 0:width]
-    base = np.stack([(x * 255 // max(width - 1, 1)), (y * 255 // max(height - 1, 1)), ((x + y) * 127 // max(width + height - 2, 1))], axis=-1)
+    base = np.stack(
+        [
+            (x * 255 // max(width - 1, 1)),
+            (y * 255 // max(height - 1, 1)),
+            ((x + y) * 127 // max(width + height - 2, 1)),
+        ],
+        axis=-1,
+    )
     noise = rng.integers(0, 64, size=(height, width, 3))
     return np.clip(base + noise, 0, 255).astype(np.uint8)

@@ -240,7 +240,9 @@ def activation_probabilities(costs: Mapping[str, float], link_acc: Mapping[tuple
     return out
 
 
-def best_link_accuracy(link_acc: Mapping[tuple[str, str], float], trivial: Mapping[str, float] | None = None) -> EnsembleAcc:
+def best_link_accuracy(
+    link_acc: Mapping[tuple[str, str], float], trivial: Mapping[str, float] | None = None
+) -> EnsembleAcc:
     """A stand-in for ensemble accuracies from single links: p(h_{A,j}) ~ max_{i in A} p(g_ij).
 
     That is the dominance regime of the papers (an ensemble is at least as good as its best

@@ -51,9 +51,11 @@ def select_models(
     cand = {m: c for m, c in avail.items() if m not in fixed}
     room = budget - forced_cost
     if selector == "paper":
-        single = accuracy.single() if isinstance(accuracy, LinkAccuracy) else {
-            (i, j): accuracy(frozenset([i]), j) for i in models for j in models if i != j
-        }
+        single = (
+            accuracy.single()
+            if isinstance(accuracy, LinkAccuracy)
+            else {(i, j): accuracy(frozenset([i]), j) for i in models for j in models if i != j}
+        )
         sel = paper_greedy(cand, single, room, ensemble_acc=acc, models=models, exclude=excluded | fixed)
     elif selector == "objective":
         sel = objective_select(cand, acc, room, models=models, exclude=excluded | fixed, prune=len(cand) > 8)
@@ -62,4 +64,6 @@ def select_models(
     if not fixed:
         return sel
     full = evaluate(sel.active | fixed, avail, accuracy, budget, models=models, selector=sel.selector)
-    return Selection(full.active, full.objective, full.cost, full.budget, sel.selector, full.expected, full.feasible, sel.evaluations)
+    return Selection(
+        full.active, full.objective, full.cost, full.budget, sel.selector, full.expected, full.feasible, sel.evaluations
+    )

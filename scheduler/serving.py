@@ -132,7 +132,9 @@ def _record(frame: Any, position: int, now: float) -> FrameRecord:
         return frame
     if isinstance(frame, np.ndarray):
         return FrameRecord("", position, float(position), now, frame)
-    return FrameRecord(str(getattr(frame, "stream", "")), position, float(getattr(frame, "timestamp", position)), now, frame.image)
+    return FrameRecord(
+        str(getattr(frame, "stream", "")), position, float(getattr(frame, "timestamp", position)), now, frame.image
+    )
 
 
 def serve(
@@ -215,7 +217,9 @@ class _Step:
         if wanted:
             try:
                 assert links is not None  # wanted is empty without links
-                predicted = list[Mapping[str, np.ndarray]](links.predict_batch(executed, source_outputs, targets=wanted))
+                predicted = list[Mapping[str, np.ndarray]](
+                    links.predict_batch(executed, source_outputs, targets=wanted)
+                )
             except Exception as exc:  # links are someone else's code: never fail the step
                 log.exception("serving: link prediction failed")
                 return wanted, predicted, f"prediction failed: {type(exc).__name__}: {exc}"
@@ -234,7 +238,9 @@ class _Step:
         # Every frame of the chunk had the same models run: predict the others for the whole
         # chunk in one pass (per-frame cost falls with the batch; see LinkSet.predict_batch).
         t1 = time.perf_counter()
-        source_outputs = [{node_key(m, o): ran[m][i][o] for m in executed for o in plan.served[m]} for i in range(len(chunk))]
+        source_outputs = [
+            {node_key(m, o): ran[m][i][o] for m in executed for o in plan.served[m]} for i in range(len(chunk))
+        ]
         wanted, predicted, failed = self._predict(executed, source_outputs)
         note = "; ".join(n for n in (note, failed) if n)
         sources = plan.sources if foreseen else _sources(self.links, executed, wanted)
@@ -250,9 +256,13 @@ class _Step:
                     continue
                 if k in predicted[i]:
                     v = predicted[i][k]
-                    outputs[k] = NodeOutput(k, v, specs[k].to_json(v), "predicted", tuple(sources.get(k, ())), expected.get(k), note)
+                    outputs[k] = NodeOutput(
+                        k, v, specs[k].to_json(v), "predicted", tuple(sources.get(k, ())), expected.get(k), note
+                    )
                 else:
-                    outputs[k] = NodeOutput(k, None, None, "unavailable", (), 0.0, note or "no links predict this output")
+                    outputs[k] = NodeOutput(
+                        k, None, None, "unavailable", (), 0.0, note or "no links predict this output"
+                    )
             results.append(
                 FrameResult(
                     frame=frame,

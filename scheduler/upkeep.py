@@ -59,7 +59,11 @@ def initial_links(
     out ``tuples`` (restricted to their nodes) when they have none."""
     if links is None:
         trained, held, note = train_links(
-            tuples, heldout_share=options.heldout_share, seed=options.seed, config=options.train_config, progress=options.progress
+            tuples,
+            heldout_share=options.heldout_share,
+            seed=options.seed,
+            config=options.train_config,
+            progress=options.progress,
         )
         report.fine_tune_note = note
         if trained is None:
@@ -72,7 +76,13 @@ def initial_links(
 
 
 def fine_tune_links(
-    links: LinkSet, parts: Mapping[str, TupleSet], report: PeriodReport, *, fine_tune: bool, epochs: int | None, seed: int
+    links: LinkSet,
+    parts: Mapping[str, TupleSet],
+    report: PeriodReport,
+    *,
+    fine_tune: bool,
+    epochs: int | None,
+    seed: int,
 ) -> TupleSet | None:
     """Fine-tune ``links`` on half of a period's profiled ``parts`` ({model: tuples}); return the
     other half (held out, for the evaluation window), or None when there is none.
@@ -83,7 +93,9 @@ def fine_tune_links(
     link_models = set(links.models)
     missing = sorted(link_models - set(parts))
     if missing:
-        report.fine_tune_note = f"not fine-tuned: {', '.join(missing)} could not be profiled (links need complete tuples)"
+        report.fine_tune_note = (
+            f"not fine-tuned: {', '.join(missing)} could not be profiled (links need complete tuples)"
+        )
         return None
     new = TupleSet.merge(parts[m] for m in link_models).restrict(links.specs)
     if len(new) >= 2:

@@ -214,8 +214,12 @@ def collect_metrics(daemon: Daemon, snap: Snapshot | None = None) -> list[Metric
     owners copy them out now."""
     snap = daemon.snapshot if snap is None else snap
     ms = [
-        Metric("mlink_snapshot_version", "Version of the published state these figures come from.", "gauge").add(snap.version),
-        Metric("mlink_snapshot_timestamp_seconds", "When that state was published (unix seconds).", "gauge").add(snap.published_at),
+        Metric("mlink_snapshot_version", "Version of the published state these figures come from.", "gauge").add(
+            snap.version
+        ),
+        Metric("mlink_snapshot_timestamp_seconds", "When that state was published (unix seconds).", "gauge").add(
+            snap.published_at
+        ),
         *_served_metrics(daemon.served),
     ]
     if daemon.ingest is not None:
@@ -234,27 +238,70 @@ def collect_metrics(daemon: Daemon, snap: Snapshot | None = None) -> list[Metric
 
 
 def _served_metrics(served: ServedCounts) -> list[Metric]:
-    outputs = Metric("mlink_outputs_total", "Outputs served, by model and provenance (executed/predicted/unavailable).", "counter")
+    outputs = Metric(
+        "mlink_outputs_total", "Outputs served, by model and provenance (executed/predicted/unavailable).", "counter"
+    )
     for (model, prov), n in sorted(served.outputs.items()):
         outputs.add(n, model=model, provenance=prov)
-    return [per_label("mlink_frames_total", "Frames served per camera.", "counter", "camera", dict(served.frames)), outputs]
+    return [
+        per_label("mlink_frames_total", "Frames served per camera.", "counter", "camera", dict(served.frames)),
+        outputs,
+    ]
 
 
 def _camera_metrics(status: Mapping[str, CameraStatus]) -> list[Metric]:
     return [
-        per_label("mlink_frames_dropped_total", "Frames dropped by full camera queues.", "counter", "camera", {c: s.drops for c, s in status.items()}),
-        per_label("mlink_stream_reconnects_total", "Camera reconnect attempts.", "counter", "camera", {c: s.reconnects for c, s in status.items()}),
-        per_label("mlink_stream_connected", "1 while the camera is connected.", "gauge", "camera", {c: float(s.state == "connected") for c, s in status.items()}),
+        per_label(
+            "mlink_frames_dropped_total",
+            "Frames dropped by full camera queues.",
+            "counter",
+            "camera",
+            {c: s.drops for c, s in status.items()},
+        ),
+        per_label(
+            "mlink_stream_reconnects_total",
+            "Camera reconnect attempts.",
+            "counter",
+            "camera",
+            {c: s.reconnects for c, s in status.items()},
+        ),
+        per_label(
+            "mlink_stream_connected",
+            "1 while the camera is connected.",
+            "gauge",
+            "camera",
+            {c: float(s.state == "connected") for c, s in status.items()},
+        ),
     ]
 
 
 def _pool_metrics(pm: dict[str, Any], names: list[str]) -> list[Metric]:
     return [
         Metric("mlink_gpu_budget_bytes", "Memory budget of the model pool.", "gauge").add(pm["budget_bytes"]),
-        Metric("mlink_gpu_memory_used_bytes", f"Memory charged to loaded models ({pm['source']}).", "gauge").add(pm["charged_bytes"]),
-        per_label("mlink_model_loaded", "1 when the model is loaded.", "gauge", "model", {n: float(n in pm["loaded"]) for n in names}),
-        per_label("mlink_model_memory_bytes", "Measured memory cost (peak over load + warm-up).", "gauge", "model", {n: pm["costs"][n] for n in names if n in pm["costs"]}),
-        per_label("mlink_model_load_seconds", "Duration of the model's last load.", "gauge", "model", {n: v[-1] for n, v in pm["load_seconds"].items() if v}),
+        Metric("mlink_gpu_memory_used_bytes", f"Memory charged to loaded models ({pm['source']}).", "gauge").add(
+            pm["charged_bytes"]
+        ),
+        per_label(
+            "mlink_model_loaded",
+            "1 when the model is loaded.",
+            "gauge",
+            "model",
+            {n: float(n in pm["loaded"]) for n in names},
+        ),
+        per_label(
+            "mlink_model_memory_bytes",
+            "Measured memory cost (peak over load + warm-up).",
+            "gauge",
+            "model",
+            {n: pm["costs"][n] for n in names if n in pm["costs"]},
+        ),
+        per_label(
+            "mlink_model_load_seconds",
+            "Duration of the model's last load.",
+            "gauge",
+            "model",
+            {n: v[-1] for n, v in pm["load_seconds"].items() if v},
+        ),
         per_label("mlink_model_unloads_total", "Unloads by reason.", "counter", "reason", pm["unloads"]),
     ]
 
@@ -262,15 +309,25 @@ def _pool_metrics(pm: dict[str, Any], names: list[str]) -> list[Metric]:
 def _plan_metrics(plan: Plan) -> list[Metric]:
     return [
         Metric("mlink_plan_id", "Id of the plan being served.", "gauge").add(plan.id),
-        Metric("mlink_plan_expected_accuracy", "Expected mean output accuracy of the plan (Eq. 1).", "gauge").add(plan.objective),
-        per_label("mlink_output_expected_accuracy", "Expected accuracy per served output.", "gauge", "output", dict(plan.expected_nodes)),
+        Metric("mlink_plan_expected_accuracy", "Expected mean output accuracy of the plan (Eq. 1).", "gauge").add(
+            plan.objective
+        ),
+        per_label(
+            "mlink_output_expected_accuracy",
+            "Expected accuracy per served output.",
+            "gauge",
+            "output",
+            dict(plan.expected_nodes),
+        ),
     ]
 
 
 def _cache_metrics(st: CacheStats) -> list[Metric]:
     return [
         Metric("mlink_cache_buffered", "Results waiting in memory for Redis.", "gauge").add(st.buffered),
-        Metric("mlink_cache_dropped_total", "Results dropped because the outage buffer was full.", "counter").add(st.dropped),
+        Metric("mlink_cache_dropped_total", "Results dropped because the outage buffer was full.", "counter").add(
+            st.dropped
+        ),
         Metric("mlink_cache_reconnects_total", "Reconnects to Redis.", "counter").add(st.reconnects),
         Metric("mlink_cache_up", "1 while Redis is reachable.", "gauge").add(float(st.connected)),
     ]

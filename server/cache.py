@@ -160,7 +160,9 @@ class ResultCache:
         self._thread.start()
 
     @classmethod
-    def from_config(cls, cfg: CacheConfig, url: str | None = None, *, prefix: str = "mlink", **kwargs: Any) -> ResultCache:
+    def from_config(
+        cls, cfg: CacheConfig, url: str | None = None, *, prefix: str = "mlink", **kwargs: Any
+    ) -> ResultCache:
         """A cache for ``cfg``; ``url`` (an embedded server's) is used when cfg has no redis_url."""
         target = cfg.redis_url or url
         if not target:
@@ -223,7 +225,9 @@ class ResultCache:
             if total == 1 or total % 1000 == 0:
                 log.error(
                     "result buffer full (%d): dropped the oldest result (camera %s); %d dropped so far",
-                    self.buffer_limit, old.camera, total,
+                    self.buffer_limit,
+                    old.camera,
+                    total,
                 )
         self._buffer.append(entry)
 
@@ -245,7 +249,12 @@ class ResultCache:
         self._errors += 1
         self._last_error = f"{type(exc).__name__}: {exc}"
         if self._connected:
-            log.warning("redis %s unreachable (%s); buffering results (limit %d)", self._safe_url, self._last_error, self.buffer_limit)
+            log.warning(
+                "redis %s unreachable (%s); buffering results (limit %d)",
+                self._safe_url,
+                self._last_error,
+                self.buffer_limit,
+            )
         self._connected = False
 
     def _drain(self) -> bool:
@@ -267,7 +276,11 @@ class ResultCache:
                 if not self._connected:
                     self._connected = True
                     self._reconnects += 1
-                    log.info("redis %s reachable again; flushing %d buffered results", self._safe_url, len(self._buffer) + len(batch))
+                    log.info(
+                        "redis %s reachable again; flushing %d buffered results",
+                        self._safe_url,
+                        len(self._buffer) + len(batch),
+                    )
 
     def _reconnect_if_idle(self) -> None:
         # Down with an empty buffer (every buffered result dropped at close, or down since the
@@ -331,7 +344,9 @@ class ResultCache:
         with self._lock:
             if self._connected:
                 return None
-            return CacheUnavailable(f"redis {self._safe_url} unreachable ({self._last_error}); {len(self._buffer)} results buffered")
+            return CacheUnavailable(
+                f"redis {self._safe_url} unreachable ({self._last_error}); {len(self._buffer)} results buffered"
+            )
 
     def latest(self, camera: str) -> Record | None:
         """The last result put for camera, None if it has none."""
@@ -374,8 +389,7 @@ class ResultCache:
             raise self._fail(exc) from None
         records = [self._decode(camera, cast(str, r)) for r in raw]  # members: str (decode_responses)
         pending = [
-            e for e in self._buffered(camera)
-            if (since is None or e.ts >= since) and (until is None or e.ts <= until)
+            e for e in self._buffered(camera) if (since is None or e.ts >= since) and (until is None or e.ts <= until)
         ]
         if pending:
             seen = {r.id for r in records}
@@ -461,7 +475,9 @@ class ResultCache:
         self.close()
 
 
-def open_cache(cfg: CacheConfig, *, prefix: str = "mlink", directory: str | None = None) -> tuple[ResultCache, EmbeddedRedis | None]:
+def open_cache(
+    cfg: CacheConfig, *, prefix: str = "mlink", directory: str | None = None
+) -> tuple[ResultCache, EmbeddedRedis | None]:
     """The daemon's cache: cfg.redis_url, or an embedded redis-server (returned, to be closed after
     the cache) when it has none."""
     server = None

@@ -23,7 +23,9 @@ from mlink.server.cli_common import ConfigOpt, SiteOpt, config_path, fail, resol
 from mlink.server.cli_schedule import schedule_app
 from mlink.server.frames import read_frames, resolve_url
 
-app = typer.Typer(help="mlink: serve many vision models under a memory budget, predicting the ones not loaded.", no_args_is_help=True)
+app = typer.Typer(
+    help="mlink: serve many vision models under a memory budget, predicting the ones not loaded.", no_args_is_help=True
+)
 assets_app = typer.Typer(help="Model weights and sample videos: list, fetch, verify.", no_args_is_help=True)
 models_app = typer.Typer(help="The model zoo: list entries, run one on a video.", no_args_is_help=True)
 config_app = typer.Typer(help="Site config files.", no_args_is_help=True)
@@ -164,7 +166,12 @@ def models_run(
         try:
             for frame in read_frames(resolve_url(video), sample_fps=fps, max_frames=frames):
                 out = model.infer([frame.image])[0]
-                record: dict[str, Any] = {"frame": frame.index, "timestamp": frame.timestamp, "model": name, "output": model.derived(out)}
+                record: dict[str, Any] = {
+                    "frame": frame.index,
+                    "timestamp": frame.timestamp,
+                    "model": name,
+                    "output": model.derived(out),
+                }
                 if as_json:
                     typer.echo(json.dumps(record))
                 else:
@@ -258,8 +265,12 @@ def _report_matrix(cfg: SiteConfig, matrix, png: Path | None, as_json: bool) -> 
 def links_train(
     site: str | None = SiteOpt,
     config: Path | None = ConfigOpt,
-    frames: int | None = typer.Option(None, "--frames", help="profile this many frames first (default: use the latest profile)"),
-    epochs: int | None = typer.Option(None, "--epochs", help="training epochs (default: the paper's 100, early-stopped)"),
+    frames: int | None = typer.Option(
+        None, "--frames", help="profile this many frames first (default: use the latest profile)"
+    ),
+    epochs: int | None = typer.Option(
+        None, "--epochs", help="training epochs (default: the paper's 100, early-stopped)"
+    ),
     png: Path | None = typer.Option(None, "--png", help="heatmap path (default: in the link store)"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
@@ -290,7 +301,9 @@ def links_eval(
     png: Path | None = typer.Option(None, "--png"),
     as_json: bool = typer.Option(False, "--json"),
     folds: int = typer.Option(
-        1, "--folds", min=1,
+        1,
+        "--folds",
+        min=1,
         help="K >= 2: K-fold cross-validation over the whole latest profile (trains K link sets, stores none; "
         "every frame is held out once); 1: the stored links on the held-out share",
     ),
@@ -312,7 +325,9 @@ def links_eval(
                 typer.echo(f"cross-validation: fold {k}/{n} done ({time.perf_counter() - t0:.0f} s)", err=True)
 
             matrix = cross_validate(tuples, folds, progress=said)
-            _report_matrix(cfg, matrix, png or link_store_dir(cfg, default_store().home) / f"matrix-cv{folds}.png", as_json)
+            _report_matrix(
+                cfg, matrix, png or link_store_dir(cfg, default_store().home) / f"matrix-cv{folds}.png", as_json
+            )
             return
         _, test = heldout_split(tuples)
         links = LinkSet.load(link_store_dir(cfg, default_store().home), expect_specs=tuples.specs)
@@ -322,7 +337,9 @@ def links_eval(
 
 
 @links_app.command("show")
-def links_show(site: str | None = SiteOpt, config: Path | None = ConfigOpt, as_json: bool = typer.Option(False, "--json")) -> None:
+def links_show(
+    site: str | None = SiteOpt, config: Path | None = ConfigOpt, as_json: bool = typer.Option(False, "--json")
+) -> None:
     """What is stored for a site: links, their training data version and metrics."""
 
     def body() -> None:
@@ -387,7 +404,10 @@ def serve_cmd(
 
     signal.signal(signal.SIGHUP, on_hup)
     bind_host, bind_port = host or cfg.api.host, port if port is not None else cfg.api.port
-    typer.echo(f"mlink: site {cfg.site}, {len(cfg.streams)} cameras, API on http://{bind_host}:{bind_port} (docs at /docs)", err=True)
+    typer.echo(
+        f"mlink: site {cfg.site}, {len(cfg.streams)} cameras, API on http://{bind_host}:{bind_port} (docs at /docs)",
+        err=True,
+    )
     try:
         uvicorn.run(create_app(daemon), host=bind_host, port=bind_port, log_level=log_level.lower())
     finally:
@@ -415,7 +435,12 @@ def demo(
             m.load(cfg.device)
         for stream in cfg.streams:
             for frame in read_frames(resolve_url(stream.url), sample_fps=stream.fps, max_frames=frames):
-                result: dict[str, Any] = {"camera": stream.id, "frame": frame.index, "timestamp": frame.timestamp, "outputs": {}}
+                result: dict[str, Any] = {
+                    "camera": stream.id,
+                    "frame": frame.index,
+                    "timestamp": frame.timestamp,
+                    "outputs": {},
+                }
                 for entry in cfg.models:
                     derived = models[entry.name].derived(models[entry.name].infer([frame.image])[0])
                     for out in entry.served:

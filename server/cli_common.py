@@ -25,7 +25,14 @@ if TYPE_CHECKING:
     from mlink.links.tuples import TupleSet
     from mlink.models.assets import AssetStore
 
-_EXPECTED: tuple[type[BaseException], ...] = (AssetError, ModelError, ConfigError, FrameSourceError, LinkError, ValueError)
+_EXPECTED: tuple[type[BaseException], ...] = (
+    AssetError,
+    ModelError,
+    ConfigError,
+    FrameSourceError,
+    LinkError,
+    ValueError,
+)
 
 SiteOpt = typer.Option(None, "--site", help="site name: configs/NAME.yaml")
 ConfigOpt = typer.Option(None, "--config", help="path of a site config file")
@@ -56,7 +63,9 @@ def resolve_config(site: str | None, config: Path | None) -> SiteConfig:
     return load_config(config_path(site, config), catalog=zoo_catalog())
 
 
-def site_tuples(cfg: SiteConfig, store: AssetStore, frames: int | None, *, progress: bool = True) -> tuple[TupleSet, Path]:
+def site_tuples(
+    cfg: SiteConfig, store: AssetStore, frames: int | None, *, progress: bool = True
+) -> tuple[TupleSet, Path]:
     """The site's latest stored profile, or a fresh one of ``frames`` (default
     links.profile_frames), saying on stderr when a stored one no longer fits the config."""
     from mlink.server.profiling import site_profile

@@ -67,7 +67,9 @@ def load_cost_table(path: Path) -> dict[str, int] | None:
         return None
 
 
-def measure_costs(cfg: Any, store: Any, progress: bool = True) -> tuple[dict[str, int], dict[str, str], dict[str, float], str]:
+def measure_costs(
+    cfg: Any, store: Any, progress: bool = True
+) -> tuple[dict[str, int], dict[str, str], dict[str, float], str]:
     """Load each model once, alone, through a pool; (costs, failures, load seconds, meter source)."""
     from mlink.scheduler.memory import MemoryMeter
     from mlink.scheduler.pool import ModelPool
@@ -76,7 +78,12 @@ def measure_costs(cfg: Any, store: Any, progress: bool = True) -> tuple[dict[str
     meter = MemoryMeter(cfg.device)
     names = [m.name for m in cfg.models]
     pool = ModelPool(
-        meter.total(), cfg.device, meter=meter, factory=model_factory(cfg, store), warmup_batch=cfg.scheduler.batch_size, models=names
+        meter.total(),
+        cfg.device,
+        meter=meter,
+        factory=model_factory(cfg, store),
+        warmup_batch=cfg.scheduler.batch_size,
+        models=names,
     )
     seconds: dict[str, float] = {}
     for name in names:
@@ -110,7 +117,9 @@ def _links(cfg: Any, store: Any, train: Any, epochs: int | None, quiet: bool):
     return links, path, why
 
 
-def _site_costs(cfg: Any, store: Any, names: list[str], saved_costs: bool, quiet: bool) -> tuple[dict[str, int], dict[str, str], dict[str, float], str]:
+def _site_costs(
+    cfg: Any, store: Any, names: list[str], saved_costs: bool, quiet: bool
+) -> tuple[dict[str, int], dict[str, str], dict[str, float], str]:
     """Each model's memory cost: the saved table when asked for and complete, else measured now
     and saved. Returns the costs, the models that failed to load, load seconds and where the
     costs come from."""
@@ -123,7 +132,9 @@ def _site_costs(cfg: Any, store: Any, names: list[str], saved_costs: bool, quiet
         if saved_costs and not quiet:
             typer.echo(f"no complete saved cost table at {table_path}; measuring", err=True)
         costs, failures, seconds, source = measure_costs(cfg, store, progress=not quiet)
-        save_cost_table(table_path, costs, {"site": cfg.site, "device": cfg.device, "meter": source, "measured_at": time.time()})
+        save_cost_table(
+            table_path, costs, {"site": cfg.site, "device": cfg.device, "meter": source, "measured_at": time.time()}
+        )
         cost_source = f"measured now ({source}), saved to {table_path}"
     return costs, failures, seconds, cost_source
 
@@ -214,32 +225,60 @@ def plan_site(
 def plan_cmd(
     site: str | None = SiteOpt,
     config: Path | None = ConfigOpt,
-    budget: str | None = typer.Option(None, "--budget", help="bytes (4GiB), a device share (0.8, 80%), or a share of the models' cost (0.5x); default: the config's"),
+    budget: str | None = typer.Option(
+        None,
+        "--budget",
+        help="bytes (4GiB), a device share (0.8, 80%), or a share of the models' cost (0.5x); default: the config's",
+    ),
     selector: str | None = typer.Option(None, "--selector", help="paper | objective (default: the config's)"),
     as_json: bool = typer.Option(False, "--json"),
-    frames: int | None = typer.Option(None, "--frames", min=4, help="profile this many frames first (default: use the latest profile)"),
-    saved_costs: bool = typer.Option(False, "--saved-costs", help="reuse the cost table saved by an earlier run instead of loading each model"),
-    epochs: int | None = typer.Option(None, "--epochs", help="epochs if links must be trained (default: the paper's 100, early-stopped)"),
-    margin: float = typer.Option(0.1, "--margin", min=0.0, help="charge each measured cost plus this share (measurement variance)"),
+    frames: int | None = typer.Option(
+        None, "--frames", min=4, help="profile this many frames first (default: use the latest profile)"
+    ),
+    saved_costs: bool = typer.Option(
+        False, "--saved-costs", help="reuse the cost table saved by an earlier run instead of loading each model"
+    ),
+    epochs: int | None = typer.Option(
+        None, "--epochs", help="epochs if links must be trained (default: the paper's 100, early-stopped)"
+    ),
+    margin: float = typer.Option(
+        0.1, "--margin", min=0.0, help="charge each measured cost plus this share (measurement variance)"
+    ),
 ) -> None:
     """Print the measured costs, the chosen set, its expected objective and the budget used."""
+
     def body() -> None:
         if selector is not None and selector not in ("paper", "objective"):
             raise ValueError(f"--selector must be paper or objective, got {selector!r}")
         cfg = resolve_config(site, config)
-        out = plan_site(cfg, budget=budget, selector=selector, frames=frames, saved_costs=saved_costs, epochs=epochs, margin=margin, quiet=as_json)
+        out = plan_site(
+            cfg,
+            budget=budget,
+            selector=selector,
+            frames=frames,
+            saved_costs=saved_costs,
+            epochs=epochs,
+            margin=margin,
+            quiet=as_json,
+        )
         if as_json:
             typer.echo(json.dumps(out, default=str))
             return
-        typer.echo(f"site {out['site']} on {out['device']}: {out['tuples']} profiled frames ({out['profile']}), accuracies on {out['held_out']} held-out")
+        typer.echo(
+            f"site {out['site']} on {out['device']}: {out['tuples']} profiled frames ({out['profile']}), accuracies on {out['held_out']} held-out"
+        )
         typer.echo(f"costs ({out['cost_source']}):")
         for m, c in out["costs"].items():
             extra = f"   load {out['load_seconds'][m]:.2f} s" if m in out["load_seconds"] else ""
             typer.echo(f"  {m:<22} {_mib(c):>12}{extra}")
         for m, why in out["failed"].items():
             typer.echo(f"  {m:<22} FAILED: {why}")
-        typer.echo(f"budget {out['budget_spec']} = {_mib(out['budget_bytes'])} (costs charged +{out['cost_margin']:.0%})")
-        typer.echo(f"selector {out['selector']}: load {', '.join(out['active']) or '(nothing)'}; predict {', '.join(out['predicted']) or '(nothing)'}")
+        typer.echo(
+            f"budget {out['budget_spec']} = {_mib(out['budget_bytes'])} (costs charged +{out['cost_margin']:.0%})"
+        )
+        typer.echo(
+            f"selector {out['selector']}: load {', '.join(out['active']) or '(nothing)'}; predict {', '.join(out['predicted']) or '(nothing)'}"
+        )
         for m, p in out["expected"].items():
             how = "executed" if m in out["active"] else "predicted"
             typer.echo(f"  {m:<22} {how:<9} expected accuracy {p:.3f}")

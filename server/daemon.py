@@ -131,7 +131,11 @@ class Daemon:
         self._refreshed_at = 0.0
         self.served = ServedCounts()
         self.snapshot = Snapshot(
-            version=0, published_at=time.time(), reason="start", cameras=tuple(s.id for s in cfg.streams), models=model_rows(cfg.models, None, None)
+            version=0,
+            published_at=time.time(),
+            reason="start",
+            cameras=tuple(s.id for s in cfg.streams),
+            models=model_rows(cfg.models, None, None),
         )
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -246,9 +250,11 @@ class Daemon:
         re-selecting is all there is to do. Otherwise links come from disk or from profiling,
         and known costs seed the new pool.
         """
-        same_models = previous is not None and [m.model_dump() for m in previous.cfg.models] == [
-            m.model_dump() for m in cfg.models
-        ] and previous.cfg.device == cfg.device
+        same_models = (
+            previous is not None
+            and [m.model_dump() for m in previous.cfg.models] == [m.model_dump() for m in cfg.models]
+            and previous.cfg.device == cfg.device
+        )
         if previous is not None and same_models:
             pool, links, heldout = previous.pool, previous.links, previous.heldout
         else:
@@ -256,7 +262,11 @@ class Daemon:
             known = previous.pool.costs() if previous is not None and previous.cfg.device == cfg.device else None
             if previous is not None:
                 previous.pool.close()  # unload everything before the new set is measured and loaded
-            pool = build_pool(cfg, store=self.store, costs={k: v for k, v in (known or {}).items() if k in {m.name for m in cfg.models}} or None)
+            pool = build_pool(
+                cfg,
+                store=self.store,
+                costs={k: v for k, v in (known or {}).items() if k in {m.name for m in cfg.models}} or None,
+            )
         next_id = previous.plan.id + 1 if previous is not None and previous.plan is not None else 1
         options = PlannerOptions.from_site(cfg, progress=self.progress)
         planner = Planner(cfg, pool, links, heldout, options=options, first_plan_id=next_id)
@@ -390,20 +400,32 @@ class Daemon:
         with self._reload_lock:
             old = self.cfg
             if new.site != old.site:
-                return ReloadResult(False, message=f"site name changed ({old.site} -> {new.site}): start a new daemon for another site")
+                return ReloadResult(
+                    False, message=f"site name changed ({old.site} -> {new.site}): start a new daemon for another site"
+                )
             changed = [k for k in SiteConfig.model_fields if getattr(old, k) != getattr(new, k)]
             result = ReloadResult(True, changed=changed)
             result.restart_needed = [k for k in ("api", "cache") if k in changed]
             if any(k in changed for k in PLAN_FIELDS):
                 if self.state not in ("serving",):
-                    return ReloadResult(False, changed=changed, message=f"the daemon is {self.state}; try again when it serves")
+                    return ReloadResult(
+                        False, changed=changed, message=f"the daemon is {self.state}; try again when it serves"
+                    )
                 req = _PlanRequest(new)
                 self._requests.put(req)
                 if not req.done.wait(timeout):
-                    return ReloadResult(False, changed=changed, message="the new plan did not finish in time; the previous one keeps running")
+                    return ReloadResult(
+                        False,
+                        changed=changed,
+                        message="the new plan did not finish in time; the previous one keeps running",
+                    )
                 if req.error:
                     self.reloads["failed"] += 1
-                    return ReloadResult(False, changed=changed, message=f"the new config could not be applied: {req.error}; the previous one keeps running")
+                    return ReloadResult(
+                        False,
+                        changed=changed,
+                        message=f"the new config could not be applied: {req.error}; the previous one keeps running",
+                    )
                 result.replanned = True
             if "streams" in changed or "ingest" in changed:
                 assert self.ingest is not None
@@ -417,7 +439,9 @@ class Daemon:
             self.cfg = new.model_copy(update={"api": old.api, "cache": old.cache})
             self._publish_config(self.cfg)
             self.reloads["applied"] += 1
-            result.message = "applied" + (f"; restart needed for {', '.join(result.restart_needed)}" if result.restart_needed else "")
+            result.message = "applied" + (
+                f"; restart needed for {', '.join(result.restart_needed)}" if result.restart_needed else ""
+            )
             return result
 
     # -- views for the API (the snapshot, Redis and ingest counters) -------------------------

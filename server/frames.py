@@ -52,7 +52,9 @@ def open_capture(url: str | int) -> cv2.VideoCapture:
     cap = cv2.VideoCapture(source)
     if not cap.isOpened():
         cap.release()
-        raise FrameSourceError(f"video {redact(str(url))}: OpenCV cannot open it (unknown format, bad URL or unreachable)")
+        raise FrameSourceError(
+            f"video {redact(str(url))}: OpenCV cannot open it (unknown format, bad URL or unreachable)"
+        )
     return cap
 
 

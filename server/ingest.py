@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mlink.ingest")
 
+
 @dataclass
 class CameraStatus:
     id: str
@@ -247,15 +248,22 @@ class CameraReader:
     def _open(self) -> tuple[cv2.VideoCapture, bool]:
         url = resolve_url(self.stream.url, self.store)
         if url.lower().startswith("file://"):
-            url = url[len("file://"):]
+            url = url[len("file://") :]
         live = is_live(url)
         if live and not url.isdigit():
             ms = int(self.settings.open_timeout_s * 1000)
-            params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, int(self.settings.read_timeout_s * 1000)]
+            params = [
+                cv2.CAP_PROP_OPEN_TIMEOUT_MSEC,
+                ms,
+                cv2.CAP_PROP_READ_TIMEOUT_MSEC,
+                int(self.settings.read_timeout_s * 1000),
+            ]
             cap = cv2.VideoCapture(url, cv2.CAP_FFMPEG, params)
             if not cap.isOpened():
                 cap.release()
-                raise FrameSourceError(f"stream {redact(url)}: cannot open (unreachable, refused, unauthorised or not a video stream)")
+                raise FrameSourceError(
+                    f"stream {redact(url)}: cannot open (unreachable, refused, unauthorised or not a video stream)"
+                )
             return cap, True
         return open_capture(url), live
 
@@ -384,7 +392,9 @@ class Ingest:
             old = dict(self._readers)
         added = [i for i in wanted if i not in old]
         removed = [i for i in old if i not in wanted]
-        restarted = [i for i in wanted if i in old and (new_settings or _ingest_key(old[i].stream) != _ingest_key(wanted[i]))]
+        restarted = [
+            i for i in wanted if i in old and (new_settings or _ingest_key(old[i].stream) != _ingest_key(wanted[i]))
+        ]
         unchanged = [i for i in wanted if i in old and i not in restarted]
         stopping = [old[i] for i in removed + restarted]
         for r in stopping:  # signal all first: a slow stop must not delay the others

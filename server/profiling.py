@@ -62,7 +62,9 @@ def plan_stream_frames(cfg: SiteConfig, n: int, store: AssetStore | None = None)
             continue
         info[s.id] = (path, fps, count)
     if not info:
-        raise NoProfileFiles(f"site {cfg.site}: no video file to profile from; skipped: {', '.join(skipped) or 'no streams'}")
+        raise NoProfileFiles(
+            f"site {cfg.site}: no video file to profile from; skipped: {', '.join(skipped) or 'no streams'}"
+        )
     share = {sid: 0 for sid in info}
     left = n
     while left > 0:

@@ -18,7 +18,21 @@ from urllib.parse import unquote_plus, urlsplit, urlunsplit
 
 HIDDEN = "***"
 SECRET_PARAMS = frozenset(
-    {"password", "passwd", "pwd", "pass", "token", "access_token", "auth", "key", "api_key", "apikey", "secret", "signature", "sig"}
+    {
+        "password",
+        "passwd",
+        "pwd",
+        "pass",
+        "token",
+        "access_token",
+        "auth",
+        "key",
+        "api_key",
+        "apikey",
+        "secret",
+        "signature",
+        "sig",
+    }
 )
 # a URL inside a text: a scheme, "://", and everything up to the next blank
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S*")
@@ -51,7 +65,7 @@ def redact_url(url: str) -> str:
         return url
     end = _userinfo_end(rest)
     if end >= 0:
-        rest = f"{HIDDEN}@{rest[end + 1:]}"
+        rest = f"{HIDDEN}@{rest[end + 1 :]}"
     try:
         parts = urlsplit(f"{scheme}://{rest}")
     except ValueError:  # e.g. an unbalanced "[": no structure to trust but the query's "?"

@@ -101,7 +101,9 @@ def model_rows(entries: Sequence[Any], plan: Plan | None, pool: ModelPool | None
                 "loaded": bool(pool is not None and pool.is_loaded(entry.name)),
                 "active": bool(plan and entry.name in plan.active),
                 "memory_bytes": (pool.cost(entry.name) if pool is not None else None),
-                "load_seconds": (next(reversed(pool.load_seconds.get(entry.name) or []), None) if pool is not None else None),
+                "load_seconds": (
+                    next(reversed(pool.load_seconds.get(entry.name) or []), None) if pool is not None else None
+                ),
                 "expected_accuracy": (plan.expected.get(entry.name) if plan else None),
                 "unavailable": (pool.unavailable_reason(entry.name) if pool is not None else None),
             }
@@ -113,9 +115,11 @@ def link_views(planner: Planner) -> LinkViews:
     """The link matrix and single-link accuracies of the planner's links (pipeline thread only:
     this evaluates the links on the planner's evaluation tuples)."""
     accuracy = planner.accuracy
-    single = tuple(
-        (src, dst, float(acc)) for (src, dst), acc in sorted(accuracy.single().items()) if not math.isnan(acc)
-    ) if accuracy is not None else ()
+    single = (
+        tuple((src, dst, float(acc)) for (src, dst), acc in sorted(accuracy.single().items()) if not math.isnan(acc))
+        if accuracy is not None
+        else ()
+    )
     matrix = None
     if planner.links is not None and planner.eval_tuples is not None:
         matrix = planner.links.matrix(planner.eval_tuples).to_json()

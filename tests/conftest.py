@@ -29,7 +29,9 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> AssetStore:
     return AssetStore(home=home, mirror=_mirror(), offline=True)
 
 
-def sample_frames(store: AssetStore, video: str, n: int, fps: float | None = None, start: float = 0.0) -> list[np.ndarray]:
+def sample_frames(
+    store: AssetStore, video: str, n: int, fps: float | None = None, start: float = 0.0
+) -> list[np.ndarray]:
     return [f.image for f in read_frames(str(store.path(video)), sample_fps=fps, max_frames=n, start=start)]
 
 

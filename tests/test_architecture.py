@@ -135,7 +135,9 @@ def _limits() -> dict[str, int]:
 
 def test_no_module_is_too_long() -> None:
     most = _limits()["max-module-lines"]
-    long = sorted(f"{p.relative_to(REPO)}: {n} lines" for p in MODULES.values() if (n := len(p.read_text().splitlines())) > most)
+    long = sorted(
+        f"{p.relative_to(REPO)}: {n} lines" for p in MODULES.values() if (n := len(p.read_text().splitlines())) > most
+    )
     assert not long, f"modules over {most} lines:\n" + "\n".join(long)
 
 

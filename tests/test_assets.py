@@ -87,6 +87,9 @@ def test_manifest_matches_torchvision_published_urls() -> None:
     )
 
     assert MobileNet_V2_Weights.IMAGENET1K_V1.url in MANIFEST["mobilenet_v2"].urls
-    assert FasterRCNN_MobileNet_V3_Large_320_FPN_Weights.COCO_V1.url in MANIFEST["fasterrcnn_mobilenet_v3_large_320_fpn"].urls
+    assert (
+        FasterRCNN_MobileNet_V3_Large_320_FPN_Weights.COCO_V1.url
+        in MANIFEST["fasterrcnn_mobilenet_v3_large_320_fpn"].urls
+    )
     assert SSDLite320_MobileNet_V3_Large_Weights.COCO_V1.url in MANIFEST["ssdlite320_mobilenet_v3_large"].urls
     assert KeypointRCNN_ResNet50_FPN_Weights.COCO_V1.url in MANIFEST["keypointrcnn_resnet50_fpn"].urls

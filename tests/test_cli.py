@@ -24,7 +24,14 @@ def test_models_list_shows_every_zoo_entry_with_specs() -> None:
     res = runner.invoke(app, ["models", "list", "--json"])
     assert res.exit_code == 0, res.output
     rows = {r["name"]: r for r in json.loads(res.output)}
-    for name in ("yolox_nano", "hog_people", "mobilenet_v2", "efficientnet_lite0", "centerface", "keypointrcnn_resnet50_fpn"):
+    for name in (
+        "yolox_nano",
+        "hog_people",
+        "mobilenet_v2",
+        "efficientnet_lite0",
+        "centerface",
+        "keypointrcnn_resnet50_fpn",
+    ):
         assert name in rows
     assert rows["yolox_nano"]["backend"] == "onnxruntime"
     assert any(o.startswith("boxes: sequence") for o in rows["yolox_nano"]["outputs"])
@@ -33,7 +40,9 @@ def test_models_list_shows_every_zoo_entry_with_specs() -> None:
 
 
 def test_models_run_prints_one_json_object_per_frame() -> None:
-    res = runner.invoke(app, ["models", "run", "yolox_nano", "--video", "asset://vtest", "--frames", "3", "--fps", "2", "--json"])
+    res = runner.invoke(
+        app, ["models", "run", "yolox_nano", "--video", "asset://vtest", "--frames", "3", "--fps", "2", "--json"]
+    )
     assert res.exit_code == 0, res.output
     lines = [json.loads(line) for line in res.output.strip().splitlines()]
     assert [r["frame"] for r in lines] == [0, 5, 10]
@@ -52,7 +61,9 @@ def test_models_run_errors_are_one_clear_line(tmp_path: Path) -> None:
 
 def test_config_validate_reports_paths(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
-    bad.write_text("site: s\nmodels:\n  - name: yolox_nano\n    outputs: [wat]\nstreams:\n  - {id: a, url: x, fps: 0}\n")
+    bad.write_text(
+        "site: s\nmodels:\n  - name: yolox_nano\n    outputs: [wat]\nstreams:\n  - {id: a, url: x, fps: 0}\n"
+    )
     res = runner.invoke(app, ["config", "validate", str(bad)])
     assert res.exit_code == 1
     assert "models.0" in res.output and "streams.0.fps" in res.output

@@ -76,7 +76,7 @@ streams:
     with pytest.raises(ConfigError) as err:
         parse_config(text, "t.yaml")
     assert [p for p, _ in err.value.errors] == ["streams.1.url"]
-    cfg = parse_config(text.replace("  - {id: b, url: \"rtsp://${NOT_SET_ANYWHERE}/s\"}\n", ""), "t.yaml")
+    cfg = parse_config(text.replace('  - {id: b, url: "rtsp://${NOT_SET_ANYWHERE}/s"}\n', ""), "t.yaml")
     assert cfg.streams[0].url == "rtsp://admin:s3cret@10.0.0.2/s"
     assert parse_budget(cfg.budget) == ("device", 0.7)
 
@@ -144,7 +144,9 @@ def test_the_catalog_is_injected() -> None:
     cfg = _parse_config("site: s\nmodels: [{name: tiny, params: {gain: 2}}]\n", "t.yaml", catalog=Tiny())
     assert cfg.nodes() == ["tiny:count"] and cfg.models[0].params == {"gain": 2}
     with pytest.raises(ConfigError) as err:
-        _parse_config("site: s\nmodels: [{name: yolox_nano}, {name: tiny, params: {gian: 2}}]\n", "t.yaml", catalog=Tiny())
+        _parse_config(
+            "site: s\nmodels: [{name: yolox_nano}, {name: tiny, params: {gian: 2}}]\n", "t.yaml", catalog=Tiny()
+        )
     assert [p for p, _ in err.value.errors] == ["models.0", "models.1.params.gian"]
 
 
@@ -185,10 +187,12 @@ def test_bad_params_are_reported_with_their_path(model: str, params: str, path: 
 
 
 def test_param_messages_say_what_is_wrong() -> None:
-    assert _param_errors("yolox_nano", "{score_treshold: 0.3}") == [("models.0.params.score_treshold", "Extra inputs are not permitted")]
-    (_, msg), = _param_errors("yolox_nano", "{score_threshold: 1.5}")
+    assert _param_errors("yolox_nano", "{score_treshold: 0.3}") == [
+        ("models.0.params.score_treshold", "Extra inputs are not permitted")
+    ]
+    ((_, msg),) = _param_errors("yolox_nano", "{score_threshold: 1.5}")
     assert "less than or equal to 1" in msg
-    (_, msg), = _param_errors("ssdlite320_mobilenet_v3_large", "{min_size: 256}")
+    ((_, msg),) = _param_errors("ssdlite320_mobilenet_v3_large", "{min_size: 256}")
     assert "fixed input size" in msg
 
 
@@ -207,7 +211,9 @@ models:
     with pytest.raises(ConfigError) as err:
         parse_config(text, "t.yaml")
     paths = [p for p, _ in err.value.errors]
-    assert paths == ["device", "models.0.params.nms_threshold", "models.0.params.score_treshold", "models.1"], err.value.errors
+    assert paths == ["device", "models.0.params.nms_threshold", "models.0.params.score_treshold", "models.1"], (
+        err.value.errors
+    )
 
 
 def test_valid_params_reach_the_model() -> None:

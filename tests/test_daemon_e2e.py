@@ -62,7 +62,12 @@ def running(store: AssetStore, tmp_path_factory: pytest.TempPathFactory) -> Iter
     home = tmp_path_factory.mktemp("daemon-home")
     config_path = home / "site.yaml"
     config_path.write_text(yaml.safe_dump(site_yaml("0.6x", [WALKWAY, BROKEN])))
-    daemon = Daemon(load_config(config_path, catalog=zoo_catalog()), config_path, AssetStore(home=home, mirror=store.mirror, offline=True), progress=False)
+    daemon = Daemon(
+        load_config(config_path, catalog=zoo_catalog()),
+        config_path,
+        AssetStore(home=home, mirror=store.mirror, offline=True),
+        progress=False,
+    )
     daemon.start()
     server = uvicorn.Server(uvicorn.Config(create_app(daemon), host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -90,13 +95,24 @@ def test_health_before_and_after_readiness(running) -> None:
 
 def test_every_model_output_appears_with_provenance(running) -> None:
     _daemon, client, _ = running
-    latest = wait_for(lambda: client.get("/api/v1/cameras/walkway/results/latest").status_code == 200
-                      and client.get("/api/v1/cameras/walkway/results/latest").json(), 60, "a walkway result")
+    latest = wait_for(
+        lambda: (
+            client.get("/api/v1/cameras/walkway/results/latest").status_code == 200
+            and client.get("/api/v1/cameras/walkway/results/latest").json()
+        ),
+        60,
+        "a walkway result",
+    )
     result = latest["result"]
     plan = client.get("/api/v1/schedule").json()["plan"]
     assert result["plan_id"] == plan["plan_id"]
     outputs = result["outputs"]
-    assert set(outputs) == {"hog_people:person_count", "mobilenet_v2:probs", "yolox_nano:object_count", "yolox_nano:boxes"}
+    assert set(outputs) == {
+        "hog_people:person_count",
+        "mobilenet_v2:probs",
+        "yolox_nano:object_count",
+        "yolox_nano:boxes",
+    }
     for node, out in outputs.items():
         model = node.split(":")[0]
         if model in plan["active"]:
@@ -150,7 +166,9 @@ def test_a_stored_result_carries_the_record_ingest_produced(running) -> None:
     walkway = [f for f in produced if f.camera == "walkway"][:4]
 
     def stored(since: float, until: float) -> list[dict]:
-        r = client.get("/api/v1/cameras/walkway/results", params={"since": repr(since), "until": repr(until), "limit": 10000})
+        r = client.get(
+            "/api/v1/cameras/walkway/results", params={"since": repr(since), "until": repr(until), "limit": 10000}
+        )
         assert r.status_code == 200, r.text
         return r.json()["results"]
 
@@ -160,18 +178,27 @@ def test_a_stored_result_carries_the_record_ingest_produced(running) -> None:
         env = got[0]
         assert env["camera"] == "walkway" and env["ts"] == f.wall_time
         res = env["result"]
-        assert (res["camera"], res["frame_index"], res["timestamp"], res["wall_time"]) == (f.camera, f.index, f.video_time, f.wall_time)
+        assert (res["camera"], res["frame_index"], res["timestamp"], res["wall_time"]) == (
+            f.camera,
+            f.index,
+            f.video_time,
+            f.wall_time,
+        )
         assert {"plan_id", "executed", "missing", "outputs"} <= set(res)
     # a window selects exactly the frames captured in it (by wall time), in capture order
     first, last = walkway[0], walkway[-1]
     window = stored(first.wall_time, last.wall_time)
-    assert [(r["result"]["frame_index"], r["result"]["wall_time"]) for r in window] == [(f.index, f.wall_time) for f in walkway]
+    assert [(r["result"]["frame_index"], r["result"]["wall_time"]) for r in window] == [
+        (f.index, f.wall_time) for f in walkway
+    ]
     assert stored(first.wall_time + 1e-6, last.wall_time - 1e-6) == window[1:-1]
 
 
 def test_a_bad_camera_reports_its_error_while_others_produce(running) -> None:
     daemon, client, _ = running
-    st = wait_for(lambda: (s := client.get("/api/v1/cameras/broken").json())["reconnects"] >= 1 and s, 30, "a reconnect")
+    st = wait_for(
+        lambda: (s := client.get("/api/v1/cameras/broken").json())["reconnects"] >= 1 and s, 30, "a reconnect"
+    )
     assert st["state"] in ("retrying", "connecting") and st["last_error"]
     assert "hunter2" not in str(st) and "admin" not in str(st)
     before = daemon.frames_total["walkway"]
@@ -209,7 +236,9 @@ def test_reload_adds_a_camera_and_changes_the_budget_without_restarting_others(r
     plan = client.get("/api/v1/schedule").json()["plan"]
     assert plan["plan_id"] != plan_before["plan_id"]
     assert plan["budget_bytes"] < plan_before["budget_bytes"]
-    wait_for(lambda: client.get("/api/v1/cameras/room/results/latest").status_code == 200, 60, "a result of the new camera")
+    wait_for(
+        lambda: client.get("/api/v1/cameras/room/results/latest").status_code == 200, 60, "a result of the new camera"
+    )
 
 
 def test_killing_and_restarting_redis_loses_no_result(running) -> None:
@@ -226,7 +255,10 @@ def test_killing_and_restarting_redis_loses_no_result(running) -> None:
     produced = daemon.frames_total["walkway"] + daemon.frames_total["room"]  # all written or flushed by now
     stats = daemon.cache.stats()
     assert stats.dropped == 0 and stats.reconnects >= 1
-    stored = sum(client.get(f"/api/v1/cameras/{cam}/results", params={"limit": 10000}).json()["count"] for cam in ("walkway", "room"))
+    stored = sum(
+        client.get(f"/api/v1/cameras/{cam}/results", params={"limit": 10000}).json()["count"]
+        for cam in ("walkway", "room")
+    )
     assert stored >= produced
     assert client.get("/readyz").status_code == 200
 
@@ -329,7 +361,15 @@ def test_reload_and_period_during_a_burst_of_readers_serve_whole_snapshots(runni
                     path = BURST_PATHS[(n + i) % len(BURST_PATHS)]
                     r = c.get(path)
                     body = r.text if path == "/metrics" else r.json()
-                    seen[i].append((path, r.status_code, int(r.headers.get("x-mlink-snapshot", -1)), body, r.headers.get("x-mlink-plan", "")))
+                    seen[i].append(
+                        (
+                            path,
+                            r.status_code,
+                            int(r.headers.get("x-mlink-snapshot", -1)),
+                            body,
+                            r.headers.get("x-mlink-plan", ""),
+                        )
+                    )
                     time.sleep(0.005)
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
@@ -346,7 +386,13 @@ def test_reload_and_period_during_a_burst_of_readers_serve_whole_snapshots(runni
         auth = {"Authorization": f"Bearer {TOKEN}"}
         r = client.post("/api/v1/config/reload", content=yaml.safe_dump(fast), headers=auth, timeout=120)
         assert r.status_code == 200 and r.json()["replanned"], r.text
-        period = wait_for(lambda: next((s for s in list(published.values()) if s.plan is not None and s.plan.reason == "period"), None), 45, "a period's plan")
+        period = wait_for(
+            lambda: next(
+                (s for s in list(published.values()) if s.plan is not None and s.plan.reason == "period"), None
+            ),
+            45,
+            "a period's plan",
+        )
         wait_for(lambda: versions_seen() >= period.version, 20, "every client to read the period's snapshot")
         slow = site_yaml("0.5x", [WALKWAY, BROKEN, ROOM])  # no more periods while the module ends
         r = client.post("/api/v1/config/reload", content=yaml.safe_dump(slow), headers=auth, timeout=120)
@@ -364,4 +410,6 @@ def test_reload_and_period_during_a_burst_of_readers_serve_whole_snapshots(runni
     plans = _check_burst(seen, published)
     # The burst spanned the first reload's plan, the period's, and the second reload's.
     assert period.plan.id in plans and len(plans) >= 3, sorted(plans)
-    assert any(s.links is not period.links for s in published.values() if s.plan is not None and s.plan.id < period.plan.id)
+    assert any(
+        s.links is not period.links for s in published.values() if s.plan is not None and s.plan.id < period.plan.id
+    )

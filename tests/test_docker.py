@@ -41,7 +41,12 @@ def compose_config(path: Path, env: dict[str, str] | None = None) -> subprocess.
     full.update(env or {})
     return subprocess.run(
         [str(COMPOSE), "-f", str(path), "config", "--format", "json"],
-        capture_output=True, text=True, env=full, timeout=60, cwd=path.parent, check=False,
+        capture_output=True,
+        text=True,
+        env=full,
+        timeout=60,
+        cwd=path.parent,
+        check=False,
     )
 
 
@@ -100,7 +105,7 @@ def test_compose_requires_the_api_token() -> None:
     [
         (("condition: service_healthy", "condition: healthy"), "condition"),
         (("driver: nvidia", "driverr: nvidia"), "driverr"),
-        (("shm_size: \"1gb\"", "shm_size: [1]"), "shm_size"),
+        (('shm_size: "1gb"', "shm_size: [1]"), "shm_size"),
     ],
 )
 def test_compose_parser_rejects_broken_files(tmp_path: Path, mutation: tuple[str, str], complaint: str) -> None:
@@ -145,7 +150,7 @@ def test_dockerfile_cuda_base_non_root_and_build_time_assets() -> None:
     froms = [a for k, a in ins if k == "FROM"]
     final_from = froms[-1].replace("${CUDA_IMAGE}", args.get("CUDA_IMAGE", ""))
     assert re.fullmatch(r"nvidia/cuda:12\.[\d.]+-cudnn-runtime-ubuntu22\.04", final_from), final_from
-    final = ins[max(i for i, (k, _) in enumerate(ins) if k == "FROM"):]
+    final = ins[max(i for i, (k, _) in enumerate(ins) if k == "FROM") :]
     users = [a for k, a in final if k == "USER"]
     assert users and users[-1].split(":")[0] not in ("root", "0")
     run_all = " ".join(a for k, a in final if k == "RUN")

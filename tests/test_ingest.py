@@ -20,8 +20,15 @@ from mlink.scheduler.frame import FrameRecord
 from mlink.server.frames import read_frames, resolve_url
 from mlink.server.ingest import Backoff, CameraReader, Ingest, is_live, redact
 
-FAST = IngestConfig(realtime=False, queue=4, backoff_base_s=0.05, backoff_max_s=0.2, backoff_jitter=0.1,
-                    open_timeout_s=2, read_timeout_s=2)
+FAST = IngestConfig(
+    realtime=False,
+    queue=4,
+    backoff_base_s=0.05,
+    backoff_max_s=0.2,
+    backoff_jitter=0.1,
+    open_timeout_s=2,
+    read_timeout_s=2,
+)
 
 
 def drain(reader: CameraReader) -> list:
@@ -38,9 +45,13 @@ def megamind(store) -> str:
 
 # -- pure helpers ----------------------------------------------------------------------------
 
+
 def test_redact_hides_credentials() -> None:
     assert redact("rtsp://admin:hunter2@10.0.0.5:554/s1") == "rtsp://***@10.0.0.5:554/s1"
-    assert redact("error opening http://bob@cam.local/video.mjpg now") == "error opening http://***@cam.local/video.mjpg now"
+    assert (
+        redact("error opening http://bob@cam.local/video.mjpg now")
+        == "error opening http://***@cam.local/video.mjpg now"
+    )
     assert redact("https://h/x.mjpg?user=a&password=p4ss&token=abc") == "https://h/x.mjpg?user=a&password=***&token=***"
     assert redact("rtsp://u:p@ss@cam:554/s?x=1") == "rtsp://***@cam:554/s?x=1"  # unencoded @ in a password
     assert redact("a rtsp://u:pw@h1/s and http://v:pw2@h2/m") == "a rtsp://***@h1/s and http://***@h2/m"
@@ -68,6 +79,7 @@ def test_backoff_doubles_caps_and_resets() -> None:
 
 
 # -- files -----------------------------------------------------------------------------------
+
 
 def test_file_is_sampled_by_video_time(megamind: str) -> None:
     settings = FAST.model_copy(update={"queue": 1000})
@@ -157,16 +169,19 @@ def test_slow_consumer_gets_the_newest_frames_and_drops_are_counted(store) -> No
 
 # -- failures --------------------------------------------------------------------------------
 
+
 def test_bad_url_reports_a_redacted_error_and_retries_while_another_camera_flows(
     store, megamind: str, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
 ) -> None:
     caplog.set_level("INFO", logger="mlink.ingest")
     settings = FAST.model_copy(update={"realtime": True})
     with Ingest(settings, store=store) as ing:
-        ing.apply([
-            StreamEntry(id="bad", url="rtsp://admin:hunter2@127.0.0.1:9/live", fps=5),
-            StreamEntry(id="good", url=megamind, fps=10, loop=True),
-        ])
+        ing.apply(
+            [
+                StreamEntry(id="bad", url="rtsp://admin:hunter2@127.0.0.1:9/live", fps=5),
+                StreamEntry(id="good", url=megamind, fps=10, loop=True),
+            ]
+        )
         # Served until the good camera has delivered 8 frames after the bad one failed and the
         # bad one has retried 3 times: frames keep flowing while a dead camera retries. (The
         # rate they flow at depends on the machine; the deadline is only a safety net.)
@@ -196,11 +211,13 @@ def test_bad_url_reports_a_redacted_error_and_retries_while_another_camera_flows
 
 def test_missing_file_unknown_asset_and_absent_device_retry(store) -> None:
     with Ingest(FAST, store=store) as ing:
-        ing.apply([
-            StreamEntry(id="nofile", url="/nonexistent/cam.mp4"),
-            StreamEntry(id="noasset", url="asset://no_such_video"),
-            StreamEntry(id="nodev", url="57"),
-        ])
+        ing.apply(
+            [
+                StreamEntry(id="nofile", url="/nonexistent/cam.mp4"),
+                StreamEntry(id="noasset", url="asset://no_such_video"),
+                StreamEntry(id="nodev", url="57"),
+            ]
+        )
         assert wait_for(lambda: all(s.reconnects >= 2 for s in ing.status().values()))
         st = ing.status()
     assert "no such file" in st["nofile"].last_error
@@ -217,10 +234,13 @@ class _MJPEG:
     Frames before the burst are dark (grey 40), those of the burst mid-grey (120), those after
     it light (200)."""
 
-    def __init__(self, port: int = 0, fps: float = 25.0, burst_at: int | None = None,
-                 stall_s: float = 0.6, burst: int = 15) -> None:
+    def __init__(
+        self, port: int = 0, fps: float = 25.0, burst_at: int | None = None, stall_s: float = 0.6, burst: int = 15
+    ) -> None:
         self.stopping = threading.Event()
-        dark, mid, light = (cv2.imencode(".jpg", np.full((96, 128, 3), g, np.uint8))[1].tobytes() for g in (40, 120, 200))
+        dark, mid, light = (
+            cv2.imencode(".jpg", np.full((96, 128, 3), g, np.uint8))[1].tobytes() for g in (40, 120, 200)
+        )
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -235,7 +255,9 @@ class _MJPEG:
                         if i == burst_at and owner.stopping.wait(stall_s):
                             break
                         j = mid if in_burst else light if burst_at is not None and i >= burst_at else dark
-                        self.wfile.write(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n" % len(j) + j + b"\r\n")
+                        self.wfile.write(
+                            b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n" % len(j) + j + b"\r\n"
+                        )
                         i += 1
                         if not (in_burst and i < burst_at + burst):
                             time.sleep(1.0 / fps)
@@ -297,6 +319,7 @@ def test_http_mjpeg_stream_sampled_by_wall_clock_and_reconnected() -> None:
 
 
 # -- the manager -----------------------------------------------------------------------------
+
 
 def test_apply_is_a_diff(store, megamind: str) -> None:
     settings = FAST.model_copy(update={"realtime": True})

@@ -83,7 +83,9 @@ def _build_tuples(store: AssetStore) -> TupleSet:
             for stream, asset, fps, most in STREAMS:
                 for frame in read_frames(str(store.path(asset)), sample_fps=fps, max_frames=most):
                     outs = {m: model.infer([frame.image])[0] for m, model in models.items()}
-                    ts.append(stream, frame.timestamp, {node_key(m, o): outs[m][o] for m, os_ in SERVED.items() for o in os_})
+                    ts.append(
+                        stream, frame.timestamp, {node_key(m, o): outs[m][o] for m, os_ in SERVED.items() for o in os_}
+                    )
     finally:
         cv2.setNumThreads(cv_threads)
         for model in models.values():
@@ -218,7 +220,9 @@ def test_each_architecture_on_real_tuples(trained: LinkSet, matrix, split, arch,
         assert all(np.all(np.diff(p[:, 4]) <= 0) for p in preds if len(p) > 1)  # by descending score
     # each of these links learnt something real: it beats the target's trivial predictor on
     # held-out frames, by more than 3 points and by more than noise (1.5 paired standard errors)
-    gain, se = _shortfall(_frame_scores(trained, test, target, []), _link_scores(trained, test, source, target), _blocks(test))
+    gain, se = _shortfall(
+        _frame_scores(trained, test, target, []), _link_scores(trained, test, source, target), _blocks(test)
+    )
     assert gain > max(0.03, 1.5 * se), f"{source} -> {target}: gain over trivial {gain:.3f} (se {se:.3f})"
     assert matrix.single[(source, target)] > matrix.trivial[target]
 
@@ -271,7 +275,9 @@ def test_ensemble_with_all_sources_is_as_good_as_best_link(cv) -> None:
         every = frozenset(linksets[0].ensembles[t].source_models)
         best = _best_active(scores, t, every)
         ens, single = scores[("ensemble", t)], scores[("single", best, t)]
-        print(f"\n{t}: ensemble {ens.mean():.3f}, best link {best} {single.mean():.3f}, trivial {scores[('trivial', t)].mean():.3f}")
+        print(
+            f"\n{t}: ensemble {ens.mean():.3f}, best link {best} {single.mean():.3f}, trivial {scores[('trivial', t)].mean():.3f}"
+        )
         _not_worse(ens, single, blocks, f"{t} ensemble vs {best}")
         # The accuracy each link set expects of its choice (estimated on its selection tuples,
         # which its links never trained or stopped on, by cross-validating the choice) is what
@@ -387,8 +393,10 @@ def test_fine_tuning_follows_a_changed_scene(real_tuples: TupleSet) -> None:
     modes = {r["mode"] for r in results.values()}
     assert "adapt" in modes
     mean_before, mean_after = np.mean(list(before.single.values())), np.mean(list(after.single.values()))
-    print(f"\nroom frames, single links: {mean_before:.3f} -> {mean_after:.3f}; ensembles "
-          + ", ".join(f"{t} {before.ensemble[t]:.2f} -> {after.ensemble[t]:.2f}" for t in targets))
+    print(
+        f"\nroom frames, single links: {mean_before:.3f} -> {mean_after:.3f}; ensembles "
+        + ", ".join(f"{t} {before.ensemble[t]:.2f} -> {after.ensemble[t]:.2f}" for t in targets)
+    )
     assert mean_after > mean_before + 0.15
     assert sum(after.ensemble.values()) > sum(before.ensemble.values()) + 0.3
     assert links.history[-1]["n"] == len(new)

@@ -74,7 +74,10 @@ def test_tupleset_save_load_round_trip(synth: TupleSet, tmp_path) -> None:
     assert version == synth.version()
     back = TupleSet.load(tmp_path / "d")
     assert back.version() == version and len(back) == len(synth)
-    assert back.specs == synth.specs and back.specs["mobilenet_v2:probs"].labels == synth.specs["mobilenet_v2:probs"].labels
+    assert (
+        back.specs == synth.specs
+        and back.specs["mobilenet_v2:probs"].labels == synth.specs["mobilenet_v2:probs"].labels
+    )
     for k in synth.specs:
         assert all(np.array_equal(a, b) for a, b in zip(back.values[k], synth.values[k]))
     assert back.streams == synth.streams and back.timestamps == synth.timestamps
@@ -206,7 +209,16 @@ def _values(spec: OutputSpec, rng: np.random.Generator, n: int) -> list[np.ndarr
 
 @pytest.mark.parametrize(
     "source,target",
-    [(COUNT, COUNT), (PROBS, COUNT), (COUNT, PROBS), (BOXES, COUNT), (BOXES, PROBS), (COUNT, BOXES), (PROBS, BOXES), (BOXES, BOXES)],
+    [
+        (COUNT, COUNT),
+        (PROBS, COUNT),
+        (COUNT, PROBS),
+        (BOXES, COUNT),
+        (BOXES, PROBS),
+        (COUNT, BOXES),
+        (PROBS, BOXES),
+        (BOXES, BOXES),
+    ],
 )
 def test_numpy_inference_matches_torch(source: OutputSpec, target: OutputSpec) -> None:
     """Predictions run in numpy (links/infer.py); they must compute what the torch modules do."""
@@ -242,7 +254,6 @@ def test_numpy_inference_matches_torch(source: OutputSpec, target: OutputSpec) -
             np.testing.assert_allclose(s[0], stop[rows, t].numpy(), rtol=1e-4, atol=1e-5)
 
 
-
 def test_a_decoder_bank_steps_each_decoder_as_it_would_alone() -> None:
     """An ensemble's links decode in lockstep through one DecoderBank (stacked weights, memories
     padded to the longest and widest): each decoder's logits must be its own, and the weighted
@@ -250,7 +261,9 @@ def test_a_decoder_bank_steps_each_decoder_as_it_would_alone() -> None:
     from mlink.links.infer import DecoderBank, greedy_decode_np
 
     rng = np.random.default_rng(11)
-    links = [make_link(src, BOXES, seed=20 + i) for i, src in enumerate([COUNT, BOXES, PROBS])]  # memories of 4, L+1, 4 slots
+    links = [
+        make_link(src, BOXES, seed=20 + i) for i, src in enumerate([COUNT, BOXES, PROBS])
+    ]  # memories of 4, L+1, 4 slots
     for link in links:
         with torch.no_grad():
             for p in link.parameters():
@@ -275,7 +288,6 @@ def test_a_decoder_bank_steps_each_decoder_as_it_would_alone() -> None:
     assert [len(g) for g in got] == [len(r) for r in ref]
     for g, r in zip(got, ref):
         np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
-
 
 
 @pytest.mark.parametrize("n", [1, 6])
@@ -344,8 +356,15 @@ def test_training_respects_thread_setting() -> None:
     before = torch.get_num_threads()
     seen = []
     link = make_link(COUNT, COUNT)
-    fit_link(link, encode_source(COUNT, xs), encode_target(COUNT, ys), None, None,
-             TrainConfig(epochs=1), on_epoch=lambda *a: seen.append(torch.get_num_threads()))
+    fit_link(
+        link,
+        encode_source(COUNT, xs),
+        encode_target(COUNT, ys),
+        None,
+        None,
+        TrainConfig(epochs=1),
+        on_epoch=lambda *a: seen.append(torch.get_num_threads()),
+    )
     assert seen == [before]  # fit_link alone never touches the thread count
     from mlink.links.train import torch_threads
 
@@ -362,7 +381,9 @@ VECTOR_SOURCES = ["yolox_nano:person_count", "yolox_nano:object_count", "mobilen
 def vector_links(synth: TupleSet) -> tuple[LinkSet, TupleSet]:
     train, test = synth.head(180), synth.subset(range(180, 240))
     ls = LinkSet.train(
-        train, config=_fast(), targets=["hog_people:person_count", "mobilenet_v2:probs"],
+        train,
+        config=_fast(),
+        targets=["hog_people:person_count", "mobilenet_v2:probs"],
         sources=[*VECTOR_SOURCES, "hog_people:person_count"],
     )
     return ls, test
@@ -518,8 +539,10 @@ def test_matrix_json_and_heatmap(vector_links, tmp_path) -> None:
     json.dumps(js)
     assert len(js["links"]) == len(ls.links) and set(js["ensembles"]) == set(ls.targets)
     assert {(e["source_model"], e["target"]) for e in js["model_links"]} == {
-        ("yolox_nano", "hog_people:person_count"), ("mobilenet_v2", "hog_people:person_count"),
-        ("yolox_nano", "mobilenet_v2:probs"), ("hog_people", "mobilenet_v2:probs"),
+        ("yolox_nano", "hog_people:person_count"),
+        ("mobilenet_v2", "hog_people:person_count"),
+        ("yolox_nano", "mobilenet_v2:probs"),
+        ("hog_people", "mobilenet_v2:probs"),
     }
     assert len(js["subsets"]) == 6
     for acc in m.single.values():
@@ -535,7 +558,9 @@ def test_cross_validation_holds_out_every_frame_once(synth: TupleSet) -> None:
     vec = [k for k, sp in synth.specs.items() if sp.kind == "vector"]
     data = synth.head(120)
     folds_done: list[int] = []
-    m = cross_validate(data, 3, config=_fast(epochs=3), targets=vec, sources=vec, progress=lambda k, n: folds_done.append(k))
+    m = cross_validate(
+        data, 3, config=_fast(epochs=3), targets=vec, sources=vec, progress=lambda k, n: folds_done.append(k)
+    )
     assert folds_done == [1, 2, 3] and m.folds == 3 and m.n == len(data)
     assert set(m.gap) == set(m.targets) and m.targets
     for t in m.targets:
@@ -552,16 +577,22 @@ def test_cross_validation_holds_out_every_frame_once(synth: TupleSet) -> None:
 def test_training_reports_progress(synth: TupleSet) -> None:
     seen: list[tuple[int, int, str]] = []
     ls = LinkSet.train(
-        synth.head(60), config=_fast(epochs=2), targets=["hog_people:person_count"],
-        sources=["yolox_nano:person_count", "mobilenet_v2:probs"], progress=lambda d, t, w: seen.append((d, t, w)),
+        synth.head(60),
+        config=_fast(epochs=2),
+        targets=["hog_people:person_count"],
+        sources=["yolox_nano:person_count", "mobilenet_v2:probs"],
+        progress=lambda d, t, w: seen.append((d, t, w)),
     )
     # one step per link and one per ensemble, in order, ending at the total
     assert [d for d, _, _ in seen] == [1, 2, 3] and all(t == 3 for _, t, _ in seen)
     assert {w for _, _, w in seen[:2]} == {
-        "yolox_nano:person_count -> hog_people:person_count", "mobilenet_v2:probs -> hog_people:person_count"
+        "yolox_nano:person_count -> hog_people:person_count",
+        "mobilenet_v2:probs -> hog_people:person_count",
     }
     assert seen[-1][2] == "ensemble hog_people:person_count"
     # a quarter held out to choose the ensemble's plans, the rest split for training and stopping
     assert ls.metrics["n_selection"] == 15 and ls.metrics["n_train"] + ls.metrics["n_val"] == 45
     with pytest.raises(Exception, match="two models"):
-        LinkSet.train(synth.head(20), config=_fast(epochs=1), targets=["hog_people:person_count"], sources=["hog_people:boxes"])
+        LinkSet.train(
+            synth.head(20), config=_fast(epochs=1), targets=["hog_people:person_count"], sources=["hog_people:boxes"]
+        )

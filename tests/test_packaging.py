@@ -13,13 +13,26 @@ FOLDERS = ("server", "scheduler", "links", "models", "bench", "configs")
 
 def test_wheel_holds_every_module_and_config(tmp_path: Path) -> None:
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(REPO)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(REPO),
+        ],
         check=True,
         capture_output=True,
     )
     wheel = next(tmp_path.glob("mlink-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
-    tracked = subprocess.run(["git", "ls-files", *FOLDERS], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    tracked = subprocess.run(
+        ["git", "ls-files", *FOLDERS], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split()
     expected = {f"mlink/{p}" for p in tracked if p.endswith((".py", ".yaml"))}
     assert expected, "no tracked files found"
     assert expected <= names, sorted(expected - names)

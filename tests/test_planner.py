@@ -93,13 +93,18 @@ def fresh_links(trained) -> LinkSet:
 
 def replay_within_budget(pool: ModelPool, budget: int) -> int:
     """Replay the pool's measured load/unload records in time order; return the highest total."""
-    events = sorted([(r.at, 1, r) for r in pool.load_records] + [(r.at, 0, r) for r in pool.unload_records], key=lambda e: (e[0], e[1]))
+    events = sorted(
+        [(r.at, 1, r) for r in pool.load_records] + [(r.at, 0, r) for r in pool.unload_records],
+        key=lambda e: (e[0], e[1]),
+    )
     loaded: dict[str, int] = {}
     peak = 0
     for _, is_load, rec in events:
         if is_load:
             total = sum(loaded.values()) + rec.cost
-            assert total <= budget, f"loading {rec.name} ({rec.cost} B) with {loaded} loaded: {total} B > budget {budget} B"
+            assert total <= budget, (
+                f"loading {rec.name} ({rec.cost} B) with {loaded} loaded: {total} B > budget {budget} B"
+            )
             peak = max(peak, total)
             loaded[rec.name] = rec.cost
         else:
@@ -159,7 +164,12 @@ def test_serving_executes_active_models_and_predicts_the_rest(store: AssetStore,
     (mine,) = serve([record], plan, pool, links, accuracy=planner.accuracy.node)
     assert mine.frame is record
     js = mine.to_json()
-    assert (js["camera"], js["frame_index"], js["timestamp"], js["wall_time"]) == ("walkway", 7, batch[0].timestamp, 1.7e9)
+    assert (js["camera"], js["frame_index"], js["timestamp"], js["wall_time"]) == (
+        "walkway",
+        7,
+        batch[0].timestamp,
+        1.7e9,
+    )
 
     # Executed outputs are the model's real output on the same frames.
     real = {}
@@ -216,7 +226,9 @@ def test_injected_load_failure_replans_and_serves_every_output(store: AssetStore
     served = site_served(cfg)
     # What the planner will choose (the same numbers, through the public selection API).
     acc = LinkAccuracy(links, trained[1], served)
-    first = objective_select({m: math.ceil(c * 1.1) for m, c in costs.items()}, acc, 60_000_000, models=list(served), prune=False)
+    first = objective_select(
+        {m: math.ceil(c * 1.1) for m, c in costs.items()}, acc, 60_000_000, models=list(served), prune=False
+    )
     breakable = sorted(first.active - {"hog_people"})  # models with assets
     assert breakable, f"precondition: the first plan {sorted(first.active)} should hold a model with an asset"
     broken = breakable[-1]
@@ -226,7 +238,12 @@ def test_injected_load_failure_replans_and_serves_every_output(store: AssetStore
     bad = model_factory(cfg, bare)
     failures: list[str] = []
 
-    pool = build_pool(cfg, factory=lambda n: bad(n) if n == broken else good(n), costs=costs, on_failure=lambda n, why: failures.append(n))
+    pool = build_pool(
+        cfg,
+        factory=lambda n: bad(n) if n == broken else good(n),
+        costs=costs,
+        on_failure=lambda n, why: failures.append(n),
+    )
     planner = Planner(cfg, pool, links, heldout=trained[1], clock=lambda: 8.0)
     plan = planner.initial()  # never raises
     report = planner.reports[-1]
@@ -267,7 +284,9 @@ def test_periods_reprofile_reselect_and_load_once_per_period(store: AssetStore, 
     cfg = site_cfg(budget="0.95x", selector=selector)
     pool = build_pool(cfg, store=store)
     links = fresh_links(trained)
-    planner = Planner(cfg, pool, links, heldout=trained[1], options=PlannerOptions.from_site(cfg, frame_rate=5.0, cost_margin=0.3))
+    planner = Planner(
+        cfg, pool, links, heldout=trained[1], options=PlannerOptions.from_site(cfg, frame_rate=5.0, cost_margin=0.3)
+    )
     assert planner.profile_target() == 4  # 40% of 2 s at 5 fps
     t0 = frames[40].timestamp
     plan = planner.initial(now=t0)
@@ -331,7 +350,9 @@ def test_periods_reprofile_reselect_and_load_once_per_period(store: AssetStore, 
 # -- the CLI and the GPU check ----------------------------------------------------------------
 
 
-def test_schedule_plan_cli_measures_costs_selects_and_reuses_what_it_stored(store: AssetStore, trained, tmp_path, monkeypatch) -> None:
+def test_schedule_plan_cli_measures_costs_selects_and_reuses_what_it_stored(
+    store: AssetStore, trained, tmp_path, monkeypatch
+) -> None:
     import json as _json
 
     import typer
@@ -381,6 +402,8 @@ def test_gpu_check_skips_cleanly_without_cuda() -> None:
 
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present: the check would run for real")
-    proc = subprocess.run([sys.executable, "-m", "mlink.bench.gpu_check"], capture_output=True, text=True, timeout=120, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlink.bench.gpu_check"], capture_output=True, text=True, timeout=120, check=False
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("skipped: no CUDA device (")

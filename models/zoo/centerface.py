@@ -114,7 +114,12 @@ def _nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
 
 
 def decode(
-    heatmap: np.ndarray, scale: np.ndarray, offset: np.ndarray, size: tuple[int, int], threshold: float, nms_threshold: float
+    heatmap: np.ndarray,
+    scale: np.ndarray,
+    offset: np.ndarray,
+    size: tuple[int, int],
+    threshold: float,
+    nms_threshold: float,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One image's maps ([1|2, h, w] each) -> boxes (N, 4) in network-input pixels and scores (N,)."""
     h_in, w_in = size
@@ -139,7 +144,8 @@ class CenterFaceParams(OnnxParams):
     score_threshold: float = Field(default=0.5, ge=0, le=1, description="heatmap peak a face needs")
     nms_threshold: float = Field(default=0.3, ge=0, le=1, description="IoU at which NMS drops the weaker box")
     input_size: int | tuple[int, int] | None = Field(
-        default=None, description="network input: longer side (int) or (width, height), before rounding up to multiples of 32; default: the frame's size"
+        default=None,
+        description="network input: longer side (int) or (width, height), before rounding up to multiples of 32; default: the frame's size",
     )
 
     @field_validator("input_size", mode="wrap")
@@ -150,7 +156,9 @@ class CenterFaceParams(OnnxParams):
             size = handler(value)
         except ValidationError:
             size = False
-        sides = (size,) if isinstance(size, int) and not isinstance(size, bool) else size if isinstance(size, tuple) else ()
+        sides = (
+            (size,) if isinstance(size, int) and not isinstance(size, bool) else size if isinstance(size, tuple) else ()
+        )
         if size is None or (sides and all(s >= MIN_INPUT for s in sides)):
             return size
         raise ValueError(f"must be an int >= {MIN_INPUT} or (width, height) of ints >= {MIN_INPUT}")
@@ -206,7 +214,11 @@ class CenterFace(BlackBoxModel):
             w_new, h_new = self.network_size(w, h)
             blob = cv2.dnn.blobFromImage(frame, 1.0, (w_new, h_new), (0, 0, 0), swapRB=False, crop=False)
             heatmap, scale, offset, _landmarks = self._session.run(list(OUTPUT_NAMES), {INPUT_NAME: blob})
-            boxes, scores = decode(heatmap[0], scale[0], offset[0], (h_new, w_new), self.params.score_threshold, self.params.nms_threshold)
+            boxes, scores = decode(
+                heatmap[0], scale[0], offset[0], (h_new, w_new), self.params.score_threshold, self.params.nms_threshold
+            )
             boxes = boxes * np.array([w / w_new, h / h_new, w / w_new, h / h_new], dtype=np.float32)
-            results.append({"face_count": np.array([len(scores)], dtype=np.float32), "boxes": box_sequence(boxes, scores, w, h)})
+            results.append(
+                {"face_count": np.array([len(scores)], dtype=np.float32), "boxes": box_sequence(boxes, scores, w, h)}
+            )
         return results

@@ -27,7 +27,9 @@ from mlink.models.zoo._torch import TorchImageNetClassifier, load_state_dict_fil
 class EfficientNetLite0(TorchImageNetClassifier):
     name = "efficientnet_lite0"
     assets = ("efficientnet_lite0",)
-    description = "EfficientNet-Lite0 (TF weights ported to PyTorch), ImageNet-1k class probabilities; 224x224 centre crop"
+    description = (
+        "EfficientNet-Lite0 (TF weights ported to PyTorch), ImageNet-1k class probabilities; 224x224 centre crop"
+    )
 
     mean = (0.5, 0.5, 0.5)
     std = (0.5, 0.5, 0.5)

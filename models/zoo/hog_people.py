@@ -66,14 +66,29 @@ NonNegativeInt = Annotated[int, Field(ge=0)]
 
 
 class HogParams(AdapterParams):
-    win_stride: tuple[PositiveInt, PositiveInt] = Field(default=(8, 8), description="detection window step (x, y), pixels")
-    padding: tuple[NonNegativeInt, NonNegativeInt] = Field(default=(8, 8), description="padding around each window (x, y), pixels")
+    win_stride: tuple[PositiveInt, PositiveInt] = Field(
+        default=(8, 8), description="detection window step (x, y), pixels"
+    )
+    padding: tuple[NonNegativeInt, NonNegativeInt] = Field(
+        default=(8, 8), description="padding around each window (x, y), pixels"
+    )
     scale: float = Field(default=1.05, ge=1.001, le=4.0, description="pyramid step between scales")
     hit_threshold: float = Field(default=0.0, ge=-10.0, le=10.0, description="SVM margin a window needs")
-    group_threshold: int = Field(default=2, ge=0, le=100, description="OpenCV's grouping of overlapping windows (0: none)")
-    overlap_threshold: float = Field(default=0.65, ge=0.0, le=1.0, description="intersection over the smaller box above which a weaker box is dropped")
-    upscale: float = Field(default=1.25, ge=0.1, le=4.0, description="frames are enlarged by this first (finds smaller people)")
-    max_width: int | None = Field(default=1280, ge=WINDOW[0], description="frames wider than this after upscale are shrunk to it; None: no limit")
+    group_threshold: int = Field(
+        default=2, ge=0, le=100, description="OpenCV's grouping of overlapping windows (0: none)"
+    )
+    overlap_threshold: float = Field(
+        default=0.65,
+        ge=0.0,
+        le=1.0,
+        description="intersection over the smaller box above which a weaker box is dropped",
+    )
+    upscale: float = Field(
+        default=1.25, ge=0.1, le=4.0, description="frames are enlarged by this first (finds smaller people)"
+    )
+    max_width: int | None = Field(
+        default=1280, ge=WINDOW[0], description="frames wider than this after upscale are shrunk to it; None: no limit"
+    )
 
 
 @register
@@ -150,5 +165,7 @@ class HogPeople(BlackBoxModel):
         for frame in frames:
             boxes, scores = self.detect(frame)
             h, w = frame.shape[:2]
-            results.append({"person_count": np.array([len(scores)], dtype=np.float32), "boxes": box_sequence(boxes, scores, w, h)})
+            results.append(
+                {"person_count": np.array([len(scores)], dtype=np.float32), "boxes": box_sequence(boxes, scores, w, h)}
+            )
         return results

@@ -57,7 +57,9 @@ from mlink.models.zoo._torch import TorchModule, TorchParams, frame_tensor, load
 log = logging.getLogger(__name__)
 
 # torchvision's 91 COCO category names (index = model label), "__background__" and "N/A" included.
-TV_COCO_CATEGORIES: tuple[str, ...] = tuple(tvd.FasterRCNN_MobileNet_V3_Large_320_FPN_Weights.COCO_V1.meta["categories"])
+TV_COCO_CATEGORIES: tuple[str, ...] = tuple(
+    tvd.FasterRCNN_MobileNet_V3_Large_320_FPN_Weights.COCO_V1.meta["categories"]
+)
 
 
 def _label_map(categories: tuple[str, ...]) -> np.ndarray:
@@ -91,11 +93,19 @@ class _InfoWithWeights:
 
 class DetectorParams(TorchParams):
     score_threshold: float = Field(default=0.5, ge=0, le=1, description="detections below it are dropped")
-    allow_random_weights: bool = Field(default=False, description="seeded random weights when the weights asset is missing (shapes and memory only)")
+    allow_random_weights: bool = Field(
+        default=False, description="seeded random weights when the weights asset is missing (shapes and memory only)"
+    )
     seed: int = Field(default=0, description="seed of the random weights")
-    max_detections: int = Field(default=MAX_BOXES, ge=1, le=MAX_BOXES, description="boxes kept per frame after NMS, best first")
-    min_size: int | None = Field(default=None, ge=1, description="R-CNN only: shorter side the model resizes to (torchvision's default if unset)")
-    max_size: int | None = Field(default=None, ge=1, description="R-CNN only: longest side the model resizes to (torchvision's default if unset)")
+    max_detections: int = Field(
+        default=MAX_BOXES, ge=1, le=MAX_BOXES, description="boxes kept per frame after NMS, best first"
+    )
+    min_size: int | None = Field(
+        default=None, ge=1, description="R-CNN only: shorter side the model resizes to (torchvision's default if unset)"
+    )
+    max_size: int | None = Field(
+        default=None, ge=1, description="R-CNN only: longest side the model resizes to (torchvision's default if unset)"
+    )
 
 
 class FixedSizeDetectorParams(DetectorParams):

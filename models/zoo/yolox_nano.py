@@ -54,7 +54,9 @@ def _grids(size: int = INPUT_SIZE) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(cells).astype(np.float32), np.concatenate(strides).astype(np.float32)
 
 
-def decode(raw: np.ndarray, ratio: float, score_threshold: float, nms_threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def decode(
+    raw: np.ndarray, ratio: float, score_threshold: float, nms_threshold: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Raw (A, 85) network output -> final boxes (N, 4) in original pixels, scores (N,), classes (N,)."""
     grid, stride = _grids()
     if raw.shape != (len(grid), 85):
@@ -81,7 +83,9 @@ def decode(raw: np.ndarray, ratio: float, score_threshold: float, nms_threshold:
 
 class YoloxParams(OnnxParams):
     score_threshold: float = Field(default=0.3, ge=0, le=1, description="objectness * class score a detection needs")
-    nms_threshold: float = Field(default=0.45, ge=0, le=1, description="IoU above which NMS drops the weaker box of a class")
+    nms_threshold: float = Field(
+        default=0.45, ge=0, le=1, description="IoU above which NMS drops the weaker box of a class"
+    )
 
 
 @register
@@ -105,7 +109,9 @@ class YoloxNano(BlackBoxModel):
         session = onnx_session(str(path), device, self.params.threads, self.name)
         inputs = session.get_inputs()
         if len(inputs) != 1 or list(inputs[0].shape) != [1, 3, INPUT_SIZE, INPUT_SIZE]:
-            raise ModelError(f"model {self.name}: {path} has inputs {[(i.name, i.shape) for i in inputs]}, not one [1, 3, 416, 416]")
+            raise ModelError(
+                f"model {self.name}: {path} has inputs {[(i.name, i.shape) for i in inputs]}, not one [1, 3, 416, 416]"
+            )
         self._input = inputs[0].name
         self._session = session
 

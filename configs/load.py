@@ -54,18 +54,24 @@ def substitute_env(text: str, env: dict[str, str] | None = None) -> str:
     return out
 
 
-def _substitute_values(data: Any, path: str = "") -> tuple[Any, list[tuple[str, str]]]:
-    """``${VAR}`` substitution in the string values of parsed YAML (never in comments or keys)."""
+NO_ENVIRONMENT = "variables like ${VAR} are substituted only in config files, not in a config sent in a request"
+
+
+def _substitute_values(data: Any, path: str = "", environment: bool = True) -> tuple[Any, list[tuple[str, str]]]:
+    """``${VAR}`` substitution in the string values of parsed YAML (never in comments or keys).
+    Without ``environment`` every such variable is an error instead (see :func:`parse_config`)."""
     if isinstance(data, dict):
         out, errors = {}, []
         for k, v in data.items():
-            out[k], errs = _substitute_values(v, f"{path}.{k}" if path else str(k))
+            out[k], errs = _substitute_values(v, f"{path}.{k}" if path else str(k), environment)
             errors += errs
         return out, errors
     if isinstance(data, list):
-        items = [_substitute_values(v, f"{path}.{i}" if path else str(i)) for i, v in enumerate(data)]
+        items = [_substitute_values(v, f"{path}.{i}" if path else str(i), environment) for i, v in enumerate(data)]
         return [v for v, _ in items], [e for _, errs in items for e in errs]
-    if isinstance(data, str) and "${" in data:
+    if isinstance(data, str) and _ENV.search(data):
+        if not environment:
+            return data, [(path, NO_ENVIRONMENT)]
         try:
             return substitute_env(data), []
         except ConfigError as exc:
@@ -73,15 +79,20 @@ def _substitute_values(data: Any, path: str = "") -> tuple[Any, list[tuple[str, 
     return data, []
 
 
-def parse_config(text: str, source: str = "<string>", *, catalog: ModelCatalog) -> SiteConfig:
-    """A site config from YAML ``text`` (``source`` names it in errors); zoo entries checked against ``catalog``."""
+def parse_config(text: str, source: str = "<string>", *, catalog: ModelCatalog, environment: bool = True) -> SiteConfig:
+    """A site config from YAML ``text`` (``source`` names it in errors); zoo entries checked against ``catalog``.
+
+    ``environment``: substitute ``${VAR}`` from the process environment. Only for text the
+    operator keeps on disk: a config sent in a request (``environment=False``) that names a
+    variable is refused, so whoever holds the API token cannot read the daemon's environment
+    (a token, a camera password) back through ``/api/v1/cameras`` or an error message."""
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(source, [("", f"not valid YAML: {exc}")]) from None
     if not isinstance(data, dict):
         raise ConfigError(source, [("", "the file must hold a mapping at the top level")])
-    data, env_errors = _substitute_values(data)
+    data, env_errors = _substitute_values(data, environment=environment)
     if env_errors:
         raise ConfigError(source, env_errors)
     try:

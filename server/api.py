@@ -14,6 +14,7 @@ URLs are redacted everywhere.
 from __future__ import annotations
 
 import hmac
+import math
 from collections.abc import Mapping
 from typing import Annotated, Any
 
@@ -76,7 +77,12 @@ def require_token(daemon: DaemonDep, authorization: str | None = Header(None)) -
     if not token:
         raise HTTPException(403, {"error": "operator actions are disabled: set api.token in the config"})
     given = (authorization or "").removeprefix("Bearer ").strip()
-    if not authorization or not authorization.startswith("Bearer ") or not hmac.compare_digest(given, token):
+    # compared as UTF-8 bytes: compare_digest refuses str with non-ASCII characters (a 500)
+    if (
+        not authorization
+        or not authorization.startswith("Bearer ")
+        or not hmac.compare_digest(given.encode(), token.encode())
+    ):
         raise HTTPException(401, {"error": "a valid bearer token is required"}, headers={"WWW-Authenticate": "Bearer"})
 
 
@@ -144,6 +150,9 @@ def results(
     limit: int = Query(100, ge=1, le=10000, description="the newest results in the range"),
 ) -> dict[str, Any]:
     camera_or_404(daemon, camera_id)
+    for name, value in (("since", since), ("until", until)):
+        if value is not None and not math.isfinite(value):  # nan/inf parse as floats; Redis refuses them
+            raise HTTPException(422, {"error": f"{name} must be a finite number of unix seconds, got {value}"})
     if since is not None and until is not None and since > until:
         raise HTTPException(400, {"error": "since is after until"})
     try:

@@ -390,7 +390,7 @@ class Daemon:
 
     def reload_text(self, text: str, source: str = "request body") -> ReloadResult:
         try:
-            cfg = parse_config(text, source, catalog=zoo_catalog())
+            cfg = parse_config(text, source, catalog=zoo_catalog(), environment=False)
         except ConfigError as exc:
             return _rejected(exc)
         return self.reload(cfg)

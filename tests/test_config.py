@@ -81,6 +81,33 @@ streams:
     assert parse_budget(cfg.budget) == ("device", 0.7)
 
 
+def test_a_config_from_a_request_gets_no_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A config sent in a request body (environment=False) must not read the daemon's
+    environment: a variable in it is refused with its path, set or not, default or not."""
+    monkeypatch.setenv("MLINK_TEST_SECRET", "s3cret-value")
+    text = """
+site: s
+budget: 0.7
+models: [{name: hog_people}]
+streams:
+  - {id: a, url: "rtsp://admin:${MLINK_TEST_SECRET}@127.0.0.1/s", fps: 1}
+  - {id: b, url: "rtsp://${UNSET_ANYWHERE:-127.0.0.1}/s"}
+"""
+    assert parse_config(text, "file").streams[0].url == "rtsp://admin:s3cret-value@127.0.0.1/s"
+    with pytest.raises(ConfigError) as err:
+        parse_config(text, "request body", environment=False)
+    assert [p for p, _ in err.value.errors] == ["streams.0.url", "streams.1.url"]
+    assert "request" in err.value.errors[0][1]
+    assert "s3cret-value" not in str(err.value)
+    # without a variable, the same text is accepted as it is
+    plain = parse_config(
+        text.replace("${MLINK_TEST_SECRET}", "pw").replace("${UNSET_ANYWHERE:-127.0.0.1}", "h"),
+        "body",
+        environment=False,
+    )
+    assert [s.url for s in plain.streams] == ["rtsp://admin:pw@127.0.0.1/s", "rtsp://h/s"]
+
+
 def test_env_substitution_and_unset_variables() -> None:
     assert substitute_env("a ${X} ${Y:-dflt}", {"X": "1"}) == "a 1 dflt"
     with pytest.raises(ConfigError, match=r"\$\{NOPE\}"):

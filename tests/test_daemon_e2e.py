@@ -222,6 +222,31 @@ def test_invalid_reload_is_rejected_and_changes_nothing(running) -> None:
     assert client.get("/api/v1/schedule").json()["plan"]["plan_id"] == plan_before
 
 
+def test_hostile_input_gets_a_4xx_and_reads_no_environment(running, monkeypatch) -> None:
+    """Issue 14, items 4 and 5: non-finite times are a client error (not a Redis outage), a
+    non-ASCII token is refused like any wrong token, and a reload body cannot read the
+    daemon's environment."""
+    daemon, client, _config_path = running
+    for query in ("since=nan", "until=inf", "since=-inf&until=1"):
+        r = client.get(f"/api/v1/cameras/walkway/results?{query}")
+        assert r.status_code == 422, (query, r.status_code, r.text)
+    assert client.get("/readyz").status_code == 200  # not counted as a cache outage
+    r = client.post(
+        "/api/v1/config/reload", content="site: x", headers={"Authorization": "Bearer \u00e9t\u00e9".encode()}
+    )
+    assert r.status_code == 401
+    monkeypatch.setenv("MLINK_E2E_SECRET", "leaked-if-you-see-this")
+    body = yaml.safe_dump(
+        site_yaml("0.6x", [WALKWAY, {"id": "spy", "url": "rtsp://${MLINK_E2E_SECRET}@127.0.0.1:1/s"}])
+    )
+    r = client.post("/api/v1/config/reload", content=body, headers={"Authorization": f"Bearer {TOKEN}"})
+    assert r.status_code == 400
+    assert [e["path"] for e in r.json()["errors"]] == ["streams.1.url"]
+    assert "leaked-if-you-see-this" not in r.text
+    assert [s.id for s in daemon.cfg.streams] == ["walkway", "broken"]
+    assert "leaked-if-you-see-this" not in client.get("/api/v1/cameras").text
+
+
 def test_reload_adds_a_camera_and_changes_the_budget_without_restarting_others(running) -> None:
     daemon, client, config_path = running
     walkway_thread = daemon.ingest.reader("walkway").thread

@@ -10,6 +10,7 @@ says when it cannot know yet. :func:`resolve_budget` is its arithmetic.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Mapping
 from typing import Literal
@@ -79,6 +80,12 @@ def _parse_budget_text(spec: str) -> tuple[BudgetKind, float] | float:
     return "bytes", float(amount)
 
 
+def _finite(spec: int | float | str, amount: float) -> None:
+    """``nan``, ``inf``, ``nanx`` or ``infx`` mean no budget at all: refused where they are written."""
+    if not math.isfinite(amount):
+        raise ValueError(f"budget {spec!r} is not a finite amount")
+
+
 def parse_budget(spec: int | float | str) -> tuple[BudgetKind, float]:
     """The one parser of budget specs (the site config validates with it): (kind, amount).
 
@@ -93,8 +100,10 @@ def parse_budget(spec: int | float | str) -> tuple[BudgetKind, float]:
     if isinstance(spec, str):
         parsed = _parse_budget_text(spec)
         if isinstance(parsed, tuple):
+            _finite(spec, parsed[1])
             return parsed
         spec = parsed
+    _finite(spec, float(spec))
     if float(spec) <= 0:
         raise ValueError(f"a budget must be > 0, got {spec!r}")
     if float(spec) <= 1.0:
@@ -105,13 +114,17 @@ def parse_budget(spec: int | float | str) -> tuple[BudgetKind, float]:
 def resolve_budget(spec: int | float | str, total: int, models_cost: int | None = None) -> int:
     """A budget in bytes: ``total`` is the device's memory, ``models_cost`` every model's cost added up."""
     kind, amount = parse_budget(spec)
+    base = 1
     if kind == "device":
-        return int(amount * total)
-    if kind == "models":
+        base = total
+    elif kind == "models":
         if models_cost is None:
             raise ValueError(f"budget {spec!r} is a share of the models' cost, and no cost was given")
-        return int(amount * models_cost)
-    return int(amount)
+        base = models_cost
+    out = int(amount * base)
+    if out < 1:  # e.g. a device share of 1e-300: every output would be "predicted" from nothing
+        raise ValueError(f"budget {spec!r} comes to {out} bytes: nothing fits")
+    return out
 
 
 def budget_is_relative(spec: int | float | str) -> bool:

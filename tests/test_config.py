@@ -114,6 +114,21 @@ def test_env_substitution_and_unset_variables() -> None:
         substitute_env("${NOPE}", {})
 
 
+def test_budgets_that_mean_nothing_are_refused() -> None:
+    """Issue 14 item 7 (in part): nan and inf in any form are refused when parsed, so a config
+    holding one never validates; a budget that comes to 0 bytes is refused when resolved."""
+    from mlink.configs.budget import resolve_budget
+
+    for bad in ("nanx", "infx", "nan", "inf", "-infx", float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"finite|> 0|expected"):
+            parse_budget(bad)
+    with pytest.raises(ConfigError, match="budget"):
+        parse_config("site: s\nbudget: nanx\nmodels: [{name: hog_people}]\nstreams: []\n", "t.yaml")
+    with pytest.raises(ValueError, match="0 bytes"):
+        resolve_budget(1e-300, 16 * 2**30)
+    assert resolve_budget(1e-9, 16 * 2**30) == 17  # tiny, but a real budget
+
+
 def test_budget_forms() -> None:
     assert parse_budget("4GiB") == ("bytes", 4 * 2**30)
     assert parse_budget(0.8) == ("device", 0.8)

@@ -59,12 +59,12 @@ def _link_seed(seed: int, source: str, target: str) -> int:
 
 def _fit_ensembles(
     tuples: TupleSet, pairs: Sequence[tuple[str, str]], val_share: float, config: TrainConfig, bar: _Progress
-) -> tuple[dict[str, Ensemble], dict[str, Any]]:
+) -> tuple[dict[str, Ensemble], dict[str, Any], tuple[int, int]]:
     """Train the links of ``pairs`` on ``tuples`` and group them into one ensemble per target,
     with its mixing weights fitted but nothing chosen yet. Links into a vector train on the
     rest of a ``val_share`` split of ``tuples`` and early-stop on it; links into a sequence
     train on all of ``tuples`` for the configured epochs (see :mod:`mlink.links.train`). The
-    mix is fitted on the split."""
+    mix is fitted on the split. Returns the ensembles, per-link metrics and the split's sizes."""
     specs = tuples.specs
     train, val = tuples.split(val_share, config.seed)
     cap = config.cap
@@ -101,7 +101,7 @@ def _fit_ensembles(
         ens.fit_combiner(src_va, y_va, config.combiner_steps, config.combiner_lr, _link_seed(config.seed, "*", t))
         ens.invalidate()
         ensembles[t] = ens
-    return ensembles, link_metrics
+    return ensembles, link_metrics, (len(train), len(val))
 
 
 def _select(ens: Ensemble, enc: Mapping[str, Batch], exact: Sequence[np.ndarray]) -> None:
@@ -234,7 +234,7 @@ class LinkSet:
         bar = _Progress(progress, len(pairs) + len(targets), "training links")
         with torch_threads(config.threads):
             try:
-                ensembles, link_metrics = _fit_ensembles(fit, pairs, val_share, config, bar)
+                ensembles, link_metrics, (n_train, n_val) = _fit_ensembles(fit, pairs, val_share, config, bar)
                 enc = {s: encode_source(specs[s], held.values[s], config.cap) for s in sorted({s for s, _ in pairs})}
                 for t, ens in ensembles.items():
                     _select(ens, enc, held.values[t])
@@ -243,9 +243,8 @@ class LinkSet:
                     bar.update(f"ensemble {t}")
             finally:
                 bar.close()
-        n_val = min(max(1, round(len(fit) * val_share)), len(fit) - 1)
         metrics = {
-            "n_train": len(fit) - n_val,
+            "n_train": n_train,
             "n_val": n_val,
             "n_selection": len(held),
             "train_seconds": time.perf_counter() - t0,

@@ -59,6 +59,12 @@ def table4_cmd(
     cost_repeats: int | None = typer.Option(
         None, "--cost-repeats", min=1, help="loads per model for the memory cost (largest kept; default 2)"
     ),
+    buffer_frames: int | None = typer.Option(
+        None,
+        "--buffer-frames",
+        min=1,
+        help="consecutive evaluation frames a time-shared method buffers between model swaps (default 20)",
+    ),
     remeasure: bool = typer.Option(False, "--remeasure", help="measure costs again instead of using the cached table"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
 ) -> None:
@@ -73,6 +79,7 @@ def table4_cmd(
         "dqn_steps": dqn_steps,
         "latency_frames": latency_frames,
         "cost_repeats": cost_repeats,
+        "buffer_frames": buffer_frames,
     }
     run_guarded(
         lambda: _table4(site, config, frames, out, home, options, remeasure=remeasure, quiet=quiet, as_json=as_json)

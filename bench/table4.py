@@ -13,22 +13,25 @@
    the paper's greedy and with the objective-driven selector (``table4_methods``,
    ``table4_mtl``, ``table4_drls``, ``table4_mlink``). Everything learnt trains on the first
    ``train_share`` of the frames in time order; every accuracy is measured against the oracle
-   on the evaluation frames no method trained on.
+   on the evaluation frames no method trained on. Every method's model loads are charged at
+   the measured load time (``load_ms_per_frame``, part of ``ms_per_frame``), its memory is
+   checked against the budget at every instant, and where it predicts its own accuracy
+   (``expected_accuracy``) that stands beside the measured one (``table4_methods``).
 4. **Output**: ``table4.json`` (every figure at every budget), ``table4.md`` (the paper's table:
    accuracy and per-frame time at both budgets, executions saved) and ``table4.png`` (accuracy
-   against budget, every method) in the output folder (default ``$MLINK_HOME/bench/SITE``).
+   against budget, every method) in the output folder (default ``$MLINK_HOME/bench/SITE``),
+   rendered by :mod:`mlink.bench.table4_report` for whatever methods the report holds.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-MiB = float(1 << 20)
+from mlink.bench.table4_report import MiB, markdown, plot, write_outputs
+
 COST_FIELDS = ("memory_bytes", "latency_ms", "latency_ms_p90", "load_s", "meter", "memory_peaks")
 TRIVIAL_WHAT = (
     "constant outputs fitted on the training share (majority class, rounded mean count, empty box list), no model run"
@@ -47,6 +50,7 @@ DEFAULTS: dict[str, Any] = {
     "dqn_steps": 4000,
     "drls_time_penalty": 0.1,
     "reducto_target": 0.9,
+    "buffer_frames": 20,  # time-shared methods' buffer: consecutive positions of the evaluation stream
     "latency_frames": 20,
     "cost_repeats": 2,
     "threads": 1,
@@ -56,13 +60,16 @@ DEFAULTS: dict[str, Any] = {
 
 
 def _mtl_result(ctx: Any, budget: float, mtl: Any, row: Mapping[str, Any], head_ms: float) -> dict[str, Any]:
-    from mlink.bench.table4_methods import result
+    from mlink.bench.table4_methods import Residency, result
 
     cost = float(row["memory_bytes"])
     fits = cost <= budget + 1e-9
     scored = ctx.protocol.scored
     preds = mtl.predict(ctx.features.backbone[scored]) if fits else {}
     notes = ["box outputs: the trivial (empty) list; counts by regression heads, classes by soft-label heads"]
+    res = Residency({"mtl": cost}, budget)
+    if fits:
+        res.hold(["mtl"])  # loaded once, held throughout
     if not fits:
         notes.insert(
             0, f"does not fit: backbone + heads cost {cost / MiB:.1f} MiB > budget {budget / MiB:.1f} MiB; no output"
@@ -78,6 +85,7 @@ def _mtl_result(ctx: Any, budget: float, mtl: Any, row: Mapping[str, Any], head_
         memory_mode="at once",
         runs=fits,
         notes=notes,
+        residency=res,
         backbone_executions=len(ctx.protocol.eval) if fits else 0,
         head_ms=head_ms,
         mtl_fit=mtl.fit,
@@ -239,7 +247,8 @@ def run_table4(
     named = {"one": bud["one"], "two": bud["two"]}
     all_budgets = sorted({*named.values(), *bud["sweep"]})
 
-    ctx = Context(oracle, proto, costs, latency, features, options=opts, progress=progress)
+    load_s = {m: float(rows[m]["load_s"]) for m in [*oracle.models, "mtl"]}
+    ctx = Context(oracle, proto, costs, latency, features, options=opts, progress=progress, load_s=load_s)
     results, tuned = _run_methods(ctx, cfg, rows["mtl"], all_budgets, opts, timings)
     trivial_score = _trivial_score(oracle, proto)
 
@@ -281,13 +290,15 @@ def _methods_json(
     results: Mapping[str, Mapping[float, dict[str, Any]]], named: Mapping[str, float], all_budgets: list[float]
 ) -> dict[str, dict[str, Any]]:
     """Each method's results at the named budgets and along the sweep (the report's "methods")."""
+    order = [m for m in METHOD_ORDER if m in results] + [m for m in results if m not in METHOD_ORDER]
     return {
         m: {
             "one": results[m][named["one"]],
             "two": results[m][named["two"]],
             "curve": [results[m][b] for b in all_budgets],
         }
-        for m in METHOD_ORDER
+        for m in order
+        if results[m]
     }
 
 
@@ -297,125 +308,4 @@ def _max_at_once(costs: Mapping[str, float], budget: float) -> int:
     return max(len(s) for s in fitting_sets(costs, budget))
 
 
-# -- rendering -----------------------------------------------------------------------------------
-
-
-def _pct(x: float) -> str:
-    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
-
-
-def markdown(report: Mapping[str, Any]) -> str:
-    p = report["protocol"]
-    b = report["budgets"]
-    lines = [
-        f"## Table 4 on site `{report['site']}` ({report['device']})",
-        "",
-        f"{p['frames']} frames ({report['profile']}): {p['train_frames']} train (first {p['train_share']:.0%} in time order), "
-        f"{p['eval_frames']} evaluation frames in {p['periods']} periods ({sum(p['profiled_per_period'])} profiled by MLink), "
-        f"accuracy on {p['scored_frames']} frames no method trained on.",
-        "",
-        "| model | memory (MiB) | latency (ms/frame) |",
-        "| --- | ---: | ---: |",
-    ]
-    for m, c in report["costs"].items():
-        label = "MTL (MobileNetV2 backbone + heads)" if m == "mtl" else m
-        lines.append(f"| {label} | {c['memory_bytes'] / MiB:.1f} | {c['latency_ms']:.1f} |")
-    f = report["fits"]
-    lines += [
-        "",
-        f"Budgets: one model fits = {b['one'] / MiB:.1f} MiB (fits alone: {', '.join(f['one']['fits_alone'])}; at most "
-        f"{f['one']['max_models_at_once']} at once), two fit = {b['two'] / MiB:.1f} MiB (at most {f['two']['max_models_at_once']} at once).",
-        "",
-        "| method | accuracy % (one / two) | ms per frame (one / two) | executions saved % (one / two) | memory held MiB (one / two) |",
-        "| --- | --- | --- | --- | --- |",
-    ]
-    for m, r in report["methods"].items():
-        one, two = r["one"], r["two"]
-        mark = " *" if m == "MTL" else ""
-        lines.append(
-            f"| {m} | {_pct(one['accuracy'])} / {_pct(two['accuracy'])} | {one['ms_per_frame']:.1f} / {two['ms_per_frame']:.1f} | "
-            f"{_pct(one['executions_saved'])} / {_pct(two['executions_saved'])}{mark} | "
-            f"{one['memory_bytes'] / MiB:.1f} / {two['memory_bytes'] / MiB:.1f} |"
-        )
-    lines += [
-        "",
-        "\\* MTL runs none of the site's models; it runs its own backbone on every frame where it fits.",
-        "",
-        "Notes:",
-    ]
-    for m, r in report["methods"].items():
-        for which in ("one", "two"):
-            for n in r[which]["notes"]:
-                lines.append(f"- {m} ({which}): {n}")
-    for sel in ("MLink (paper greedy)", "MLink (objective)"):
-        for which in ("one", "two"):
-            r = report["methods"][sel][which]
-            sets = ", ".join(f"{k} x{v}" for k, v in r["active_sets"].items())
-            hb = r.get("hindsight_best")
-            best = (
-                f"; best fixed set in hindsight: {'+'.join(hb['active']) or '(none)'} at {_pct(hb['accuracy'])}%"
-                if hb
-                else ""
-            )
-            lines.append(
-                f"- {sel} ({which}): active sets over the periods: {sets}; expected objective {r['expected_objective']:.3f}{best}"
-            )
-    t = report.get("trivial")
-    if t:
-        nodes = ", ".join(f"{k} {_pct(v)}%" for k, v in t["by_node"].items())
-        lines.append(
-            f"- Reference, no model at all: constant outputs fitted on the training share score {_pct(t['accuracy'])}% ({nodes})."
-        )
-    lines.append("")
-    return "\n".join(lines)
-
-
-def plot(report: Mapping[str, Any], path: Path) -> Path:
-    """Accuracy against budget, one step line per method (a method's accuracy holds from one
-    budget of the sweep up to the next), with the one-fits and two-fit budgets marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5.4))
-    markers = ["o", "s", "^", "D", "v", "P"]
-    styles = ["-", "--", ":", "-", "--", ":"]
-    for i, (m, r) in enumerate(report["methods"].items()):
-        xs = [c["budget_bytes"] / MiB for c in r["curve"]]
-        ys = [100 * c["accuracy"] for c in r["curve"]]
-        ax.plot(
-            xs,
-            ys,
-            marker=markers[i % len(markers)],
-            linestyle=styles[i % len(styles)],
-            drawstyle="steps-post",
-            label=m,
-            linewidth=1.6,
-            markersize=4 + (i % 2) * 2,
-            alpha=0.9,
-        )
-    for name, b in (("one fits", report["budgets"]["one"]), ("two fit", report["budgets"]["two"])):
-        ax.axvline(b / MiB, color="grey", linestyle="--", linewidth=0.8)
-        ax.text(b / MiB, 101, name, ha="center", va="bottom", color="grey", fontsize=8)
-    ax.set_xlabel(f"memory budget (MiB, measured on {report['device']})")
-    ax.set_ylabel("output accuracy vs. the models' own outputs (%)")
-    ax.set_ylim(0, 108)
-    ax.set_title(f"Table 4 methods on site {report['site']}: accuracy against budget", pad=14)
-    ax.grid(alpha=0.3)
-    fig.legend(*ax.get_legend_handles_labels(), loc="lower center", ncol=3, fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def write_outputs(report: dict[str, Any], out_dir: Path) -> dict[str, Path]:
-    from mlink.links.store import jsonable
-
-    paths = {"json": out_dir / "table4.json", "markdown": out_dir / "table4.md", "png": out_dir / "table4.png"}
-    report["outputs"] = {k: str(v) for k, v in paths.items()}
-    paths["json"].write_text(json.dumps(jsonable(report), indent=1))
-    paths["markdown"].write_text(markdown(report))
-    plot(report, paths["png"])
-    return paths
+__all__ = ["DEFAULTS", "METHOD_ORDER", "MiB", "markdown", "plot", "run_table4", "write_outputs"]

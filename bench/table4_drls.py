@@ -22,6 +22,12 @@ more or less than another's, so the learnt policy is close to a fixed choice: th
 that fit at once, fastest first. That is the honest result under a memory budget held at once;
 the paper's DRLS figures (45.7% at 5 GB at 58.7 ms, about 1.4 models a frame) imply that its
 DRLS ran models one after another within a frame, i.e. beyond what fits at once.
+
+Model swaps: whenever a frame's chosen set is not all resident, the missing models are loaded
+(models of the set that are held stay; others are unloaded, oldest first, only as far as needed
+to make room: :meth:`~mlink.bench.table4_methods.Residency.load`), and each load is charged at
+its measured load time, spread over the evaluation frames. No expected accuracy: the DQN's
+values are rewards with a time penalty, not an accuracy (``expected_accuracy`` is None).
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ import torch
 from torch import nn
 
 from mlink.bench.table4_costs import fitting_sets
-from mlink.bench.table4_methods import Context, result
+from mlink.bench.table4_methods import Context, Residency, result
 from mlink.models.spec import Task
 
 
@@ -223,6 +229,10 @@ def drls(ctx: Context, budget: float, cache: dict) -> dict[str, Any]:
         decisions += d
         ms[i] = sum(ctx.latency[m] for m in ran)
     decide_ms = 1000.0 * (time.perf_counter() - t0) / max(1, len(ev))
+    res = Residency(ctx.costs, budget)
+    for p in ev:
+        for m in sorted(chosen[p]):
+            res.load(m, protect=chosen[p])
     scored = ctx.protocol.scored
     preds: dict[str, list] = {}
     for m in ctx.models:
@@ -245,6 +255,7 @@ def drls(ctx: Context, budget: float, cache: dict) -> dict[str, Any]:
         memory,
         memory_mode="at once",
         runs=executions > 0,
+        residency=res,
         decision_ms=decide_ms,
         models_per_frame=executions / max(1, len(ev)),
         sets_served=dict(sorted(counts.items(), key=lambda kv: -kv[1])),

@@ -31,6 +31,20 @@ cost every profiled model's latency. Fine-tuning and selection run once a period
 and are reported separately (seconds per period), not per frame. Links live in host memory
 (the planner does not charge them against the device budget); their size is reported.
 
+Model swaps, charged at each model's measured load time (spread over the evaluation frames) and
+checked against the budget at every instant (:class:`~mlink.bench.table4_methods.Residency`):
+at the start of each period, profiling runs the models one after another, those still resident
+from the last period first (no load), then each other one loaded, unloading what it needs room
+from (models profiled earlier in the period first, then the last period's active set); then the
+chosen active set is held: every model of it not resident at that moment is loaded (the others
+are unloaded). So a period costs a load per profiled model not resident, plus a load per active
+model evicted for profiling or newly switched in.
+
+Expected beside measured: each period's choice comes with the selector's Eq. 1 objective
+(``expected_objective``, the expected mean over models of each model's mean node accuracy, in
+the units of ``accuracy``); ``expected_accuracy`` is its mean over the periods weighted by the
+frames each period serves, i.e. the expected accuracy of the scored output.
+
 Diagnostic (``hindsight``, on by default): every fixed active set is also served through the
 same links over the same periods, and the best one that fits each budget is reported next to
 the selectors' choice (the best a selector could have done with these links, known only
@@ -48,7 +62,7 @@ from typing import Any
 
 import numpy as np
 
-from mlink.bench.table4_methods import Context, result
+from mlink.bench.table4_methods import Context, Residency, result
 from mlink.links import LinkSet, TrainConfig, TupleSet, node_model
 from mlink.scheduler.accuracy import LinkAccuracy
 from mlink.scheduler.selection import evaluate, keep_or_switch
@@ -136,6 +150,8 @@ class _Run:
                 "memory": 0.0,
                 "periods": [],
                 "active": None,
+                "res": Residency(self.ctx.costs, b),
+                "expected": [],  # (objective, frames served) per period
             }
             for sel in SELECTORS
             for b in self.budgets
@@ -188,12 +204,19 @@ class _Run:
         name = self.traj_of[b]
         profiled_models = [m for m in ctx.models if ctx.costs[m] <= b + 1e-9]
         st = self.state[(sel, b)]
+        res: Residency = st["res"]
+        if prof:  # profiling: the resident models first, then each other one loaded in turn
+            resident = set(res.held)
+            for m in [m for m in profiled_models if m not in resident]:
+                res.load(m, protect=resident)
         cand, chosen = self._select(sel, b, acc)
         active = frozenset(chosen.active)
         mem = sum(ctx.costs[m] for m in active)
         if mem > b + 1e-6:
             raise AssertionError(f"MLink {sel}: active set {sorted(active)} costs {mem} B over the budget {b} B")
+        res.hold(active)
         st["active"] = active
+        st["expected"].append((float(chosen.objective), len(served_pos)))
         key = (name, pi, active)
         if key not in self.pred_cache:
             self.pred_cache[key] = self.trajs[name].predict_tuples(active, sub)
@@ -268,13 +291,16 @@ class _Run:
                 float(np.mean(st["ms"])),
                 st["executions"],
                 st["memory"],
-                memory_mode="at once (serving); time-shared profiling, one model at a time",
+                memory_mode="at once (serving); profiling runs the models one after another",
                 runs=True,
                 notes=notes,
                 selector=sel,
                 active_sets=counts,
                 periods=st["periods"],
                 expected_objective=float(np.mean([p["expected_objective"] for p in st["periods"]])),
+                residency=st["res"],
+                expected_accuracy=_weighted(st["expected"]),
+                expected_from="the selector's Eq. 1 objective per period, weighted by the frames it serves",
                 hindsight_best=best,
                 link_ms={
                     "+".join(sorted(a)) or "(none)": round(v, 3)
@@ -284,6 +310,11 @@ class _Run:
             )
             out[(sel, b)]["mlink"] = meta
         return out
+
+
+def _weighted(pairs: list[tuple[float, int]]) -> float | None:
+    total = sum(n for _, n in pairs)
+    return sum(v * n for v, n in pairs) / total if total else None
 
 
 def run_mlink(

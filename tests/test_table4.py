@@ -19,6 +19,7 @@ from mlink.bench.cli import bench_app
 from mlink.bench.table4 import METHOD_ORDER, run_table4
 from mlink.bench.table4_costs import budgets, fitting_sets, k_fit_budget
 from mlink.bench.table4_data import make_protocol, pick_evenly, score, time_order
+from mlink.bench.table4_methods import BudgetViolation, Residency, load_ms_per_frame, time_share
 from mlink.configs.load import CONFIG_DIR, load_config
 from mlink.links.tuples import TupleSet
 from mlink.models.assets import AssetStore
@@ -83,6 +84,47 @@ def test_time_order_interleaves_cameras_and_the_protocol_never_scores_training_o
     assert pick_evenly(10, 4) == [0, 3, 6, 9]
 
 
+def test_time_shared_schedule_stays_within_the_budget_and_charges_each_load() -> None:
+    costs = {"a": 4.0, "b": 3.0, "c": 2.0}
+    load_s = {"a": 0.5, "b": 0.2, "c": 0.1}
+    # One model fits at a time: two buffers of 4 positions; a needs both, b only the first, c the second.
+    res = Residency(costs, budget=4.5)
+    windows = [[0, 1, 2, 3], [4, 5, 6, 7]]
+    time_share(res, windows, {"a": [0, 5], "b": [2], "c": [7]})
+    # Buffer 1: a, b loaded (a unloaded for b). Buffer 2: a again (b unloaded), then c (a unloaded).
+    assert res.loads == ["a", "b", "a", "c"]
+    assert res.peak == 4.0 and res.peak <= 4.5
+    assert load_ms_per_frame(load_s, res.loads, frames=8) == pytest.approx(1000 * (0.5 + 0.2 + 0.5 + 0.1) / 8)
+    # The model still held from the last buffer goes first: one model throughout is loaded once.
+    single = Residency(costs, budget=4.5)
+    time_share(single, windows, {"a": [0, 1, 4]})
+    assert single.loads == ["a"]
+    # Everything fits at once: each model loaded once, nothing unloaded.
+    roomy = Residency(costs, budget=9.0)
+    time_share(roomy, windows, {"a": [0, 5], "b": [2, 6], "c": [3, 7]})
+    assert sorted(roomy.loads) == ["a", "b", "c"] and roomy.peak == 9.0
+    # Two fit: the protected set is never split to load one of its own models.
+    pair = Residency(costs, budget=7.5)
+    pair.hold(["a", "b"])
+    pair.load("c", protect={"a", "c"})
+    assert sorted(pair.held) == ["a", "c"] and pair.peak <= 7.5
+    with pytest.raises(KeyError):
+        load_ms_per_frame(load_s, ["d"], frames=8)
+
+
+def test_a_result_over_the_budget_at_any_instant_is_refused() -> None:
+    from mlink.bench.table4_methods import check_budget
+
+    res = Residency({"a": 4.0, "b": 3.0}, budget=5.0)
+    res.load("a")
+    res.load("b")  # b does not fit next to a: a unloaded first
+    assert res.held == ["b"] and res.peak == 4.0
+    over = Residency({"a": 6.0}, budget=5.0)
+    over.load("a")  # alone over the budget: recorded, then refused when checked
+    with pytest.raises(BudgetViolation):
+        check_budget("test", over.peak, over.budget)
+
+
 # -- the whole harness -------------------------------------------------------------------------------
 
 
@@ -133,6 +175,10 @@ def test_every_method_runs_at_both_budgets_within_them(bench_run: tuple[dict, Pa
             assert all(0.0 <= a <= 1.0 for a in r["accuracy_by_node"].values())
             assert r["memory_bytes"] <= r["budget_bytes"] + 1e-6, (name, which)
             assert r["ms_per_frame"] >= 0.0 and 0.0 <= r["executions_saved"] <= 1.0
+            assert r["ms_per_frame"] == pytest.approx(r["exec_ms_per_frame"] + r["load_ms_per_frame"])
+            assert r["loads"] >= (1 if r["runs"] else 0) and r["load_ms_per_frame"] >= 0.0
+            e = r["expected_accuracy"]
+            assert e is None or 0.0 <= e <= 1.0, (name, which)
             assert r["scored_frames"] == report["protocol"]["scored_frames"]
         assert len(per["curve"]) == n_budgets
         assert all(c["memory_bytes"] <= c["budget_bytes"] + 1e-6 for c in per["curve"])
@@ -166,6 +212,23 @@ def test_standalone_and_mlink_at_the_one_model_budget(bench_run: tuple[dict, Pat
     assert {t["feature"] for t in report["reducto_tuning"].values()} <= {"pixel", "area", "edge", "corner"}
     mtl = m["MTL"]["two"]
     assert mtl["runs"] or any("does not fit" in n for n in mtl["notes"])
+    # Loads: Standalone and MTL load once per model they hold; time-sharing swaps cost loads.
+    load_s = {k: c["load_s"] for k, c in report["costs"].items()}
+    eval_frames = report["protocol"]["eval_frames"]
+    for which in ("one", "two"):
+        st = m["Standalone"][which]
+        assert st["loads"] == len(st["active"])
+        assert st["load_ms_per_frame"] == pytest.approx(1000 * sum(load_s[a] for a in st["active"]) / eval_frames)
+        assert m["MTL"][which]["loads"] == (1 if m["MTL"][which]["runs"] else 0)
+        assert st["expected_accuracy"] == pytest.approx(st["accuracy"])
+    red = m["Reducto"]["one"]
+    windows = -(-eval_frames // report["options"]["buffer_frames"])
+    assert len(red["active"]) <= red["loads"] <= len(red["active"]) * windows
+    for sel in ("MLink (paper greedy)", "MLink (objective)"):
+        r = m[sel]["one"]
+        assert r["loads"] >= 1
+        assert r["expected_accuracy"] is not None
+    assert m["DRLS"]["one"]["expected_accuracy"] is None and m["MTL"]["one"]["expected_accuracy"] is None
 
 
 def test_outputs_are_written_and_caches_are_reused(bench_run: tuple[dict, Path, Path], store: AssetStore) -> None:
@@ -174,6 +237,7 @@ def test_outputs_are_written_and_caches_are_reused(bench_run: tuple[dict, Path, 
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "table4.md").read_text()
     assert all(f"| {m} |" in md for m in METHOD_ORDER)
+    assert "expected % (one / two)" in md
     assert json.loads((out / "table4.json").read_text())["site"] == "building"
     # A shorter run on the same home reuses the stored 60-frame profile (40 frames spread
     # evenly over it) and the cost table.

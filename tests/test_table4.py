@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -19,7 +20,7 @@ from mlink.bench.cli import bench_app
 from mlink.bench.table4 import METHOD_ORDER, run_table4
 from mlink.bench.table4_costs import budgets, fitting_sets, k_fit_budget
 from mlink.bench.table4_data import make_protocol, pick_evenly, score, time_order
-from mlink.bench.table4_methods import BudgetViolation, Residency, load_ms_per_frame, time_share
+from mlink.bench.table4_methods import BudgetViolation, Context, Residency, load_ms_per_frame, result, time_share
 from mlink.configs.load import CONFIG_DIR, load_config
 from mlink.links.tuples import TupleSet
 from mlink.models.assets import AssetStore
@@ -112,17 +113,52 @@ def test_time_shared_schedule_stays_within_the_budget_and_charges_each_load() ->
         load_ms_per_frame(load_s, ["d"], frames=8)
 
 
-def test_a_result_over_the_budget_at_any_instant_is_refused() -> None:
-    from mlink.bench.table4_methods import check_budget
+def _tiny_context(buffer_frames: int = 2) -> Context:
+    from mlink.bench.table4_data import Oracle
 
-    res = Residency({"a": 4.0, "b": 3.0}, budget=5.0)
+    spec = OutputSpec("n", "vector", 1, Task.COUNT)
+    n = 12
+    ts = TupleSet(
+        specs={"a:n": spec, "b:n": spec},
+        values={k: [np.array([1.0], np.float32)] * n for k in ("a:n", "b:n")},
+        streams=["s"] * n,
+        timestamps=[float(i) for i in range(n)],
+    )
+    oracle = Oracle(ts, {"a": ["n"], "b": ["n"]}, "test", "v", list(range(n)))
+    proto = make_protocol(n, 0.3, periods=2, profile_share=0.01, min_profile=1)
+    return Context(
+        oracle,
+        proto,
+        costs={"a": 4.0, "b": 3.0},
+        latency={"a": 10.0, "b": 5.0},
+        features=cast(Any, None),
+        options={"buffer_frames": buffer_frames},
+        progress=False,
+        load_s={"a": 0.4, "b": 0.2},
+    )
+
+
+def test_a_result_charges_its_loads_and_is_refused_over_the_budget_at_any_instant() -> None:
+    ctx = _tiny_context(buffer_frames=3)
+    assert ctx.protocol.eval == list(range(4, 12))  # 4 training frames at least
+    assert ctx.windows(ctx.protocol.eval[::-1]) == [[4, 5, 6], [7, 8, 9], [10, 11]]
+    res = Residency(ctx.costs, budget=5.0)
     res.load("a")
     res.load("b")  # b does not fit next to a: a unloaded first
     assert res.held == ["b"] and res.peak == 4.0
-    over = Residency({"a": 6.0}, budget=5.0)
-    over.load("a")  # alone over the budget: recorded, then refused when checked
+    r = result(ctx, "t", 5.0, {}, 12.0, 0, 0.0, memory_mode="time-shared", residency=res)
+    # 0.6 s of loads over 8 evaluation frames: 75 ms a frame on top of the 12 ms of execution.
+    assert r["load_ms_per_frame"] == pytest.approx(75.0) and r["loads"] == 2
+    assert r["ms_per_frame"] == pytest.approx(87.0) and r["exec_ms_per_frame"] == pytest.approx(12.0)
+    assert r["memory_bytes"] == 4.0 and r["expected_accuracy"] is None
+    # A method charging its own loads: frame_ms already includes them.
+    own = result(ctx, "t", 5.0, {}, 20.0, 0, 4.0, memory_mode="x", load_ms_per_frame=5.0, loads=3)
+    assert (own["ms_per_frame"], own["exec_ms_per_frame"], own["loads"]) == (20.0, 15.0, 3)
+    over = Residency(ctx.costs, budget=3.5)
+    over.load("b")
+    over.load("a")  # alone over the budget: recorded, refused by result()
     with pytest.raises(BudgetViolation):
-        check_budget("test", over.peak, over.budget)
+        result(ctx, "t", 3.5, {}, 1.0, 0, 0.0, memory_mode="x", residency=over)
 
 
 # -- the whole harness -------------------------------------------------------------------------------

@@ -128,6 +128,31 @@ class LinksConfig(_Strict):
     fine_tune: bool = Field(default=True, description="fine-tune links on each period's profiling tuples")
 
 
+class HybridConfig(_Strict):
+    """Hybrid plans (resident, rotating and predicted models; scheduler/rotation.py)."""
+
+    enabled: bool = Field(
+        default=False,
+        description="resident models stay loaded; rotating models load one at a time into what they leave, "
+        "run on chosen buffered frames, and their outputs revise results already served",
+    )
+    max_delay_s: float = Field(
+        default=2.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="how late a rotating model's output may arrive: each camera's frames are buffered this long "
+        "before the rotation over them is planned and run",
+    )
+    gpu_share: float = Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        allow_inf_nan=False,
+        description="share of GPU time per frame, relative to running every model on every frame, "
+        "that resident and rotating executions (and rotating loads) may use",
+    )
+
+
 class SchedulerConfig(_Strict):
     selector: Literal["paper", "objective"] = "objective"
     period_s: float = Field(
@@ -141,6 +166,9 @@ class SchedulerConfig(_Strict):
         default=0.01, ge=0, le=1, description="a new plan must beat the current one by this much accuracy"
     )
     batch_size: int = Field(default=4, ge=1, le=64)
+    hybrid: HybridConfig = Field(
+        default_factory=HybridConfig, description="hybrid plans: rotating models over short frame buffers"
+    )
 
 
 class CacheConfig(_Strict):

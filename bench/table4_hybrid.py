@@ -1,0 +1,488 @@
+"""Table 4 harness, MLink (hybrid): resident, rotating and predicted models with temporal links.
+
+The same protocol as :mod:`mlink.bench.table4_mlink` (links on the first share, periods that
+start by profiling a few frames through every model, fine-tuning, re-selection), with the
+hybrid plan of :mod:`mlink.scheduler.hybrid` instead of a fixed active set:
+
+1. **Temporal links** (:class:`mlink.links.temporal.ReuseModel`) are fitted on pairs of frames of
+   the same camera in the training share (every model real there), at most two buffers apart.
+2. **Each period** profiles its first frames (all models real, one at a time), fine-tunes the
+   links on them, and chooses the modes (:func:`~mlink.scheduler.hybrid.choose_modes`) by
+   planning the last frames already seen (expected accuracy only, no oracle) under the memory
+   budget at every instant and the GPU-time budget: ``hybrid_share`` of the time every model
+   would take on every frame.
+3. **Each buffer** (``buffer_frames`` consecutive positions, the longest a revised output may be
+   late) is planned by :func:`~mlink.scheduler.hybrid.plan_window`: resident models run on every
+   frame, rotating models where the expected gain per ms is largest, paying their load on their
+   first run in the buffer. Unspent time carries over to the next buffer (at most one buffer's).
+4. **Serving**: a model's own output where it ran; elsewhere, per node, the better (by expected
+   accuracy) of the temporal link's best real output of that camera (the last one before the
+   buffer, or one in the buffer) and the cross-model ensemble over the models that ran on the
+   frame. ``accuracy`` scores the outputs as revised at the end of the buffer; ``accuracy_first``
+   those served on arrival (last real output before the buffer, or the resident models' links).
+5. **Every real execution teaches**: pairs of real outputs of one camera (rotation, profiling)
+   are added to the temporal links' data after each buffer.
+
+Per-frame time: executions and loads as charged, the Reducto maps of every frame, the frame
+differences computed (timed), and the links' per-frame inference (timed, as MLink's).
+"""
+
+from __future__ import annotations
+
+import bisect
+import copy
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from mlink.bench.table4_methods import FEATURES, Context, frame_diff, result
+from mlink.bench.table4_mlink import _extend, _link_ms, _train_links
+from mlink.links import LinkSet
+from mlink.links.temporal import ReuseModel, camera_pairs, change_vector
+from mlink.scheduler.accuracy import LinkAccuracy
+from mlink.scheduler.hybrid import Modes, choose_modes, mode_options, plan_window
+
+METHOD = "MLink (hybrid)"
+PLAN_WINDOWS = 4  # buffers of recent frames the modes are chosen on
+
+
+class Diffs:
+    """Reducto's four differences between two positions, computed once and timed."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.cache: dict[tuple[int, int], tuple[float, ...]] = {}
+        self.seconds = 0.0
+
+    def __call__(self, a: int, b: int) -> tuple[float, ...]:
+        key = (a, b) if a <= b else (b, a)
+        hit = self.cache.get(key)
+        if hit is None:
+            t0 = time.perf_counter()
+            hit = tuple(frame_diff(self.ctx.features, f, key[0], key[1]) for f in FEATURES)
+            self.seconds += time.perf_counter() - t0
+            self.cache[key] = hit
+        return hit
+
+
+@dataclass
+class _State:
+    """One budget's run: its links trajectory, what is real where, and the charges."""
+
+    budget: float
+    links: str  # "tuned" or "frozen"
+    reuse: ReuseModel
+    history: dict[tuple[str, str], list[int]] = field(default_factory=dict)  # (model, camera) -> real positions
+    preds: dict[str, dict[int, Any]] = field(default_factory=dict)  # node -> position -> output (revised)
+    first: dict[str, dict[int, Any]] = field(default_factory=dict)  # node -> position -> output (on arrival)
+    expected: dict[str, dict[int, float]] = field(default_factory=dict)  # node -> position -> expected acc
+    exec_ms: float = 0.0
+    load_ms: float = 0.0
+    loads: int = 0
+    executions: int = 0
+    bank_ms: float = 0.0
+    memory: float = 0.0
+    periods: list[dict[str, Any]] = field(default_factory=list)
+    link_ms: float = 0.0
+
+    def prior(self, model: str, camera: str, before: int) -> int | None:
+        """The last position before ``before`` where ``model`` really ran on ``camera``."""
+        seq = self.history.get((model, camera), [])
+        i = bisect.bisect_left(seq, before)
+        return seq[i - 1] if i else None
+
+    def real(self, model: str, camera: str, p: int) -> None:
+        bisect.insort(self.history.setdefault((model, camera), []), p)
+
+
+class Hybrid:
+    """The hybrid method over every budget of the harness (module docstring)."""
+
+    def __init__(self, ctx: Context, budgets: Sequence[float], time_ms: Mapping[float, float] | None = None) -> None:
+        self.ctx = ctx
+        self.budgets = list(budgets)
+        self.load_ms = {m: 1000.0 * float(ctx.load_s.get(m, 0.0)) for m in ctx.models}
+        self.share = float(ctx.opt("hybrid_share", 1.0 / 3.0))
+        self.diffs = Diffs(ctx)
+        self.served = {m: tuple(ctx.oracle.served[m]) for m in ctx.models}
+        all_ms = sum(ctx.latency.values())
+        self.frame_ms = {b: (time_ms or {}).get(b, self.share * all_ms) for b in self.budgets}
+        self.link_ms: dict[tuple[str, frozenset[str]], float] = {}
+        self.tuples = ctx.oracle.tuples
+        self.frames_served = 0  # over every budget
+
+    def overhead_ms(self) -> float:
+        """Per-frame time that is not execution or loads: the Reducto maps, the differences
+        computed so far (per frame served so far; 5 ms before any), the links."""
+        served = self.frames_served / max(1, len(self.budgets))
+        diff = 1000.0 * self.diffs.seconds / served if served else 5.0
+        return self.ctx.features.map_ms + diff + 0.5
+
+    def time_budget(self, st: _State) -> float:
+        """Execution and load ms per frame this budget's plan may spend."""
+        return max(0.0, self.frame_ms[st.budget] - self.overhead_ms())
+
+    # -- setup ------------------------------------------------------------------------------
+
+    def fit_reuse(self, positions: Sequence[int]) -> ReuseModel:
+        pairs = camera_pairs(
+            self.tuples, positions, self.diffs, max_gap=self.ctx.buffer_frames, nodes=self.ctx.oracle.nodes
+        )
+        return ReuseModel.fit(pairs)
+
+    def nodes(self, model: str) -> list[str]:
+        return self.ctx.oracle.nodes_of(model)
+
+    def camera(self, p: int) -> str:
+        return self.tuples.streams[p]
+
+    def change(self, ref: int, p: int) -> np.ndarray:
+        age = abs(self.tuples.timestamps[p] - self.tuples.timestamps[ref])
+        return change_vector(self.diffs(ref, p), age, ref > p)
+
+    # -- planning one buffer -----------------------------------------------------------------
+
+    def _tensors(
+        self, st: _State, model: str, window: Sequence[int], in_window: bool = True
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(reuse (nodes, n, n), prior (nodes, n)) of ``model`` over ``window`` (module doc)."""
+        nodes = self.nodes(model)
+        n = len(window)
+        reuse = np.zeros((len(nodes), n, n))
+        prior = np.zeros((len(nodes), n))
+        start = min(window)
+        for ki, k in enumerate(nodes):
+            if not st.reuse.knows(k):
+                continue
+            rows, where = [], []
+            for i, p in enumerate(window):
+                ref = st.prior(model, self.camera(p), start)
+                if ref is not None:
+                    rows.append(self.change(ref, p))
+                    where.append((i, -1))
+                for j, r in enumerate(window if in_window else ()):
+                    if j != i and self.camera(r) == self.camera(p):
+                        rows.append(self.change(r, p))
+                        where.append((i, j))
+            if not rows:
+                continue
+            q = st.reuse.expected(k, np.stack(rows))
+            for (i, j), v in zip(where, q):
+                if j < 0:
+                    prior[ki, i] = v
+                else:
+                    reuse[ki, i, j] = v
+        return reuse, prior
+
+    def _link(self, acc: LinkAccuracy, model: str, active: frozenset[str]) -> np.ndarray:
+        return np.array([acc.node(active, k) for k in self.nodes(model)])
+
+    def plan(
+        self, st: _State, modes: Modes, acc: LinkAccuracy, window: Sequence[int], budget_ms: float
+    ) -> tuple[Any, dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]]:
+        """The buffer's executions under ``budget_ms`` of rotation time, and per model the
+        (reuse, prior, link) figures they were planned on (every model, predicted ones too)."""
+        figures: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        for m in self.ctx.models:
+            if m in modes.resident:
+                continue
+            reuse, prior = self._tensors(st, m, window, in_window=m in modes.rotating)
+            figures[m] = (reuse, prior, self._link(acc, m, modes.resident))
+        rot = sorted(modes.rotating)
+        wp = plan_window(
+            {m: figures[m][0] for m in rot},
+            {m: figures[m][1] for m in rot},
+            {m: figures[m][2] for m in rot},
+            {m: self.ctx.latency[m] for m in rot},
+            {m: self.load_ms[m] for m in rot},
+            budget_ms,
+        )
+        return wp, figures
+
+    def resident_ms(self, modes: Modes) -> float:
+        return sum(self.ctx.latency[m] for m in modes.resident)
+
+    def window_budget(self, st: _State, modes: Modes, n: int) -> float:
+        return max(0.0, self.time_budget(st) - self.resident_ms(modes)) * n
+
+    def simulate(self, st: _State, modes: Modes, acc: LinkAccuracy, positions: Sequence[int]) -> tuple[float, float]:
+        """(expected accuracy, ms per frame) of ``modes`` planned over ``positions`` (already
+        seen frames), from expected figures only: what :func:`choose_modes` compares."""
+        if self.resident_ms(modes) > self.time_budget(st) + 1e-9:
+            return 0.0, self.resident_ms(modes)
+        sim = _State(st.budget, st.links, st.reuse)
+        start = min(positions)
+        sim.history = {key: [p for p in seq if p < start] for key, seq in st.history.items()}
+        per_model: dict[str, list[float]] = {m: [] for m in self.ctx.models}
+        spent, bank = 0.0, 0.0
+        for window in self.ctx.windows(positions):
+            budget = self.window_budget(st, modes, len(window))
+            wp, figures = self.plan(sim, modes, acc, window, budget + bank)
+            bank = min(max(0.0, budget + bank - wp.spent_ms), budget)
+            spent += wp.spent_ms
+            for m in self.ctx.models:
+                if m in modes.resident:
+                    per_model[m].extend([1.0] * len(window))
+                elif m in modes.rotating:
+                    per_model[m].extend(wp.expected[m].tolist())
+                else:
+                    _, prior, link = figures[m]
+                    per_model[m].extend(np.maximum(prior, link[:, None]).mean(axis=0).tolist())
+            for m, runs in wp.runs.items():
+                for j in runs:
+                    sim.real(m, self.camera(window[j]), window[j])
+        exp = float(np.mean([np.mean(v) for v in per_model.values()]))
+        return exp, self.resident_ms(modes) + spent / len(positions)
+
+    # -- serving one buffer ------------------------------------------------------------------
+
+    def _predictions(
+        self, links: LinkSet, groups: Mapping[frozenset[str], list[int]]
+    ) -> dict[frozenset[str], dict[int, dict[str, Any]]]:
+        """Cross-model predictions per set of models that ran: {A: {position: {node: value}}}."""
+        out: dict[frozenset[str], dict[int, dict[str, Any]]] = {}
+        for active, positions in groups.items():
+            pred = links.predict_tuples(active, self.tuples.subset(positions))
+            out[active] = {p: {k: v[i] for k, v in pred.items()} for i, p in enumerate(positions)}
+        return out
+
+    def _charge(self, st: _State, modes: Modes, wp: Any, window: Sequence[int], links: LinkSet, traj: str) -> None:
+        n = len(window)
+        st.exec_ms += self.resident_ms(modes) * n + sum(self.ctx.latency[m] * len(r) for m, r in wp.runs.items())
+        st.executions += len(modes.resident) * n + sum(len(r) for r in wp.runs.values())
+        st.load_ms += sum(self.load_ms[m] for m in wp.loads)
+        st.loads += len(wp.loads)
+        ran = {p: set(modes.resident) for p in window}
+        for m, runs in wp.runs.items():
+            for j in runs:
+                ran[window[j]].add(m)
+        for p in window:
+            active = frozenset(ran[p])
+            key = (traj, active)
+            if key not in self.link_ms:
+                self.link_ms[key] = _link_ms(links, self.tuples, active, window[:5])
+            st.link_ms += self.link_ms[key]
+
+    def serve(self, st: _State, modes: Modes, acc: LinkAccuracy, links: LinkSet, window: list[int], traj: str) -> None:
+        """Plan one buffer, charge it, serve every node of every frame (module docstring, 3-5)."""
+        budget = self.window_budget(st, modes, len(window))
+        self.frames_served += len(window)
+        wp, figures = self.plan(st, modes, acc, window, budget + st.bank_ms)
+        st.bank_ms = min(max(0.0, budget + st.bank_ms - wp.spent_ms), budget)
+        self._charge(st, modes, wp, window, links, traj)
+        ran = {i: set(modes.resident) | {m for m, r in wp.runs.items() if i in r} for i in range(len(window))}
+        groups: dict[frozenset[str], list[int]] = {}
+        for i, p in enumerate(window):
+            groups.setdefault(frozenset(ran[i]), []).append(p)
+            groups.setdefault(frozenset(modes.resident), []).append(p)
+        groups = {a: sorted(set(ps)) for a, ps in groups.items()}
+        preds = self._predictions(links, groups)
+        for m in self.ctx.models:
+            for ki, k in enumerate(self.nodes(m)):
+                vals = self.tuples.values[k]
+                for i, p in enumerate(window):
+                    self._serve_node(st, acc, m, ki, k, vals, window, i, p, ran, wp, figures, preds, modes)
+        self._learn(st, modes, wp, window)
+
+    def _serve_node(
+        self, st: _State, acc: LinkAccuracy, m: str, ki: int, k: str, vals: Sequence[Any], window: list[int],
+        i: int, p: int, ran: Mapping[int, set[str]], wp: Any, figures: Mapping[str, Any], preds: Mapping, modes: Modes,
+    ) -> None:  # fmt: skip
+        """One node of one frame: its real output, a real output of the camera, or the links."""
+        resident = frozenset(modes.resident)
+        if m in ran[i]:
+            st.preds[k][p] = vals[p]
+            st.expected[k][p] = 1.0
+            st.first[k][p] = vals[p] if m in resident else self._first(st, acc, m, ki, k, vals, p, figures, preds)
+            return
+        reuse, prior, _ = figures[m]
+        cands = [(st.prior(m, self.camera(p), min(window)), float(prior[ki, i]))]
+        cands += [
+            (window[j], float(reuse[ki, i, j])) for j in wp.runs.get(m, ()) if self.camera(window[j]) == self.camera(p)
+        ]
+        real = [(r, q) for r, q in cands if r is not None]
+        link = acc.node(frozenset(ran[i]), k)
+        best = max(real, key=lambda c: c[1], default=None)
+        if best is not None and best[1] > link:
+            st.preds[k][p], st.expected[k][p] = vals[best[0]], best[1]
+        else:
+            st.preds[k][p], st.expected[k][p] = preds[frozenset(ran[i])][p][k], link
+        st.first[k][p] = self._first(st, acc, m, ki, k, vals, p, figures, preds)
+
+    def _first(self, st: _State, acc: LinkAccuracy, m: str, ki: int, k: str, vals: Sequence[Any], p: int,
+               figures: Mapping[str, Any], preds: Mapping) -> Any:  # fmt: skip
+        """What a frame gets on arrival: the last real output before the buffer, or the links
+        over the resident models, whichever is expected to be better."""
+        resident = frozenset(set(self.ctx.models) - set(figures))
+        ref = st.prior(m, self.camera(p), p)
+        window_start_ref = ref
+        link = acc.node(resident, k)
+        if window_start_ref is not None:
+            q = float(st.reuse.expected(k, self.change(window_start_ref, p)[None])[0])
+            if q > link:
+                return vals[window_start_ref]
+        return preds[resident][p][k]
+
+    def _learn(self, st: _State, modes: Modes, wp: Any, window: list[int]) -> None:
+        """Record where each model ran; every pair of real outputs of a camera teaches."""
+        start = min(window)
+        for m, runs in wp.runs.items():
+            by_cam: dict[str, list[int]] = {}
+            for j in runs:
+                by_cam.setdefault(self.camera(window[j]), []).append(window[j])
+            for cam, ps in by_cam.items():
+                ref = st.prior(m, cam, start)
+                reals = ([ref] if ref is not None else []) + ps
+                self._teach(st, m, reals)
+                for p in ps:
+                    st.real(m, cam, p)
+        for m in modes.resident:
+            for p in window:
+                st.real(m, self.camera(p), p)
+
+    def _teach(self, st: _State, model: str, reals: Sequence[int]) -> None:
+        pairs = [(r, p) for r in reals for p in reals if r != p]
+        if not pairs:
+            return
+        X = np.stack([self.change(r, p) for r, p in pairs])
+        for k in self.nodes(model):
+            spec, vals = self.tuples.specs[k], self.tuples.values[k]
+            st.reuse.learn(k, X, np.array([spec.accuracy(vals[r], vals[p]) for r, p in pairs]))
+
+    # -- periods -----------------------------------------------------------------------------
+
+    def profile(self, st: _State, prof: Sequence[int]) -> None:
+        """A period's profiled frames: every model that fits alone runs, one at a time."""
+        models = [m for m in self.ctx.models if self.ctx.costs[m] <= st.budget + 1e-9]
+        st.exec_ms += sum(self.ctx.latency[m] for m in models) * len(prof)
+        st.executions += len(models) * len(prof)
+        st.load_ms += sum(self.load_ms[m] for m in models)
+        st.loads += len(models)
+        st.memory = max(st.memory, max((self.ctx.costs[m] for m in models), default=0.0))
+        for m in models:
+            for cam, ps in self.ctx.stream_runs(prof).items():
+                ref = st.prior(m, cam, min(ps))
+                self._teach(st, m, ([ref] if ref is not None else []) + ps)
+                for p in ps:
+                    st.real(m, cam, p)
+
+    def period(
+        self, st: _State, pi: int, chunk: list[int], prof: list[int], seen: list[int], links: LinkSet, acc: LinkAccuracy
+    ) -> None:
+        """Profile, choose the modes on the frames seen last, serve the period buffer by buffer."""
+        self.profile(st, prof)
+        options = mode_options(self.ctx.models, self.ctx.costs, st.budget)
+        recent = seen[-PLAN_WINDOWS * self.ctx.buffer_frames :]
+        t0 = time.perf_counter()
+        modes, expected, ms = choose_modes(options, lambda o: self.simulate(st, o, acc, recent), self.time_budget(st))
+        choose_s = time.perf_counter() - t0
+        st.load_ms += sum(self.load_ms[m] for m in modes.resident)
+        st.loads += len(modes.resident)
+        st.memory = max(st.memory, modes.peak_bytes(self.ctx.costs))
+        served = [p for p in chunk if p not in set(prof)]
+        for window in self.ctx.windows(served):
+            self.serve(st, modes, acc, links, window, st.links)
+        st.periods.append(
+            {
+                "period": pi,
+                "modes": modes.to_json(),
+                "expected_accuracy_planned": round(expected, 4),
+                "planned_ms_per_frame": round(ms, 3),
+                "choose_s": round(choose_s, 3),
+            }
+        )
+
+
+def run_hybrid(
+    ctx: Context, budgets: Sequence[float], time_ms: Mapping[float, float] | None = None
+) -> dict[float, dict[str, Any]]:
+    """The hybrid method at every budget, over the protocol's periods; {budget: result}.
+    ``time_ms`` is the per-frame time each budget may spend (all of it: executions, loads,
+    maps, differences, links); default ``hybrid_share`` of every model on every frame."""
+    from tqdm import tqdm
+
+    proto = ctx.protocol
+    hy = Hybrid(ctx, budgets, time_ms)
+    links, _, heldout, train_s = _train_links(ctx)
+    t0 = time.perf_counter()
+    reuse = hy.fit_reuse(proto.train)
+    reuse_s = time.perf_counter() - t0
+    max_cost = max(ctx.costs.values())
+    trajs: dict[str, LinkSet] = {"tuned": links}
+    traj_of = {b: ("tuned" if b + 1e-9 >= max_cost else "frozen") for b in budgets}
+    if "frozen" in traj_of.values():
+        trajs["frozen"] = copy.deepcopy(links)
+    windows = {name: heldout for name in trajs}
+    states = {b: _State(b, traj_of[b], copy.deepcopy(reuse)) for b in budgets}
+    for st in states.values():
+        st.preds = {k: {} for k in ctx.oracle.nodes}
+        st.first = {k: {} for k in ctx.oracle.nodes}
+        st.expected = {k: {} for k in ctx.oracle.nodes}
+        for m in ctx.models:  # the training share ran every model
+            for p in proto.train:
+                st.real(m, hy.camera(p), p)
+    seen = list(proto.train)
+    cap = max(len(heldout), 50)
+    bar = tqdm(total=len(proto.periods), desc="MLink (hybrid) periods", unit="period", disable=not ctx.progress)
+    try:
+        for pi, (chunk, prof) in enumerate(zip(proto.periods, proto.profiled)):
+            new = ctx.oracle.tuples.subset(prof)
+            tune, held = new.split(0.5, int(ctx.opt("seed", 0)) + pi + 1) if len(new) >= 2 else (new, None)
+            trajs["tuned"].fine_tune(tune, epochs=ctx.options.get("fine_tune_epochs"))
+            windows["tuned"] = _extend(windows["tuned"], held, cap)
+            accs = {name: LinkAccuracy(trajs[name], windows[name], hy.served) for name in trajs}
+            for st in states.values():
+                hy.period(st, pi, chunk, prof, seen, trajs[st.links], accs[st.links])
+            seen.extend(chunk)
+            bar.update(1)
+    finally:
+        bar.close()
+    meta = {"train_s": train_s, "reuse_fit_s": reuse_s}
+    return {b: _result(hy, st, {**meta, "frame_ms_budget": hy.frame_ms[b]}) for b, st in states.items()}
+
+
+def _result(hy: Hybrid, st: _State, meta: Mapping[str, Any]) -> dict[str, Any]:
+    from mlink.bench.table4_data import score
+
+    ctx = hy.ctx
+    scored = ctx.protocol.scored
+    n_eval = len(ctx.protocol.eval)
+    preds = {k: [v.get(p) for p in scored] for k, v in st.preds.items()}
+    first = score(ctx.oracle, scored, {k: [v.get(p) for p in scored] for k, v in st.first.items()})
+    exp_by_model = {
+        m: float(np.mean([np.mean([st.expected[k].get(p, 0.0) for p in scored]) for k in ctx.oracle.nodes_of(m)]))
+        for m in ctx.models
+    }
+    diff_ms = 1000.0 * hy.diffs.seconds / n_eval  # every difference any budget computed, charged to each
+    frame_ms = (st.exec_ms + st.load_ms + st.link_ms) / n_eval + ctx.features.map_ms + diff_ms
+    modes_count: dict[str, int] = {}
+    for per in st.periods:
+        label = "; ".join(f"{k}: {'+'.join(v) or '-'}" for k, v in per["modes"].items())
+        modes_count[label] = modes_count.get(label, 0) + 1
+    return result(
+        ctx,
+        METHOD,
+        st.budget,
+        preds,
+        frame_ms,
+        st.executions,
+        st.memory,
+        memory_mode="resident at once + one rotating model at a time; profiling one model at a time",
+        runs=True,
+        notes=[]
+        if st.links == "tuned"
+        else ["a model does not fit alone: links not fine-tuned, that model never runs"],
+        expected_accuracy=float(np.mean(list(exp_by_model.values()))),
+        expected_by_model=exp_by_model,
+        accuracy_first=first["accuracy"],
+        load_ms_per_frame=st.load_ms / n_eval,
+        loads=st.loads,
+        link_ms_per_frame=st.link_ms / n_eval,
+        trigger_ms_per_frame=diff_ms,
+        modes=modes_count,
+        periods=st.periods,
+        hybrid=dict(meta),
+    )

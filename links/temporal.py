@@ -1,0 +1,177 @@
+"""Temporal links: what a target's last real output on the same camera is worth on this frame.
+
+A camera's next frame looks like its last one. When a model really ran on a frame of a camera
+(rotation, profiling, an audit), its output there is a candidate answer for the camera's other
+frames; how good a candidate depends on how much the picture changed in between and how long
+ago it was. :class:`ReuseModel` learns that, per node, from pairs of *real* outputs of the same
+camera: for a frame ``p`` and a reference ``r`` where the model ran, the target is the node's own
+accuracy metric of ``output(r)`` against ``output(p)`` (exact counts, top-1 class, box F1), and
+the inputs are a :class:`Change`: Reducto's four low-level difference features between the two
+frames (share of pixels, blurred areas, edges and corners changed), the time between them and
+whether the reference lies ahead (a buffered frame served from a later real output).
+
+The model is a logistic regression with soft targets (Newton steps, L2-regularised) on
+log-scaled features, so its output is an *expected accuracy*, calibrated on pairs the way they
+will be used, and monotone in each feature. That keeps it honest on data it never saw: a larger
+change can only lower (or only raise) the figure, never wiggle with a clip's quirks.
+
+Serving (:func:`choose`) compares, per node and frame, the best reuse candidate's expected
+accuracy with the cross-model ensemble's (the link accuracy of the models that ran on the
+frame) and serves the larger; with no recent real output it falls back to the ensemble. Every
+real execution teaches: two real outputs of one camera are one more training pair
+(:meth:`ReuseModel.learn`), refitted in milliseconds.
+
+Only numbers come in (outputs, differences, times): this module never sees a frame.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from mlink.links.tuples import TupleSet
+from mlink.models.spec import OutputSpec
+
+CHANGE_FEATURES = ("pixel", "area", "edge", "corner")
+MAX_PAIRS = 20000  # pairs kept per node (the most recent); older ones are dropped
+L2 = 1e-2
+NEWTON_STEPS = 25
+
+
+@dataclass(frozen=True)
+class Change:
+    """How a frame differs from a reference frame of the same camera."""
+
+    diffs: tuple[float, ...]  # CHANGE_FEATURES, each a share of the frame in [0, 1]
+    age_s: float  # seconds between the two frames (absolute)
+    ahead: bool = False  # the reference comes after the frame
+
+    def vector(self) -> np.ndarray:
+        return change_vector(self.diffs, self.age_s, self.ahead)
+
+
+def change_vector(diffs: Sequence[float], age_s: float, ahead: bool) -> np.ndarray:
+    """The regression's inputs: a bias, log-scaled differences and age, and the direction."""
+    d = [math.log1p(100.0 * max(0.0, float(x))) for x in diffs]
+    return np.array([1.0, *d, math.log1p(max(0.0, float(age_s))), 1.0 if ahead else 0.0], dtype=np.float64)
+
+
+N_INPUTS = 3 + len(CHANGE_FEATURES)
+
+
+def _fit_logistic(X: np.ndarray, y: np.ndarray, l2: float = L2, steps: int = NEWTON_STEPS) -> np.ndarray:
+    """Weights of a logistic regression with soft targets in [0, 1] (Newton's method). The bias
+    is not penalised; a node whose pairs are all equal gets a near-constant model."""
+    n, d = X.shape
+    w = np.zeros(d)
+    mean = float(np.clip(y.mean(), 1e-3, 1 - 1e-3))
+    w[0] = math.log(mean / (1 - mean))
+    pen = np.full(d, l2 * n)
+    pen[0] = 0.0
+    for _ in range(steps):
+        z = np.clip(X @ w, -30, 30)
+        p = 1.0 / (1.0 + np.exp(-z))
+        grad = X.T @ (p - y) + pen * w
+        s = p * (1 - p) + 1e-6
+        hess = (X * s[:, None]).T @ X + np.diag(pen + 1e-9)
+        step = np.linalg.solve(hess, grad)
+        w -= step
+        if float(np.abs(step).max()) < 1e-7:
+            break
+    return w
+
+
+@dataclass
+class ReuseModel:
+    """Per node, the expected accuracy of serving a reference frame's real output (module doc)."""
+
+    weights: dict[str, np.ndarray] = field(default_factory=dict)
+    pairs: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+
+    @classmethod
+    def fit(cls, pairs: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> ReuseModel:
+        model = cls()
+        for node, (X, y) in pairs.items():
+            model.learn(node, X, y)
+        return model
+
+    def learn(self, node: str, X: np.ndarray, y: np.ndarray) -> None:
+        """Add pairs (inputs ``X`` as :func:`change_vector` makes them, accuracies ``y``) and refit."""
+        X = np.asarray(X, dtype=np.float64).reshape(-1, N_INPUTS)
+        y = np.asarray(y, dtype=np.float64).reshape(-1)
+        if len(y) == 0:
+            return
+        if node in self.pairs:
+            X = np.concatenate([self.pairs[node][0], X])
+            y = np.concatenate([self.pairs[node][1], y])
+        X, y = X[-MAX_PAIRS:], y[-MAX_PAIRS:]
+        self.pairs[node] = (X, y)
+        self.weights[node] = _fit_logistic(X, y)
+
+    def knows(self, node: str) -> bool:
+        return node in self.weights
+
+    def expected(self, node: str, X: np.ndarray) -> np.ndarray:
+        """Expected accuracy of reuse for each row of ``X`` (0 for a node never learnt)."""
+        X = np.asarray(X, dtype=np.float64).reshape(-1, N_INPUTS)
+        w = self.weights.get(node)
+        if w is None:
+            return np.zeros(len(X))
+        return 1.0 / (1.0 + np.exp(-np.clip(X @ w, -30, 30)))
+
+    def n_pairs(self, node: str) -> int:
+        return len(self.pairs[node][1]) if node in self.pairs else 0
+
+
+DiffFn = Callable[[int, int], Sequence[float]]
+
+
+def camera_pairs(
+    tuples: TupleSet,
+    positions: Sequence[int],
+    diff: DiffFn,
+    max_gap: int,
+    nodes: Sequence[str] | None = None,
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Training pairs from tuples where every node is real: for each camera's frames in time
+    order, every frame against each frame at most ``max_gap`` frames away (both directions).
+    ``diff(a, b)`` gives the :data:`CHANGE_FEATURES` between two positions."""
+    nodes = list(nodes if nodes is not None else tuples.nodes)
+    runs: dict[str, list[int]] = {}
+    for p in positions:
+        runs.setdefault(tuples.streams[p], []).append(p)
+    X: list[np.ndarray] = []
+    ref_frame: list[tuple[int, int]] = []
+    for members in runs.values():
+        seq = sorted(members, key=lambda i: tuples.timestamps[i])
+        for a in range(len(seq)):
+            for b in range(max(0, a - max_gap), min(len(seq), a + max_gap + 1)):
+                if a == b:
+                    continue
+                p, r = seq[a], seq[b]
+                age = abs(tuples.timestamps[p] - tuples.timestamps[r])
+                X.append(change_vector(diff(r, p), age, b > a))
+                ref_frame.append((r, p))
+    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    Xa = np.stack(X) if X else np.zeros((0, N_INPUTS))
+    for k in nodes:
+        spec: OutputSpec = tuples.specs[k]
+        vals = tuples.values[k]
+        y = np.array([spec.accuracy(vals[r], vals[p]) for r, p in ref_frame], dtype=np.float64)
+        out[k] = (Xa, y)
+    return out
+
+
+def choose(reuse: np.ndarray, link: float) -> tuple[int, float]:
+    """The source to serve: the index of the best reuse candidate (expected accuracies
+    ``reuse``), or -1 for the cross-model ensemble (expected accuracy ``link``) when it is at
+    least as good or there is no candidate. Returns (choice, its expected accuracy)."""
+    if len(reuse) == 0:
+        return -1, float(link)
+    i = int(np.argmax(reuse))
+    if float(reuse[i]) > float(link):
+        return i, float(reuse[i])
+    return -1, float(link)

@@ -274,6 +274,20 @@ def test_outputs_are_written_and_caches_are_reused(bench_run: tuple[dict, Path, 
     md = (out / "table4.md").read_text()
     assert all(f"| {m} |" in md for m in METHOD_ORDER)
     assert "expected % (one / two)" in md
+    # An extra method row (e.g. another MLink variant) renders without any change here.
+    from mlink.bench.table4 import markdown, plot
+
+    extra = json.loads(json.dumps(report))
+    methods = extra["methods"]
+    for i in range(3):
+        row = json.loads(json.dumps(methods["MLink (objective)"]))
+        for r in (row["one"], row["two"], *row["curve"]):
+            r.pop("active_sets", None)
+            r["expected_accuracy"] = 0.5
+        methods[f"MLink (extra {i})"] = row
+    md2 = markdown(extra)
+    assert "| MLink (extra 2) |" in md2 and "50.0 / 50.0" in md2
+    assert plot(extra, out / "extra.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((out / "table4.json").read_text())["site"] == "building"
     # A shorter run on the same home reuses the stored 60-frame profile (40 frames spread
     # evenly over it) and the cost table.

@@ -4,6 +4,9 @@ Nodes are served outputs keyed ``"model:output"``. The pieces:
 
 - :class:`TupleSet` (``tuples``): aligned output tuples of all nodes, saved as versioned datasets;
 - ``arch``: the four link architectures ``Vec2Vec``, ``Seq2Vec``, ``Vec2Seq``, ``Seq2Seq``;
+- ``boxset``/``matching``: order-free links from box sets, ``BoxSet`` (boxes -> boxes, trained
+  with a matching loss) and ``BoxCount`` (boxes -> count); ``candidates``: which architectures
+  a pair may have, and the held-out choice among them (``fitting`` trains them);
 - ``train``: :class:`TrainConfig` and the training loop (RMSprop, early stopping, seeded);
 - :class:`Ensemble` (``ensemble``): h_{A,j} for any subset A of active source models;
 - :class:`LinkMatrix` (``matrix``): accuracies of links, ensembles and trivial predictors;
@@ -23,6 +26,8 @@ This package sees model outputs only; it never loads or looks inside a model.
 """
 
 from mlink.links.arch import ARCHS, Link, Seq2Seq, Seq2Vec, Vec2Seq, Vec2Vec, link_class, make_link
+from mlink.links.boxset import BoxCount, BoxSet
+from mlink.links.candidates import candidate_classes
 from mlink.links.encode import SEQ_CAP, Batch
 from mlink.links.ensemble import Ensemble
 from mlink.links.errors import DatasetError, IncompatibleLinksError, LinkError, LinkStoreError
@@ -35,6 +40,8 @@ __all__ = [
     "ARCHS",
     "SEQ_CAP",
     "Batch",
+    "BoxCount",
+    "BoxSet",
     "DatasetError",
     "Ensemble",
     "FitResult",
@@ -50,6 +57,7 @@ __all__ = [
     "TupleSet",
     "Vec2Seq",
     "Vec2Vec",
+    "candidate_classes",
     "link_class",
     "make_link",
     "node_key",

@@ -211,6 +211,17 @@ class Link(nn.Module):
 
     arch: ClassVar[str]
     decoder: AttnDecoder  # the links into sequence targets set it
+    # False: the link has no decoder or pre-activation an ensemble can mix; it serves alone
+    mixable: ClassVar[bool] = True
+
+    @property
+    def uses_seq_lr(self) -> bool:
+        """Whether it trains at ``TrainConfig.seq_lr`` (see train): links with a sequence end."""
+        return self.source.kind == "sequence" or self.target.kind == "sequence"
+
+    def early_stops(self) -> bool:
+        """Whether its validation loss can stop training: not a decoder's teacher-forced one (see train)."""
+        return self.target.kind == "vector"
 
     def __init__(
         self,

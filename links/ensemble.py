@@ -82,7 +82,7 @@ def trivial_output(spec: OutputSpec, train_values: Sequence[np.ndarray]) -> np.n
     return spec.empty()
 
 
-def _choose(table: np.ndarray, n_single: int, frames: np.ndarray) -> tuple[int, float]:
+def choose_rows(table: np.ndarray, n_single: int, frames: np.ndarray) -> tuple[int, float]:
     """The selection rule on some frames of a (candidates, frames) score table whose first
     ``n_single`` rows are single links: the best single link, unless another candidate beats
     it by more than one paired SE (then the best such). Returns (row, that SE or 0)."""
@@ -169,9 +169,15 @@ class Ensemble(nn.Module):
         """The active link with the highest accuracy on the held-out selection tuples (the first on a tie)."""
         return max(self._active_indices(act), key=lambda i: self.link_val_accuracy.get(self.sources[i], 0.0))
 
+    def _mixable(self, act: frozenset[str]) -> list[int]:
+        """The active links a mix may combine (a box-set link has nothing to mix: it serves alone)."""
+        return [i for i in self._active_indices(act) if self.by_index[i].mixable]
+
     def _mix_plan(self, act: frozenset[str]) -> Plan:
-        """The loss-fitted mixing weights over the active sources, renormalised and pruned."""
-        idx = self._active_indices(act)
+        """The loss-fitted mixing weights over the active mixable sources, renormalised and pruned."""
+        idx = self._mixable(act)
+        if not idx:
+            return [(self._active_indices(act)[0], 1.0)]
         w = torch.softmax(self.mix.detach()[idx].double(), dim=0).numpy()
         keep = [(i, float(wi)) for i, wi in zip(idx, w) if wi >= PRUNE]
         total = sum(wi for _, wi in keep)
@@ -182,9 +188,9 @@ class Ensemble(nn.Module):
     def candidates(self, act: frozenset[str]) -> list[Plan]:
         """Every plan a subset may serve: its single links first (the rule's default is the
         best of them), then the trivial output and, with several active sources, the
-        loss-fitted and the uniform mix."""
-        idx = self._active_indices(act)
-        plans: list[Plan] = [[(i, 1.0)] for i in idx] + [[]]
+        loss-fitted and the uniform mix (of the mixable ones)."""
+        plans: list[Plan] = [[(i, 1.0)] for i in self._active_indices(act)] + [[]]
+        idx = self._mixable(act)
         if len(idx) > 1:
             plans += [self._mix_plan(act), [(i, 1.0 / len(idx)) for i in idx]]
         return plans
@@ -208,6 +214,8 @@ class Ensemble(nn.Module):
         if not plan:
             n = len(next(iter(enc.values()))) if enc else 1
             return [self.trivial.copy() for _ in range(n)]
+        if len(plan) == 1 and not self.by_index[plan[0][0]].mixable:  # a link that serves alone
+            return self.by_index[plan[0][0]].predict(enc[self.sources[plan[0][0]]])
         if self.head is not None:
             z = None
             for i, w in plan:
@@ -231,9 +239,10 @@ class Ensemble(nn.Module):
 
     # -- fitting ----------------------------------------------------------------------------
     @torch.no_grad()
-    def _link_outputs(self, enc: Mapping[str, Batch], y: Batch) -> list[torch.Tensor]:
+    def _link_outputs(self, enc: Mapping[str, Batch], y: Batch, idx: Sequence[int]) -> list[torch.Tensor]:
         outs = []
-        for s, link in zip(self.sources, self.by_index):
+        for i in idx:
+            s, link = self.sources[i], self.by_index[i]
             link.eval()
             if self.head is not None:
                 outs.append(link.preact(enc[s]))
@@ -253,19 +262,22 @@ class Ensemble(nn.Module):
 
     def fit_combiner(self, enc: Mapping[str, Batch], y: Batch, steps: int, lr: float, seed: int) -> float:
         """Fit the mixing logits on tuples the selection will not score, with random
-        source-model dropout; return the last step's loss."""
-        if len(self.sources) == 1 or len(y) == 0:
+        source-model dropout; return the last step's loss. Links that serve alone (not
+        ``mixable``) take no part: their weights stay, unused."""
+        idx = [i for i, link in enumerate(self.by_index) if link.mixable]
+        if len(idx) < 2 or len(y) == 0:
             self._plans.clear()
             return float("nan")
-        outs = torch.stack(self._link_outputs(enc, y))  # (S, N, ...)
+        outs = torch.stack(self._link_outputs(enc, y, idx))  # (S', N, ...)
         gen = torch.Generator().manual_seed(seed)
         opt = torch.optim.Adam([self.mix], lr=lr)
         n = len(y)
         y_scaled = self.head.scale(y.x) if self.head is not None else y.x  # sequences: unused
         loss_value = float("nan")
         for _ in range(steps):
-            mask = self._model_masks(n, gen)
-            logits = self.mix[None, :].expand(n, -1).masked_fill(~mask, float("-inf"))
+            mask = self._model_masks(n, gen)[:, idx]
+            mask[~mask.any(1)] = True  # only models whose links serve alone were kept: mix them all
+            logits = self.mix[idx][None, :].expand(n, -1).masked_fill(~mask, float("-inf"))
             w = torch.softmax(logits, dim=1)  # (N, S)
             z = (w.T.reshape((w.shape[1], n) + (1,) * (outs.dim() - 2)) * outs).sum(0)
             if self.head is not None:
@@ -311,13 +323,15 @@ class Ensemble(nn.Module):
             plans = self.candidates(act)
             table = np.stack([scores(p) for p in plans])  # (candidates, frames)
             n_single = len(self._active_indices(act))  # the single links come first
-            pick, noise = _choose(table, n_single, np.arange(n))
+            pick, noise = choose_rows(table, n_single, np.arange(n))
             self.selection[act] = [(self.sources[i], w) for i, w in plans[pick]]
             self.val_noise[act] = noise
             if len(folds) < 2:
                 self.val_accuracy[act] = float(table[pick].mean())
                 continue
-            held = np.concatenate([table[_choose(table, n_single, np.setdiff1d(np.arange(n), f))[0], f] for f in folds])
+            held = np.concatenate(
+                [table[choose_rows(table, n_single, np.setdiff1d(np.arange(n), f))[0], f] for f in folds]
+            )
             self.val_accuracy[act] = float(held.mean())
         self._plans.clear()
 

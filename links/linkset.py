@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -11,14 +10,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from mlink.links.arch import Link, make_link
+from mlink.links.arch import Link
+from mlink.links.candidates import choose, frame_scores
 from mlink.links.encode import Batch, encode_one, encode_source, encode_target
-from mlink.links.ensemble import Ensemble, trivial_output
+from mlink.links.ensemble import Ensemble
 from mlink.links.errors import LinkError, LinkStoreError
+from mlink.links.fitting import fit_ensembles, link_seed
 from mlink.links.infer import EncoderBank
 from mlink.links.matrix import LinkMatrix, compute_matrix, encode_sources, ensemble_accuracy
 from mlink.links.store import StoredLinks, load_linkset, save_linkset
-from mlink.links.train import TrainConfig, eval_loss, fit_link, torch_threads
+from mlink.links.train import TrainConfig, eval_loss, fit_link, link_lr, torch_threads
 from mlink.links.tuples import TupleSet, node_model, node_models, specs_equal
 from mlink.models.spec import OutputSpec
 
@@ -51,57 +52,6 @@ class _Progress:
 
 
 SELECT_SEED = 7919  # offsets the seed of the selection split from the early-stopping split's
-
-
-def _link_seed(seed: int, source: str, target: str) -> int:
-    return (seed * 1_000_003 + zlib.crc32(f"{source}->{target}".encode())) % (2**31 - 1)
-
-
-def _fit_ensembles(
-    tuples: TupleSet, pairs: Sequence[tuple[str, str]], val_share: float, config: TrainConfig, bar: _Progress
-) -> tuple[dict[str, Ensemble], dict[str, Any], tuple[int, int]]:
-    """Train the links of ``pairs`` on ``tuples`` and group them into one ensemble per target,
-    with its mixing weights fitted but nothing chosen yet. Links into a vector train on the
-    rest of a ``val_share`` split of ``tuples`` and early-stop on it; links into a sequence
-    train on all of ``tuples`` for the configured epochs (see :mod:`mlink.links.train`). The
-    mix is fitted on the split. Returns the ensembles, per-link metrics and the split's sizes."""
-    specs = tuples.specs
-    train, val = tuples.split(val_share, config.seed)
-    cap = config.cap
-    used_sources = sorted({s for s, _ in pairs})
-    src_tr = {s: encode_source(specs[s], train.values[s], cap) for s in used_sources}
-    src_va = {s: encode_source(specs[s], val.values[s], cap) for s in used_sources}
-    src_all = {s: encode_source(specs[s], tuples.values[s], cap) for s in used_sources}
-    ensembles: dict[str, Ensemble] = {}
-    link_metrics: dict[str, Any] = {}
-    for t in dict.fromkeys(t for _, t in pairs):
-        spec = specs[t]
-        y_tr = encode_target(spec, train.values[t], cap)
-        y_va = encode_target(spec, val.values[t], cap)
-        links: dict[str, Link] = {}
-        for s in (s for s, tt in pairs if tt == t):
-            seed = _link_seed(config.seed, s, t)
-            link = make_link(specs[s], spec, seed=seed, **config.link_hparams())
-            if link.head is not None:
-                link.head.fit(y_tr.x)
-            if spec.kind == "sequence":  # no early stopping: see mlink.links.train
-                fit = fit_link(
-                    link, src_all[s], encode_target(spec, tuples.values[t], cap), None, None, config, seed=seed
-                )
-            else:
-                fit = fit_link(link, src_tr[s], y_tr, src_va[s], y_va, config, seed=seed)
-            links[s] = link
-            link_metrics[f"{s}->{t}"] = {"arch": link.arch, "fit": fit.to_dict()}
-            bar.update(f"{s} -> {t}")
-        ens = Ensemble(t, spec, links)
-        if ens.head is not None:
-            first = next(iter(links.values()))
-            ens.head.set_stats(first.head.mean, first.head.std)  # type: ignore[union-attr]
-        ens.trivial = trivial_output(spec, train.values[t])
-        ens.fit_combiner(src_va, y_va, config.combiner_steps, config.combiner_lr, _link_seed(config.seed, "*", t))
-        ens.invalidate()
-        ensembles[t] = ens
-    return ensembles, link_metrics, (len(train), len(val))
 
 
 def _select(ens: Ensemble, enc: Mapping[str, Batch], exact: Sequence[np.ndarray]) -> None:
@@ -138,8 +88,8 @@ def _fine_tune_link(
     """One link of :meth:`LinkSet.fine_tune`: its mode, losses before and after, and the fit."""
     before = eval_loss(link, src, y)
     mode, n_epochs, scale = _fine_tune_mode(cfg, before, ref, epochs, lr_scale)
-    base = cfg.seq_lr if (link.source.kind == "sequence" or link.target.kind == "sequence") else cfg.lr
-    fit = fit_link(link, src, y, None, None, cfg, epochs=n_epochs, lr=base * scale, optimizer="adam", seed=seed)
+    lr = link_lr(link, cfg) * scale
+    fit = fit_link(link, src, y, None, None, cfg, epochs=n_epochs, lr=lr, optimizer="adam", seed=seed)
     return {
         "mode": mode,
         "loss_before": before,
@@ -197,6 +147,18 @@ class LinkSet:
     def link(self, source: str, target: str) -> Link:
         return self.ensembles[target].link(source)
 
+    @property
+    def choices(self) -> dict[tuple[str, str], dict[str, Any]]:
+        """Per link with several candidate architectures, the record of the choice (see
+        :mod:`mlink.links.candidates`): chosen and paper's architecture, every candidate's
+        accuracy on the selection tuples, the rival's paired gain over the paper's link and its SE."""
+        out = {}
+        for (s, t), _ in self.links.items():
+            record = self.metrics.get("links", {}).get(f"{s}->{t}", {}).get("choice")
+            if record:
+                out[(s, t)] = record
+        return out
+
     # -- training ---------------------------------------------------------------------------
     @classmethod
     def train(
@@ -215,8 +177,10 @@ class LinkSet:
 
         ``config.select_share`` of the tuples is held out for that choice: the links never
         train or early-stop on it. The links train on the rest (links into vectors
-        early-stopped on a ``val_share`` split of it). ``targets``/``sources`` restrict the
-        nodes (default: every node is both).
+        early-stopped on a ``val_share`` split of it). Where a pair has candidate
+        architectures besides the paper's (box sets, :mod:`mlink.links.candidates`), each is
+        trained and the held-out tuples choose one (``config.arch_choice``; recorded in
+        :attr:`choices`). ``targets``/``sources`` restrict the nodes (default: every node is both).
         """
         config = config or TrainConfig()
         t0 = time.perf_counter()
@@ -234,8 +198,15 @@ class LinkSet:
         bar = _Progress(progress, len(pairs) + len(targets), "training links")
         with torch_threads(config.threads):
             try:
-                ensembles, link_metrics, (n_train, n_val) = _fit_ensembles(fit, pairs, val_share, config, bar)
                 enc = {s: encode_source(specs[s], held.values[s], config.cap) for s in sorted({s for s, _ in pairs})}
+
+                def judge(s: str, t: str, candidates: list[Link]) -> tuple[int, dict[str, Any]]:
+                    scores = [frame_scores(link, enc[s], held.values[t]) for link in candidates]
+                    return choose([link.arch for link in candidates], scores)
+
+                ensembles, link_metrics, (n_train, n_val) = fit_ensembles(
+                    fit, pairs, val_share, config, bar.update, judge
+                )
                 for t, ens in ensembles.items():
                     _select(ens, enc, held.values[t])
                     for s in ens.sources:
@@ -298,7 +269,7 @@ class LinkSet:
                             enc[s] = encode_source(self.specs[s], new_tuples.values[s], cfg.cap)
                         fitted = link_metrics.get(key, {}).get("fit") or {}
                         ref = fitted.get("val_loss") or fitted.get("train_loss")  # into sequences: no early stop
-                        seed = _link_seed(cfg.seed + len(self.history) + 1, s, t)
+                        seed = link_seed(cfg.seed + len(self.history) + 1, s, t)
                         results[key] = _fine_tune_link(link, enc[s], y, cfg, ref, epochs, lr_scale, seed)
                         bar.update(f"{s} -> {t} ({results[key]['mode']})")
                     ens.invalidate()
@@ -375,7 +346,7 @@ class LinkSet:
         readers: dict[str, list[tuple[str, int]]] = {}
         for t, plan in plans.items():
             for i, _ in plan:
-                if self.ensembles[t].by_index[i].source.kind == "sequence":
+                if self.ensembles[t].by_index[i].np_encoder() is not None:  # a GRU over a sequence source
                     readers.setdefault(self.ensembles[t].sources[i], []).append((t, i))
         encoded: dict[str, dict[int, Any]] = {}
         for s, members in readers.items():

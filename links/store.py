@@ -6,7 +6,8 @@ A saved link set is a folder with:
   with ``weights_only=True``, so a tampered file cannot run code);
 - ``manifest.json``: format, creation time, torch/numpy versions, the training-data version,
   the training config, every node's output spec, per target its links (source, architecture,
-  hyper-parameters, training metrics), what each ensemble serves for every subset of active
+  hyper-parameters, training metrics and, where candidate architectures were tried, the choice
+  among them with every candidate's held-out accuracy), what each ensemble serves for every subset of active
   models with its accuracy on the held-out selection tuples, the trivial output,
   the fine-tuning history, the sha256 of ``links.pt`` and a sha256 over the manifest itself.
 
@@ -31,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mlink.links.arch import ARCH_BY_NAME
+from mlink.links.candidates import ARCH_BY_NAME
 from mlink.links.ensemble import Ensemble
 from mlink.links.errors import IncompatibleLinksError, LinkStoreError
 from mlink.links.train import TrainConfig
@@ -39,7 +40,9 @@ from mlink.links.tuples import read_format_json, spec_from_dict, spec_to_dict, s
 from mlink.models.assets import sha256_of
 from mlink.models.spec import OutputSpec
 
-FORMAT = "mlink-links/2"  # 2: per-subset selections chosen on held-out tuples (1 had routes)
+# 3: links of the candidate architectures (BoxSet, BoxCount), each with the record of its choice
+# 2: per-subset selections chosen on held-out tuples (1 had routes)
+FORMAT = "mlink-links/3"
 WEIGHTS_FILE = "links.pt"
 MANIFEST_FILE = "manifest.json"
 

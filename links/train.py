@@ -8,10 +8,14 @@ Defaults (MLink): RMSprop, lr 0.01, batch 32, up to 100 epochs. Additions:
   epochs on all their tuples. Their teacher-forced validation loss turns up long before the
   F1 of their greedy decodes stops improving: on the building site's tuples, three box links
   early-stopped (patience 8 of 100 epochs) reached F1 0.16-0.28 on held-out frames, and the
-  same links trained 100 epochs on the tuples that had been split off for stopping 0.22-0.51;
+  same links trained 100 epochs on the tuples that had been split off for stopping 0.22-0.51.
+  The order-free box-set link (``BoxSet``) does early-stop: its loss is that of its actual
+  predictions under the matching, not a teacher-forced one (``Link.early_stops``);
 - recurrent links (any link with a sequence end) train at lr 0.003: at 0.01 RMSprop makes
   the GRUs diverge or oscillate on real box sequences; gradients of every link are clipped
-  to norm 1.0;
+  to norm 1.0. ``BoxSet`` has no GRU but trains at 0.003 too (at 0.01 its free slots emitted
+  junk boxes: F1 0.58 against 0.93 on a synthetic shift-and-drop mapping); ``BoxCount`` trains
+  at the paper's lr (``Link.uses_seq_lr``);
 - fine-tuning (a few new tuples per period) uses Adam at 3% of the training lr: a fresh
   RMSprop's first steps are ~10x its lr (its squared-gradient average starts at zero), and on
   real tuples fine-tuning with RMSprop at 10% of the lr on 20 new frames cost one ensemble 18
@@ -71,6 +75,9 @@ class TrainConfig:
     # ensembles: the share of tuples held out (never trained or stopped on) to choose what
     # each ensemble serves (LinkSet.train)
     select_share: float = 0.25
+    # candidate architectures (links.candidates): train the order-free box-set links beside the
+    # paper's and keep the better on the selection tuples; False: the paper's links alone
+    arch_choice: bool = True
     combiner_steps: int = 300
     combiner_lr: float = 0.05
     # fine-tuning (periodic updates with a few new tuples): Adam at a small share of the lr
@@ -114,8 +121,9 @@ def torch_threads(threads: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _is_recurrent(link: Link) -> bool:
-    return link.source.kind == "sequence" or link.target.kind == "sequence"
+def link_lr(link: Link, config: TrainConfig) -> float:
+    """The training lr of ``link``: ``seq_lr`` for links with a sequence end, else ``lr``."""
+    return config.seq_lr if link.uses_seq_lr else config.lr
 
 
 @torch.no_grad()
@@ -147,7 +155,7 @@ def fit_link(
     seed = config.seed if seed is None else seed
     epochs = config.epochs if epochs is None else epochs
     if lr is None:
-        lr = config.seq_lr if _is_recurrent(link) else config.lr
+        lr = link_lr(link, config)
     n = len(src)
     if n == 0:
         raise ValueError("cannot train a link on 0 tuples")

@@ -3,7 +3,7 @@
 Key layout (``P`` is the prefix, default ``mlink``; the daemon uses ``mlink:SITE``)::
 
     P:cameras               SET     camera ids that ever had a result
-    P:cam:ID:latest         STRING  envelope of the last result put for camera ID
+    P:cam:ID:latest         STRING  envelope of the last result put for camera ID (see Revisions)
     P:cam:ID:history        ZSET    envelopes scored by their timestamp ``ts`` (unix seconds, float)
 
 An envelope is the JSON text ``{"id": UNIQUE, "ts": SECONDS, "result": {...}}``. ``ts`` is the
@@ -29,9 +29,10 @@ and results still buffered at ``close()`` are counted as dropped too.
 Reads: the buffer always holds the newest results, so ``latest`` answers from it when it holds
 the camera, even while Redis is down; otherwise, and for ``history`` and ``cameras``, a down Redis
 raises ``CacheUnavailable`` (the API answers 503) rather than serving a partial history as if it
-were complete. While Redis is up, reads merge any not-yet-flushed entries.
-
-Results must be JSON objects; they round-trip exactly (``json`` writes floats by ``repr``), except
+were complete. While Redis is up, reads merge any not-yet-flushed entries. Revisions (hybrid
+plans revise a frame's result; its ``revision`` counts from 0): each put is a history member, so
+the history lists every revision; ``put(..., revision=True)`` replaces ``latest`` only when no
+later frame was put since. Results must be JSON objects; they round-trip exactly (``json`` writes floats by ``repr``), except
 that tuples come back as lists.
 """
 
@@ -101,6 +102,7 @@ class _Entry:
     ts: float
     id: str
     member: str  # the envelope JSON
+    latest: bool = True  # becomes the camera's latest (a revision of an older frame does not)
 
 
 class ResultCache:
@@ -141,11 +143,10 @@ class ResultCache:
         self._buffer: deque[_Entry] = deque()
         self._node = uuid.uuid4().hex[:10]
         self._ids = itertools.count()
-        self._written = 0
-        self._flushed = 0
+        self._newest: dict[str, float] = {}  # camera -> the ts of its last put (not a revision)
+        self._written = self._flushed = 0
         self._dropped: Counter[str] = Counter()
-        self._reconnects = 0
-        self._errors = 0
+        self._reconnects = self._errors = 0
         self._last_error: str | None = None
         # jittered so that many daemons do not reconnect in step
         self._backoff = Backoff(backoff_base, backoff_max, jitter=0.25)
@@ -184,11 +185,10 @@ class ResultCache:
         return redact_url(self.url)
 
     # -- writing ---------------------------------------------------------------------------
-    def put(self, camera: str, result: dict[str, Any], ts: float | None = None) -> bool:
-        """Store ``result`` as camera's latest and in its history. True: written to Redis now;
-        False: buffered (Redis unreachable, or older results still waiting). Never raises on Redis
-        errors; raises ValueError/TypeError for a bad camera id or a result that is not a JSON object.
-        """
+    def put(self, camera: str, result: dict[str, Any], ts: float | None = None, *, revision: bool = False) -> bool:
+        """Store ``result`` as camera's latest (a ``revision``: if no later ts was put since) and in
+        its history. True: written to Redis now; False: buffered (Redis unreachable, or older results
+        waiting). Never raises on Redis errors; ValueError/TypeError for a bad camera id or result."""
         if not isinstance(camera, str) or not _CAMERA.match(camera):
             raise ValueError(f"camera id must match {_CAMERA.pattern}, got {camera!r}")
         if not isinstance(result, dict):
@@ -201,10 +201,12 @@ class ResultCache:
             member = json.dumps({"id": rid, "ts": ts, "result": result}, separators=(",", ":"), ensure_ascii=False)
         except (TypeError, ValueError) as exc:
             raise TypeError(f"result for camera {camera} is not JSON-serialisable: {exc}") from None
-        entry = _Entry(camera, ts, rid, member)
         with self._lock:
             if self._closing:
                 raise RuntimeError("the cache is closed")
+            newest = not revision or ts >= self._newest.get(camera, -math.inf)
+            self._newest[camera] = ts if not revision else self._newest.get(camera, ts)
+            entry = _Entry(camera, ts, rid, member, newest)
             if not self._buffer and self._connected:
                 try:
                     self._write([entry])
@@ -234,12 +236,13 @@ class ResultCache:
     def _write(self, entries: list[_Entry]) -> None:
         """One MULTI/EXEC: every entry's ZADD, each camera's last SET, SADD, and the trims."""
         pipe = self._client.pipeline(transaction=True)
-        last: dict[str, _Entry] = {}
+        last: dict[str, _Entry | None] = {}
         for e in entries:
             pipe.zadd(self._k_history(e.camera), {e.member: e.ts})
-            last[e.camera] = e
-        for cam, e in last.items():
-            pipe.set(self._k_latest(cam), e.member)
+            last[e.camera] = e if e.latest else last.get(e.camera)
+        for cam, le in last.items():
+            if le is not None:
+                pipe.set(self._k_latest(cam), le.member)
             pipe.zremrangebyrank(self._k_history(cam), 0, -(self.history_limit + 1))
         pipe.sadd(self._k_cameras(), *last)
         pipe.execute()
@@ -350,7 +353,7 @@ class ResultCache:
 
     def latest(self, camera: str) -> Record | None:
         """The last result put for camera, None if it has none."""
-        pending = self._buffered(camera)
+        pending = [e for e in self._buffered(camera) if e.latest]
         if pending:
             e = pending[-1]
             return self._decode(camera, e.member)

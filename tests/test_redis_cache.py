@@ -310,3 +310,15 @@ def test_open_cache_starts_an_embedded_server_when_no_url() -> None:
     cache2, none = open_cache(CacheConfig(redis_url=server.url))
     assert none is None and not cache2.connected  # that server is gone; no embedded one started
     cache2.close(flush_timeout=0)
+
+
+def test_revisions_join_the_history_and_latest_holds_the_newest_frames_newest(server: EmbeddedRedis) -> None:
+    with ResultCache(server.url, prefix="rev") as c:
+        c.put("a", {"f": 1, "revision": 0}, ts=1.0)
+        c.put("a", {"f": 2, "revision": 0}, ts=2.0)
+        c.put("a", {"f": 1, "revision": 1}, ts=1.0, revision=True)  # an older frame: history only
+        assert c.latest("a").result == {"f": 2, "revision": 0}
+        c.put("a", {"f": 2, "revision": 1}, ts=2.0, revision=True)  # the newest frame: latest too
+        assert c.latest("a").result == {"f": 2, "revision": 1}
+        got = [(r.result["f"], r.result["revision"]) for r in c.history("a")]
+        assert sorted(got) == [(1, 0), (1, 1), (2, 0), (2, 1)]

@@ -11,6 +11,10 @@ the models that actually ran (:meth:`LinkSet.predict`). Every output says where 
   ``expected_accuracy`` are the plan's (``Plan.sources``, p(h_{A,node})) when the models that ran
   are the plan's, else (an active model was missing) those for the models that did run, looked
   up once per batch (the accuracy from ``accuracy`` when given);
+- ``provenance == "predicted"`` with ``temporal`` (hybrid plans, :mod:`~mlink.scheduler.rotation`):
+  the model's real output on another frame of the camera, reused; ``sources`` is
+  ``["temporal:<age>s"]`` (age: this frame's time minus the reference's; negative when the
+  reference came later) and ``temporal`` says which frame;
 - ``provenance == "unavailable"``: no links exist for this node (its model could never be
   profiled) and its model did not run; ``value`` is None.
 
@@ -61,6 +65,7 @@ class NodeOutput:
     sources: tuple[str, ...] = ()  # models whose links a prediction used
     expected_accuracy: float | None = None
     note: str = ""
+    temporal: dict[str, Any] | None = None  # served from a real output of another frame (hybrid plans)
 
     @property
     def model(self) -> str:
@@ -80,6 +85,8 @@ class NodeOutput:
             d["sources"] = list(self.sources)
         if self.note:
             d["note"] = self.note
+        if self.temporal is not None:
+            d["temporal"] = dict(self.temporal)
         return d
 
 
@@ -93,6 +100,7 @@ class FrameResult:
     executed: tuple[str, ...] = ()  # models that ran on this frame
     missing: dict[str, str] = field(default_factory=dict)  # active models that did not run, and why
     seconds: float = 0.0  # the step's wall time for the batch this frame was in, per frame
+    revision: int = 0  # 0 as first served; each revision of the stored result adds one (hybrid plans)
 
     @property
     def stream(self) -> str:
@@ -116,6 +124,7 @@ class FrameResult:
             "outputs": {k: v.to_json() for k, v in self.outputs.items()},
             "frame_index": f.index,
             "wall_time": f.wall_time,
+            "revision": self.revision,
         }
 
 

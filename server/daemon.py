@@ -42,8 +42,11 @@ from mlink.scheduler.options import PlannerOptions
 from mlink.scheduler.planner import Planner
 from mlink.scheduler.plans import Plan
 from mlink.scheduler.profiler import link_store_dir
+from mlink.scheduler.rotation import Rotation
+from mlink.scheduler.serving import FrameResult
 from mlink.scheduler.site import build_pool
 from mlink.server.cache import ResultCache, open_cache
+from mlink.server.hybrid import ProfileTap, build_rotation
 from mlink.server.ingest import Ingest
 from mlink.server.profiling import NoProfileFiles, plan_stream_frames, site_frames, stored_profile
 from mlink.server.snapshot import NO_LINKS, LinkViews, ServedCounts, Snapshot, link_views, model_rows
@@ -112,6 +115,7 @@ class Daemon:
         self.ingest: Ingest | None = None
         self.pool = None
         self.planner: Planner | None = None
+        self.rotation: Rotation | None = None  # hybrid plans (scheduler.hybrid.enabled)
         self.links: LinkSet | None = None
         self.frames_total: Counter[str] = Counter()
         self.outputs_total: Counter[tuple[str, str]] = Counter()
@@ -205,7 +209,7 @@ class Daemon:
         try:
             changes = dict(
                 plan=plan,
-                plan_json=plan.to_json() if plan is not None else None,
+                plan_json=_plan_json(plan, self.rotation),
                 pool=pool.metrics(),
                 models=model_rows(planner.cfg.models, plan, pool),
                 links=self._link_views,
@@ -278,9 +282,11 @@ class Daemon:
             except NoProfileFiles as exc:
                 log.info("%s: profiling from the live cameras instead", exc)
                 frames = self._ingested_frames(cfg.links.profile_frames)
-        planner.initial(frames)
+        tap = ProfileTap(frames) if frames is not None and cfg.scheduler.hybrid.enabled else None
+        planner.initial(tap if tap is not None else frames)
         if links is None and planner.links is not None:
             planner.links.save(link_store_dir(cfg, self.store.home))
+        self.rotation = build_rotation(cfg, planner, tap)
         return pool, planner
 
     def _ingested_frames(self, n: int, timeout: float = 600.0) -> list[FrameRecord]:
@@ -361,21 +367,33 @@ class Daemon:
         assert self.planner is not None and self.cache is not None and self.ingest is not None
         t0 = time.perf_counter()
         self.planner.on_frames(batch)  # may run a period (re-profile, re-select) before serving
+        if self.rotation is not None:
+            self.rotation.on_plan()  # a new plan: choose the hybrid modes (may replace the plan)
         if self.planner.plan is not self.snapshot.plan:
             self._publish_pipeline("plan")  # before any result of the new plan is stored
-        for r in self.planner.serve(batch):
+        results = self.planner.serve(batch)
+        if self.rotation is not None:
+            results = self.rotation.serve(results)
+        for r in results:
             f = r.frame
-            try:
-                self.cache.put(f.camera, r.to_json(), ts=f.wall_time)
-            except (TypeError, ValueError):
-                self.results_failed += 1
-                log.exception("result of camera %s could not be stored", f.camera)
+            self._store(r)
             self.frames_total[f.camera] += 1
             for node, out in r.outputs.items():
                 self.outputs_total[(node_model(node), out.provenance)] += 1
             self.ingest.mark_processed(f.camera)
+        if self.rotation is not None and self.rotation.due():
+            for r in self.rotation.close():  # rotating models ran: revised results
+                self._store(r)
         self.served = ServedCounts.of(self.frames_total, self.outputs_total)
         self.step_seconds += time.perf_counter() - t0
+
+    def _store(self, r: FrameResult) -> None:
+        assert self.cache is not None
+        try:
+            self.cache.put(r.frame.camera, r.to_json(), ts=r.frame.wall_time, revision=r.revision > 0)
+        except (TypeError, ValueError):
+            self.results_failed += 1
+            log.exception("result of camera %s could not be stored", r.frame.camera)
 
     # -- reload ------------------------------------------------------------------------------
     def reload_file(self, path: Path | None = None) -> ReloadResult:
@@ -456,6 +474,12 @@ class Daemon:
                 if not st.healthy:
                     reasons.append(f"camera {cam}: {st.state}")
         return not reasons, reasons
+
+
+def _plan_json(plan: Plan | None, rotation: Rotation | None) -> dict[str, Any] | None:
+    if plan is None:
+        return None
+    return {**plan.to_json(), "hybrid": rotation.to_json()} if rotation is not None else plan.to_json()
 
 
 def _rejected(exc: ConfigError) -> ReloadResult:

@@ -65,10 +65,18 @@ def table4_cmd(
         min=1,
         help="consecutive evaluation frames a time-shared method buffers between model swaps (default 20)",
     ),
+    hybrid_share: float | None = typer.Option(
+        None,
+        "--hybrid-share",
+        min=0.01,
+        max=1.0,
+        help="MLink (hybrid)'s GPU time per frame as a share of every model on every frame "
+        "(default: Reducto's measured time at the same budget)",
+    ),
     remeasure: bool = typer.Option(False, "--remeasure", help="measure costs again instead of using the cached table"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
 ) -> None:
-    """Run Standalone, MTL, DRLS, Reducto and MLink (both selectors) under the same budgets."""
+    """Run Standalone, MTL, DRLS, Reducto, MLink (both selectors) and MLink (hybrid) under the same budgets."""
     options = {
         "periods": periods,
         "train_share": train_share,
@@ -80,6 +88,7 @@ def table4_cmd(
         "latency_frames": latency_frames,
         "cost_repeats": cost_repeats,
         "buffer_frames": buffer_frames,
+        "hybrid_share": hybrid_share,
     }
     run_guarded(
         lambda: _table4(site, config, frames, out, home, options, remeasure=remeasure, quiet=quiet, as_json=as_json)

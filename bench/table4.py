@@ -36,7 +36,7 @@ COST_FIELDS = ("memory_bytes", "latency_ms", "latency_ms_p90", "load_s", "meter"
 TRIVIAL_WHAT = (
     "constant outputs fitted on the training share (majority class, rounded mean count, empty box list), no model run"
 )
-METHOD_ORDER = ["Standalone", "MTL", "DRLS", "Reducto", "MLink (paper greedy)", "MLink (objective)"]
+METHOD_ORDER = ["Standalone", "MTL", "DRLS", "Reducto", "MLink (paper greedy)", "MLink (objective)", "MLink (hybrid)"]
 
 DEFAULTS: dict[str, Any] = {
     "train_share": 0.1,
@@ -50,6 +50,9 @@ DEFAULTS: dict[str, Any] = {
     "dqn_steps": 4000,
     "drls_time_penalty": 0.1,
     "reducto_target": 0.9,
+    # MLink (hybrid)'s GPU time per frame: None = Reducto's measured per-frame time at the same
+    # budget (an equal-time comparison); a share = that share of every model on every frame
+    "hybrid_share": None,
     "buffer_frames": 20,  # time-shared methods' buffer: consecutive positions of the evaluation stream
     "latency_frames": 20,
     "cost_repeats": 2,
@@ -150,6 +153,7 @@ def _run_methods(
 ) -> tuple[dict[str, dict[float, dict[str, Any]]], Any]:
     """Step 3: every method at every budget, each timed. Returns the results and Reducto's tuning."""
     from mlink.bench.table4_drls import drls
+    from mlink.bench.table4_hybrid import run_hybrid
     from mlink.bench.table4_methods import reducto, standalone, tune_reducto
     from mlink.bench.table4_mlink import SELECTORS, run_mlink
     from mlink.bench.table4_mtl import MTL
@@ -187,6 +191,13 @@ def _run_methods(
     for b in all_budgets:
         results["Reducto"][b] = reducto(ctx, b, tuned)
     timings["reducto_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    share = opts.get("hybrid_share")
+    same_time = None if share is not None else {b: float(results["Reducto"][b]["ms_per_frame"]) for b in all_budgets}
+    for b, r in run_hybrid(ctx, all_budgets, same_time).items():
+        results["MLink (hybrid)"][b] = r
+    timings["hybrid_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     ml = run_mlink(ctx, all_budgets, switch_margin=cfg.scheduler.switch_margin)

@@ -32,7 +32,7 @@ from __future__ import annotations
 import bisect
 import copy
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,7 +41,7 @@ import numpy as np
 from mlink.bench.table4_methods import FEATURES, Context, frame_diff, result
 from mlink.bench.table4_mlink import _extend, _link_ms, _train_links
 from mlink.links import LinkSet
-from mlink.links.temporal import ReuseModel, camera_pairs, change_vector
+from mlink.links.temporal import ReuseModel, camera_pairs, change_vector, output_change
 from mlink.scheduler.accuracy import LinkAccuracy
 from mlink.scheduler.hybrid import Modes, choose_modes, mode_options, plan_window
 
@@ -87,6 +87,13 @@ class _State:
     memory: float = 0.0
     periods: list[dict[str, Any]] = field(default_factory=list)
     link_ms: float = 0.0
+    fixed_ms: float = 0.0
+    modes: Modes | None = None  # the last period's  # this period's fixed charges per frame (:meth:`Hybrid.period_ms`)
+
+    def is_real(self, model: str, camera: str, p: int) -> bool:
+        seq = self.history.get((model, camera), [])
+        i = bisect.bisect_left(seq, p)
+        return i < len(seq) and seq[i] == p
 
     def prior(self, model: str, camera: str, before: int) -> int | None:
         """The last position before ``before`` where ``model`` really ran on ``camera``."""
@@ -113,6 +120,7 @@ class Hybrid:
         self.link_ms: dict[tuple[str, frozenset[str]], float] = {}
         self.tuples = ctx.oracle.tuples
         self.frames_served = 0  # over every budget
+        self.out_change: dict[tuple[str, int, int], float] = {}
 
     def overhead_ms(self) -> float:
         """Per-frame time that is not execution or loads: the Reducto maps, the differences
@@ -121,9 +129,18 @@ class Hybrid:
         diff = 1000.0 * self.diffs.seconds / served if served else 5.0
         return self.ctx.features.map_ms + diff + 0.5
 
+    def period_ms(self, st: _State, chunk: Sequence[int], prof: Sequence[int], modes: Modes | None) -> float:
+        """A period's fixed charges per frame: its profiled frames (every model that fits alone,
+        beyond what the plan would spend on them) and its loads for profiling and the resident set."""
+        models = [m for m in self.ctx.models if self.ctx.costs[m] <= st.budget + 1e-9]
+        resident = modes.resident if modes is not None else frozenset()
+        ms = sum(self.ctx.latency[m] for m in models) * len(prof)
+        ms += sum(self.load_ms[m] for m in models) + sum(self.load_ms[m] for m in resident)
+        return ms / max(1, len(chunk))
+
     def time_budget(self, st: _State) -> float:
-        """Execution and load ms per frame this budget's plan may spend."""
-        return max(0.0, self.frame_ms[st.budget] - self.overhead_ms())
+        """Execution and load ms per frame this budget's plan may spend in its buffers."""
+        return max(0.0, self.frame_ms[st.budget] - self.overhead_ms() - st.fixed_ms)
 
     # -- setup ------------------------------------------------------------------------------
 
@@ -139,16 +156,31 @@ class Hybrid:
     def camera(self, p: int) -> str:
         return self.tuples.streams[p]
 
-    def change(self, ref: int, p: int) -> np.ndarray:
+    def change(self, st: _State, model: str, ref: int, p: int, real_p: Iterable[str]) -> np.ndarray:
+        """The temporal link's inputs for serving ``model`` at ``p`` from its real output at
+        ``ref``; the context is the other models real at ``p`` (``real_p``) and at ``ref``."""
         age = abs(self.tuples.timestamps[p] - self.tuples.timestamps[ref])
-        return change_vector(self.diffs(ref, p), age, ref > p)
+        cam = self.camera(p)
+        others = [m for m in real_p if m != model and st.is_real(m, cam, ref)]
+        context = None
+        if others:
+            context = float(np.mean([self._output_change(m, ref, p) for m in others]))
+        return change_vector(self.diffs(ref, p), age, ref > p, context)
+
+    def _output_change(self, model: str, r: int, p: int) -> float:
+        key = (model, r, p)
+        hit = self.out_change.get(key)
+        if hit is None:
+            hit = self.out_change[key] = output_change(self.tuples, self.nodes(model), r, p)
+        return hit
 
     # -- planning one buffer -----------------------------------------------------------------
 
     def _tensors(
-        self, st: _State, model: str, window: Sequence[int], in_window: bool = True
+        self, st: _State, model: str, window: Sequence[int], real: Sequence[set[str]], in_window: bool = True
     ) -> tuple[np.ndarray, np.ndarray]:
-        """(reuse (nodes, n, n), prior (nodes, n)) of ``model`` over ``window`` (module doc)."""
+        """(reuse (nodes, n, n), prior (nodes, n)) of ``model`` over ``window`` (module doc);
+        ``real[i]`` are the models known to be real on the window's frame ``i``."""
         nodes = self.nodes(model)
         n = len(window)
         reuse = np.zeros((len(nodes), n, n))
@@ -161,11 +193,11 @@ class Hybrid:
             for i, p in enumerate(window):
                 ref = st.prior(model, self.camera(p), start)
                 if ref is not None:
-                    rows.append(self.change(ref, p))
+                    rows.append(self.change(st, model, ref, p, real[i]))
                     where.append((i, -1))
                 for j, r in enumerate(window if in_window else ()):
                     if j != i and self.camera(r) == self.camera(p):
-                        rows.append(self.change(r, p))
+                        rows.append(self.change(st, model, r, p, real[i]))
                         where.append((i, j))
             if not rows:
                 continue
@@ -185,12 +217,7 @@ class Hybrid:
     ) -> tuple[Any, dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]]:
         """The buffer's executions under ``budget_ms`` of rotation time, and per model the
         (reuse, prior, link) figures they were planned on (every model, predicted ones too)."""
-        figures: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-        for m in self.ctx.models:
-            if m in modes.resident:
-                continue
-            reuse, prior = self._tensors(st, m, window, in_window=m in modes.rotating)
-            figures[m] = (reuse, prior, self._link(acc, m, modes.resident))
+        figures = self.figures(st, modes, acc, window, [set(modes.resident)] * len(window))
         rot = sorted(modes.rotating)
         wp = plan_window(
             {m: figures[m][0] for m in rot},
@@ -201,6 +228,17 @@ class Hybrid:
             budget_ms,
         )
         return wp, figures
+
+    def figures(
+        self, st: _State, modes: Modes, acc: LinkAccuracy, window: Sequence[int], real: Sequence[set[str]]
+    ) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Per non-resident model, (reuse, prior, link) over the window given what is real."""
+        out = {}
+        for m in self.ctx.models:
+            if m not in modes.resident:
+                reuse, prior = self._tensors(st, m, window, real, in_window=m in modes.rotating)
+                out[m] = (reuse, prior, self._link(acc, m, modes.resident))
+        return out
 
     def resident_ms(self, modes: Modes) -> float:
         return sum(self.ctx.latency[m] for m in modes.resident)
@@ -274,6 +312,10 @@ class Hybrid:
         st.bank_ms = min(max(0.0, budget + st.bank_ms - wp.spent_ms), budget)
         self._charge(st, modes, wp, window, links, traj)
         ran = {i: set(modes.resident) | {m for m, r in wp.runs.items() if i in r} for i in range(len(window))}
+        for i, p in enumerate(window):
+            for m in ran[i]:
+                st.real(m, self.camera(p), p)
+        figures = self.figures(st, modes, acc, window, [ran[i] for i in range(len(window))])
         groups: dict[frozenset[str], list[int]] = {}
         for i, p in enumerate(window):
             groups.setdefault(frozenset(ran[i]), []).append(p)
@@ -317,17 +359,16 @@ class Hybrid:
         """What a frame gets on arrival: the last real output before the buffer, or the links
         over the resident models, whichever is expected to be better."""
         resident = frozenset(set(self.ctx.models) - set(figures))
-        ref = st.prior(m, self.camera(p), p)
-        window_start_ref = ref
+        ref = st.prior(m, self.camera(p), p)  # the history holds nothing of this buffer yet
         link = acc.node(resident, k)
-        if window_start_ref is not None:
-            q = float(st.reuse.expected(k, self.change(window_start_ref, p)[None])[0])
+        if ref is not None:
+            q = float(st.reuse.expected(k, self.change(st, m, ref, p, resident)[None])[0])
             if q > link:
-                return vals[window_start_ref]
+                return vals[ref]
         return preds[resident][p][k]
 
     def _learn(self, st: _State, modes: Modes, wp: Any, window: list[int]) -> None:
-        """Record where each model ran; every pair of real outputs of a camera teaches."""
+        """Every pair of real outputs of a camera (this buffer's runs, the last one before) teaches."""
         start = min(window)
         for m, runs in wp.runs.items():
             by_cam: dict[str, list[int]] = {}
@@ -335,19 +376,13 @@ class Hybrid:
                 by_cam.setdefault(self.camera(window[j]), []).append(window[j])
             for cam, ps in by_cam.items():
                 ref = st.prior(m, cam, start)
-                reals = ([ref] if ref is not None else []) + ps
-                self._teach(st, m, reals)
-                for p in ps:
-                    st.real(m, cam, p)
-        for m in modes.resident:
-            for p in window:
-                st.real(m, self.camera(p), p)
+                self._teach(st, m, ([ref] if ref is not None else []) + ps)
 
     def _teach(self, st: _State, model: str, reals: Sequence[int]) -> None:
         pairs = [(r, p) for r in reals for p in reals if r != p]
         if not pairs:
             return
-        X = np.stack([self.change(r, p) for r, p in pairs])
+        X = np.stack([self.change(st, model, r, p, self.ctx.models) for r, p in pairs])
         for k in self.nodes(model):
             spec, vals = self.tuples.specs[k], self.tuples.values[k]
             st.reuse.learn(k, X, np.array([spec.accuracy(vals[r], vals[p]) for r, p in pairs]))
@@ -374,11 +409,13 @@ class Hybrid:
     ) -> None:
         """Profile, choose the modes on the frames seen last, serve the period buffer by buffer."""
         self.profile(st, prof)
+        st.fixed_ms = self.period_ms(st, chunk, prof, st.modes)
         options = mode_options(self.ctx.models, self.ctx.costs, st.budget)
         recent = seen[-PLAN_WINDOWS * self.ctx.buffer_frames :]
         t0 = time.perf_counter()
         modes, expected, ms = choose_modes(options, lambda o: self.simulate(st, o, acc, recent), self.time_budget(st))
         choose_s = time.perf_counter() - t0
+        st.modes = modes
         st.load_ms += sum(self.load_ms[m] for m in modes.resident)
         st.loads += len(modes.resident)
         st.memory = max(st.memory, modes.peak_bytes(self.ctx.costs))

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mlink.links.tuples import TupleSet
+from mlink.links.tuples import TupleSet, node_model
 from mlink.models.spec import OutputSpec
 
 CHANGE_FEATURES = ("pixel", "area", "edge", "corner")
@@ -49,17 +49,28 @@ class Change:
     age_s: float  # seconds between the two frames (absolute)
     ahead: bool = False  # the reference comes after the frame
 
+    context: float | None = None  # how much the other models' real outputs changed (None: unknown)
+
     def vector(self) -> np.ndarray:
-        return change_vector(self.diffs, self.age_s, self.ahead)
+        return change_vector(self.diffs, self.age_s, self.ahead, self.context)
 
 
-def change_vector(diffs: Sequence[float], age_s: float, ahead: bool) -> np.ndarray:
-    """The regression's inputs: a bias, log-scaled differences and age, and the direction."""
+def change_vector(diffs: Sequence[float], age_s: float, ahead: bool, context: float | None = None) -> np.ndarray:
+    """The regression's inputs: a bias, log-scaled differences and age, the direction, and the
+    context: the mean over the other models real on both frames of (1 - their accuracy of one
+    frame's output against the other's), with a flag when no other model was real on both."""
     d = [math.log1p(100.0 * max(0.0, float(x))) for x in diffs]
-    return np.array([1.0, *d, math.log1p(max(0.0, float(age_s))), 1.0 if ahead else 0.0], dtype=np.float64)
+    ctx = [0.0, 1.0] if context is None else [float(context), 0.0]
+    return np.array([1.0, *d, math.log1p(max(0.0, float(age_s))), 1.0 if ahead else 0.0, *ctx], dtype=np.float64)
 
 
-N_INPUTS = 3 + len(CHANGE_FEATURES)
+N_INPUTS = 5 + len(CHANGE_FEATURES)
+
+
+def output_change(tuples: TupleSet, model_nodes: Sequence[str], r: int, p: int) -> float:
+    """1 - the mean accuracy of frame ``r``'s outputs against frame ``p``'s over ``model_nodes``."""
+    accs = [tuples.specs[k].accuracy(tuples.values[k][r], tuples.values[k][p]) for k in model_nodes]
+    return 1.0 - float(np.mean(accs)) if accs else 0.0
 
 
 def _fit_logistic(X: np.ndarray, y: np.ndarray, l2: float = L2, steps: int = NEWTON_STEPS) -> np.ndarray:
@@ -137,31 +148,43 @@ def camera_pairs(
     nodes: Sequence[str] | None = None,
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Training pairs from tuples where every node is real: for each camera's frames in time
-    order, every frame against each frame at most ``max_gap`` frames away (both directions).
-    ``diff(a, b)`` gives the :data:`CHANGE_FEATURES` between two positions."""
+    order, every frame against each frame at most ``max_gap`` frames away (both directions),
+    with every other model as the context. ``diff(a, b)`` gives the :data:`CHANGE_FEATURES`
+    between two positions."""
     nodes = list(nodes if nodes is not None else tuples.nodes)
     runs: dict[str, list[int]] = {}
     for p in positions:
         runs.setdefault(tuples.streams[p], []).append(p)
-    X: list[np.ndarray] = []
-    ref_frame: list[tuple[int, int]] = []
+    by_model: dict[str, list[str]] = {}
+    for k in nodes:
+        by_model.setdefault(node_model(k), []).append(k)
+    models = sorted({node_model(k) for k in tuples.nodes})
+    ref_frame: list[tuple[int, int, tuple[float, ...], float, bool]] = []
     for members in runs.values():
         seq = sorted(members, key=lambda i: tuples.timestamps[i])
         for a in range(len(seq)):
             for b in range(max(0, a - max_gap), min(len(seq), a + max_gap + 1)):
-                if a == b:
-                    continue
-                p, r = seq[a], seq[b]
-                age = abs(tuples.timestamps[p] - tuples.timestamps[r])
-                X.append(change_vector(diff(r, p), age, b > a))
-                ref_frame.append((r, p))
+                if a != b:
+                    p, r = seq[a], seq[b]
+                    age = abs(tuples.timestamps[p] - tuples.timestamps[r])
+                    ref_frame.append((r, p, tuple(diff(r, p)), age, b > a))
+    change = {
+        (m, r, p): output_change(tuples, [k for k in tuples.nodes if node_model(k) == m], r, p)
+        for m in models
+        for r, p, *_ in ref_frame
+    }
     out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    Xa = np.stack(X) if X else np.zeros((0, N_INPUTS))
-    for k in nodes:
-        spec: OutputSpec = tuples.specs[k]
-        vals = tuples.values[k]
-        y = np.array([spec.accuracy(vals[r], vals[p]) for r, p in ref_frame], dtype=np.float64)
-        out[k] = (Xa, y)
+    for model, keys in by_model.items():
+        others = [m for m in models if m != model]
+        rows = [
+            change_vector(d, age, ahead, float(np.mean([change[(m, r, p)] for m in others])) if others else None)
+            for r, p, d, age, ahead in ref_frame
+        ]
+        X = np.stack(rows) if rows else np.zeros((0, N_INPUTS))
+        for k in keys:
+            spec: OutputSpec = tuples.specs[k]
+            vals = tuples.values[k]
+            out[k] = (X, np.array([spec.accuracy(vals[r], vals[p]) for r, p, *_ in ref_frame], dtype=np.float64))
     return out
 
 

@@ -38,17 +38,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 
 from mlink.links.tuples import TupleSet, node_key
+from mlink.server.change import MAP_H, MAP_W, reducto_maps  # Reducto's maps: one implementation
 
-MAP_W, MAP_H = 256, 192
-PIXEL_LOW = 21  # Reducto's pixel/area/edge intensity threshold lower bound
-AREA_BLUR = 11
-DILATE_3X3 = np.ones((3, 3), np.uint8)  # the kernel cv2.dilate uses when given None
-CANNY_LOW, CANNY_HIGH = 101, 255
-HARRIS_BLOCK, HARRIS_K, HARRIS_APERTURE = 5, 0.05, 3
 BACKBONE_DIM = 1280
 BACKBONE_SIDE = 224
 FEATURES_FORMAT = "mlink-table4-features/1"
@@ -170,18 +164,6 @@ def load_oracle(cfg: Any, store: Any, home: Path, frames: int | None, progress: 
 
 
 # -- per-frame features ----------------------------------------------------------------------
-
-
-def reducto_maps(image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(grey, blurred grey, packed edge bits, packed corner bits) of one BGR frame."""
-    small = cv2.resize(image, (MAP_W, MAP_H), interpolation=cv2.INTER_AREA)
-    grey = cv2.cvtColor(small, cv2.COLOR_BGR2GRAY)
-    blur = cv2.GaussianBlur(grey, (AREA_BLUR, AREA_BLUR), 0)
-    edges = cv2.Canny(blur, CANNY_LOW, CANNY_HIGH) > 0
-    harris = cv2.dilate(cv2.cornerHarris(np.float32(grey), HARRIS_BLOCK, HARRIS_APERTURE, HARRIS_K), DILATE_3X3)
-    top = float(harris.max())
-    corners = harris > 0.01 * top if top > 0 else np.zeros_like(edges)
-    return grey, blur, np.packbits(edges.ravel()), np.packbits(corners.ravel())
 
 
 class Backbone:

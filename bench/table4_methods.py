@@ -48,11 +48,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import cv2
 import numpy as np
 
 from mlink.bench.table4_costs import fitting_sets
-from mlink.bench.table4_data import DILATE_3X3, PIXEL_LOW, FrameFeatures, Oracle, Protocol, score
+from mlink.bench.table4_data import FrameFeatures, Oracle, Protocol, score
+from mlink.server.change import FEATURES, frame_diff  # Reducto's differences: one implementation
 
 
 class BudgetViolation(AssertionError):
@@ -282,26 +282,6 @@ def standalone(ctx: Context, budget: float) -> dict[str, Any]:
 
 
 # -- Reducto ----------------------------------------------------------------------------------------
-
-FEATURES = ("pixel", "area", "edge", "corner")
-_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.int64)
-
-
-def frame_diff(fx: FrameFeatures, feature: str, a: int, b: int) -> float:
-    """Reducto's difference features between frames ``a`` and ``b`` (share of the frame changed)."""
-    size = fx.grey.shape[1] * fx.grey.shape[2]
-    if feature == "pixel":
-        return float(np.count_nonzero(cv2.absdiff(fx.grey[a], fx.grey[b]) > PIXEL_LOW)) / size
-    if feature == "area":
-        delta = (cv2.absdiff(fx.blur[a], fx.blur[b]) > PIXEL_LOW).astype(np.uint8) * 255
-        delta = cv2.dilate(delta, DILATE_3X3, iterations=2)
-        contours, _ = cv2.findContours(delta, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-        return float(sum(cv2.contourArea(c) for c in contours)) / size
-    if feature == "edge":
-        return float(_POPCOUNT[np.bitwise_xor(fx.edges[a], fx.edges[b])].sum()) / size
-    if feature == "corner":
-        return float(_POPCOUNT[np.bitwise_xor(fx.corners[a], fx.corners[b])].sum()) / size
-    raise ValueError(f"unknown Reducto feature {feature!r}")
 
 
 def filter_refs(

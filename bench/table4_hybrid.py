@@ -29,16 +29,15 @@ differences computed (timed), and the links' per-frame inference (timed, as MLin
 
 from __future__ import annotations
 
-import bisect
 import copy
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from mlink.bench.table4_methods import FEATURES, Context, frame_diff, result
+from mlink.bench.table4_hybrid_state import Diffs, State
+from mlink.bench.table4_methods import Context, result
 from mlink.bench.table4_mlink import _extend, _link_ms, _train_links
 from mlink.links import LinkSet
 from mlink.links.temporal import ReuseModel, camera_pairs, change_vector, output_change
@@ -47,62 +46,6 @@ from mlink.scheduler.hybrid import Modes, choose_modes, mode_options, plan_windo
 
 METHOD = "MLink (hybrid)"
 PLAN_WINDOWS = 4  # buffers of recent frames the modes are chosen on
-
-
-class Diffs:
-    """Reducto's four differences between two positions, computed once and timed."""
-
-    def __init__(self, ctx: Context) -> None:
-        self.ctx = ctx
-        self.cache: dict[tuple[int, int], tuple[float, ...]] = {}
-        self.seconds = 0.0
-
-    def __call__(self, a: int, b: int) -> tuple[float, ...]:
-        key = (a, b) if a <= b else (b, a)
-        hit = self.cache.get(key)
-        if hit is None:
-            t0 = time.perf_counter()
-            hit = tuple(frame_diff(self.ctx.features, f, key[0], key[1]) for f in FEATURES)
-            self.seconds += time.perf_counter() - t0
-            self.cache[key] = hit
-        return hit
-
-
-@dataclass
-class _State:
-    """One budget's run: its links trajectory, what is real where, and the charges."""
-
-    budget: float
-    links: str  # "tuned" or "frozen"
-    reuse: ReuseModel
-    history: dict[tuple[str, str], list[int]] = field(default_factory=dict)  # (model, camera) -> real positions
-    preds: dict[str, dict[int, Any]] = field(default_factory=dict)  # node -> position -> output (revised)
-    first: dict[str, dict[int, Any]] = field(default_factory=dict)  # node -> position -> output (on arrival)
-    expected: dict[str, dict[int, float]] = field(default_factory=dict)  # node -> position -> expected acc
-    exec_ms: float = 0.0
-    load_ms: float = 0.0
-    loads: int = 0
-    executions: int = 0
-    bank_ms: float = 0.0
-    memory: float = 0.0
-    periods: list[dict[str, Any]] = field(default_factory=list)
-    link_ms: float = 0.0
-    fixed_ms: float = 0.0
-    modes: Modes | None = None  # the last period's  # this period's fixed charges per frame (:meth:`Hybrid.period_ms`)
-
-    def is_real(self, model: str, camera: str, p: int) -> bool:
-        seq = self.history.get((model, camera), [])
-        i = bisect.bisect_left(seq, p)
-        return i < len(seq) and seq[i] == p
-
-    def prior(self, model: str, camera: str, before: int) -> int | None:
-        """The last position before ``before`` where ``model`` really ran on ``camera``."""
-        seq = self.history.get((model, camera), [])
-        i = bisect.bisect_left(seq, before)
-        return seq[i - 1] if i else None
-
-    def real(self, model: str, camera: str, p: int) -> None:
-        bisect.insort(self.history.setdefault((model, camera), []), p)
 
 
 class Hybrid:
@@ -129,7 +72,7 @@ class Hybrid:
         diff = 1000.0 * self.diffs.seconds / served if served else 5.0
         return self.ctx.features.map_ms + diff + 0.5
 
-    def period_ms(self, st: _State, chunk: Sequence[int], prof: Sequence[int], modes: Modes | None) -> float:
+    def period_ms(self, st: State, chunk: Sequence[int], prof: Sequence[int], modes: Modes | None) -> float:
         """A period's fixed charges per frame: its profiled frames (every model that fits alone,
         beyond what the plan would spend on them) and its loads for profiling and the resident set."""
         models = [m for m in self.ctx.models if self.ctx.costs[m] <= st.budget + 1e-9]
@@ -138,7 +81,7 @@ class Hybrid:
         ms += sum(self.load_ms[m] for m in models) + sum(self.load_ms[m] for m in resident)
         return ms / max(1, len(chunk))
 
-    def time_budget(self, st: _State) -> float:
+    def time_budget(self, st: State) -> float:
         """Execution and load ms per frame this budget's plan may spend in its buffers."""
         return max(0.0, self.frame_ms[st.budget] - self.overhead_ms() - st.fixed_ms)
 
@@ -156,7 +99,7 @@ class Hybrid:
     def camera(self, p: int) -> str:
         return self.tuples.streams[p]
 
-    def change(self, st: _State, model: str, ref: int, p: int, real_p: Iterable[str]) -> np.ndarray:
+    def change(self, st: State, model: str, ref: int, p: int, real_p: Iterable[str]) -> np.ndarray:
         """The temporal link's inputs for serving ``model`` at ``p`` from its real output at
         ``ref``; the context is the other models real at ``p`` (``real_p``) and at ``ref``."""
         age = abs(self.tuples.timestamps[p] - self.tuples.timestamps[ref])
@@ -177,7 +120,7 @@ class Hybrid:
     # -- planning one buffer -----------------------------------------------------------------
 
     def _tensors(
-        self, st: _State, model: str, window: Sequence[int], real: Sequence[set[str]], in_window: bool = True
+        self, st: State, model: str, window: Sequence[int], real: Sequence[set[str]], in_window: bool = True
     ) -> tuple[np.ndarray, np.ndarray]:
         """(reuse (nodes, n, n), prior (nodes, n)) of ``model`` over ``window`` (module doc);
         ``real[i]`` are the models known to be real on the window's frame ``i``."""
@@ -213,7 +156,7 @@ class Hybrid:
         return np.array([acc.node(active, k) for k in self.nodes(model)])
 
     def plan(
-        self, st: _State, modes: Modes, acc: LinkAccuracy, window: Sequence[int], budget_ms: float
+        self, st: State, modes: Modes, acc: LinkAccuracy, window: Sequence[int], budget_ms: float
     ) -> tuple[Any, dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]]:
         """The buffer's executions under ``budget_ms`` of rotation time, and per model the
         (reuse, prior, link) figures they were planned on (every model, predicted ones too)."""
@@ -230,7 +173,7 @@ class Hybrid:
         return wp, figures
 
     def figures(
-        self, st: _State, modes: Modes, acc: LinkAccuracy, window: Sequence[int], real: Sequence[set[str]]
+        self, st: State, modes: Modes, acc: LinkAccuracy, window: Sequence[int], real: Sequence[set[str]]
     ) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """Per non-resident model, (reuse, prior, link) over the window given what is real."""
         out = {}
@@ -243,15 +186,15 @@ class Hybrid:
     def resident_ms(self, modes: Modes) -> float:
         return sum(self.ctx.latency[m] for m in modes.resident)
 
-    def window_budget(self, st: _State, modes: Modes, n: int) -> float:
+    def window_budget(self, st: State, modes: Modes, n: int) -> float:
         return max(0.0, self.time_budget(st) - self.resident_ms(modes)) * n
 
-    def simulate(self, st: _State, modes: Modes, acc: LinkAccuracy, positions: Sequence[int]) -> tuple[float, float]:
+    def simulate(self, st: State, modes: Modes, acc: LinkAccuracy, positions: Sequence[int]) -> tuple[float, float]:
         """(expected accuracy, ms per frame) of ``modes`` planned over ``positions`` (already
         seen frames), from expected figures only: what :func:`choose_modes` compares."""
         if self.resident_ms(modes) > self.time_budget(st) + 1e-9:
             return 0.0, self.resident_ms(modes)
-        sim = _State(st.budget, st.links, st.reuse)
+        sim = State(st.budget, st.links, st.reuse)
         start = min(positions)
         sim.history = {key: [p for p in seq if p < start] for key, seq in st.history.items()}
         per_model: dict[str, list[float]] = {m: [] for m in self.ctx.models}
@@ -287,7 +230,7 @@ class Hybrid:
             out[active] = {p: {k: v[i] for k, v in pred.items()} for i, p in enumerate(positions)}
         return out
 
-    def _charge(self, st: _State, modes: Modes, wp: Any, window: Sequence[int], links: LinkSet, traj: str) -> None:
+    def _charge(self, st: State, modes: Modes, wp: Any, window: Sequence[int], links: LinkSet, traj: str) -> None:
         n = len(window)
         st.exec_ms += self.resident_ms(modes) * n + sum(self.ctx.latency[m] * len(r) for m, r in wp.runs.items())
         st.executions += len(modes.resident) * n + sum(len(r) for r in wp.runs.values())
@@ -304,7 +247,7 @@ class Hybrid:
                 self.link_ms[key] = _link_ms(links, self.tuples, active, window[:5])
             st.link_ms += self.link_ms[key]
 
-    def serve(self, st: _State, modes: Modes, acc: LinkAccuracy, links: LinkSet, window: list[int], traj: str) -> None:
+    def serve(self, st: State, modes: Modes, acc: LinkAccuracy, links: LinkSet, window: list[int], traj: str) -> None:
         """Plan one buffer, charge it, serve every node of every frame (module docstring, 3-5)."""
         budget = self.window_budget(st, modes, len(window))
         self.frames_served += len(window)
@@ -330,7 +273,7 @@ class Hybrid:
         self._learn(st, modes, wp, window)
 
     def _serve_node(
-        self, st: _State, acc: LinkAccuracy, m: str, ki: int, k: str, vals: Sequence[Any], window: list[int],
+        self, st: State, acc: LinkAccuracy, m: str, ki: int, k: str, vals: Sequence[Any], window: list[int],
         i: int, p: int, ran: Mapping[int, set[str]], wp: Any, figures: Mapping[str, Any], preds: Mapping, modes: Modes,
     ) -> None:  # fmt: skip
         """One node of one frame: its real output, a real output of the camera, or the links."""
@@ -354,7 +297,7 @@ class Hybrid:
             st.preds[k][p], st.expected[k][p] = preds[frozenset(ran[i])][p][k], link
         st.first[k][p] = self._first(st, acc, m, ki, k, vals, p, figures, preds)
 
-    def _first(self, st: _State, acc: LinkAccuracy, m: str, ki: int, k: str, vals: Sequence[Any], p: int,
+    def _first(self, st: State, acc: LinkAccuracy, m: str, ki: int, k: str, vals: Sequence[Any], p: int,
                figures: Mapping[str, Any], preds: Mapping) -> Any:  # fmt: skip
         """What a frame gets on arrival: the last real output before the buffer, or the links
         over the resident models, whichever is expected to be better."""
@@ -367,7 +310,7 @@ class Hybrid:
                 return vals[ref]
         return preds[resident][p][k]
 
-    def _learn(self, st: _State, modes: Modes, wp: Any, window: list[int]) -> None:
+    def _learn(self, st: State, modes: Modes, wp: Any, window: list[int]) -> None:
         """Every pair of real outputs of a camera (this buffer's runs, the last one before) teaches."""
         start = min(window)
         for m, runs in wp.runs.items():
@@ -378,7 +321,7 @@ class Hybrid:
                 ref = st.prior(m, cam, start)
                 self._teach(st, m, ([ref] if ref is not None else []) + ps)
 
-    def _teach(self, st: _State, model: str, reals: Sequence[int]) -> None:
+    def _teach(self, st: State, model: str, reals: Sequence[int]) -> None:
         pairs = [(r, p) for r in reals for p in reals if r != p]
         if not pairs:
             return
@@ -389,7 +332,7 @@ class Hybrid:
 
     # -- periods -----------------------------------------------------------------------------
 
-    def profile(self, st: _State, prof: Sequence[int]) -> None:
+    def profile(self, st: State, prof: Sequence[int]) -> None:
         """A period's profiled frames: every model that fits alone runs, one at a time."""
         models = [m for m in self.ctx.models if self.ctx.costs[m] <= st.budget + 1e-9]
         st.exec_ms += sum(self.ctx.latency[m] for m in models) * len(prof)
@@ -405,7 +348,7 @@ class Hybrid:
                     st.real(m, cam, p)
 
     def period(
-        self, st: _State, pi: int, chunk: list[int], prof: list[int], seen: list[int], links: LinkSet, acc: LinkAccuracy
+        self, st: State, pi: int, chunk: list[int], prof: list[int], seen: list[int], links: LinkSet, acc: LinkAccuracy
     ) -> None:
         """Profile, choose the modes on the frames seen last, serve the period buffer by buffer."""
         self.profile(st, prof)
@@ -453,7 +396,7 @@ def run_hybrid(
     if "frozen" in traj_of.values():
         trajs["frozen"] = copy.deepcopy(links)
     windows = {name: heldout for name in trajs}
-    states = {b: _State(b, traj_of[b], copy.deepcopy(reuse)) for b in budgets}
+    states = {b: State(b, traj_of[b], copy.deepcopy(reuse)) for b in budgets}
     for st in states.values():
         st.preds = {k: {} for k in ctx.oracle.nodes}
         st.first = {k: {} for k in ctx.oracle.nodes}
@@ -481,7 +424,7 @@ def run_hybrid(
     return {b: _result(hy, st, {**meta, "frame_ms_budget": hy.frame_ms[b]}) for b, st in states.items()}
 
 
-def _result(hy: Hybrid, st: _State, meta: Mapping[str, Any]) -> dict[str, Any]:
+def _result(hy: Hybrid, st: State, meta: Mapping[str, Any]) -> dict[str, Any]:
     from mlink.bench.table4_data import score
 
     ctx = hy.ctx

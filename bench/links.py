@@ -1,6 +1,7 @@
 """Link benchmark: how long a site's links take to train, and to predict, against its models.
 
-    python -m mlink.bench.links --site building [--tuples 1000] [--threads 2] [--batches 1,4,16] [--json]
+    python -m mlink.bench.links --site building [--tuples 1000] [--threads 2] [--batches 1,4,16]
+                                [--folds 5] [--json]
 
 1. Trains every link and ensemble of the site on ``--tuples`` tuples of its latest profile
    (profiled first when there is none) with ``--threads`` torch threads, and prints the seconds.
@@ -14,6 +15,11 @@
    a share of the cheapest (the issue's goal: under 2%).
 4. What serving actually pays: for every plan (set of active models), the time to predict every
    output of the models not active from the active ones, at batch 1 and the serving batch.
+5. Which architecture each link with candidates kept (``links.candidates``: the paper's
+   Seq2Seq/Seq2Vec or the order-free BoxSet/BoxCount), with both accuracies on the selection
+   tuples and the paired gain over the paper's link. With ``--folds K``, first the link
+   accuracy matrix by K-fold cross-validation over the same tuples (``links.crossval``), and
+   the choices over the K link sets: how often each architecture won, and the mean gain.
 """
 
 from __future__ import annotations
@@ -94,6 +100,59 @@ def model_latencies(cfg: Any, store: Any, n: int) -> dict[str, float]:
     return out
 
 
+def choice_rows(linksets: list[Any]) -> list[dict]:
+    """Per link with candidate architectures, its choices over ``linksets`` (one, or a
+    cross-validation's K): wins per architecture, mean accuracies on the selection tuples, the
+    mean paired gain of the rival over the paper's link and the SE of that mean."""
+    pairs: dict[tuple[str, str], list[dict]] = {}
+    for ls in linksets:
+        for key, rec in ls.choices.items():
+            pairs.setdefault(key, []).append(rec)
+    rows = []
+    for (s, t), recs in sorted(pairs.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        archs = list(recs[0]["accuracy"])
+        rows.append(
+            {
+                "source": s,
+                "target": t,
+                "wins": {a: sum(r["chosen"] == a for r in recs) for a in archs},
+                "accuracy": {a: float(np.mean([r["accuracy"][a] for r in recs])) for a in archs},
+                "rival": recs[0]["rival"],
+                "gain": float(np.mean([r["gain"] for r in recs])),
+                "se": float(np.sqrt(sum(r["paired_se"] ** 2 for r in recs)) / len(recs)),
+                "link_sets": len(recs),
+            }
+        )
+    return rows
+
+
+def print_choices(rows: list[dict], how: str) -> None:
+    print(f"architecture choices ({how}; accuracy on the selection tuples, gain = candidate - paper's):")
+    for r in rows:
+        wins = ", ".join(f"{a} {n}/{r['link_sets']}" for a, n in r["wins"].items())
+        accs = " vs ".join(f"{a} {v:.3f}" for a, v in r["accuracy"].items())
+        print(
+            f"  {r['source']} -> {r['target']}: won {wins}; {accs}; "
+            f"gain {100 * r['gain']:+.1f} points (SE {100 * r['se']:.1f})"
+        )
+
+
+def cross_validation(tuples: Any, folds: int, threads: int) -> dict:
+    """The K-fold link matrix over ``tuples`` and the choices of its K link sets."""
+    from mlink.links import TrainConfig
+    from mlink.links.crossval import cross_validated_scores
+    from mlink.links.matrix import matrix_from_scores
+
+    t0 = time.perf_counter()
+
+    def said(k: int, n: int) -> None:
+        print(f"cross-validation: fold {k}/{n} done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+
+    scores, linksets = cross_validated_scores(tuples, folds, progress=said, config=TrainConfig(threads=threads))
+    matrix = matrix_from_scores(scores, list(linksets[0].ensembles), tuples.version(), folds)
+    return {"matrix": matrix.to_json(), "table": matrix.table(), "choices": choice_rows(linksets)}
+
+
 def run(
     site: str | None,
     config: str | None,
@@ -102,6 +161,7 @@ def run(
     batches: list[int],
     latency_frames: int,
     progress: bool,
+    folds: int = 0,
 ) -> dict:
     import torch
 
@@ -119,6 +179,7 @@ def run(
     order = np.random.default_rng(0).permutation(len(tuples))
     train = tuples.subset(np.sort(order[:tuples_n]))
     held = tuples.subset(np.sort(order[tuples_n:]))
+    cv = cross_validation(train, folds, threads) if folds > 1 else None
     t0 = time.perf_counter()
     links = LinkSet.train(train, config=TrainConfig(threads=threads), progress=progress)
     train_s = time.perf_counter() - t0
@@ -157,6 +218,8 @@ def run(
         "held_out_frames": len(frames),
         "model_ms": lat,
         "cheapest": cheapest,
+        "choices": choice_rows([links]),
+        "cross_validation": cv,
     }
 
 
@@ -168,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--batches", default="1,4,16")
     ap.add_argument("--latency-frames", type=int, default=20)
+    ap.add_argument("--folds", type=int, default=0, help="K >= 2: also the K-fold link matrix and choices")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     r = run(
@@ -178,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         [int(b) for b in args.batches.split(",")],
         args.latency_frames,
         not args.json,
+        args.folds,
     )
     if args.json:
         print(json.dumps(r))
@@ -204,6 +269,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     for active, v in r["plans"].items():
         print(f"{active:<48} {v['1']:>9.3f} {v[sb]:>9.3f} {100 * v[sb] / cheap:>29.1f}%")
+    print_choices(r["choices"], f"the link set above, trained on {t['tuples']} tuples")
+    cv = r["cross_validation"]
+    if cv is not None:
+        print(f"\nlink accuracy by {args.folds}-fold cross-validation over the {t['tuples']} tuples:")
+        print(cv["table"])
+        print_choices(cv["choices"], f"over the {args.folds} link sets")
     return 0
 
 

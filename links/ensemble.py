@@ -36,6 +36,9 @@ not optimistic. A choice can still differ between machines
 whose floating-point paths differ, but only between candidates within about one standard error
 of each other, so either is as good as the other up to noise.
 
+A link that is not ``mixable`` (``BoxSet``: it emits a set at once, with no decoder steps or
+pre-activation to combine) is a candidate as a single link only; the mixes combine the others.
+
 Sources whose renormalised mix weight is below 1% are dropped from a mix (and the rest
 renormalised), so a prediction never pays for links that contribute nothing. Above
 ``MAX_SELECTED_MODELS`` source models (2^8 subsets) nothing is enumerated: every subset serves

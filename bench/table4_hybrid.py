@@ -30,21 +30,21 @@ differences computed (timed), and the links' per-frame inference (timed, as MLin
 from __future__ import annotations
 
 import copy
+import itertools
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from mlink.bench.table4_hybrid_state import Diffs, State
-from mlink.bench.table4_methods import Context, result
+from mlink.bench.table4_hybrid_state import Diffs, State, hybrid_result
+from mlink.bench.table4_methods import Context
 from mlink.bench.table4_mlink import _extend, _link_ms, _train_links
-from mlink.links import LinkSet
+from mlink.links import LinkSet, TupleSet, node_model
 from mlink.links.temporal import ReuseModel, camera_pairs, change_vector, output_change
 from mlink.scheduler.accuracy import LinkAccuracy
 from mlink.scheduler.hybrid import Modes, choose_modes, mode_options, plan_window
 
-METHOD = "MLink (hybrid)"
 PLAN_WINDOWS = 4  # buffers of recent frames the modes are chosen on
 
 
@@ -152,8 +152,15 @@ class Hybrid:
                     reuse[ki, i, j] = v
         return reuse, prior
 
-    def _link(self, acc: LinkAccuracy, model: str, active: frozenset[str]) -> np.ndarray:
-        return np.array([acc.node(active, k) for k in self.nodes(model)])
+    @staticmethod
+    def link_acc(st: State, acc: LinkAccuracy, node: str, active: frozenset[str]) -> float:
+        """The links' expected accuracy for ``node`` from ``active``: held out, corrected by
+        the audits of real executions since (:class:`~mlink.scheduler.hybrid.LinkAudit`)."""
+        held = acc.node(active, node)
+        return held if node_model(node) in active else st.audit.corrected(node, active, held)
+
+    def _link(self, st: State, acc: LinkAccuracy, model: str, active: frozenset[str]) -> np.ndarray:
+        return np.array([self.link_acc(st, acc, k, active) for k in self.nodes(model)])
 
     def plan(
         self, st: State, modes: Modes, acc: LinkAccuracy, window: Sequence[int], budget_ms: float
@@ -180,7 +187,7 @@ class Hybrid:
         for m in self.ctx.models:
             if m not in modes.resident:
                 reuse, prior = self._tensors(st, m, window, real, in_window=m in modes.rotating)
-                out[m] = (reuse, prior, self._link(acc, m, modes.resident))
+                out[m] = (reuse, prior, self._link(st, acc, m, modes.resident))
         return out
 
     def resident_ms(self, modes: Modes) -> float:
@@ -265,12 +272,26 @@ class Hybrid:
             groups.setdefault(frozenset(modes.resident), []).append(p)
         groups = {a: sorted(set(ps)) for a, ps in groups.items()}
         preds = self._predictions(links, groups)
+        self._audit(st, acc, modes, window, ran, preds)
         for m in self.ctx.models:
             for ki, k in enumerate(self.nodes(m)):
                 vals = self.tuples.values[k]
                 for i, p in enumerate(window):
                     self._serve_node(st, acc, m, ki, k, vals, window, i, p, ran, wp, figures, preds, modes)
         self._learn(st, modes, wp, window)
+
+    def _audit(
+        self, st: State, acc: LinkAccuracy, modes: Modes, window: list[int], ran: Mapping[int, set[str]], preds: Mapping
+    ) -> None:
+        """Where a rotating model ran, its nodes' predictions from the resident set are scored
+        against its real output: the links' drift, measured as serving goes."""
+        resident = frozenset(modes.resident)
+        for i, p in enumerate(window):
+            for m in ran[i] - resident:
+                for k in self.nodes(m):
+                    spec = self.tuples.specs[k]
+                    measured = spec.accuracy(preds[resident][p][k], self.tuples.values[k][p])
+                    st.audit.record(k, resident, acc.node(resident, k), measured)
 
     def _serve_node(
         self, st: State, acc: LinkAccuracy, m: str, ki: int, k: str, vals: Sequence[Any], window: list[int],
@@ -289,7 +310,7 @@ class Hybrid:
             (window[j], float(reuse[ki, i, j])) for j in wp.runs.get(m, ()) if self.camera(window[j]) == self.camera(p)
         ]
         real = [(r, q) for r, q in cands if r is not None]
-        link = acc.node(frozenset(ran[i]), k)
+        link = self.link_acc(st, acc, k, frozenset(ran[i]))
         best = max(real, key=lambda c: c[1], default=None)
         if best is not None and best[1] > link:
             st.preds[k][p], st.expected[k][p] = vals[best[0]], best[1]
@@ -303,7 +324,7 @@ class Hybrid:
         over the resident models, whichever is expected to be better."""
         resident = frozenset(set(self.ctx.models) - set(figures))
         ref = st.prior(m, self.camera(p), p)  # the history holds nothing of this buffer yet
-        link = acc.node(resident, k)
+        link = self.link_acc(st, acc, k, resident)
         if ref is not None:
             q = float(st.reuse.expected(k, self.change(st, m, ref, p, resident)[None])[0])
             if q > link:
@@ -329,6 +350,24 @@ class Hybrid:
         for k in self.nodes(model):
             spec, vals = self.tuples.specs[k], self.tuples.values[k]
             st.reuse.learn(k, X, np.array([spec.accuracy(vals[r], vals[p]) for r, p in pairs]))
+
+    def audit_held(
+        self, st: State, links: LinkSet, acc: LinkAccuracy, held: TupleSet, cache: dict[frozenset[str], Any]
+    ) -> None:
+        """A period's held-out profiled frames, before the links fine-tune on its other ones:
+        every node of every model real there, predicted from every set of the others, scored
+        against its real output (the drift since the links were last scored). ``cache`` holds
+        the predictions per set, shared by the budgets on the same links."""
+        real = [m for m in self.ctx.models if self.ctx.costs[m] <= st.budget + 1e-9]
+        for r in range(len(real)):
+            for combo in itertools.combinations(real, r):
+                active = frozenset(combo)
+                if active not in cache:
+                    cache[active] = links.predict_tuples(active, held)
+                for k in (k for m in real if m not in active for k in self.nodes(m)):
+                    spec = self.tuples.specs[k]
+                    for got, exact in zip(cache[active][k], held.values[k]):
+                        st.audit.record(k, active, acc.node(active, k), spec.accuracy(got, exact))
 
     # -- periods -----------------------------------------------------------------------------
 
@@ -405,12 +444,17 @@ def run_hybrid(
             for p in proto.train:
                 st.real(m, hy.camera(p), p)
     seen = list(proto.train)
+    accs: dict[str, LinkAccuracy] = {}
     cap = max(len(heldout), 50)
     bar = tqdm(total=len(proto.periods), desc="MLink (hybrid) periods", unit="period", disable=not ctx.progress)
     try:
         for pi, (chunk, prof) in enumerate(zip(proto.periods, proto.profiled)):
             new = ctx.oracle.tuples.subset(prof)
             tune, held = new.split(0.5, int(ctx.opt("seed", 0)) + pi + 1) if len(new) >= 2 else (new, None)
+            if held is not None and accs:
+                caches: dict[str, dict[frozenset[str], Any]] = {name: {} for name in trajs}
+                for st in states.values():
+                    hy.audit_held(st, trajs[st.links], accs[st.links], held, caches[st.links])
             trajs["tuned"].fine_tune(tune, epochs=ctx.options.get("fine_tune_epochs"))
             windows["tuned"] = _extend(windows["tuned"], held, cap)
             accs = {name: LinkAccuracy(trajs[name], windows[name], hy.served) for name in trajs}
@@ -421,48 +465,4 @@ def run_hybrid(
     finally:
         bar.close()
     meta = {"train_s": train_s, "reuse_fit_s": reuse_s}
-    return {b: _result(hy, st, {**meta, "frame_ms_budget": hy.frame_ms[b]}) for b, st in states.items()}
-
-
-def _result(hy: Hybrid, st: State, meta: Mapping[str, Any]) -> dict[str, Any]:
-    from mlink.bench.table4_data import score
-
-    ctx = hy.ctx
-    scored = ctx.protocol.scored
-    n_eval = len(ctx.protocol.eval)
-    preds = {k: [v.get(p) for p in scored] for k, v in st.preds.items()}
-    first = score(ctx.oracle, scored, {k: [v.get(p) for p in scored] for k, v in st.first.items()})
-    exp_by_model = {
-        m: float(np.mean([np.mean([st.expected[k].get(p, 0.0) for p in scored]) for k in ctx.oracle.nodes_of(m)]))
-        for m in ctx.models
-    }
-    diff_ms = 1000.0 * hy.diffs.seconds / n_eval  # every difference any budget computed, charged to each
-    frame_ms = (st.exec_ms + st.load_ms + st.link_ms) / n_eval + ctx.features.map_ms + diff_ms
-    modes_count: dict[str, int] = {}
-    for per in st.periods:
-        label = "; ".join(f"{k}: {'+'.join(v) or '-'}" for k, v in per["modes"].items())
-        modes_count[label] = modes_count.get(label, 0) + 1
-    return result(
-        ctx,
-        METHOD,
-        st.budget,
-        preds,
-        frame_ms,
-        st.executions,
-        st.memory,
-        memory_mode="resident at once + one rotating model at a time; profiling one model at a time",
-        runs=True,
-        notes=[]
-        if st.links == "tuned"
-        else ["a model does not fit alone: links not fine-tuned, that model never runs"],
-        expected_accuracy=float(np.mean(list(exp_by_model.values()))),
-        expected_by_model=exp_by_model,
-        accuracy_first=first["accuracy"],
-        load_ms_per_frame=st.load_ms / n_eval,
-        loads=st.loads,
-        link_ms_per_frame=st.link_ms / n_eval,
-        trigger_ms_per_frame=diff_ms,
-        modes=modes_count,
-        periods=st.periods,
-        hybrid=dict(meta),
-    )
+    return {b: hybrid_result(hy, st, {**meta, "frame_ms_budget": hy.frame_ms[b]}) for b, st in states.items()}

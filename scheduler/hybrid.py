@@ -211,3 +211,48 @@ def choose_modes(
     if not fitting:
         return min(scored, key=lambda s: s[2])
     return max(fitting, key=lambda s: (round(s[1], 6), -len(s[0].resident), -s[2]))
+
+
+@dataclass
+class LinkAudit:
+    """Link accuracies as measured since the links were last scored, to correct the held-out
+    figures for drift. Every frame where a model really ran while the links would have
+    predicted it (rotation, profiling) is an audit: the node's accuracy of the prediction
+    from the models real there against the real output.
+
+    :meth:`corrected` blends the held-out figure (scaled by the drift seen so far, weighted as
+    ``prior_weight`` audits) with the audits of that node and set of models. A node that never
+    runs has no audits of its own; it gets the held-out figure times the drift measured on the
+    nodes that do run (measured / expected over every audit), the one evidence there is that
+    the links' world has moved since they were scored.
+    """
+
+    prior_weight: float = 10.0
+    sums: dict[tuple[str, frozenset[str]], list[float]] = field(default_factory=dict)  # [expected, measured, n]
+    expected_total: float = 0.0
+    measured_total: float = 0.0
+
+    def record(self, node: str, active: Iterable[str], expected: float, measured: float) -> None:
+        s = self.sums.setdefault((node, frozenset(active)), [0.0, 0.0, 0.0])
+        s[0] += float(expected)
+        s[1] += float(measured)
+        s[2] += 1.0
+        self.expected_total += float(expected)
+        self.measured_total += float(measured)
+
+    def drift(self) -> float:
+        """Measured over expected across every audit (1.0 before any)."""
+        if self.expected_total <= EPS:
+            return 1.0
+        return min(1.0, self.measured_total / self.expected_total)
+
+    def corrected(self, node: str, active: Iterable[str], held_out: float) -> float:
+        prior = float(held_out) * self.drift()
+        s = self.sums.get((node, frozenset(active)))
+        if s is None:
+            return prior
+        return (self.prior_weight * prior + s[1]) / (self.prior_weight + s[2])
+
+    @property
+    def audits(self) -> int:
+        return int(sum(s[2] for s in self.sums.values()))

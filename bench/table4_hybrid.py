@@ -14,7 +14,8 @@ hybrid plan of :mod:`mlink.scheduler.hybrid` instead of a fixed active set:
 3. **Each buffer** (``buffer_frames`` consecutive positions, the longest a revised output may be
    late) is planned by :func:`~mlink.scheduler.hybrid.plan_window`: resident models run on every
    frame, rotating models where the expected gain per ms is largest, paying their load on their
-   first run in the buffer. Unspent time carries over to the next buffer (at most one buffer's).
+   first run in the buffer, unless it is the one the last buffer left loaded (it runs first). Unspent
+   time carries over to the next buffers (at most ``BANK_BUFFERS`` buffers' worth).
 4. **Serving**: a model's own output where it ran; elsewhere, per node, the better (by expected
    accuracy) of the temporal link's best real output of that camera (the last one before the
    buffer, or one in the buffer) and the cross-model ensemble over the models that ran on the
@@ -46,6 +47,7 @@ from mlink.scheduler.accuracy import LinkAccuracy
 from mlink.scheduler.hybrid import Modes, choose_modes, mode_options, plan_window
 
 PLAN_WINDOWS = 4  # buffers of recent frames the modes are chosen on
+BANK_BUFFERS = 4  # unspent time carried over, at most this many buffers' worth
 
 
 class Hybrid:
@@ -174,7 +176,7 @@ class Hybrid:
             {m: figures[m][1] for m in rot},
             {m: figures[m][2] for m in rot},
             {m: self.ctx.latency[m] for m in rot},
-            {m: self.load_ms[m] for m in rot},
+            {m: 0.0 if m == st.held else self.load_ms[m] for m in rot},
             budget_ms,
         )
         return wp, figures
@@ -259,8 +261,11 @@ class Hybrid:
         budget = self.window_budget(st, modes, len(window))
         self.frames_served += len(window)
         wp, figures = self.plan(st, modes, acc, window, budget + st.bank_ms)
-        st.bank_ms = min(max(0.0, budget + st.bank_ms - wp.spent_ms), budget)
+        st.bank_ms = min(max(0.0, budget + st.bank_ms - wp.spent_ms), BANK_BUFFERS * budget)
         self._charge(st, modes, wp, window, links, traj)
+        ran_models = [m for m, r in wp.runs.items() if r]
+        if ran_models:  # it runs first next buffer: the one with the most runs stays loaded
+            st.held = max(ran_models, key=lambda m: (len(wp.runs[m]), m == st.held, m))
         ran = {i: set(modes.resident) | {m for m, r in wp.runs.items() if i in r} for i in range(len(window))}
         for i, p in enumerate(window):
             for m in ran[i]:
@@ -391,6 +396,7 @@ class Hybrid:
     ) -> None:
         """Profile, choose the modes on the frames seen last, serve the period buffer by buffer."""
         self.profile(st, prof)
+        st.held = None  # profiling swapped every model through
         st.fixed_ms = self.period_ms(st, chunk, prof, st.modes)
         options = mode_options(self.ctx.models, self.ctx.costs, st.budget)
         recent = seen[-PLAN_WINDOWS * self.ctx.buffer_frames :]
@@ -429,6 +435,7 @@ def run_hybrid(
     t0 = time.perf_counter()
     reuse = hy.fit_reuse(proto.train)
     reuse_s = time.perf_counter() - t0
+    hy.diffs.seconds = 0.0  # the training pairs' differences are set-up (in reuse_fit_s), not serving
     max_cost = max(ctx.costs.values())
     trajs: dict[str, LinkSet] = {"tuned": links}
     traj_of = {b: ("tuned" if b + 1e-9 >= max_cost else "frozen") for b in budgets}

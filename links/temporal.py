@@ -149,7 +149,7 @@ def camera_pairs(
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Training pairs from tuples where every node is real: for each camera's frames in time
     order, every frame against each frame at most ``max_gap`` frames away (both directions),
-    with every other model as the context. ``diff(a, b)`` gives the :data:`CHANGE_FEATURES`
+    once with every other model as the context and once without any. ``diff(a, b)`` gives the :data:`CHANGE_FEATURES`
     between two positions."""
     nodes = list(nodes if nodes is not None else tuples.nodes)
     runs: dict[str, list[int]] = {}
@@ -180,11 +180,14 @@ def camera_pairs(
             change_vector(d, age, ahead, float(np.mean([change[(m, r, p)] for m in others])) if others else None)
             for r, p, d, age, ahead in ref_frame
         ]
+        # each pair again without the context: serving often knows no other model's output there
+        rows += [change_vector(d, age, ahead, None) for r, p, d, age, ahead in ref_frame]
         X = np.stack(rows) if rows else np.zeros((0, N_INPUTS))
         for k in keys:
             spec: OutputSpec = tuples.specs[k]
             vals = tuples.values[k]
-            out[k] = (X, np.array([spec.accuracy(vals[r], vals[p]) for r, p, *_ in ref_frame], dtype=np.float64))
+            y = np.array([spec.accuracy(vals[r], vals[p]) for r, p, *_ in ref_frame], dtype=np.float64)
+            out[k] = (X, np.concatenate([y, y]))
     return out
 
 

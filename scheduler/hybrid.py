@@ -241,10 +241,10 @@ class LinkAudit:
         self.measured_total += float(measured)
 
     def drift(self) -> float:
-        """Measured over expected across every audit (1.0 before any)."""
-        if self.expected_total <= EPS:
-            return 1.0
-        return min(1.0, self.measured_total / self.expected_total)
+        """Measured over expected across every audit, shrunk towards 1.0 by ``prior_weight``
+        audits' worth of "as expected" (so a handful of audits cannot zero every link), and
+        never above 1.0: luck elsewhere does not raise a held-out figure."""
+        return min(1.0, (self.prior_weight + self.measured_total) / (self.prior_weight + self.expected_total))
 
     def corrected(self, node: str, active: Iterable[str], held_out: float) -> float:
         prior = float(held_out) * self.drift()

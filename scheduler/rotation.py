@@ -50,7 +50,7 @@ from mlink.links import node_model
 from mlink.links.temporal import ReuseModel, camera_pairs
 from mlink.links.tuples import TupleSet
 from mlink.models.catalog import model_info
-from mlink.scheduler.hybrid import Modes, choose_modes, mode_options, plan_window
+from mlink.scheduler.hybrid import LinkAudit, Modes, choose_modes, mode_options, plan_window
 from mlink.scheduler.planner import Planner
 from mlink.scheduler.pool_records import BudgetExceeded
 from mlink.scheduler.rotation_window import (
@@ -94,6 +94,7 @@ class Rotation:
         self.maps = maps
         self.changes = Changes(diff)
         self.reuse = reuse if reuse is not None else ReuseModel()
+        self.audit = LinkAudit()  # the links' accuracy as rotation measures it
         self.clock = clock
         self.nodes = {m: [f"{m}:{o}" for o in outs] for m, outs in planner.served.items()}
         self.latency_ms: dict[str, float] = {}
@@ -118,11 +119,28 @@ class Rotation:
         lat = {m: self.latency_ms.get(m, DEFAULT_LATENCY_MS) for m in models}
         return Figures(
             nodes=self.nodes,
-            link=self.planner.accuracy.node,
+            link=self.link,
             latency_ms=lat,
             load_ms={m: self._load_ms(m) for m in models},
             time_budget_ms=self.cfg.gpu_share * sum(lat.values()),
         )
+
+    def link(self, active: frozenset[str], node: str) -> float:
+        """The links' expected accuracy: the planner's held-out figure, corrected by what the
+        rotation measured since (:class:`~mlink.scheduler.hybrid.LinkAudit`)."""
+        held = self.planner.accuracy.node(active, node)
+        return held if node_model(node) in active else self.audit.corrected(node, active, held)
+
+    def _audit(self, held: Held, node: str, real: np.ndarray) -> None:
+        """A rotating model's real output scores the links' prediction served for it at once."""
+        old = held.result.outputs.get(node)
+        if old is None or old.provenance != "predicted" or old.value is None:
+            return
+        if any(s.startswith("temporal:") for s in old.sources):
+            return  # served from the camera's last real output: nothing to say of the links
+        active = frozenset(held.result.executed)
+        spec = model_info(node_model(node)).output(node.split(":", 1)[1])
+        self.audit.record(node, active, self.planner.accuracy.node(active, node), spec.accuracy(old.value, real))
 
     def _note_latency(self, m: str, ms: float) -> None:
         old = self.latency_ms.get(m)
@@ -198,6 +216,9 @@ class Rotation:
             X = self.changes.vector(ref.maps, ref.wall_time, held.maps, held.wall_time)[None, :]
             for k in nodes:
                 cur = outputs.get(k)
+                if cur is not None and cur.provenance == "predicted" and self.audit.audits:
+                    corrected = self.link(frozenset(r.executed), k)  # the links' figure, drift included
+                    cur = outputs[k] = dataclasses.replace(cur, expected_accuracy=corrected)
                 if cur is None or not self.reuse.knows(k):
                     continue
                 q = float(self.reuse.expected(k, X)[0])
@@ -289,6 +310,7 @@ class Rotation:
             h = window[j]
             outputs = dict(h.result.outputs)
             for k in self.nodes[m]:
+                self._audit(h, k, out[k.split(":", 1)[1]])
                 outputs[k] = executed_output(k, out[k.split(":", 1)[1]])
             executed = tuple(sorted({*h.result.executed, m}))
             h.result = dataclasses.replace(h.result, outputs=outputs, executed=executed)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from mlink.links.temporal import N_INPUTS, ReuseModel, change_vector, choose
-from mlink.scheduler.hybrid import Modes, choose_modes, mode_options, plan_window
+from mlink.scheduler.hybrid import LinkAudit, Modes, choose_modes, mode_options, plan_window
 
 COSTS = {"a": 10.0, "b": 20.0, "c": 30.0}
 
@@ -114,3 +114,20 @@ def test_unknown_node_and_the_gate() -> None:
     assert choose(np.array([0.3, 0.7]), 0.5) == (1, pytest.approx(0.7))
     assert choose(np.array([0.3, 0.4]), 0.5) == (-1, 0.5)
     assert choose(np.array([]), 0.5) == (-1, 0.5)
+
+
+def test_link_audit_corrects_held_out_figures_by_what_serving_measured() -> None:
+    audit = LinkAudit(prior_weight=10.0)
+    assert audit.drift() == 1.0 and audit.corrected("m:n", {"a"}, 0.8) == 0.8
+    audit.record("m:n", {"a"}, expected=0.8, measured=0.0)
+    assert 0.9 < audit.drift() < 1.0  # one audit cannot zero the links
+    for _ in range(500):  # the links really score 0.4 where they were expected to score 0.8
+        audit.record("m:n", {"a"}, expected=0.8, measured=0.4)
+    assert audit.corrected("m:n", {"a"}, 0.8) == pytest.approx(0.4, abs=0.02)
+    # a node that never runs: its held-out figure times the drift measured on the others
+    assert audit.corrected("x:y", {"a"}, 0.9) == pytest.approx(0.9 * audit.drift())
+    assert audit.drift() == pytest.approx(0.5, abs=0.02)
+    lucky = LinkAudit()
+    lucky.record("m:n", set(), expected=0.2, measured=1.0)
+    assert lucky.drift() == 1.0  # never raised above the held-out figure
+    assert audit.audits == 501

@@ -213,6 +213,7 @@ class Link(nn.Module):
     decoder: AttnDecoder  # the links into sequence targets set it
     # False: the link has no decoder or pre-activation an ensemble can mix; it serves alone
     mixable: ClassVar[bool] = True
+    restarts: ClassVar[int] = 1  # >1: trained from that many seeds, the lowest validation loss kept
 
     @property
     def uses_seq_lr(self) -> bool:

@@ -58,17 +58,22 @@ def _fit_candidate(
 ) -> tuple[Link, FitResult]:
     """One candidate of pair (s, t), trained from the pair's seed. Links that early-stop train on
     the rest of the split and stop on it; the others (decoders) train on every tuple for the
-    configured epochs (see :mod:`mlink.links.train`)."""
-    seed = link_seed(config.seed, s, t)
-    torch.manual_seed(seed)
-    link = cls(specs[s], specs[t], **config.link_hparams())
-    if link.head is not None:
-        link.head.fit(data.y_tr.x)
-    if link.early_stops():
+    configured epochs (see :mod:`mlink.links.train`). A class with ``restarts`` > 1 that
+    early-stops trains from seeds ``seed, seed + 1, ...`` and keeps the lowest validation loss."""
+    best: tuple[Link, FitResult] | None = None
+    for restart in range(max(1, cls.restarts)):
+        seed = link_seed(config.seed, s, t) + restart
+        torch.manual_seed(seed)
+        link = cls(specs[s], specs[t], **config.link_hparams())
+        if link.head is not None:
+            link.head.fit(data.y_tr.x)
+        if not link.early_stops():
+            return link, fit_link(link, srcs["all"][s], data.y_all, None, None, config, seed=seed)
         fit = fit_link(link, srcs["train"][s], data.y_tr, srcs["val"][s], data.y_va, config, seed=seed)
-    else:
-        fit = fit_link(link, srcs["all"][s], data.y_all, None, None, config, seed=seed)
-    return link, fit
+        if best is None or (fit.val_loss is not None and fit.val_loss < (best[1].val_loss or float("inf"))):
+            best = (link, fit)
+    assert best is not None
+    return best
 
 
 def fit_ensembles(

@@ -239,3 +239,44 @@ def test_fine_tuning_updates_the_box_set_links(sets) -> None:
         assert np.isfinite(r["loss_before"]) and np.isfinite(r["loss_after"])
     for v in ls.predict({"a"}, {"a:boxes": sets[250]}).values():
         assert np.isfinite(v).all()
+
+
+def test_restarts_keep_the_lowest_validation_loss() -> None:
+    """A class with ``restarts`` trains from consecutive seeds and keeps the best on validation."""
+    from mlink.links import Vec2Vec
+    from mlink.links.fitting import _Data, _fit_candidate, link_seed
+
+    class Restarted(Vec2Vec):
+        restarts = 3
+
+    rng = np.random.default_rng(5)
+    ts = TupleSet.for_models({"a": [COUNT], "b": [COUNT]})
+    for i in range(60):
+        v = float(rng.integers(0, 9))
+        ts.append("s", float(i), {"a:count": np.array([v], np.float32), "b:count": np.array([v + 1], np.float32)})
+    train, val = ts.split(0.25, 0)
+    srcs = {n: {"a:count": encode_source(COUNT, p.values["a:count"])} for n, p in (("train", train), ("val", val))}
+    cfg = TrainConfig(epochs=5)
+    with torch_threads(1):
+        _, fit = _fit_candidate(
+            Restarted, "a:count", "b:count", ts.specs, srcs, _Data(ts, train, val, "b:count", 32), cfg
+        )
+        losses = []
+        for r in range(3):
+            torch.manual_seed(link_seed(cfg.seed, "a:count", "b:count") + r)
+            single = Vec2Vec(COUNT, COUNT, **cfg.link_hparams())
+            y = encode_target(COUNT, train.values["b:count"])
+            single.head.fit(y.x)
+            seed = link_seed(cfg.seed, "a:count", "b:count") + r
+            losses.append(
+                fit_link(
+                    single,
+                    srcs["train"]["a:count"],
+                    y,
+                    srcs["val"]["a:count"],
+                    encode_target(COUNT, val.values["b:count"]),
+                    cfg,
+                    seed=seed,
+                ).val_loss
+            )
+    assert fit.val_loss == min(losses) and len(set(losses)) > 1

@@ -1,6 +1,7 @@
 """GPU check for a CUDA machine: measured model costs, a few planner periods, the peak vs the budget.
 
-    python -m mlink.bench.gpu_check [--device cuda] [--budget auto|0.6x|BYTES] [--periods 3] [--frames 32] [--json]
+    python -m mlink.bench.gpu_check [--device cuda] [--budget auto|0.6x|BYTES] [--periods 3] [--frames 32]
+        [--models a,b] [--no-hybrid] [--hybrid-buffers 4] [--hybrid-frames 8] [--json]
 
 1. Loads each torch model of the zoo on the GPU through a :class:`ModelPool` (load + warm-up
    at the serving batch), one at a time, and prints the pool's NVML figures per model (peak
@@ -14,8 +15,16 @@
    fine-tuning, re-selecting, applying) while serving frames, with a sampler thread reading
    this process's GPU memory through NVML all along.
 3. Prints the measured peak (above the pool's baseline, which holds the CUDA context) against
-   the budget, and the per-period load/unload counts. Exit status 1 when the peak exceeded the
-   budget, or a period loaded or unloaded a model twice.
+   the budget, and the per-period load/unload counts.
+4. Hybrid rotation (:mod:`mlink.bench.gpu_check_hybrid`; ``--no-hybrid`` skips it): under a
+   budget where at most one model fits beside a resident one, a :class:`Rotation` serves
+   ``--hybrid-buffers`` buffers of ``--hybrid-frames`` real frames, loading rotating models one
+   at a time through the pool while NVML is sampled; prints the rotation loads/unloads, frames
+   executed by rotating models and revised, the measured peak against that budget and the
+   pool's charged peak.
+
+Exit status 1 when a measured peak exceeded its budget, or a period loaded or unloaded a model
+twice. ``--models a,b`` restricts the check to those torch models.
 
 On a machine without a usable CUDA device it prints ``skipped: no CUDA device (...)`` with the
 reason and exits 0. Sized to finish within a few minutes on an H100 (a CPU dry run of the same
@@ -30,6 +39,8 @@ import os
 import sys
 import time
 from typing import Any
+
+from mlink.bench import gpu_check_hybrid
 
 MiB = 1 << 20
 
@@ -112,6 +123,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--frames", type=int, default=32, help="initial profiling frames")
     ap.add_argument("--period-frames", type=int, default=12, help="frames served per period")
     ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--models", default="", help="comma-separated torch models to check (default: every one)")
+    gpu_check_hybrid.add_arguments(ap)
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--dry-run-cpu", action="store_true", help=argparse.SUPPRESS)  # the same steps on the CPU meter
     return ap.parse_args(argv)
@@ -233,7 +246,7 @@ def _run_planner(
     def run() -> None:
         nonlocal served_frames
         planner.initial(frames[: args.frames], now=frames[args.frames - 1].timestamp)
-        rest = frames[args.frames :]
+        rest = frames[args.frames :] if args.periods > 0 else []
         step = max(1, args.batch)
         for i in range(0, len(rest), step):
             chunk = rest[i : i + step]
@@ -307,6 +320,8 @@ def _print_report(
         print(f"loaded/unloaded twice in a period: {twice}")
     if pool.refusals:
         print(f"refused loads (measured over budget): {dict(pool.refusals)}")
+    if out.get("hybrid") is not None:
+        gpu_check_hybrid.print_hybrid(out["hybrid"], _mib)
     print(f"{'PASS' if out['ok'] else 'FAIL'} in {out['seconds']:.0f} s")
 
 
@@ -334,17 +349,27 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(min(4, os.cpu_count() or 1))
     store = default_store()
     params, left_out = torch_models(store)
+    wanted = {n.strip() for n in args.models.split(",") if n.strip()}
+    if wanted:
+        left_out.update({n: "not in --models" for n in params if n not in wanted})
+        params = {n: p for n, p in params.items() if n in wanted}
     if len(params) < 2:
         print(f"error: fewer than two torch models can load here ({left_out})", file=sys.stderr)
         return 2
+    gpu = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "no GPU (dry run on the CPU)"
+    out: dict[str, Any] = {"device": args.device, "gpu": gpu, "left_out": left_out}
+    return _check(args, store, meter, params, out)
+
+
+def _check(
+    args: argparse.Namespace, store: Any, meter: Any, params: dict[str, dict[str, Any]], out: dict[str, Any]
+) -> int:
+    """Steps 1-4 (module docstring) and the report; the exit status."""
     names = sorted(params)
     cfg = _site_config(args, params)
     fps = 4.0
-    total_frames = args.frames + args.periods * args.period_frames + args.period_frames
-    frames = sample_frames(store, total_frames, fps)
-
-    gpu = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "no GPU (dry run on the CPU)"
-    out: dict[str, Any] = {"device": args.device, "gpu": gpu, "left_out": left_out}
+    planner_frames = args.frames + args.periods * args.period_frames + args.period_frames
+    frames = sample_frames(store, planner_frames + gpu_check_hybrid.hybrid_frames_needed(args), fps)
     t_all = time.perf_counter()
 
     # 1. per-model NVML costs, each model alone.
@@ -380,7 +405,15 @@ def main(argv: list[str] | None = None) -> int:
     }
     twice = _twice(planner, names)
     over = peak_above_baseline is not None and peak_above_baseline > budget
-    out["ok"] = not over and not twice
+
+    # 4. hybrid rotation under a budget where at most one model fits beside the resident set.
+    hybrid = None
+    if not args.no_hybrid:
+        hybrid = gpu_check_hybrid.run_hybrid(
+            args, cfg, store, meter, costs, planner, frames[planner_frames:], frames[: args.frames], fps
+        )
+    out["hybrid"] = hybrid
+    out["ok"] = not over and not twice and (hybrid is None or hybrid["ok"])
     out["seconds"] = time.perf_counter() - t_all
     pool.close()
 

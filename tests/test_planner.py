@@ -407,3 +407,43 @@ def test_gpu_check_skips_cleanly_without_cuda() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("skipped: no CUDA device (")
+
+
+def test_gpu_check_hybrid_step_dry_run_on_cpu(store: AssetStore) -> None:
+    """The GPU check's hybrid step on the CPU meter, tiny: two small models, no periods."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {
+        **os.environ,
+        "MLINK_ASSET_MIRROR": str(store.mirror or ""),
+        "MLINK_OFFLINE": "1",
+        "MLINK_HOME": str(store.home),
+    }
+    args = ["--dry-run-cpu", "--models", "mobilenet_v2,efficientnet_lite0", "--frames", "6", "--periods", "0"]
+    args += ["--hybrid-buffers", "2", "--hybrid-frames", "6", "--json"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlink.bench.gpu_check", *args],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    h = out["hybrid"]
+    assert out["ok"] and h["ok"]
+    costs = sorted(h["costs"].values())
+    assert costs[1] <= h["budget_bytes"] < costs[0] + costs[1]  # one model at a time
+    assert h["served_frames"] == 12 and h["buffers"] == 2
+    assert h["rotation_loads"] == h["rotation_unloads"]
+    assert 0 <= h["frames_rotated"] <= h["frames_revised"] <= h["served_frames"]
+    assert h["peak_charged"] <= h["budget_bytes"]
+    assert h["measured"]["source"] == "anon" and h["measured"]["samples"] > 0
+    assert h["peak_above_baseline"] is not None and h["peak_above_baseline"] <= h["budget_bytes"]
+    modes = h["modes"]
+    assert sorted(modes["resident"] + modes["rotating"] + modes["predicted"]) == sorted(h["costs"])
+    assert len(modes["resident"]) <= 1

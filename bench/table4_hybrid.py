@@ -269,6 +269,8 @@ class Hybrid:
         for i, p in enumerate(window):
             for m in ran[i]:
                 st.real(m, self.camera(p), p)
+            if ran[i] - modes.resident:
+                st.rotated.append((p, frozenset(ran[i])))
         figures = self.figures(st, modes, acc, window, [ran[i] for i in range(len(window))])
         groups: dict[frozenset[str], list[int]] = {}
         for i, p in enumerate(window):
@@ -355,6 +357,23 @@ class Hybrid:
             spec, vals = self.tuples.specs[k], self.tuples.values[k]
             st.reuse.learn(k, X, np.array([spec.accuracy(vals[r], vals[p]) for r, p in pairs]))
 
+    def teach_links(self, st: State, links: LinkSet) -> None:
+        """Every real execution teaches the links too: the frames where rotating models ran
+        since the last call, grouped by the models real there, fine-tune the links among
+        those models (``LinkSet.fine_tune(partial=True)``)."""
+        if not bool(self.ctx.opt("hybrid_teach_links", True)):
+            st.rotated.clear()
+            return
+        groups: dict[frozenset[str], list[int]] = {}
+        for p, models in st.rotated:
+            if len(models) >= 2:
+                groups.setdefault(models, []).append(p)
+        st.rotated.clear()
+        for models, positions in sorted(groups.items(), key=lambda g: sorted(g[0])):
+            nodes = [k for m in self.ctx.models if m in models for k in self.nodes(m)]
+            part = self.tuples.subset(positions).select(nodes)
+            links.fine_tune(part, epochs=self.ctx.options.get("fine_tune_epochs"), partial=True)
+
     def audit_held(
         self, st: State, links: LinkSet, acc: LinkAccuracy, held: TupleSet, cache: dict[frozenset[str], Any]
     ) -> None:
@@ -436,12 +455,10 @@ def run_hybrid(
     reuse_s = time.perf_counter() - t0
     hy.diffs.seconds = 0.0  # the training pairs' differences are set-up (in reuse_fit_s), not serving
     max_cost = max(ctx.costs.values())
-    trajs: dict[str, LinkSet] = {"tuned": links}
     traj_of = {b: ("tuned" if b + 1e-9 >= max_cost else "frozen") for b in budgets}
-    if "frozen" in traj_of.values():
-        trajs["frozen"] = copy.deepcopy(links)
-    windows = {name: heldout for name in trajs}
     states = {b: State(b, traj_of[b], copy.deepcopy(reuse)) for b in budgets}
+    own = {b: copy.deepcopy(links) for b in budgets}  # each budget's links learn from its own executions
+    heldout_window = heldout
     for st in states.values():
         st.preds = {k: {} for k in ctx.oracle.nodes}
         st.first = {k: {} for k in ctx.oracle.nodes}
@@ -450,22 +467,23 @@ def run_hybrid(
             for p in proto.train:
                 st.real(m, hy.camera(p), p)
     seen = list(proto.train)
-    accs: dict[str, LinkAccuracy] = {}
+    accs: dict[float, LinkAccuracy] = {}
     cap = max(len(heldout), 50)
     bar = tqdm(total=len(proto.periods), desc="MLink (hybrid) periods", unit="period", disable=not ctx.progress)
     try:
         for pi, (chunk, prof) in enumerate(zip(proto.periods, proto.profiled)):
             new = ctx.oracle.tuples.subset(prof)
             tune, held = new.split(0.5, int(ctx.opt("seed", 0)) + pi + 1) if len(new) >= 2 else (new, None)
-            if held is not None and accs:
-                caches: dict[str, dict[frozenset[str], Any]] = {name: {} for name in trajs}
-                for st in states.values():
-                    hy.audit_held(st, trajs[st.links], accs[st.links], held, caches[st.links])
-            trajs["tuned"].fine_tune(tune, epochs=ctx.options.get("fine_tune_epochs"))
-            windows["tuned"] = _extend(windows["tuned"], held, cap)
-            accs = {name: LinkAccuracy(trajs[name], windows[name], hy.served) for name in trajs}
-            for st in states.values():
-                hy.period(st, pi, chunk, prof, seen, trajs[st.links], accs[st.links])
+            tuned_window = _extend(heldout_window, held, cap)
+            for b, st in states.items():
+                if held is not None and b in accs:
+                    hy.audit_held(st, own[b], accs[b], held, {})
+                if st.links == "tuned":
+                    own[b].fine_tune(tune, epochs=ctx.options.get("fine_tune_epochs"))
+                hy.teach_links(st, own[b])
+                accs[b] = LinkAccuracy(own[b], tuned_window if st.links == "tuned" else heldout, hy.served)
+                hy.period(st, pi, chunk, prof, seen, own[b], accs[b])
+            heldout_window = tuned_window
             seen.extend(chunk)
             bar.update(1)
     finally:

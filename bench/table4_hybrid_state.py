@@ -60,6 +60,7 @@ class State:
     fixed_ms: float = 0.0  # this period's fixed charges per frame (:meth:`Hybrid.period_ms`)
     modes: Modes | None = None  # the last period's
     audit: LinkAudit = field(default_factory=LinkAudit)  # the links' accuracy measured while serving
+    rotated: list[tuple[int, frozenset[str]]] = field(default_factory=list)  # frames rotation ran on, not yet taught
     held: str | None = None  # the rotating model left loaded by the last buffer (no load to run it next)
 
     def is_real(self, model: str, camera: str, p: int) -> bool:

@@ -231,8 +231,13 @@ class LinkSet:
         epochs: int | None = None,
         lr_scale: float | None = None,
         progress: ProgressArg = None,
+        partial: bool = False,
     ) -> dict[str, dict]:
         """Update every link with a few new tuples (the scheduler's periodic re-profiling).
+
+        ``partial``: the tuples may hold only some nodes (a rotating model's real outputs beside
+        the resident models'): only the links between nodes they hold are updated, so every
+        real execution teaches the links it can, not only a full profile.
 
         Drift-aware by default: a link whose loss on the new tuples is within
         ``config.drift_ratio`` times the validation loss it had when trained sees the same scene,
@@ -251,7 +256,8 @@ class LinkSet:
         missing = [
             k
             for k, spec in self.specs.items()
-            if k not in new_tuples.specs or not specs_equal(new_tuples.specs[k], spec)
+            if (k not in new_tuples.specs and not partial)
+            or (k in new_tuples.specs and not specs_equal(new_tuples.specs[k], spec))
         ]
         if missing:
             raise LinkError(f"fine-tuning: node {missing[0]} is missing from the new tuples or has another spec")
@@ -262,9 +268,13 @@ class LinkSet:
         with torch_threads(cfg.threads):
             try:
                 for t, ens in self.ensembles.items():
+                    if t not in new_tuples.specs:
+                        continue
                     y = encode_target(self.specs[t], new_tuples.values[t], cfg.cap)
                     for s, link in zip(ens.sources, ens.by_index):
                         key = f"{s}->{t}"
+                        if s not in new_tuples.specs:
+                            continue
                         if s not in enc:
                             enc[s] = encode_source(self.specs[s], new_tuples.values[s], cfg.cap)
                         fitted = link_metrics.get(key, {}).get("fit") or {}

@@ -13,6 +13,7 @@ import torch
 from mlink.links import (
     DatasetError,
     IncompatibleLinksError,
+    LinkError,
     LinkSet,
     LinkStoreError,
     Seq2Seq,
@@ -530,6 +531,26 @@ def test_fine_tune_moves_links_towards_new_tuples(vector_links, synth: TupleSet)
     # the original is untouched
     orig = ls.link("yolox_nano:person_count", "hog_people:person_count")
     assert not all(torch.equal(a, b) for a, b in zip(orig.state_dict().values(), link.state_dict().values()))
+
+
+def test_partial_tuples_fine_tune_only_the_links_between_their_nodes(vector_links, synth: TupleSet) -> None:
+    """A rotating model's real outputs beside the resident ones teach the links among them."""
+    import copy
+
+    ls, _ = vector_links
+    held = ["yolox_nano:person_count", "hog_people:person_count"]
+    part = synth.subset(range(180, 240)).select(held)
+    with pytest.raises(LinkError, match="missing"):
+        copy.deepcopy(ls).fine_tune(part)
+    tuned = copy.deepcopy(ls)
+    results = tuned.fine_tune(part, partial=True)
+    assert set(results) == {f"{s}->{t}" for s, t in ls.links if s in held and t in held}
+    assert results  # the yolox -> hog count link is among them
+    untouched = ("yolox_nano:person_count", "mobilenet_v2:probs")
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(ls.link(*untouched).state_dict().values(), tuned.link(*untouched).state_dict().values())
+    )
 
 
 def test_matrix_json_and_heatmap(vector_links, tmp_path) -> None:

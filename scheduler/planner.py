@@ -117,6 +117,7 @@ class Planner:
         self.plan: Plan | None = None
         self.accuracy = LinkAccuracy(links, heldout, self.served)
         self.eval_tuples: TupleSet | None = heldout
+        self.taught: list[TupleSet] = []  # real outputs of part of the models (rotation): next period's fine-tuning
         self.reports: list[PeriodReport] = []
         self.period = 0
         self._next_id = int(first_plan_id)
@@ -456,6 +457,7 @@ class Planner:
             fine_tune=opts.fine_tune,
             epochs=opts.fine_tune_epochs,
             seed=opts.seed + self.period,
+            taught=self.taught,
         )
         if held is not None:
             cap = opts.eval_window or max(len(self.heldout) if self.heldout is not None else 0, 50)

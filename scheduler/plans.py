@@ -80,6 +80,7 @@ class PeriodReport:
     skipped: dict[str, str] = field(default_factory=dict)  # model -> why it was not profiled
     fine_tuned: bool = False
     fine_tune_note: str = ""
+    partial_fine_tunes: int = 0  # fine-tunings on rotation outputs (some models only) before this period's
     trained: bool = False
     eval_tuples: int = 0
     profile_s: float = 0.0

@@ -72,6 +72,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_LATENCY_MS = 100.0
 DEFAULT_LOAD_MS = 1000.0
+TAUGHT_FRAMES = 500  # rotation frames kept for the next period's fine-tuning (the oldest dropped)
 LEARN_GAP = 4  # pairs taught per real frame: this many real frames of the camera either side
 EPS = 1e-6
 
@@ -262,6 +263,7 @@ class Rotation:
                 revised |= set(picks)
                 revised |= self._spread(m, window, picks, tensors[m][0])
         self._teach(window)
+        self._teach_links(window, {m for m, picks in wp.runs.items() if picks})
         self._finish(window, wp.to_json(), budget)
         out = []
         for i in sorted(revised):
@@ -352,6 +354,28 @@ class Rotation:
                     by_cam.setdefault(h.camera, {})[real.wall_time] = real
             for reals in by_cam.values():
                 self._teach_camera(nodes, [reals[t] for t in sorted(reals)])
+
+    def _teach_links(self, window: Sequence[Held], rotated: set[str]) -> None:
+        """The frames a rotating model ran on, with every model real there, for the planner's
+        next fine-tuning (``Planner.taught``; at most ``TAUGHT_FRAMES`` frames wait)."""
+        groups: dict[frozenset[str], list[tuple[Held, dict[str, np.ndarray]]]] = {}
+        for h in window:
+            if not h.ran & rotated:
+                continue
+            reals = {m: real_of(h, m, self.nodes.get(m, [])) for m in h.ran}
+            values = {k: v for r in reals.values() if r is not None for k, v in r.outputs.items()}
+            models = frozenset(m for m, r in reals.items() if r is not None)
+            if len(models) >= 2:
+                groups.setdefault(models, []).append((h, values))
+        for models, frames in groups.items():
+            part = TupleSet.for_models(
+                {m: [model_info(m).output(k.split(":", 1)[1]) for k in self.nodes[m]] for m in models}
+            )
+            for h, values in frames:
+                part.append(h.camera, h.wall_time, values)
+            self.planner.taught.append(part)
+        while sum(len(t) for t in self.planner.taught) > TAUGHT_FRAMES:
+            self.planner.taught.pop(0)
 
     def _teach_camera(self, nodes: Sequence[str], reals: Sequence[Real]) -> None:
         rows: list[np.ndarray] = []

@@ -83,13 +83,22 @@ def fine_tune_links(
     fine_tune: bool,
     epochs: int | None,
     seed: int,
+    taught: list[TupleSet] | None = None,
 ) -> TupleSet | None:
     """Fine-tune ``links`` on half of a period's profiled ``parts`` ({model: tuples}); return the
     other half (held out, for the evaluation window), or None when there is none.
 
+    ``taught`` (emptied here) holds real outputs of only some models since the last period
+    (a hybrid plan's rotation): every real execution teaches the links between the nodes it
+    holds (``LinkSet.fine_tune(partial=True)``), whether or not the profile was complete.
+
     Links need complete tuples: when a model of the links could not be profiled, nothing is
     fine-tuned or held out. ``report`` gets ``fine_tuned`` and ``fine_tune_note``.
     """
+    if fine_tune:
+        _fine_tune_partial(links, taught or [], epochs, report)
+    if taught:
+        taught.clear()
     link_models = set(links.models)
     missing = sorted(link_models - set(parts))
     if missing:
@@ -112,6 +121,18 @@ def fine_tune_links(
     else:
         report.fine_tune_note = "fine-tuning off (links.fine_tune: false)"
     return held
+
+
+def _fine_tune_partial(links: LinkSet, taught: list[TupleSet], epochs: int | None, report: PeriodReport) -> None:
+    for part in taught:
+        if len(part) == 0 or len(part.models) < 2:
+            continue
+        try:
+            links.fine_tune(part.restrict(links.specs), epochs=epochs, partial=True)
+            report.partial_fine_tunes += 1
+        except Exception as exc:  # the links' problem must not stop serving
+            log.exception("planner: fine-tuning on rotation outputs failed")
+            report.fine_tune_note = f"fine-tuning on rotation outputs failed: {type(exc).__name__}: {exc}"
 
 
 def slide_window(window: TupleSet | None, held: TupleSet, cap: int) -> TupleSet:

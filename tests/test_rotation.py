@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from pydantic import ValidationError
 
 from mlink.configs.schema import HybridConfig, SchedulerConfig
@@ -75,6 +76,7 @@ def _planner(pool: FakePool) -> Any:  # a Planner as far as Rotation reads it
         pool=pool,
         accuracy=SimpleNamespace(node=lambda active, k: 1.0 if k.split(":")[0] in active else 0.3),
         budget=pool.budget,
+        taught=[],
         plan=SimpleNamespace(id=1, active=frozenset({RES}), selector="objective"),
         _evaluate=lambda held, selector: held,  # the planner's own, for a resident set the modes chose
         _make_plan=lambda held, reason, now: SimpleNamespace(id=2, active=held, selector="objective"),
@@ -124,6 +126,10 @@ def test_a_buffer_runs_the_rotating_model_revises_and_spreads_within_the_budget(
     assert [op for op, m, _ in pool.log if m == ROT][:2] == ["load", "unload"]  # then modes are chosen again
     assert max(c for _, _, c in pool.log) <= pool.budget and rot.peak_charged <= pool.budget
     assert rot.reuse.n_pairs(ROT_NODE) > 20  # the real output taught (against nothing else yet: >= the seed)
+    # ... and the links too, next period: the frames it ran on, with the resident model's outputs
+    (part,) = rot.planner.taught
+    assert set(part.specs) == {RES_NODE, ROT_NODE} and len(part) == len(executed)
+    assert [float(v[0]) for v in part.values[ROT_NODE]] == [3.0] * len(executed)
 
 
 def test_the_next_frame_is_served_from_the_last_real_output_when_the_picture_held() -> None:
@@ -149,3 +155,29 @@ def test_hybrid_config_defaults_and_bounds() -> None:
     for bad in ({"gpu_share": 0}, {"gpu_share": 1.5}, {"max_delay_s": 0}, {"max_delay_s": float("inf")}, {"x": 1}):
         with pytest.raises(ValidationError):
             HybridConfig(**bad)
+
+
+def test_the_next_period_fine_tunes_the_links_on_what_rotation_taught() -> None:
+    """``fine_tune_links`` spends ``taught`` (partial tuples) on the links between their nodes,
+    empties it, and still fine-tunes on the period's complete profile as before."""
+    from mlink.links import LinkSet, TrainConfig
+    from mlink.links.synthetic import synthetic_tuples
+    from mlink.scheduler.plans import PeriodReport
+    from mlink.scheduler.upkeep import fine_tune_links
+
+    tuples = synthetic_tuples(160, seed=5)
+    nodes = ["yolox_nano:person_count", "hog_people:person_count"]
+    links = LinkSet.train(
+        tuples.head(120), config=TrainConfig(epochs=10, patience=3, combiner_steps=40), targets=nodes, sources=nodes
+    )
+    before = {k: [p.detach().clone() for p in link.parameters()] for k, link in links.links.items()}
+    taught = [tuples.subset(range(120, 140)).select(nodes)]
+    report = PeriodReport(period=1, started_at=0.0, ran_at=0.0, frames=0)
+    parts = {m: tuples.subset(range(140, 160)) for m in tuples.models}
+    held = fine_tune_links(links, parts, report, fine_tune=True, epochs=2, seed=0, taught=taught)
+    assert taught == [] and report.partial_fine_tunes == 1 and report.fine_tuned and held is not None
+    assert len(links.history) == 2  # the rotation's part, then the profile's half
+    assert links.history[0]["n"] == 20
+    assert all(
+        not all(torch.equal(a, b) for a, b in zip(before[k], link.parameters())) for k, link in links.links.items()
+    )

@@ -221,10 +221,11 @@ class LinkAudit:
     from the models real there against the real output.
 
     :meth:`corrected` blends the held-out figure (scaled by the drift seen so far, weighted as
-    ``prior_weight`` audits) with the audits of that node and set of models. A node that never
-    runs has no audits of its own; it gets the held-out figure times the drift measured on the
-    nodes that do run (measured / expected over every audit), the one evidence there is that
-    the links' world has moved since they were scored.
+    ``prior_weight`` audits) with the audits of that node and set of models. A node audited
+    only from other sets gets its held-out figure times the drift over every audit. A node that
+    never runs has no audits at all; it gets the held-out figure times the *worst* drift any
+    measured node showed: the only evidence is that the links' world has moved, and nothing
+    says this node moved less.
     """
 
     prior_weight: float = 10.0
@@ -246,11 +247,23 @@ class LinkAudit:
         never above 1.0: luck elsewhere does not raise a held-out figure."""
         return min(1.0, (self.prior_weight + self.measured_total) / (self.prior_weight + self.expected_total))
 
+    def worst_drift(self) -> float:
+        """The lowest per-node drift (each shrunk like :meth:`drift`): what a node that was never
+        measured is assumed to have, since nothing says it drifted less than the worst one seen."""
+        per: dict[str, list[float]] = {}
+        for (node, _), (e, m, _n) in self.sums.items():
+            acc = per.setdefault(node, [0.0, 0.0])
+            acc[0] += e
+            acc[1] += m
+        ratios = [(self.prior_weight + m) / (self.prior_weight + e) for e, m in per.values()]
+        return min(1.0, min(ratios, default=1.0))
+
     def corrected(self, node: str, active: Iterable[str], held_out: float) -> float:
-        prior = float(held_out) * self.drift()
         s = self.sums.get((node, frozenset(active)))
         if s is None:
-            return prior
+            measured = any(k == node for k, _ in self.sums)
+            return float(held_out) * (self.drift() if measured else self.worst_drift())
+        prior = float(held_out) * self.drift()
         return (self.prior_weight * prior + s[1]) / (self.prior_weight + s[2])
 
     @property

@@ -124,10 +124,15 @@ def test_link_audit_corrects_held_out_figures_by_what_serving_measured() -> None
     for _ in range(500):  # the links really score 0.4 where they were expected to score 0.8
         audit.record("m:n", {"a"}, expected=0.8, measured=0.4)
     assert audit.corrected("m:n", {"a"}, 0.8) == pytest.approx(0.4, abs=0.02)
-    # a node that never runs: its held-out figure times the drift measured on the others
-    assert audit.corrected("x:y", {"a"}, 0.9) == pytest.approx(0.9 * audit.drift())
+    # a measured node from a set never audited: the drift measured on every audit
+    assert audit.corrected("m:n", {"b"}, 0.9) == pytest.approx(0.9 * audit.drift())
     assert audit.drift() == pytest.approx(0.5, abs=0.02)
+    # a node never measured at all: the worst drift any node showed
+    for _ in range(500):
+        audit.record("k:l", {"a"}, expected=0.5, measured=0.5)  # this one did not drift
+    assert audit.drift() > 0.6 and audit.worst_drift() == pytest.approx(0.5, abs=0.02)
+    assert audit.corrected("x:y", {"a"}, 0.9) == pytest.approx(0.9 * audit.worst_drift())
     lucky = LinkAudit()
     lucky.record("m:n", set(), expected=0.2, measured=1.0)
     assert lucky.drift() == 1.0  # never raised above the held-out figure
-    assert audit.audits == 501
+    assert audit.audits == 1001

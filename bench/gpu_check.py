@@ -220,19 +220,9 @@ def _run_planner(
     from mlink.scheduler.memory import MemoryMeter
     from mlink.scheduler.options import PlannerOptions
     from mlink.scheduler.planner import Planner
-    from mlink.scheduler.pool import ModelPool
-    from mlink.scheduler.site import model_factory
+    from mlink.scheduler.site import build_pool
 
-    names = [m.name for m in cfg.models]  # sorted, as _site_config wrote them
-    pool = ModelPool(
-        budget,
-        args.device,
-        meter=meter,
-        factory=model_factory(cfg, store),
-        costs=costs,
-        warmup_batch=args.batch,
-        models=names,
-    )
+    pool = build_pool(cfg, store=store, budget=budget, costs=costs, meter=meter)  # warm-up: --batch
     options = PlannerOptions.from_site(
         cfg,
         budget=budget,

@@ -63,19 +63,10 @@ def _build(args: argparse.Namespace, cfg: Any, store: Any, meter: Any, costs: di
     from mlink.links import TrainConfig
     from mlink.scheduler.options import PlannerOptions
     from mlink.scheduler.planner import Planner
-    from mlink.scheduler.pool import ModelPool
-    from mlink.scheduler.site import model_factory
+    from mlink.scheduler.site import build_pool
 
     budget = hybrid_budget(costs)
-    pool = ModelPool(
-        budget,
-        args.device,
-        meter=meter,
-        factory=model_factory(cfg, store),
-        costs=costs,
-        warmup_batch=args.batch,
-        models=[m.name for m in cfg.models],
-    )
+    pool = build_pool(cfg, store=store, budget=budget, costs=costs, meter=meter)  # warm-up: --batch
     options = PlannerOptions.from_site(
         cfg, budget=budget, train_config=TrainConfig(epochs=5, patience=2, combiner_steps=50, fine_tune_epochs=2)
     )

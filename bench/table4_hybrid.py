@@ -40,7 +40,7 @@ import numpy as np
 
 from mlink.bench.table4_hybrid_state import Diffs, State, hybrid_result
 from mlink.bench.table4_methods import Context
-from mlink.bench.table4_mlink import _extend, _link_ms, _train_links
+from mlink.bench.table4_mlink import TrainedLinks, _extend, _link_ms, _train_links
 from mlink.links import LinkSet, TupleSet, node_model
 from mlink.links.temporal import ReuseModel, camera_pairs, change_vector, output_change
 from mlink.scheduler.accuracy import LinkAccuracy
@@ -440,7 +440,10 @@ class Hybrid:
 
 
 def run_hybrid(
-    ctx: Context, budgets: Sequence[float], time_ms: Mapping[float, float] | None = None
+    ctx: Context,
+    budgets: Sequence[float],
+    time_ms: Mapping[float, float] | None = None,
+    trained: TrainedLinks | None = None,
 ) -> dict[float, dict[str, Any]]:
     """The hybrid method at every budget, over the protocol's periods; {budget: result}.
     ``time_ms`` is the per-frame time each budget may spend (all of it: executions, loads,
@@ -449,7 +452,7 @@ def run_hybrid(
 
     proto = ctx.protocol
     hy = Hybrid(ctx, budgets, time_ms)
-    links, _, heldout, train_s = _train_links(ctx)
+    links, _, heldout, train_s = trained or _train_links(ctx)  # never changed here: each budget copies
     t0 = time.perf_counter()
     reuse = hy.fit_reuse(proto.train)
     reuse_s = time.perf_counter() - t0

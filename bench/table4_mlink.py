@@ -317,14 +317,19 @@ def _weighted(pairs: list[tuple[float, int]]) -> float | None:
     return sum(v * n for v, n in pairs) / total if total else None
 
 
+TrainedLinks = tuple[LinkSet, TupleSet, TupleSet, float]  # what :func:`_train_links` returns
+
+
 def run_mlink(
-    ctx: Context, budgets: list[float], switch_margin: float = 0.01
+    ctx: Context, budgets: list[float], switch_margin: float = 0.01, trained: TrainedLinks | None = None
 ) -> dict[tuple[str, float], dict[str, Any]]:
-    """Every selector at every budget, over the same periods; {(selector, budget): result}."""
+    """Every selector at every budget, over the same periods; {(selector, budget): result}.
+    ``trained``: step 1's links when the caller trained them already (they are fine-tuned in
+    place); default: trained here."""
     from tqdm import tqdm
 
     proto = ctx.protocol
-    links, links_train, heldout, train_s = _train_links(ctx)
+    links, links_train, heldout, train_s = trained or _train_links(ctx)
     max_cost = max(ctx.costs.values())
     traj_of = {b: ("tuned" if b + 1e-9 >= max_cost else "frozen") for b in budgets}
     trajs: dict[str, LinkSet] = {"tuned": links}

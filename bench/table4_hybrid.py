@@ -44,7 +44,7 @@ from mlink.bench.table4_mlink import TrainedLinks, _extend, _link_ms, _train_lin
 from mlink.links import LinkSet, TupleSet, node_model
 from mlink.links.temporal import ReuseModel, camera_pairs, change_vector, output_change
 from mlink.scheduler.accuracy import LinkAccuracy
-from mlink.scheduler.hybrid import Modes, choose_modes, mode_options, plan_window
+from mlink.scheduler.hybrid import Modes, choose_modes, mode_options, plan_window, window_figures
 
 PLAN_WINDOWS = 4  # buffers of recent frames the modes are chosen on
 OVERHEAD_MS = 4.0  # planned per frame for differences and links (measured: 2-4 ms on our CPU sites)
@@ -126,33 +126,19 @@ class Hybrid:
     ) -> tuple[np.ndarray, np.ndarray]:
         """(reuse (nodes, n, n), prior (nodes, n)) of ``model`` over ``window`` (module doc);
         ``real[i]`` are the models known to be real on the window's frame ``i``."""
-        nodes = self.nodes(model)
-        n = len(window)
-        reuse = np.zeros((len(nodes), n, n))
-        prior = np.zeros((len(nodes), n))
         start = min(window)
-        for ki, k in enumerate(nodes):
-            if not st.reuse.knows(k):
-                continue
-            rows, where = [], []
-            for i, p in enumerate(window):
-                ref = st.prior(model, self.camera(p), start)
-                if ref is not None:
-                    rows.append(self.change(st, model, ref, p, real[i]))
-                    where.append((i, -1))
-                for j, r in enumerate(window if in_window else ()):
-                    if j != i and self.camera(r) == self.camera(p):
-                        rows.append(self.change(st, model, r, p, real[i]))
-                        where.append((i, j))
-            if not rows:
-                continue
-            q = st.reuse.expected(k, np.stack(rows))
-            for (i, j), v in zip(where, q):
-                if j < 0:
-                    prior[ki, i] = v
-                else:
-                    reuse[ki, i, j] = v
-        return reuse, prior
+        rows: list[np.ndarray] = []
+        where: list[tuple[int, int]] = []
+        for i, p in enumerate(window):
+            ref = st.prior(model, self.camera(p), start)
+            if ref is not None:
+                rows.append(self.change(st, model, ref, p, real[i]))
+                where.append((i, -1))
+            for j, r in enumerate(window if in_window else ()):
+                if j != i and self.camera(r) == self.camera(p):
+                    rows.append(self.change(st, model, r, p, real[i]))
+                    where.append((i, j))
+        return window_figures(st.reuse, self.nodes(model), rows, where, len(window))
 
     @staticmethod
     def link_acc(st: State, acc: LinkAccuracy, node: str, active: frozenset[str]) -> float:

@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from mlink.links.temporal import ReuseModel
+
 MODES = ("resident", "rotating", "predicted")
 EPS = 1e-9
 
@@ -196,6 +198,29 @@ def plan_window(
         spent += cost_ms[m] * len(picks)
     expected = {m: cur[m].mean(axis=0) for m in reuse}
     return WindowPlan({m: sorted(v) for m, v in runs.items()}, expected, spent, loads)
+
+
+def window_figures(
+    reuse: ReuseModel, nodes: Sequence[str], rows: Sequence[np.ndarray], where: Sequence[tuple[int, int]], n: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`plan_window`'s ``reuse`` (nodes, n, n) and ``prior`` (nodes, n) of one model over
+    a buffer of ``n`` frames, from the temporal links' inputs ``rows``: ``where[r]`` is (frame
+    i, reference j) for ``rows[r]``, j = -1 for the camera's last real output before the buffer.
+    Pairs not listed, and nodes the temporal links do not know, stay 0."""
+    r = np.zeros((len(nodes), n, n))
+    p = np.zeros((len(nodes), n))
+    if not rows:
+        return r, p
+    X = np.stack(rows)
+    for ki, k in enumerate(nodes):
+        if not reuse.knows(k):
+            continue
+        for (i, j), v in zip(where, reuse.expected(k, X)):
+            if j < 0:
+                p[ki, i] = v
+            else:
+                r[ki, i, j] = v
+    return r, p
 
 
 def choose_modes(

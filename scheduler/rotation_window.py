@@ -20,7 +20,7 @@ import numpy as np
 from mlink.links import node_model
 from mlink.links.temporal import ReuseModel, change_vector
 from mlink.models.catalog import model_info
-from mlink.scheduler.hybrid import Modes, plan_window
+from mlink.scheduler.hybrid import Modes, plan_window, window_figures
 from mlink.scheduler.serving import FrameResult, NodeOutput
 
 DiffFn = Callable[[Any, Any], Sequence[float]]
@@ -96,9 +96,6 @@ def window_tensors(
     """(reuse (nodes, n, n), prior (nodes, n)) as :func:`~mlink.scheduler.hybrid.plan_window`
     takes them: frame i served from a real output on frame j of the same camera, or from the
     camera's last real output before the buffer (``prior``: camera -> :class:`Real`)."""
-    n = len(window)
-    r = np.zeros((len(nodes), n, n))
-    p = np.zeros((len(nodes), n))
     rows: list[np.ndarray] = []
     where: list[tuple[int, int]] = []
     for i, h in enumerate(window):
@@ -110,18 +107,7 @@ def window_tensors(
             if j != i and o.camera == h.camera:
                 rows.append(changes.vector(o.maps, o.wall_time, h.maps, h.wall_time))
                 where.append((i, j))
-    if not rows:
-        return r, p
-    X = np.stack(rows)
-    for ki, k in enumerate(nodes):
-        if not reuse.knows(k):
-            continue
-        for (i, j), v in zip(where, reuse.expected(k, X)):
-            if j < 0:
-                p[ki, i] = v
-            else:
-                r[ki, i, j] = v
-    return r, p
+    return window_figures(reuse, nodes, rows, where, len(window))
 
 
 @dataclass

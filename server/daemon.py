@@ -27,6 +27,7 @@ import queue
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -134,6 +135,9 @@ class Daemon:
         self._link_views: LinkViews = NO_LINKS
         self._refreshed_at = 0.0
         self.served = ServedCounts()
+        # Called with every snapshot just installed (worker thread): how the state reaches
+        # readers outside this process. A listener that raises is logged and skipped.
+        self.snapshot_listeners: list[Callable[[Snapshot], None]] = []
         self.snapshot = Snapshot(
             version=0,
             published_at=time.time(),
@@ -184,6 +188,11 @@ class Daemon:
     def _install(self, snap: Snapshot) -> None:
         """The one place a snapshot becomes visible: a single reference assignment."""
         self.snapshot = snap
+        for listener in self.snapshot_listeners:
+            try:
+                listener(snap)
+            except Exception:
+                log.exception("snapshot listener %r failed; the snapshot is published in-process", listener)
 
     def _publish_pipeline(self, reason: str) -> Snapshot:
         """Publish the planner's and the pool's state (worker thread only, which owns them).

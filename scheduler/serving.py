@@ -100,6 +100,10 @@ class FrameResult:
     executed: tuple[str, ...] = ()  # models that ran on this frame
     missing: dict[str, str] = field(default_factory=dict)  # active models that did not run, and why
     seconds: float = 0.0  # the step's wall time for the batch this frame was in, per frame
+    # Where that time went, per frame: each executed model's share of its batch call, and the
+    # links' prediction. Not stored with the result; the daemon sums them per stage.
+    model_seconds: dict[str, float] = field(default_factory=dict)
+    link_seconds: float = 0.0
     revision: int = 0  # 0 as first served; each revision of the stored result adds one (hybrid plans)
 
     @property
@@ -184,20 +188,26 @@ class _Step:
         self.specs = {k: _spec(k) for k in self.nodes}
         self.active = [m for m in plan.served if m in plan.active]
 
-    def _run(self, images: list[np.ndarray]) -> tuple[dict[str, list[dict[str, np.ndarray]]], dict[str, str]]:
-        """Each active model on ``images``: (outputs per model that ran, why the others did not)."""
+    def _run(
+        self, images: list[np.ndarray]
+    ) -> tuple[dict[str, list[dict[str, np.ndarray]]], dict[str, str], dict[str, float]]:
+        """Each active model on ``images``: (outputs per model that ran, why the others did not,
+        each model's seconds for the whole batch)."""
         ran: dict[str, list[dict[str, np.ndarray]]] = {}
         missing: dict[str, str] = {}
+        seconds: dict[str, float] = {}
         for m in self.active:
             try:
                 with self.pool.pin(m) as model:
+                    t0 = time.perf_counter()
                     ran[m] = model.infer(images)
+                    seconds[m] = time.perf_counter() - t0
             except ModelNotLoaded as exc:
                 missing[m] = str(exc)
             except Exception as exc:  # a failing model must not fail the step
                 log.warning("serving: %s failed on a batch: %s", m, exc)
                 missing[m] = f"{type(exc).__name__}: {exc}"
-        return ran, missing
+        return ran, missing, seconds
 
     def _expected(self, executed: frozenset[str], foreseen: bool) -> dict[str, float | None]:
         """p(h_{A,node}) of every node not executed: the plan's, else for what did run."""
@@ -238,7 +248,8 @@ class _Step:
         """Serve frames that go through the models together."""
         plan, nodes, specs = self.plan, self.nodes, self.specs
         t0 = time.perf_counter()
-        ran, missing = self._run([f.image for f in chunk])
+        ran, missing, model_seconds = self._run([f.image for f in chunk])
+        model_per_frame = {m: t / max(len(chunk), 1) for m, t in model_seconds.items()}
         executed = frozenset(ran)
         foreseen = executed == plan.active
         per_frame = (time.perf_counter() - t0) / max(len(chunk), 1)
@@ -280,6 +291,8 @@ class _Step:
                     executed=tuple(sorted(executed)),
                     missing=dict(missing),
                     seconds=per_frame + predict_per_frame + (time.perf_counter() - t1),
+                    model_seconds=model_per_frame,
+                    link_seconds=predict_per_frame,
                 )
             )
         return results

@@ -51,6 +51,7 @@ from mlink.server.hybrid import ProfileTap, build_rotation
 from mlink.server.ingest import Ingest
 from mlink.server.profiling import NoProfileFiles, plan_stream_frames, site_frames, stored_profile
 from mlink.server.snapshot import NO_LINKS, LinkViews, ServedCounts, Snapshot, link_views, model_rows
+from mlink.server.stages import StageTimes
 
 if TYPE_CHECKING:
     from mlink.server.redis_embedded import EmbeddedRedis
@@ -122,7 +123,7 @@ class Daemon:
         self.outputs_total: Counter[tuple[str, str]] = Counter()
         self.results_failed = 0
         self.step_seconds = 0.0
-        self.model_seconds: Counter[str] = Counter()
+        self.stages = StageTimes()  # per-stage time of the pipeline (bench.throughput reads it)
         self.reloads: Counter[str] = Counter()
         self._stop = threading.Event()
         self._requests: queue.Queue[_PlanRequest] = queue.Queue()
@@ -375,14 +376,25 @@ class Daemon:
         under the record's camera and scored by its wall time (the clock ``since``/``until`` use)."""
         assert self.planner is not None and self.cache is not None and self.ingest is not None
         t0 = time.perf_counter()
+        taken = time.time()
+        self.stages.add("queue_wait", sum(max(taken - f.wall_time, 0.0) for f in batch), len(batch))
         self.planner.on_frames(batch)  # may run a period (re-profile, re-select) before serving
         if self.rotation is not None:
             self.rotation.on_plan()  # a new plan: choose the hybrid modes (may replace the plan)
         if self.planner.plan is not self.snapshot.plan:
             self._publish_pipeline("plan")  # before any result of the new plan is stored
+        t1 = time.perf_counter()
+        self.stages.add("plan", t1 - t0, len(batch))
         results = self.planner.serve(batch)
+        for r in results:
+            for m, sec in r.model_seconds.items():
+                self.stages.add(f"model:{m}", sec)
+            self.stages.add("links", r.link_seconds)
         if self.rotation is not None:
+            t1 = time.perf_counter()
             results = self.rotation.serve(results)
+            self.stages.add("rotation", time.perf_counter() - t1, len(results))
+        t1 = time.perf_counter()
         for r in results:
             f = r.frame
             self._store(r)
@@ -390,11 +402,17 @@ class Daemon:
             for node, out in r.outputs.items():
                 self.outputs_total[(node_model(node), out.provenance)] += 1
             self.ingest.mark_processed(f.camera)
+        self.stages.add("cache", time.perf_counter() - t1, len(results))
         if self.rotation is not None and self.rotation.due():
-            for r in self.rotation.close():  # rotating models ran: revised results
+            t1 = time.perf_counter()
+            revised = self.rotation.close()  # rotating models ran: revised results
+            for r in revised:
                 self._store(r)
+            self.stages.add("rotation", time.perf_counter() - t1, 0)
         self.served = ServedCounts.of(self.frames_total, self.outputs_total)
-        self.step_seconds += time.perf_counter() - t0
+        dt = time.perf_counter() - t0
+        self.step_seconds += dt
+        self.stages.add("step", dt, len(batch))
 
     def _store(self, r: FrameResult) -> None:
         assert self.cache is not None

@@ -21,12 +21,12 @@ class StageTimes:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._seconds: Counter[str] = Counter()
+        self._seconds: dict[str, float] = {}
         self._count: Counter[str] = Counter()
 
     def add(self, stage: str, seconds: float, count: int = 1) -> None:
         with self._lock:
-            self._seconds[stage] += seconds
+            self._seconds[stage] = self._seconds.get(stage, 0.0) + seconds
             self._count[stage] += count
 
     def snapshot(self) -> dict[str, dict[str, float]]:

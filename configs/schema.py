@@ -177,6 +177,13 @@ class CacheConfig(_Strict):
     )
     history: int = Field(default=10000, ge=1, description="results kept per camera")
     buffer: int = Field(default=10000, ge=1, description="results held in memory while Redis is unreachable")
+    fsync: Literal["always", "everysec"] = Field(
+        default="always",
+        description="durability of the embedded Redis (its appendfsync): always, every write is on disk before "
+        "Redis acknowledges it (a crash loses nothing stored); everysec, fsync once a second (a crash may lose "
+        "the last ~2 s of results, for a higher write rate: see bench/daemon.py). Not applied to an external "
+        "redis_url, whose operator sets it",
+    )
 
 
 class IngestConfig(_Strict):
@@ -202,6 +209,15 @@ class ApiConfig(_Strict):
     port: int = Field(default=8000, ge=0, le=65535)
     token: str | None = Field(
         default=None, description="bearer token for operator actions (reload); unset: they are refused"
+    )
+    read_workers: int = Field(
+        default=1,
+        ge=0,
+        le=64,
+        description="processes that answer the read routes (results, cameras, models, schedule, links) from Redis "
+        "and the published snapshot, so API load does not compete with the pipeline for the daemon's interpreter; "
+        "0: the daemon's process answers everything (as before). One is enough for thousands of GET/s of the "
+        "latest results on one core; more only help on hosts with cores to spare",
     )
 
 

@@ -202,6 +202,24 @@ class IngestConfig(_Strict):
         default=10.0, gt=0, description="RTSP/HTTP read timeout; a stream silent this long is reopened"
     )
     realtime: bool = Field(default=True, description="pace files at their sampled rate (false: as fast as they decode)")
+    processes: Literal["auto"] | int = Field(
+        default="auto",
+        description="where cameras decode: 'auto' = a capture process per camera, N = cameras spread over N "
+        "capture processes, 0 = reader threads inside the serving process (tests, tiny sites)",
+    )
+    hw_decode: Literal["auto", "off"] = Field(
+        default="auto", description="ask OpenCV for hardware decoding (falls back to software silently)"
+    )
+    ring_slots: int = Field(
+        default=3, ge=2, le=64, description="shared-memory frame slots per camera (capture processes only)"
+    )
+
+    @field_validator("processes")
+    @classmethod
+    def _processes_range(cls, v: str | int) -> str | int:
+        if isinstance(v, int) and not 0 <= v <= 256:
+            raise ValueError("processes must be 'auto' or an integer from 0 to 256")
+        return v
 
 
 class ApiConfig(_Strict):

@@ -165,7 +165,14 @@ class SchedulerConfig(_Strict):
     switch_margin: float = Field(
         default=0.01, ge=0, le=1, description="a new plan must beat the current one by this much accuracy"
     )
-    batch_size: int = Field(default=4, ge=1, le=64)
+    batch_size: int = Field(default=4, ge=1, le=64, description="frames served together (across cameras)")
+    batch_wait_ms: float = Field(
+        default=20.0,
+        ge=0,
+        le=1000,
+        description="how long a batch that is not full waits for more cameras' frames: fuller batches for the "
+        "models at this much added latency (0: serve what is queued at once)",
+    )
     hybrid: HybridConfig = Field(
         default_factory=HybridConfig, description="hybrid plans: rotating models over short frame buffers"
     )

@@ -364,8 +364,12 @@ class Daemon:
         if first is None:
             return batch
         batch.append(first)
-        while len(batch) < self.cfg.scheduler.batch_size:
-            more = self.ingest.next_frame(timeout=0)
+        # Across cameras: fill the batch from what is queued, waiting at most batch_wait_ms
+        # after the first frame, so a GPU gets fuller batches at a bounded added latency.
+        sched = self.cfg.scheduler
+        deadline = time.monotonic() + sched.batch_wait_ms / 1000.0
+        while len(batch) < sched.batch_size:
+            more = self.ingest.next_frame(timeout=max(deadline - time.monotonic(), 0.0))
             if more is None:
                 break
             batch.append(more)

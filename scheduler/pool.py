@@ -60,6 +60,7 @@ from typing import Any, Literal
 import numpy as np
 
 from mlink.scheduler.memory import MemoryMeter
+from mlink.scheduler.model_calls import CallLock, TakingTurns
 from mlink.scheduler.pool_records import (
     ApplyReport,
     BudgetExceeded,
@@ -137,7 +138,7 @@ class ModelPool:
         self._unavailable: dict[str, str] = {}
         self._pending_failures: list[tuple[str, str]] = []
 
-        # Counters for metrics.
+        self.calls, self.high_water = CallLock(), 0  # inferences take turns; highest charged + cost of any load
         self.loads: Counter[str] = Counter()  # per model, successful loads
         self.load_failures: Counter[str] = Counter()
         self.refusals: Counter[str] = Counter()
@@ -262,7 +263,7 @@ class ModelPool:
             slot.pins += 1
             model = slot.model
         try:
-            yield model
+            yield TakingTurns(model, self.calls)  # its infer() holds self.calls: calls interleave per batch
         finally:
             with self._cond:
                 slot.pins -= 1
@@ -312,6 +313,7 @@ class ModelPool:
 
         cost = max(int(m.peak_delta), 0)
         cost_index = self._record_cost(name, cost)
+        self.high_water = max(self.high_water, charged + cost)  # this load's measured peak, refused or not
         self.meter.release()
         resident = self.meter.used() - m.before if m.source == self.meter.source else m.delta
         record = LoadRecord(name, cost, int(m.delta), int(resident), m.seconds, m.source, time.time())

@@ -10,7 +10,7 @@ CONFIG ?= configs/default.yaml
 SHARED_MIRROR := $(abspath ../shared/assets)
 export MLINK_ASSET_MIRROR ?= $(if $(wildcard $(SHARED_MIRROR)/README.md),$(SHARED_MIRROR),)
 
-.PHONY: install run demo test lint bench bench-table4 assets gpu-check clean
+.PHONY: install run demo test lint bench bench-table4 assets gpu-check gpu-fleet clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -51,6 +51,7 @@ bench: install
 	$(BIN)/python -m mlink.bench.zoo
 	$(BIN)/python -m mlink.bench.scheduler
 	$(BIN)/python -m mlink.bench.daemon
+	$(BIN)/python -m mlink.bench.throughput --cameras 1,2,4 --fps 5
 	$(BIN)/python -m mlink.bench.links --site building
 	$(BIN)/python -m mlink.bench.links --site city
 
@@ -62,6 +63,11 @@ bench-table4: install
 # On a CUDA host: NVML per-model deltas against the budget, a few planner periods, the peak.
 gpu-check: install
 	$(BIN)/python -m mlink.bench.gpu_check
+
+# On a CUDA host: 16 cameras decoded unthrottled (ready time, drops across a period), and the
+# saturation point of a GPU-resident site (bench/gpu_fleet.py; figures under $$OUT or ./gpu-fleet).
+gpu-fleet: install
+	$(BIN)/python -m mlink.bench.gpu_fleet
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

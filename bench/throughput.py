@@ -55,6 +55,7 @@ class StepFigures:
     decode_ms: dict[str, float]  # per camera, where ingest reports it
     cpu_cores: float  # this process and its children, mean over the window
     gpu_util: float | None  # percent, mean over the window (CUDA only)
+    periods: int = 0  # re-profiling periods that ran inside the window
     keeps_up: bool = False
 
 
@@ -164,6 +165,7 @@ def measure_step(daemon: Any, cameras: int, fps: float, warmup: float, seconds: 
     served0 = sum(daemon.frames_total.values())
     cams0 = {k: v.to_dict() for k, v in daemon.ingest.status().items()}
     stages0 = daemon.stages.snapshot()
+    period0 = daemon.planner.period if daemon.planner is not None else 0
     t0 = time.monotonic()
     with _Sampler(device) as sampler:
         time.sleep(seconds)
@@ -187,6 +189,7 @@ def measure_step(daemon: Any, cameras: int, fps: float, warmup: float, seconds: 
         decode_ms=decode,
         cpu_cores=_mean(sampler.cpu),
         gpu_util=_mean(sampler.gpu) if sampler.gpu else None,
+        periods=(daemon.planner.period if daemon.planner is not None else 0) - period0,
     )
     step.keeps_up = keeps_up(step.served_fps, offered, step.drop_share)
     return step
@@ -234,7 +237,7 @@ def _row(s: StepFigures) -> str:
     gpu = f", GPU {s.gpu_util:.0f}%" if s.gpu_util is not None else ""
     return (
         f"{s.cameras} cameras: served {s.served_fps:.2f}/{s.offered_fps:.1f} frames/s, "
-        f"drops {s.drops} ({100 * s.drop_share:.1f}%), CPU {s.cpu_cores:.2f} cores{gpu}"
+        f"drops {s.drops} ({100 * s.drop_share:.1f}%), CPU {s.cpu_cores:.2f} cores{gpu}, periods {s.periods}"
     )
 
 
@@ -259,6 +262,7 @@ def markdown(report: Report) -> str:
             f"{s.offered_fps:.1f}",
             f"{s.served_fps:.2f}",
             f"{s.drops} ({100 * s.drop_share:.1f}%)",
+            str(s.periods),
             f"{s.cpu_cores:.2f}",
             gpu,
             decode,

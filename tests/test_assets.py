@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
+from asset_race import fetchers
 
+from mlink.models import assets
 from mlink.models.assets import MANIFEST, AssetError, AssetStore, sha256_of
+from mlink.models.atomic_files import STALE_AFTER_S, TEMP_SUFFIX
 
 
 def test_every_mirrored_asset_fetches_and_verifies(store: AssetStore) -> None:
@@ -93,3 +101,94 @@ def test_manifest_matches_torchvision_published_urls() -> None:
     )
     assert SSDLite320_MobileNet_V3_Large_Weights.COCO_V1.url in MANIFEST["ssdlite320_mobilenet_v3_large"].urls
     assert KeypointRCNN_ResNet50_FPN_Weights.COCO_V1.url in MANIFEST["keypointrcnn_resnet50_fpn"].urls
+
+
+# -- many fetchers at once (issue 13 item 7) ----------------------------------------------------
+RACE_ASSET = "megamind"  # the smallest mirrored file (1.2 MB): the race, not the copy, is tested
+THREADS = 16
+PROCESSES = 2
+PROCESS_THREADS = 4
+
+
+def _leftovers(store: AssetStore, name: str) -> list[str]:
+    """Anything in the cache folder but the finished file and the lock folder."""
+    return sorted(p.name for p in store.cache_dir.iterdir() if p.name not in (MANIFEST[name].file, ".locks"))
+
+
+@pytest.mark.timeout(120)
+def test_many_threads_and_processes_fetch_one_asset_at_once(store: AssetStore, tmp_path: Path) -> None:
+    """16 threads here and 2 processes of 4 threads, released together on an empty store, all
+    get the verified file: no AssetError, no half-written file handed out, no temporary left."""
+    if store.mirror is None:
+        pytest.skip("no asset mirror on this machine")
+    home = tmp_path / "home"
+    script = Path(__file__).with_name("asset_race.py")
+    args = [str(home), str(store.mirror), RACE_ASSET, str(PROCESS_THREADS)]
+    procs = [
+        subprocess.Popen([sys.executable, str(script), *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        for _ in range(PROCESSES)
+    ]
+    try:
+        workers, release, results = fetchers(home, store.mirror, RACE_ASSET, THREADS)
+        for p in procs:  # every process has its threads waiting at its own barrier
+            assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+        for p in procs:
+            assert p.stdin is not None
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        release()
+        for w in workers:
+            w.join(timeout=60)
+        for p in procs:
+            out, _ = p.communicate(timeout=60)
+            assert p.returncode == 0
+            results += [json.loads(line) for line in out.splitlines()]
+    finally:
+        for p in procs:
+            p.kill()
+    assert len(results) == THREADS + PROCESSES * PROCESS_THREADS
+    bad = [r for r in results if not r.startswith(f"ok {MANIFEST[RACE_ASSET].sha256} ")]
+    assert not bad, f"{len(bad)} of {len(results)} fetches failed: {bad[:3]}"
+    final = AssetStore(home=home, mirror=store.mirror, offline=True).cached_path(RACE_ASSET)
+    # One writer, the others waited for it: everyone was handed the very file now in place.
+    assert {r.split()[2] for r in results} == {str(final.stat().st_ino)}
+    assert _leftovers(AssetStore(home=home, mirror=store.mirror, offline=True), RACE_ASSET) == []
+
+
+def test_truncated_file_in_the_store_is_repaired_on_next_fetch(store: AssetStore, tmp_path: Path) -> None:
+    """A file cut short in the store (a crash mid-copy by an older writer, a full disk) is fetched
+    again, by the same store that verified it before and by a fresh one."""
+    if store.mirror is None:
+        pytest.skip("no asset mirror on this machine")
+    s = AssetStore(home=tmp_path, mirror=store.mirror, offline=True)
+    good = s.path(RACE_ASSET)
+    half = good.stat().st_size // 2
+    for size, fetcher in [(half, s), (0, s), (half, AssetStore(home=tmp_path, mirror=store.mirror, offline=True))]:
+        with open(good, "r+b") as f:
+            f.truncate(size)
+        assert s.status(RACE_ASSET).state == "corrupt"
+        # ...and a temporary of a writer that died mid-copy, which the repair clears away.
+        crashed = s.cache_dir / f".{good.name}.crashed{TEMP_SUFFIX}"
+        crashed.write_bytes(b"half a copy")
+        os.utime(crashed, (time.time() - 2 * STALE_AFTER_S,) * 2)
+        assert sha256_of(fetcher.path(RACE_ASSET)) == MANIFEST[RACE_ASSET].sha256
+        assert _leftovers(s, RACE_ASSET) == []
+
+
+@pytest.mark.timeout(60)
+def test_a_fetch_stuck_in_another_process_is_a_clear_error(
+    store: AssetStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Waiting on a lock held elsewhere ends in an AssetError naming the asset and the lock."""
+    if store.mirror is None:
+        pytest.skip("no asset mirror on this machine")
+    fcntl = pytest.importorskip("fcntl")
+    monkeypatch.setattr(assets, "LOCK_TIMEOUT_S", 0.3)
+    s = AssetStore(home=tmp_path, mirror=store.mirror, offline=True)
+    lock_file = s.cache_dir / ".locks" / f"{MANIFEST[RACE_ASSET].file}.lock"
+    lock_file.parent.mkdir(parents=True)
+    with open(lock_file, "ab") as other:  # an open file of its own: flock sees another holder
+        fcntl.flock(other.fileno(), fcntl.LOCK_EX)
+        with pytest.raises(AssetError, match=r"'megamind'.*another process held .*Megamind\.avi\.lock"):
+            s.path(RACE_ASSET)
+    assert sha256_of(s.path(RACE_ASSET)) == MANIFEST[RACE_ASSET].sha256  # released: fetched

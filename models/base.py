@@ -20,6 +20,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from mlink.models.assets import AssetStore, default_store
+from mlink.models.placement import Placement, record_placement
 from mlink.models.spec import OutputSpec
 
 # One model output for one frame: output name -> array that matches that output's spec.
@@ -106,6 +107,9 @@ class BlackBoxModel(abc.ABC):
         except ValidationError as exc:
             raise ModelError(params_error(self.name, self.Params, exc)) from None
         self.device = "cpu"
+        # Where the model really computes, and why not on ``device`` (see mlink.models.placement).
+        self.executes_on = "cpu"
+        self.fallback: str | None = None
         self._loaded = False
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -118,6 +122,7 @@ class BlackBoxModel(abc.ABC):
         if self._loaded:
             return
         self.device = device
+        self.executes_on, self.fallback = device, None  # an adapter that cannot honour it says so
         try:
             self._load(device)
         except ModelError:
@@ -125,6 +130,17 @@ class BlackBoxModel(abc.ABC):
         except Exception as exc:  # backends raise many kinds; callers need one
             raise ModelError(f"model {self.name}: load on {device} failed: {exc}") from exc
         self._loaded = True
+        record_placement(self.name, self.placement)
+
+    @property
+    def placement(self) -> Placement:
+        """The device asked for at the last load, the one the model executes on, and why they differ."""
+        return Placement(self.device, self.executes_on, self.fallback)
+
+    def fall_back(self, reason: str, executes_on: str = "cpu") -> None:
+        """For ``_load``: the asked device cannot be honoured, the model runs on ``executes_on``
+        because of ``reason`` (reported in /api/v1/models and /metrics, logged once)."""
+        self.executes_on, self.fallback = executes_on, reason
 
     def unload(self) -> None:
         """Drop every reference to weights and sessions so their memory can be reclaimed."""

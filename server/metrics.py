@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 MetricType = Literal["counter", "gauge"]
 
@@ -58,3 +58,22 @@ def per_label(name: str, help: str, type: MetricType, label: str, values: Mappin
     for key, value in values.items():
         metric.add(value, **{label: key})
     return metric
+
+
+def placement_metrics(rows: Iterable[Mapping[str, Any]]) -> list[Metric]:
+    """Where each model executes, from the /api/v1/models rows (``executes_on``, ``fallback``):
+    ``mlink_model_device{model,device} 1`` and ``mlink_model_fallback{model}`` (1 when the model
+    runs somewhere other than the site's device, e.g. on the CPU of a CUDA site). Models not
+    loaded yet have neither."""
+    device = Metric("mlink_model_device", "1 on the device the model executes on (at its latest load).", "gauge")
+    fallback = Metric(
+        "mlink_model_fallback",
+        "1 when the model cannot run on the site's device and executes elsewhere (reason in /api/v1/models).",
+        "gauge",
+    )
+    for row in rows:
+        if row.get("executes_on") is None:
+            continue
+        device.add(1, model=str(row["name"]), device=str(row["executes_on"]))
+        fallback.add(float(row.get("fallback") is not None), model=str(row["name"]))
+    return [device, fallback]

@@ -29,6 +29,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from mlink.models.catalog import model_info
+from mlink.models.placement import latest_placement
 
 if TYPE_CHECKING:
     from mlink.scheduler.planner import Planner
@@ -88,10 +89,16 @@ class ServedCounts:
 
 
 def model_rows(entries: Sequence[Any], plan: Plan | None, pool: ModelPool | None) -> tuple[dict[str, Any], ...]:
-    """The /api/v1/models rows for the config's model ``entries`` (pipeline thread only)."""
+    """The /api/v1/models rows for the config's model ``entries`` (pipeline thread only).
+
+    ``executes_on`` is the device the model ran on at its latest load on the pool's device
+    (None: not loaded yet), ``fallback`` why that is not the pool's device (a CUDA site whose
+    ONNX Runtime has no CUDA provider, OpenCV's HOG): see :mod:`mlink.models.placement`.
+    """
     rows = []
     for entry in entries:
         info = model_info(entry.name)
+        placed = latest_placement(entry.name, pool.device) if pool is not None else None
         rows.append(
             {
                 "name": entry.name,
@@ -106,6 +113,8 @@ def model_rows(entries: Sequence[Any], plan: Plan | None, pool: ModelPool | None
                 ),
                 "expected_accuracy": (plan.expected.get(entry.name) if plan else None),
                 "unavailable": (pool.unavailable_reason(entry.name) if pool is not None else None),
+                "executes_on": placed.executes_on if placed is not None else None,
+                "fallback": placed.fallback if placed is not None else None,
             }
         )
     return tuple(rows)

@@ -19,6 +19,7 @@ from mlink.models.assets import AssetError, AssetStore
 from mlink.models.base import BlackBoxModel, ModelError
 from mlink.models.catalog import create_model, model_info, zoo
 from mlink.models.detections import COCO_OUTPUTS, MAX_BOXES
+from mlink.models.placement import Placement, forget_placements, latest_placement
 from mlink.models.spec import box_f1, box_iou
 from mlink.models.zoo.centerface import CenterFace, dynamicize
 from mlink.models.zoo.centerface import decode as centerface_decode
@@ -163,19 +164,33 @@ def test_yolox_decode_rejects_a_foreign_output():
         yolox_decode(np.zeros((100, 85), np.float32), 1.0, 0.3, 0.45)
 
 
-def test_yolox_cuda_without_provider_falls_back_to_cpu(store, caplog):
+def test_yolox_on_cuda_reports_where_it_runs(store, caplog):
+    """On a CPU host (no CUDA provider) the model loads on the CPU and says so, in its fields, the
+    remembered placement and one warning; on a CUDA host with onnxruntime-gpu it runs on CUDA."""
     import onnxruntime as ort
 
-    model = create_model("yolox_nano", store=store)
+    forget_placements()
     with caplog.at_level(logging.WARNING):
+        model = create_model("yolox_nano", store=store)
         model.load("cuda")
+        again = create_model("yolox_nano", store=store)
+        again.load("cuda")
     providers = model._session.get_providers()
-    if "CUDAExecutionProvider" in ort.get_available_providers():
-        assert providers[0] == "CUDAExecutionProvider"
+    if "CUDAExecutionProvider" in ort.get_available_providers() and providers[0] == "CUDAExecutionProvider":
+        assert (model.executes_on, model.fallback) == ("cuda", None)
     else:
         assert providers == ["CPUExecutionProvider"]
-        assert any("no CUDA provider" in r.getMessage() for r in caplog.records)
+        assert model.executes_on == "cpu" and "mlink[gpu]" in (model.fallback or "")
+        assert model.placement == Placement("cuda", "cpu", model.fallback)
+        assert latest_placement("yolox_nano", "cuda") == model.placement
+        warnings = [r.getMessage() for r in caplog.records if "runs on cpu" in r.getMessage()]
+        assert len(warnings) == 1 and "yolox_nano" in warnings[0]  # once, not at every load
+        out = model.infer([np.zeros((64, 64, 3), np.uint8)])[0]  # it serves all the same
+        assert out["person_count"].shape == (1,)
+    assert latest_placement("yolox_nano", "cpu") is None or latest_placement("yolox_nano", "cpu").fallback is None
     model.unload()
+    again.unload()
+    assert latest_placement("yolox_nano", "cuda") is not None  # remembered across unloads
 
 
 # -- hog_people ----------------------------------------------------------------------------
@@ -215,10 +230,13 @@ def test_hog_resize_params(store):
 
 
 def test_hog_on_cuda_runs_on_the_cpu(store, vtest_frames, hog_vtest, caplog):
+    forget_placements()
     model = create_model("hog_people", store=store)
     with caplog.at_level(logging.WARNING):
         model.load("cuda:0")
     assert any("runs on the CPU" in r.getMessage() for r in caplog.records)
+    assert model.executes_on == "cpu" and "HOG runs on the CPU" in (model.fallback or "")
+    assert latest_placement("hog_people", "cuda:0") == Placement("cuda:0", "cpu", model.fallback)
     out = model.infer(vtest_frames[:1])[0]
     np.testing.assert_array_equal(out["boxes"], hog_vtest[0]["boxes"])
 
@@ -328,6 +346,7 @@ def test_bad_frame_raises(name, frame, request):
     [
         ("yolox_nano", {"score_threshold": 1.5}, "score_threshold"),
         ("yolox_nano", {"threads": -1}, "threads"),
+        ("centerface", {"gpu_mem_limit": -1}, "gpu_mem_limit"),
         ("hog_people", {"win_stride": (8,)}, "win_stride"),
         ("hog_people", {"max_width": 10}, "max_width"),
         ("centerface", {"input_size": 8}, "input_size"),

@@ -16,7 +16,7 @@ above ``score_threshold`` (0.5) become boxes of size exp(scale) * 4 centred at
 Params (:class:`CenterFaceParams`): ``score_threshold`` (0.5), ``nms_threshold`` (0.3),
 ``input_size`` ((w, h) network input before rounding up to multiples of 32, or an int for the
 longer side keeping the ratio; default the frame's size), ``threads`` (ONNX Runtime intra-op
-threads; default 0: ORT decides).
+threads; default 0: ORT decides), ``gpu_mem_limit`` (bytes the CUDA arena may hold; 0: no limit).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from mlink.models.base import BlackBoxModel, ModelError, ModelOutput
 from mlink.models.detections import FACE_COUNT, box_sequence, boxes_spec
 from mlink.models.protobuf import field, fields
 from mlink.models.registry import register
-from mlink.models.zoo._onnx import OnnxParams, onnx_session
+from mlink.models.zoo._onnx import OnnxParams, onnx_session, warm_up
 
 INPUT_NAME = "input.1"
 OUTPUT_NAMES = ("537", "538", "539", "540")  # heatmap, scale, offset, landmarks
@@ -138,6 +138,10 @@ def decode(
 
 
 MIN_INPUT = 32  # the network's stride-4 maps need at least this many pixels a side
+# The frame size the load's warm-up inference assumes (w, h). The network's input follows the
+# frame's size unless ``input_size`` fixes it, so on a GPU a larger frame than this grows the
+# CUDA arena after the load; set ``input_size`` to bound the model's memory.
+WARM_UP_FRAME = (640, 480)
 
 
 class CenterFaceParams(OnnxParams):
@@ -188,7 +192,10 @@ class CenterFace(BlackBoxModel):
             model = dynamicize(path.read_bytes(), dims)
         except (ValueError, IndexError) as exc:
             raise ModelError(f"model {self.name}: {path} is not the expected CenterFace ONNX graph: {exc}") from exc
-        self._session = onnx_session(model, device, self.params.threads, self.name)
+        session = onnx_session(model, device, self.params, self)
+        w, h = self.network_size(*WARM_UP_FRAME)
+        warm_up(session, {INPUT_NAME: np.zeros((1, 3, h, w), np.float32)}, OUTPUT_NAMES)
+        self._session = session
 
     def _unload(self) -> None:
         self._session = None

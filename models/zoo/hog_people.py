@@ -29,7 +29,6 @@ Params (:class:`HogParams`): ``win_stride`` ((8, 8)), ``padding`` ((8, 8)), ``sc
 
 from __future__ import annotations
 
-import logging
 from typing import Annotated, Any
 
 import cv2
@@ -39,8 +38,6 @@ from pydantic import Field
 from mlink.models.base import AdapterParams, BlackBoxModel, ModelError, ModelOutput
 from mlink.models.detections import PERSON_COUNT, box_sequence, boxes_spec
 from mlink.models.registry import register
-
-log = logging.getLogger(__name__)
 
 WINDOW = (64, 128)  # the default people detector's window (w, h)
 
@@ -112,7 +109,7 @@ class HogPeople(BlackBoxModel):
         if device.startswith("cuda"):
             # OpenCV's CUDA HOG needs a CUDA build of OpenCV, which the pip wheels are not: the
             # answers are the same on the CPU, and no GPU memory is used.
-            log.warning("model %s: OpenCV's HOG runs on the CPU here; %s ignored", self.name, device)
+            self.fall_back("OpenCV's HOG runs on the CPU here (the pip wheels have no CUDA)")
         elif device != "cpu":
             raise ModelError(f"model {self.name}: unknown device {device!r} (use cpu, cuda or cuda:N)")
         hog = cv2.HOGDescriptor()  # the default: 64x128 window, 9 bins, the layout the SVM expects

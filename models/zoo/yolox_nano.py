@@ -9,7 +9,10 @@ keeps each anchor's best class when objectness * class score passes ``score_thre
 per-class NMS and maps boxes back to the original frame's pixels.
 
 Params (:class:`YoloxParams`): ``score_threshold`` (0.3), ``nms_threshold`` (IoU, 0.45),
-``threads`` (ONNX Runtime intra-op threads; default 0: ORT decides).
+``threads`` (ONNX Runtime intra-op threads; default 0: ORT decides), ``gpu_mem_limit`` (bytes
+the CUDA arena may hold; 0: no limit). On a CUDA device the session runs on ONNX Runtime's CUDA
+provider when the ``gpu`` extra (onnxruntime-gpu) is installed, else on the CPU, reported as a
+fallback (:mod:`mlink.models.zoo._onnx`).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from pydantic import Field
 from mlink.models.base import BlackBoxModel, ModelError, ModelOutput
 from mlink.models.detections import COCO_OUTPUTS, coco_outputs
 from mlink.models.registry import register
-from mlink.models.zoo._onnx import OnnxParams, onnx_session
+from mlink.models.zoo._onnx import OnnxParams, onnx_session, warm_up
 
 INPUT_SIZE = 416  # square network input, pixels
 STRIDES = (8, 16, 32)
@@ -106,13 +109,14 @@ class YoloxNano(BlackBoxModel):
 
     def _load(self, device: str) -> None:
         path = self.store.path("yolox_nano")
-        session = onnx_session(str(path), device, self.params.threads, self.name)
+        session = onnx_session(str(path), device, self.params, self)
         inputs = session.get_inputs()
         if len(inputs) != 1 or list(inputs[0].shape) != [1, 3, INPUT_SIZE, INPUT_SIZE]:
             raise ModelError(
                 f"model {self.name}: {path} has inputs {[(i.name, i.shape) for i in inputs]}, not one [1, 3, 416, 416]"
             )
         self._input = inputs[0].name
+        warm_up(session, {self._input: np.zeros((1, 3, INPUT_SIZE, INPUT_SIZE), np.float32)})
         self._session = session
 
     def _unload(self) -> None:

@@ -27,7 +27,7 @@ from mlink.scheduler.plans import Plan
 from mlink.server.cache import CacheStats, CacheUnavailable, records_json
 from mlink.server.daemon import Daemon
 from mlink.server.ingest import CameraStatus
-from mlink.server.metrics import Metric, per_label, render
+from mlink.server.metrics import Metric, per_label, placement_metrics, render
 from mlink.server.snapshot import ServedCounts, Snapshot
 
 SNAPSHOT_HEADER = "X-Mlink-Snapshot"
@@ -235,6 +235,7 @@ def collect_metrics(daemon: Daemon, snap: Snapshot | None = None) -> list[Metric
         ms += _camera_metrics(daemon.ingest.status())
     if snap.pool is not None:
         ms += _pool_metrics(snap.pool, [row["name"] for row in snap.models])
+    ms += placement_metrics(snap.models)  # where each model executes; 1 on a fallback
     if snap.plan is not None:
         ms += _plan_metrics(snap.plan)
     links = Metric("mlink_link_accuracy", "Held-out accuracy of each single link.", "gauge")

@@ -42,14 +42,38 @@ class Frame:
     image: np.ndarray  # HxWx3 uint8 BGR
 
 
-def open_capture(url: str | int) -> cv2.VideoCapture:
-    """Open a file path, URL or device index; raise FrameSourceError if OpenCV cannot."""
+# CAP_PROP_HW_ACCELERATION values OpenCV reports after opening (cv2.VIDEO_ACCELERATION_*)
+_HW_NAMES = {0: "software", 1: "any", 2: "d3d11", 3: "vaapi", 4: "mfx"}
+HW_PARAMS = [cv2.CAP_PROP_HW_ACCELERATION, cv2.VIDEO_ACCELERATION_ANY]
+
+
+def hw_decode_used(cap: cv2.VideoCapture) -> str:
+    """Which decoder an opened capture uses: "software", or the hardware API OpenCV picked
+    ("vaapi", "d3d11", "mfx"; "any" when the backend does not say which)."""
+    value = int(cap.get(cv2.CAP_PROP_HW_ACCELERATION) or 0)
+    return _HW_NAMES.get(value, f"hw{value}")
+
+
+def open_hw_first(source: str | int, api: int, params: list[int], hw: bool) -> cv2.VideoCapture:
+    """Open with hardware decoding asked for (``VIDEO_ACCELERATION_ANY``) when ``hw``; a backend
+    that refuses the request is opened again in software, silently (most hosts have no VAAPI)."""
+    if hw and not (isinstance(source, int) or (isinstance(source, str) and source.isdigit())):
+        cap = cv2.VideoCapture(source, api, [*params, *HW_PARAMS])
+        if cap.isOpened():
+            return cap
+        cap.release()
+    return cv2.VideoCapture(source, api, params) if params else cv2.VideoCapture(source, api)
+
+
+def open_capture(url: str | int, hw: bool = False) -> cv2.VideoCapture:
+    """Open a file path, URL or device index; raise FrameSourceError if OpenCV cannot. With
+    ``hw``, hardware decoding is asked for first (see :func:`open_hw_first`)."""
     if isinstance(url, str) and "://" not in url and not url.isdigit():
         path = Path(url)
         if not path.is_file():
             raise FrameSourceError(f"video {redact(url)}: no such file")
     source: str | int = int(url) if isinstance(url, str) and url.isdigit() else url
-    cap = cv2.VideoCapture(source)
+    cap = open_hw_first(source, cv2.CAP_ANY, [], hw) if hw else cv2.VideoCapture(source)
     if not cap.isOpened():
         cap.release()
         raise FrameSourceError(

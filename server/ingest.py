@@ -1,22 +1,37 @@
-"""Camera ingestion: one OpenCV reader thread per camera, sampled, queued, reconnecting.
+"""Camera ingestion: cameras decoded, sampled, queued and reconnected, outside the serving
+process's interpreter by default.
 
 Sources: files (looped when ``stream.loop``), RTSP / HTTP(S) / MJPEG URLs (FFmpeg backend, with
 open and read timeouts), device indices (``"0"``), and ``asset://NAME`` sample videos.
 
-Sampling at ``stream.fps``: files by video timestamp (frame index over the nominal fps, as in
-``frames.read_frames``), live sources by wall clock. Frames that are not sampled are only
-``grab()``-ed, never decoded into an image. With ``realtime`` a file is paced so that its sampled
-frames come out at the sampled rate, as a camera's would; without it, as fast as it decodes.
+Where decoding runs (``ingest.processes``): ``auto`` (default), a capture process per camera;
+``N``, cameras spread over N capture processes; ``0``, a reader thread per camera in this process
+(tests, tiny sites). Capture processes (``server/capture_host.py``) hand sampled frames over in a
+shared-memory ring per camera (``server/shm_ring.py``; ``ring_slots`` x frame bytes, e.g. 3 x
+1.3 MB for 768x576, 3 x 6.2 MB for 1080p); the serving process copies each frame out of its slot
+on receipt, so a FrameRecord's image is an ordinary array the daemon owns for as long as it keeps
+it (results, cache), and the slot is free again at once. Memory per camera is thus bounded by
+``(ring_slots + queue) x frame bytes``. A capture process that dies puts its cameras in
+``retrying`` and is started again after the backoff. Hardware decoding is asked for when
+``hw_decode: auto`` (software otherwise, or when the host has none); status says which.
+
+Sampling at ``stream.fps`` (``server/capture.py``, the same loop in both modes): files by video
+timestamp (frame index over the nominal fps, as in ``frames.read_frames``), live sources by wall
+clock. Frames that are not sampled are only ``grab()``-ed, never retrieved into an image. With
+``realtime`` a file is paced so that its sampled frames come out at the sampled rate, as a
+camera's would; without it, as fast as it decodes.
 
 Each camera has a bounded queue; when it is full the oldest frame is dropped (a consumer wants
 the newest frame) and counted. Open and read failures put the camera in ``retrying`` and it
 reopens after an exponential backoff (base, doubling, capped, with jitter); the backoff resets
-once a frame arrives. Every camera has its own thread and queue, so a dead or slow camera never
+once a frame arrives. Every camera has its own loop and queue, so a dead or slow camera never
 stalls the others. Credentials in URLs are redacted (``rtsp://***@host``) in statuses, errors
 and log lines.
 
 Every sampled frame becomes one :class:`~mlink.scheduler.frame.FrameRecord` (camera, index,
 video time, wall time of capture, image), the object the daemon serves and stores unchanged.
+Status adds per-stage times: ``decode_ms`` (per grabbed frame) and ``queue_wait_ms`` (capture
+to the consumer taking it).
 
 ``Ingest.apply(streams)`` applies a new stream list as a diff: new cameras start, removed ones
 stop, changed ones (url, fps, loop) restart, unchanged ones keep running untouched.
@@ -24,6 +39,7 @@ stop, changed ones (url, fps, loop) restart, unchanged ones keep running untouch
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -32,18 +48,21 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-import cv2
+import numpy as np
 
 from mlink.configs.schema import IngestConfig, StreamEntry
 from mlink.scheduler.frame import FrameRecord
-from mlink.server.backoff import Backoff
-from mlink.server.frames import FrameSampler, FrameSourceError, grab_failed_reason, is_live, open_capture, resolve_url
+from mlink.server.backoff import Backoff  # noqa: F401  (re-exported for callers and tests)
+from mlink.server.capture import EWMA, CaptureLoop
+from mlink.server.capture_host import CaptureHost
+from mlink.server.frames import is_live
 from mlink.server.redact import redact
 
 if TYPE_CHECKING:
     from mlink.models.assets import AssetStore
 
 log = logging.getLogger("mlink.ingest")
+_serials = itertools.count()
 
 
 @dataclass
@@ -65,6 +84,10 @@ class CameraStatus:
     last_error_at: float | None
     last_frame_at: float | None
     retry_at: float | None  # unix time of the next reopen try while retrying
+    capture: str = "thread"  # thread (in the serving process) | process (a capture process)
+    hw_decode: str | None = None  # decoder of the open source: software | vaapi | d3d11 | mfx | any
+    decode_ms: float = 0.0  # EWMA of ms per grabbed frame (grab, plus retrieve when sampled)
+    queue_wait_ms: float = 0.0  # EWMA of ms from capture to the consumer taking the frame
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -108,12 +131,11 @@ class _Rate:
             return len(self._t) / span if span > 0.05 else 0.0
 
 
-class _Stopped(Exception):
-    pass
-
-
 class CameraReader:
-    """One camera: a thread that opens, samples and queues frames, and reconnects on failure."""
+    """One camera: its queue and status in the serving process, and what decodes it: a reader
+    thread here (``ingest.processes: 0``), or a capture process (``server/capture_host.py``;
+    its own unless the :class:`Ingest` shares one between cameras). Either way the capture
+    loop (``server/capture.py``) reports through the sink methods below."""
 
     def __init__(
         self,
@@ -122,20 +144,28 @@ class CameraReader:
         *,
         store: AssetStore | None = None,
         notify: threading.Condition | None = None,
+        host: CaptureHost | None = None,
     ) -> None:
         self.stream = stream
         self.settings = settings or IngestConfig()
         self.store = store
         self.id = stream.id
+        self.serial = next(_serials)
+        self.key = f"{self.id}#{self.serial}"  # unique across restarts of a camera
         self.safe_url = redact(stream.url)
         self._notify = notify
         self._cond = threading.Condition()
         self._queue: deque[FrameRecord] = deque()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._own_host = host is None and self.settings.processes != 0
+        self._host = CaptureHost(self.settings, store) if self._own_host else host
+        self._started = False
         self._slock = threading.Lock()
         self._state = "connecting"
         self._live = is_live(stream.url)
+        self._hw: str | None = None
+        self._seq = 0
         self._frames_in = 0
         self._processed = 0
         self._drops = 0
@@ -145,53 +175,81 @@ class CameraReader:
         self._last_error_at: float | None = None
         self._last_frame_at: float | None = None
         self._retry_at: float | None = None
+        self._decode_ms = 0.0
+        self._queue_wait_ms = 0.0
         self._rate_in = _Rate()
         self._rate_done = _Rate()
-        self._backoff = Backoff(self.settings.backoff_base_s, self.settings.backoff_max_s, self.settings.backoff_jitter)
 
     # -- control ---------------------------------------------------------------------------
     @property
     def thread(self) -> threading.Thread | None:
-        return self._thread
+        """The reader thread (in-process mode) or the capture process's supervising thread."""
+        return self._host.thread if self._host is not None else self._thread
+
+    @property
+    def pid(self) -> int | None:
+        """The capture process decoding this camera (None in-process or while it restarts)."""
+        return self._host.pid if self._host is not None else None
 
     @property
     def alive(self) -> bool:
+        if self._host is not None:
+            return self._started and not self._stop.is_set() and self._host.thread.is_alive()
         return self._thread is not None and self._thread.is_alive()
 
     def start(self) -> CameraReader:
-        if self._thread is not None:
+        if self._started:
             raise RuntimeError(f"camera {self.id}: reader already started (make a new one to restart)")
+        self._started = True
+        if self._host is not None:
+            self._host.attach(self)
+            return self
         self._thread = threading.Thread(target=self._run, name=f"mlink-ingest-{self.id}", daemon=True)
         self._thread.start()
         return self
 
     def signal_stop(self) -> None:
         self._stop.set()
+        if self._host is not None:
+            self._host.request_stop(self)
         with self._cond:
             self._cond.notify_all()
 
     def stop(self, timeout: float = 3.0) -> bool:
-        """Stop the thread; True if it ended within ``timeout`` (a read blocked on a dead network
-        stream ends by itself at the read timeout; the thread is a daemon)."""
+        """Stop decoding; True if it ended within ``timeout`` (a read blocked on a dead network
+        stream ends by itself at the read timeout; the thread is a daemon, and a capture process
+        of this camera alone is killed)."""
         self.signal_stop()
         ended = True
-        if self._thread is not None and self._thread is not threading.current_thread():
+        if self._own_host and self._host is not None:
+            ended = self._host.close(timeout)  # the process goes with the camera
+        elif self._host is not None:
+            ended = self._host.detach(self, timeout)
+        elif self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
             ended = not self._thread.is_alive()
         self._set(state="stopped", retry_at=None)
         return ended
 
     # -- consumer side ---------------------------------------------------------------------
+    def _taken(self, f: FrameRecord | None) -> FrameRecord | None:
+        if f is not None:
+            ms = max(0.0, (time.time() - f.wall_time) * 1000)
+            with self._slock:
+                w = self._queue_wait_ms
+                self._queue_wait_ms = ms if w == 0 else w + EWMA * (ms - w)
+        return f
+
     def get(self, timeout: float | None = None) -> FrameRecord | None:
         """The oldest queued frame, waiting up to ``timeout`` (None: forever, until stopped)."""
         with self._cond:
             if not self._cond.wait_for(lambda: self._queue or self._stop.is_set(), timeout):
                 return None
-            return self._queue.popleft() if self._queue else None
+            return self._taken(self._queue.popleft() if self._queue else None)
 
     def get_nowait(self) -> FrameRecord | None:
         with self._cond:
-            return self._queue.popleft() if self._queue else None
+            return self._taken(self._queue.popleft() if self._queue else None)
 
     def mark_processed(self, n: int = 1) -> None:
         """The consumer reports frames it processed (status fps_processed, frames_processed)."""
@@ -221,13 +279,50 @@ class CameraReader:
                 last_error_at=self._last_error_at,
                 last_frame_at=self._last_frame_at,
                 retry_at=self._retry_at,
+                capture="thread" if self._host is None else "process",
+                hw_decode=self._hw,
+                decode_ms=round(self._decode_ms, 3),
+                queue_wait_ms=round(self._queue_wait_ms, 3),
             )
 
-    # -- reader thread ---------------------------------------------------------------------
+    # -- the capture loop's sink (called by the reader thread or the capture host) ---------
     def _set(self, **fields: Any) -> None:
         with self._slock:
             for k, v in fields.items():
                 setattr(self, f"_{k}", v)
+
+    def connected(self, live: bool, hw: str) -> None:
+        self._set(state="connected", retry_at=None, live=live, hw=hw)
+        self._rate_in.restart()
+
+    def retrying(self, retry_at: float) -> None:
+        if not self._stop.is_set():
+            self._set(state="retrying", retry_at=retry_at)
+
+    def reconnecting(self) -> None:
+        with self._slock:
+            self._reconnects += 1
+
+    def looped(self) -> None:
+        with self._slock:
+            self._loops += 1
+
+    def ended(self) -> None:
+        self._set(state="ended")
+
+    def error(self, msg: str) -> None:
+        self._set(last_error=msg, last_error_at=time.time())
+
+    def stats(self, decode_ms: float) -> None:
+        self._set(decode_ms=decode_ms)
+
+    def frame(
+        self, index: int, pts: float, wall: float, image: np.ndarray, stop: threading.Event | None = None
+    ) -> None:
+        with self._slock:
+            seq, loop = self._seq, self._loops
+            self._seq += 1
+        self._push(FrameRecord(self.id, index, pts, wall, image, seq=seq, loop=loop))
 
     def _push(self, frame: FrameRecord) -> None:
         with self._cond:
@@ -245,114 +340,12 @@ class CameraReader:
             with self._notify:
                 self._notify.notify_all()
 
-    def _open(self) -> tuple[cv2.VideoCapture, bool]:
-        url = resolve_url(self.stream.url, self.store)
-        if url.lower().startswith("file://"):
-            url = url[len("file://") :]
-        live = is_live(url)
-        if live and not url.isdigit():
-            ms = int(self.settings.open_timeout_s * 1000)
-            params = [
-                cv2.CAP_PROP_OPEN_TIMEOUT_MSEC,
-                ms,
-                cv2.CAP_PROP_READ_TIMEOUT_MSEC,
-                int(self.settings.read_timeout_s * 1000),
-            ]
-            cap = cv2.VideoCapture(url, cv2.CAP_FFMPEG, params)
-            if not cap.isOpened():
-                cap.release()
-                raise FrameSourceError(
-                    f"stream {redact(url)}: cannot open (unreachable, refused, unauthorised or not a video stream)"
-                )
-            return cap, True
-        return open_capture(url), live
-
-    def _error(self, exc: BaseException | str) -> None:
-        msg = redact(str(exc)) if isinstance(exc, (str, FrameSourceError)) else redact(f"{type(exc).__name__}: {exc}")
-        self._set(last_error=msg, last_error_at=time.time())
-        log.warning("camera %s (%s): %s", self.id, self.safe_url, msg)
-
-    def _wait_retry(self) -> None:
-        delay = self._backoff.next()
-        self._set(state="retrying", retry_at=time.time() + delay)
-        log.info("camera %s: reopening in %.2fs", self.id, delay)
-        if self._stop.wait(delay):
-            raise _Stopped
-        self._set(reconnects=self._reconnects + 1)
-
     def _run(self) -> None:
-        log.info("camera %s: starting (%s, %.3g fps)", self.id, self.safe_url, self.stream.fps)
-        seq = 0
         try:
-            while not self._stop.is_set():
-                try:
-                    cap, live = self._open()
-                except Exception as exc:  # FrameSourceError, AssetError, OpenCV errors: all retried
-                    self._error(exc)
-                    self._wait_retry()
-                    continue
-                self._live = live
-                if self._state != "connected":  # not on a file's loop restart
-                    self._set(state="connected", retry_at=None)
-                    self._rate_in.restart()
-                    log.info("camera %s: connected", self.id)
-                try:
-                    outcome, seq = self._pump(cap, live, seq)
-                finally:
-                    cap.release()
-                if outcome == "eof":
-                    if self.stream.loop:
-                        self._set(loops=self._loops + 1)
-                        continue
-                    self._set(state="ended")
-                    log.info("camera %s: end of file", self.id)
-                    return
-                if outcome == "stopped":
-                    return
-                self._error(outcome)
-                self._wait_retry()
-        except _Stopped:
-            pass
-        except Exception as exc:  # a bug must not pass silently either
-            self._error(f"reader crashed: {type(exc).__name__}: {exc}")
-            log.exception("camera %s: reader crashed", self.id)
+            CaptureLoop(self.stream, self.settings, self, self._stop, self.store).run()
         finally:
             if self._stop.is_set():
                 self._set(state="stopped", retry_at=None)
-
-    def _pump(self, cap: cv2.VideoCapture, live: bool, seq: int) -> tuple[str, int]:
-        """Read until stop, end of file or failure: ("stopped"|"eof"|error message, next seq)."""
-        native = cap.get(cv2.CAP_PROP_FPS) or 0.0
-        if native <= 0 or native > 1000:
-            native = 25.0
-        sampler = FrameSampler(live, self.stream.fps, native, time.monotonic())
-        anchor: float | None = None  # files with realtime: monotonic time of video t=0
-        index = -1
-        produced = 0
-        while not self._stop.is_set():
-            if not cap.grab():
-                return (grab_failed_reason(live, produced), seq)
-            index += 1
-            now = time.monotonic()
-            pts = sampler.due(index, now)
-            if pts is None:
-                continue
-            ok, image = cap.retrieve()
-            if not ok or image is None:
-                if live:
-                    return ("decode failed", seq)
-                continue
-            if self.settings.realtime and not live:
-                anchor = now - pts if anchor is None else anchor
-                delay = anchor + pts - time.monotonic()
-                if delay > 0 and self._stop.wait(delay):
-                    return ("stopped", seq)
-            self._push(FrameRecord(self.id, index, round(pts, 4), time.time(), image, seq=seq, loop=self._loops))
-            seq += 1
-            if produced == 0:
-                self._backoff.reset()
-            produced += 1
-        return ("stopped", seq)
 
 
 def _ingest_key(s: StreamEntry) -> tuple[Any, ...]:
@@ -378,6 +371,31 @@ class Ingest:
         self._lock = threading.Lock()  # guards _readers (apply vs. readers of the dict)
         self._signal = threading.Condition()  # notified by every reader on a new frame
         self._rr = 0
+        self._hosts: list[CaptureHost] = []  # shared capture processes (processes: N)
+
+    def _host_for_new_camera(self) -> CaptureHost | None:
+        """processes: N: the shared capture process with the fewest cameras, a new one while
+        fewer than N run. (0: none, a reader thread; auto: none here, each reader starts its own.)"""
+        n = self.settings.processes
+        if n == "auto" or n == 0:
+            return None
+        load = {id(h): sum(1 for r in self._readers.values() if r._host is h) for h in self._hosts}
+        idle = [h for h in self._hosts if load[id(h)] == 0]
+        if idle:
+            return idle[0]
+        if len(self._hosts) < int(n):
+            self._hosts.append(CaptureHost(self.settings, self.store))
+            return self._hosts[-1]
+        return min(self._hosts, key=lambda h: load[id(h)])
+
+    def _close_idle_hosts(self) -> None:
+        """Stop and reap shared capture processes no camera uses any more (or of old settings)."""
+        with self._lock:
+            used = {id(r._host) for r in self._readers.values()}
+            idle = [h for h in self._hosts if id(h) not in used or h.settings != self.settings]
+            self._hosts = [h for h in self._hosts if h not in idle]
+        for h in idle:
+            h.close()
 
     def apply(self, streams: Iterable[StreamEntry], settings: IngestConfig | None = None) -> ApplyResult:
         """Make the running readers match ``streams``; a new ``settings`` restarts every camera."""
@@ -406,12 +424,23 @@ class Ingest:
                 del self._readers[i]
             for i in unchanged:
                 self._readers[i].stream = wanted[i]  # e.g. a new accuracy target; the reader runs on
+            for i in restarted:
+                del self._readers[i]
+        self._close_idle_hosts()
+        with self._lock:
             fresh = {}
             for i in wanted:
                 if i in added or i in restarted:
-                    fresh[i] = CameraReader(wanted[i], self.settings, store=self.store, notify=self._signal)
+                    fresh[i] = CameraReader(
+                        wanted[i],
+                        self.settings,
+                        store=self.store,
+                        notify=self._signal,
+                        host=self._host_for_new_camera(),
+                    )
+                    self._readers[i] = fresh[i]
             # keep the config's order for round-robin
-            self._readers = {i: fresh[i] if i in fresh else self._readers[i] for i in wanted}
+            self._readers = {i: self._readers[i] for i in wanted}
         for r in fresh.values():
             r.start()
         if added or removed or restarted:
@@ -476,6 +505,7 @@ class Ingest:
             r.signal_stop()
         for r in readers:
             r.stop(timeout=2.0)
+        self._close_idle_hosts()
 
     def __enter__(self) -> Ingest:
         return self

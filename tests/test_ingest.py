@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import random
+import signal
+import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -21,6 +25,7 @@ from mlink.server.frames import read_frames, resolve_url
 from mlink.server.ingest import Backoff, CameraReader, Ingest, is_live, redact
 
 FAST = IngestConfig(
+    processes=0,
     realtime=False,
     queue=4,
     backoff_base_s=0.05,
@@ -36,6 +41,12 @@ def drain(reader: CameraReader) -> list:
     while (f := reader.get_nowait()) is not None:
         out.append(f)
     return out
+
+
+@pytest.fixture(params=[0, 1], ids=["threads", "processes"])
+def fast(request: pytest.FixtureRequest) -> IngestConfig:
+    """FAST with cameras decoded by reader threads here (0) or by capture processes (1)."""
+    return FAST.model_copy(update={"processes": request.param})
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +92,8 @@ def test_backoff_doubles_caps_and_resets() -> None:
 # -- files -----------------------------------------------------------------------------------
 
 
-def test_file_is_sampled_by_video_time(megamind: str) -> None:
-    settings = FAST.model_copy(update={"queue": 1000})
+def test_file_is_sampled_by_video_time(fast: IngestConfig, megamind: str) -> None:
+    settings = fast.model_copy(update={"queue": 1000})
     r = CameraReader(StreamEntry(id="m", url=megamind, fps=2), settings).start()
     assert wait_for(lambda: r.status().state == "ended")
     frames = drain(r)
@@ -102,8 +113,8 @@ def test_file_is_sampled_by_video_time(megamind: str) -> None:
     assert r.status().state == "stopped" and not r.alive
 
 
-def test_looped_file_restarts_from_the_start(megamind: str) -> None:
-    settings = FAST.model_copy(update={"queue": 1000})
+def test_looped_file_restarts_from_the_start(fast: IngestConfig, megamind: str) -> None:
+    settings = fast.model_copy(update={"queue": 1000})
     r = CameraReader(StreamEntry(id="m", url=megamind, fps=1, loop=True), settings).start()
     assert wait_for(lambda: r.status().frames_in >= 25)  # two passes of 12 frames, and one more
     r.stop()
@@ -115,13 +126,13 @@ def test_looped_file_restarts_from_the_start(megamind: str) -> None:
     assert r.status().reconnects == 0 and r.status().state == "stopped"
 
 
-def test_realtime_paces_a_file_at_its_sampled_rate(megamind: str) -> None:
+def test_realtime_paces_a_file_at_its_sampled_rate(fast: IngestConfig, megamind: str) -> None:
     # Paced, a file's sampled frame at video time t is queued no earlier than t after its first
     # frame was decoded, which is after start(): so on any machine the consumer gets frame k no
     # earlier than pts_k after start(). Unpaced, the reader hands out these six frames (1 s of
     # video) as fast as it decodes them (frame 1 within 0.01 s here). How late frames come
     # depends on the machine and is not claimed (the timeouts are only a safety net).
-    settings = FAST.model_copy(update={"realtime": True, "queue": 100})
+    settings = fast.model_copy(update={"realtime": True, "queue": 100})
     started = time.monotonic()
     r = CameraReader(StreamEntry(id="m", url=megamind, fps=5), settings).start()
     try:
@@ -139,8 +150,8 @@ def test_realtime_paces_a_file_at_its_sampled_rate(megamind: str) -> None:
         r.stop()
 
 
-def test_slow_consumer_gets_the_newest_frames_and_drops_are_counted(store) -> None:
-    settings = FAST.model_copy(update={"queue": 3})
+def test_slow_consumer_gets_the_newest_frames_and_drops_are_counted(fast: IngestConfig, store) -> None:
+    settings = fast.model_copy(update={"queue": 3})
     r = CameraReader(StreamEntry(id="v", url="asset://vtest", fps=5, loop=True), settings, store=store).start()
     consumed = []
     try:
@@ -171,10 +182,10 @@ def test_slow_consumer_gets_the_newest_frames_and_drops_are_counted(store) -> No
 
 
 def test_bad_url_reports_a_redacted_error_and_retries_while_another_camera_flows(
-    store, megamind: str, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
+    fast: IngestConfig, store, megamind: str, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
 ) -> None:
     caplog.set_level("INFO", logger="mlink.ingest")
-    settings = FAST.model_copy(update={"realtime": True})
+    settings = fast.model_copy(update={"realtime": True})
     with Ingest(settings, store=store) as ing:
         ing.apply(
             [
@@ -209,8 +220,8 @@ def test_bad_url_reports_a_redacted_error_and_retries_while_another_camera_flows
     assert "camera bad (rtsp://***@127.0.0.1:9/live)" in caplog.text
 
 
-def test_missing_file_unknown_asset_and_absent_device_retry(store) -> None:
-    with Ingest(FAST, store=store) as ing:
+def test_missing_file_unknown_asset_and_absent_device_retry(fast: IngestConfig, store) -> None:
+    with Ingest(fast, store=store) as ing:
         ing.apply(
             [
                 StreamEntry(id="nofile", url="/nonexistent/cam.mp4"),
@@ -279,11 +290,11 @@ class _MJPEG:
         self.server.server_close()
 
 
-def test_http_mjpeg_stream_sampled_by_wall_clock_and_reconnected() -> None:
+def test_http_mjpeg_stream_sampled_by_wall_clock_and_reconnected(fast: IngestConfig) -> None:
     srv = _MJPEG(burst_at=10)  # 0.4 s of 25 fps, a 0.6 s stall, then 15 frames at once
     port = srv.port
     url = f"http://viewer:pa55w0rd@127.0.0.1:{port}/video.mjpg"
-    r = CameraReader(StreamEntry(id="mj", url=url, fps=5), FAST.model_copy(update={"queue": 100})).start()
+    r = CameraReader(StreamEntry(id="mj", url=url, fps=5), fast.model_copy(update={"queue": 100})).start()
     try:
         assert wait_for(lambda: r.status().state == "connected", 10)
         frames: list = []
@@ -321,8 +332,8 @@ def test_http_mjpeg_stream_sampled_by_wall_clock_and_reconnected() -> None:
 # -- the manager -----------------------------------------------------------------------------
 
 
-def test_apply_is_a_diff(store, megamind: str) -> None:
-    settings = FAST.model_copy(update={"realtime": True})
+def test_apply_is_a_diff(fast: IngestConfig, store, megamind: str) -> None:
+    settings = fast.model_copy(update={"realtime": True})
     a = StreamEntry(id="a", url=megamind, fps=2, loop=True)
     b = StreamEntry(id="b", url="asset://vtest", fps=1, loop=True)
     with Ingest(settings, store=store) as ing:
@@ -359,8 +370,8 @@ def test_apply_is_a_diff(store, megamind: str) -> None:
     assert not last.alive and last.status().state == "stopped"
 
 
-def test_round_robin_serves_cameras_in_turn(megamind: str) -> None:
-    settings = FAST.model_copy(update={"queue": 4})
+def test_round_robin_serves_cameras_in_turn(fast: IngestConfig, megamind: str) -> None:
+    settings = fast.model_copy(update={"queue": 4})
     with Ingest(settings) as ing:
         ing.apply([StreamEntry(id="x", url=megamind, fps=1), StreamEntry(id="y", url=megamind, fps=1)])
         assert wait_for(lambda: all(s.state == "ended" for s in ing.status().values()))
@@ -376,3 +387,113 @@ def test_round_robin_serves_cameras_in_turn(megamind: str) -> None:
         st = ing.status()["x"]
         assert (st.frames_in, st.drops) == (12, 8)
         assert ing.get("x", timeout=0.05) is None
+
+
+# -- capture processes -----------------------------------------------------------------------
+
+
+def _our_segments() -> set[str]:
+    """Shared-memory rings this test process's capture processes made (named mlk<our pid>_...)."""
+    return {n for n in os.listdir("/dev/shm") if n.startswith(f"mlk{os.getpid()}_")}
+
+
+def _gone(pid: int) -> bool:
+    """Not running: no such process, or a zombie its (re)parent has not reaped yet."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_a_killed_capture_process_is_restarted_and_the_camera_serves_again(store) -> None:
+    settings = FAST.model_copy(update={"processes": "auto", "queue": 2})
+    with Ingest(settings, store=store) as ing:
+        ing.apply([StreamEntry(id="v", url="asset://vtest", fps=5, loop=True)])
+        assert ing.next_frame(timeout=30) is not None
+        reader = ing.reader("v")
+        st = ing.status()["v"]
+        assert (st.capture, st.state) == ("process", "connected")
+        assert st.hw_decode in ("software", "vaapi", "d3d11", "mfx", "any")  # hw_decode auto: asked, fell back here
+        first = wait_for(lambda: reader.pid, 10, "the capture process's pid")
+        assert first != os.getpid()
+        os.kill(first, signal.SIGKILL)
+        assert wait_for(lambda: ing.status()["v"].state == "retrying", 10, "the camera to show retrying")
+        st = ing.status()["v"]
+        assert st.last_error is not None and "capture process died" in st.last_error and "-9" in st.last_error
+        assert wait_for(lambda: reader.pid not in (None, first), 20, "a new capture process")
+        assert _gone(first)  # reaped, not left a zombie
+        killed_at = time.time()
+        while (f := ing.next_frame(timeout=30)) is not None and f.wall_time < killed_at:
+            pass  # frames queued before the kill
+        assert f is not None and f.camera == "v" and f.image.shape == (576, 768, 3)
+        st = ing.status()["v"]
+        assert st.state == "connected" and st.reconnects >= 1
+        assert ing.reader("v") is reader  # the same camera, not a new one
+        assert len(_our_segments()) == 1  # the dead process's ring was removed, the new one is in use
+    assert _our_segments() == set()
+
+
+def test_close_leaves_no_process_and_no_shared_memory(store, megamind: str) -> None:
+    # three cameras over two shared capture processes, unpaced, with frames taken and not
+    settings = FAST.model_copy(update={"processes": 2, "queue": 2})
+    streams = [
+        StreamEntry(id="a", url="asset://vtest", fps=5, loop=True),
+        StreamEntry(id="b", url=megamind, fps=5, loop=True),
+        StreamEntry(id="c", url="asset://vtest", fps=2, loop=True),
+    ]
+    ing = Ingest(settings, store=store)
+    try:
+        ing.apply(streams)
+        for _ in range(9):
+            assert ing.next_frame(timeout=30) is not None
+        assert wait_for(lambda: all(s.frames_in >= 2 for s in ing.status().values()), 30, "frames of every camera")
+        pids = {ing.reader(c).pid for c in "abc"}
+        assert None not in pids and len(pids) == 2  # N=2: three cameras on two processes
+        assert len(_our_segments()) == 3  # a ring per camera
+        assert all(s.capture == "process" and s.decode_ms > 0 for s in ing.status().values())
+        ing.apply(streams[:1])  # the process left without cameras goes
+        assert wait_for(lambda: sum(not _gone(p) for p in pids) == 1, 10, "the idle process to be reaped")
+        assert len(_our_segments()) == 1
+    finally:
+        ing.close()
+    assert all(_gone(p) for p in pids)
+    assert [p for p in __import__("multiprocessing").active_children() if p.name.startswith("mlink-capture")] == []
+    assert _our_segments() == set()
+
+
+_ORPHAN = """
+import sys, time
+from mlink.configs.schema import IngestConfig, StreamEntry
+from mlink.server.ingest import Ingest
+ing = Ingest(IngestConfig(realtime=False, processes="auto"))
+ing.apply([StreamEntry(id="v", url=sys.argv[1], fps=5, loop=True)])
+assert ing.next_frame(timeout=60) is not None
+print(ing.reader("v").pid, flush=True)
+time.sleep(120)
+"""
+
+
+def test_capture_processes_exit_when_the_serving_process_dies(megamind: str) -> None:
+    proc = subprocess.Popen([sys.executable, "-c", _ORPHAN, megamind], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        child = int(proc.stdout.readline())
+        assert not _gone(child)
+        proc.kill()  # SIGKILL: no cleanup code of the serving process runs
+        proc.wait(10)
+        assert wait_for(lambda: _gone(child), 15, "the orphaned capture process to exit")
+        # its ring is removed by the resource tracker shared with the dead process
+        assert wait_for(
+            lambda: not [n for n in os.listdir("/dev/shm") if n.startswith(f"mlk{proc.pid}_")], 15, "its ring"
+        )
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+def test_ingest_processes_setting_is_checked() -> None:
+    assert IngestConfig().processes == "auto" and IngestConfig(processes=4).processes == 4
+    for bad in (-1, 257, "many"):
+        with pytest.raises(ValueError, match="processes"):
+            IngestConfig(processes=bad)

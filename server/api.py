@@ -14,62 +14,45 @@ URLs are redacted everywhere.
 from __future__ import annotations
 
 import hmac
-import math
 from collections.abc import Mapping
-from typing import Annotated, Any
+from typing import Any, Protocol
 
 import anyio
-from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, Request, Response
-from fastapi.exceptions import RequestValidationError
+from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from mlink.scheduler.plans import Plan
-from mlink.server.cache import CacheStats, CacheUnavailable, records_json
+from mlink.server.api_read import (
+    PLAN_HEADER,
+    READ_ROUTERS,
+    SNAPSHOT_HEADER,
+    DaemonDep,
+    add_error_handlers,
+    camera_or_404,
+    get_daemon,
+    snapshot_headers,
+)
+from mlink.server.cache import CacheStats
 from mlink.server.daemon import Daemon
 from mlink.server.ingest import CameraStatus
 from mlink.server.metrics import Metric, per_label, placement_metrics, render
 from mlink.server.snapshot import ServedCounts, Snapshot
 
-SNAPSHOT_HEADER = "X-Mlink-Snapshot"
-PLAN_HEADER = "X-Mlink-Plan"
+__all__ = [
+    "PLAN_HEADER",
+    "SNAPSHOT_HEADER",
+    "camera_or_404",
+    "collect_metrics",
+    "create_app",
+    "get_daemon",
+    "snapshot_headers",
+]
 
 
-def snapshot_headers(snap: Snapshot) -> dict[str, str]:
-    headers = {SNAPSHOT_HEADER: str(snap.version)}
-    if snap.plan_id is not None:
-        headers[PLAN_HEADER] = str(snap.plan_id)
-    return headers
+class ReaderHealth(Protocol):
+    """What /healthz reports of the reader processes (:class:`mlink.server.readers.ReaderPool`)."""
 
-
-def _tag(response: Response, snap: Snapshot) -> None:
-    response.headers.update(snapshot_headers(snap))
-
-
-async def get_daemon(request: Request) -> Daemon:
-    """The daemon this app serves (``create_app`` keeps it on ``app.state``)."""
-    daemon: Daemon = request.app.state.daemon
-    return daemon
-
-
-DaemonDep = Annotated[Daemon, Depends(get_daemon)]
-
-
-async def _http_error(_: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, HTTPException)
-    body = exc.detail if isinstance(exc.detail, dict) else {"error": str(exc.detail)}
-    return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
-
-
-async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, RequestValidationError)
-    errors = [{"path": ".".join(str(p) for p in e["loc"]), "message": e["msg"]} for e in exc.errors()]
-    return JSONResponse({"error": "invalid request", "errors": errors}, status_code=422)
-
-
-def camera_or_404(daemon: Daemon, camera_id: str) -> None:
-    cameras = daemon.snapshot.cameras
-    if camera_id not in cameras:
-        raise HTTPException(404, {"error": f"no camera {camera_id!r}", "cameras": list(cameras)})
+    def health(self) -> dict[str, Any]: ...
 
 
 def require_token(daemon: DaemonDep, authorization: str | None = Header(None)) -> None:
@@ -87,16 +70,20 @@ def require_token(daemon: DaemonDep, authorization: str | None = Header(None)) -
 
 
 health = APIRouter(tags=["health"])
-cameras_router = APIRouter(tags=["cameras"])
-results_router = APIRouter(tags=["results"])
-scheduler_router = APIRouter(tags=["scheduler"])
 operator = APIRouter(tags=["operator"])
 
 
 @health.get("/healthz")
-def healthz(daemon: DaemonDep) -> dict[str, Any]:
-    """The process is alive (not that it is ready: see /readyz)."""
-    return {"status": "ok", "state": daemon.state}
+def healthz(daemon: DaemonDep, request: Request) -> dict[str, Any]:
+    """The process is alive (not that it is ready: see /readyz). With reader processes: how many
+    are alive and how often they were restarted; ``status`` is ``degraded`` while one is down."""
+    body: dict[str, Any] = {"status": "ok", "state": daemon.state}
+    readers: ReaderHealth | None = getattr(request.app.state, "readers", None)
+    if readers is not None:
+        body["readers"] = health = readers.health()
+        if health["alive"] < health["workers"]:
+            body["status"] = "degraded"
+    return body
 
 
 @health.get("/readyz")
@@ -114,79 +101,6 @@ def metrics(daemon: DaemonDep) -> PlainTextResponse:
     )
 
 
-@cameras_router.get("/api/v1/cameras")
-def cameras(daemon: DaemonDep, response: Response) -> list[dict[str, Any]]:
-    snap = daemon.snapshot
-    _tag(response, snap)
-    status = daemon.ingest.status() if daemon.ingest else {}
-    return [status[c].to_dict() if c in status else {"id": c, "state": "unknown"} for c in snap.cameras]
-
-
-@cameras_router.get("/api/v1/cameras/{camera_id}")
-def camera(daemon: DaemonDep, camera_id: str) -> dict[str, Any]:
-    camera_or_404(daemon, camera_id)
-    status = daemon.ingest.status() if daemon.ingest else {}
-    return status[camera_id].to_dict() if camera_id in status else {"id": camera_id, "state": "unknown"}
-
-
-@results_router.get("/api/v1/cameras/{camera_id}/results/latest")
-def latest(daemon: DaemonDep, camera_id: str) -> dict[str, Any]:
-    camera_or_404(daemon, camera_id)
-    try:
-        rec = daemon.cache.latest(camera_id) if daemon.cache else None
-    except CacheUnavailable as exc:
-        raise HTTPException(503, {"error": str(exc)}) from None
-    if rec is None:
-        raise HTTPException(404, {"error": f"no result for camera {camera_id!r} yet"})
-    return rec.to_dict()
-
-
-@results_router.get("/api/v1/cameras/{camera_id}/results")
-def results(
-    daemon: DaemonDep,
-    camera_id: str,
-    since: float | None = Query(None, description="unix seconds, inclusive"),
-    until: float | None = Query(None, description="unix seconds, inclusive"),
-    limit: int = Query(100, ge=1, le=10000, description="the newest results in the range"),
-) -> dict[str, Any]:
-    camera_or_404(daemon, camera_id)
-    for name, value in (("since", since), ("until", until)):
-        if value is not None and not math.isfinite(value):  # nan/inf parse as floats; Redis refuses them
-            raise HTTPException(422, {"error": f"{name} must be a finite number of unix seconds, got {value}"})
-    if since is not None and until is not None and since > until:
-        raise HTTPException(400, {"error": "since is after until"})
-    try:
-        recs = daemon.cache.history(camera_id, since, until, limit) if daemon.cache else []
-    except CacheUnavailable as exc:
-        raise HTTPException(503, {"error": str(exc)}) from None
-    return {"camera": camera_id, "count": len(recs), "results": records_json(recs)}
-
-
-@scheduler_router.get("/api/v1/models")
-def models(daemon: DaemonDep, response: Response) -> list[dict[str, Any]]:
-    snap = daemon.snapshot
-    _tag(response, snap)
-    return list(snap.models)
-
-
-@scheduler_router.get("/api/v1/schedule")
-def schedule(daemon: DaemonDep, response: Response) -> dict[str, Any]:
-    snap = daemon.snapshot
-    if snap.plan_json is None:
-        raise HTTPException(503, {"error": f"no plan yet (daemon is {daemon.state})"})
-    _tag(response, snap)
-    return {"state": daemon.state, "plan": snap.plan_json, "pool": snap.pool}
-
-
-@scheduler_router.get("/api/v1/links")
-def links(daemon: DaemonDep, response: Response) -> dict[str, Any]:
-    snap = daemon.snapshot
-    if snap.links.matrix is None:
-        raise HTTPException(503, {"error": f"no links yet (daemon is {daemon.state})"})
-    _tag(response, snap)
-    return snap.links.matrix
-
-
 @operator.post("/api/v1/config/reload", dependencies=[Depends(require_token)])
 async def reload(daemon: DaemonDep, request: Request) -> JSONResponse:
     """Reload the config file (empty body) or apply the YAML in the body. Invalid: 400, nothing changes."""
@@ -202,17 +116,18 @@ async def reload(daemon: DaemonDep, request: Request) -> JSONResponse:
     return JSONResponse(payload, status_code=status)
 
 
-def create_app(daemon: Daemon) -> FastAPI:
-    """The app serving ``daemon``: its handlers reach it through the :func:`get_daemon` dependency."""
+def create_app(daemon: Daemon, readers: ReaderHealth | None = None) -> FastAPI:
+    """The app serving ``daemon``: its handlers reach it through the :func:`get_daemon` dependency.
+    ``readers``: the reader processes in front of it, whose health /healthz reports."""
     app = FastAPI(
         title="mlink",
         version="0.1.0",
         description="Results of every model on every camera: executed, or predicted by model links, with expected accuracy.",
     )
     app.state.daemon = daemon
-    app.add_exception_handler(HTTPException, _http_error)
-    app.add_exception_handler(RequestValidationError, _validation_error)
-    for router in (health, cameras_router, results_router, scheduler_router, operator):
+    app.state.readers = readers
+    add_error_handlers(app)
+    for router in (health, *READ_ROUTERS, operator):
         app.include_router(router)
     return app
 

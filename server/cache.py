@@ -1,17 +1,12 @@
 """The result cache: per camera, the latest result and a time-indexed history, in Redis.
 
-Key layout (``P`` is the prefix, default ``mlink``; the daemon uses ``mlink:SITE``)::
-
-    P:cameras               SET     camera ids that ever had a result
-    P:cam:ID:latest         STRING  envelope of the last result put for camera ID (see Revisions)
-    P:cam:ID:history        ZSET    envelopes scored by their timestamp ``ts`` (unix seconds, float)
-
-An envelope is the JSON text ``{"id": UNIQUE, "ts": SECONDS, "result": {...}}``. ``ts`` is the
-score, and what ``history(since, until)`` selects on: the ``ts`` given to :meth:`ResultCache.put`
-(now when none is given). The daemon gives the wall time at which the camera frame was captured
-(:attr:`mlink.scheduler.frame.FrameRecord.wall_time`, also the result's ``wall_time`` field), so
-an operator's ``since``/``until`` mean when the frame was taken, not when it was served or
-stored. The history is a sorted set rather than a stream because the score is that time, not
+Key layout: :mod:`mlink.server.cache_layout` (per camera a latest STRING, a history ZSET of
+envelopes ``{"id", "ts", "result"}`` scored by ``ts``, and a channel carrying each new latest to
+the API's reader processes). ``ts`` is what ``history(since, until)`` selects on: the ``ts``
+given to :meth:`ResultCache.put` (now when none is given). The daemon gives the wall time at which
+the frame was captured (:attr:`mlink.scheduler.frame.FrameRecord.wall_time`, also the result's
+``wall_time``), so ``since``/``until`` mean when the frame was taken, not when it was stored.
+:meth:`ResultCache.put_many` writes a batch in one round trip. The history is a sorted set rather than a stream because the score is that time, not
 the time of the write: a result buffered during an outage is written later with its own
 timestamp, out-of-order or equal timestamps and clock steps are harmless (a stream's ids must
 grow, and its ``*`` ids would stamp the flush time), ``ZRANGEBYSCORE``/``ZREVRANGEBYSCORE ...
@@ -42,7 +37,6 @@ import itertools
 import json
 import logging
 import math
-import re
 import threading
 import time
 import uuid
@@ -56,6 +50,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from mlink.server.backoff import Backoff
+from mlink.server.cache_layout import CAMERA_ID, CacheStats, CacheUnavailable, Keys, Record, decode
 from mlink.server.redact import redact_url
 
 if TYPE_CHECKING:
@@ -64,36 +59,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mlink.cache")
 
-_CAMERA = re.compile(r"^[A-Za-z0-9_.-]+$")
-
-
-class CacheUnavailable(RuntimeError):
-    """Redis is unreachable and the answer cannot be given from the buffer."""
-
-
-@dataclass(frozen=True)
-class Record:
-    camera: str
-    ts: float  # the score: unix seconds (the daemon's results: the frame's wall time of capture)
-    result: dict[str, Any]
-    id: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"camera": self.camera, "ts": self.ts, "result": self.result}
-
-
-@dataclass
-class CacheStats:
-    connected: bool
-    buffered: int  # results waiting in memory for Redis
-    buffer_limit: int
-    written: int  # results written straight to Redis by put()
-    flushed: int  # results written to Redis from the buffer
-    dropped: int  # results lost: buffer overflow (oldest first) or still buffered at close
-    reconnects: int  # times Redis came back after being unreachable
-    errors: int  # Redis errors seen
-    last_error: str | None
-    dropped_by_camera: dict[str, int] = field(default_factory=dict)
+__all__ = ["CacheStats", "CacheUnavailable", "PutBatch", "Record", "ResultCache", "open_cache", "records_json"]
 
 
 @dataclass
@@ -102,6 +68,7 @@ class _Entry:
     ts: float
     id: str
     member: str  # the envelope JSON
+    revision: bool = False  # put as a revision of an earlier frame's result
     latest: bool = True  # becomes the camera's latest (a revision of an older frame does not)
 
 
@@ -126,6 +93,7 @@ class ResultCache:
         self.history_limit = history
         self.buffer_limit = buffer
         self.prefix = prefix
+        self.keys = Keys(prefix)
         self.batch = batch
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
@@ -172,13 +140,13 @@ class ResultCache:
 
     # -- keys ------------------------------------------------------------------------------
     def _k_cameras(self) -> str:
-        return f"{self.prefix}:cameras"
+        return self.keys.cameras
 
     def _k_latest(self, camera: str) -> str:
-        return f"{self.prefix}:cam:{camera}:latest"
+        return self.keys.latest(camera)
 
     def _k_history(self, camera: str) -> str:
-        return f"{self.prefix}:cam:{camera}:history"
+        return self.keys.history(camera)
 
     @property
     def _safe_url(self) -> str:
@@ -189,8 +157,25 @@ class ResultCache:
         """Store ``result`` as camera's latest (a ``revision``: if no later ts was put since) and in
         its history. True: written to Redis now; False: buffered (Redis unreachable, or older results
         waiting). Never raises on Redis errors; ValueError/TypeError for a bad camera id or result."""
-        if not isinstance(camera, str) or not _CAMERA.match(camera):
-            raise ValueError(f"camera id must match {_CAMERA.pattern}, got {camera!r}")
+        return self._admit([self._prepare(camera, result, ts, revision)])
+
+    def put_many(self, items: Iterable[tuple[str, dict[str, Any], float | None, bool]]) -> PutBatch:
+        """Store a batch of ``(camera, result, ts, revision)`` as :meth:`put` would one by one, in
+        one Redis round trip (one MULTI/EXEC) instead of one per result. An item that ``put`` would
+        refuse (bad camera id, result not a JSON object) is left out and named in
+        ``PutBatch.rejected`` with its error; the others are stored, in order."""
+        entries: list[_Entry] = []
+        rejected: list[tuple[int, Exception]] = []
+        for i, (camera, result, ts, revision) in enumerate(items):
+            try:
+                entries.append(self._prepare(camera, result, ts, revision))
+            except (TypeError, ValueError) as exc:
+                rejected.append((i, exc))
+        return PutBatch(written=self._admit(entries) if entries else True, stored=len(entries), rejected=rejected)
+
+    def _prepare(self, camera: str, result: dict[str, Any], ts: float | None, revision: bool) -> _Entry:
+        if not isinstance(camera, str) or not CAMERA_ID.match(camera):
+            raise ValueError(f"camera id must match {CAMERA_ID.pattern}, got {camera!r}")
         if not isinstance(result, dict):
             raise TypeError(f"a result must be a dict (a JSON object), got {type(result).__name__}")
         ts = time.time() if ts is None else float(ts)
@@ -201,20 +186,25 @@ class ResultCache:
             member = json.dumps({"id": rid, "ts": ts, "result": result}, separators=(",", ":"), ensure_ascii=False)
         except (TypeError, ValueError) as exc:
             raise TypeError(f"result for camera {camera} is not JSON-serialisable: {exc}") from None
+        return _Entry(camera, ts, rid, member, revision)
+
+    def _admit(self, entries: list[_Entry]) -> bool:
+        """Write ``entries`` now (one round trip) or queue them behind the buffer."""
         with self._lock:
             if self._closing:
                 raise RuntimeError("the cache is closed")
-            newest = not revision or ts >= self._newest.get(camera, -math.inf)
-            self._newest[camera] = ts if not revision else self._newest.get(camera, ts)
-            entry = _Entry(camera, ts, rid, member, newest)
+            for e in entries:
+                e.latest = not e.revision or e.ts >= self._newest.get(e.camera, -math.inf)
+                self._newest[e.camera] = e.ts if not e.revision else self._newest.get(e.camera, e.ts)
             if not self._buffer and self._connected:
                 try:
-                    self._write([entry])
-                    self._written += 1
+                    self._write(entries)
+                    self._written += len(entries)
                     return True
                 except redis.RedisError as exc:
                     self._mark_down(exc)
-            self._enqueue(entry)
+            for e in entries:
+                self._enqueue(e)
         self._wake.set()
         return False
 
@@ -243,6 +233,7 @@ class ResultCache:
         for cam, le in last.items():
             if le is not None:
                 pipe.set(self._k_latest(cam), le.member)
+                pipe.publish(self.keys.latest_channel, f"{cam} {le.member}")  # the readers' copy (not in the AOF)
             pipe.zremrangebyrank(self._k_history(cam), 0, -(self.history_limit + 1))
         pipe.sadd(self._k_cameras(), *last)
         pipe.execute()
@@ -329,8 +320,7 @@ class ResultCache:
 
     # -- reading ---------------------------------------------------------------------------
     def _decode(self, camera: str, raw: str | bytes) -> Record:
-        env = json.loads(raw)
-        return Record(camera=camera, ts=env["ts"], result=env["result"], id=env["id"])
+        return decode(camera, raw)
 
     def _buffered(self, camera: str) -> list[_Entry]:
         with self._lock:
@@ -487,13 +477,23 @@ def open_cache(
     if not cfg.redis_url:
         from mlink.server.redis_embedded import EmbeddedRedis
 
-        server = EmbeddedRedis(directory, appendonly=True).start()
+        server = EmbeddedRedis(directory, appendonly=True, appendfsync=cfg.fsync).start()
     try:
         return ResultCache.from_config(cfg, server.url if server else None, prefix=prefix), server
     except BaseException:
         if server is not None:
             server.close()
         raise
+
+
+@dataclass(frozen=True)
+class PutBatch:
+    """What :meth:`ResultCache.put_many` did: ``written`` True when the batch reached Redis now (False:
+    buffered); ``stored`` results accepted; ``rejected`` (index in the batch, error) for the others."""
+
+    written: bool
+    stored: int
+    rejected: list[tuple[int, Exception]] = field(default_factory=list)
 
 
 def records_json(records: Iterable[Record]) -> list[dict[str, Any]]:

@@ -405,12 +405,29 @@ def serve_cmd(
     signal.signal(signal.SIGHUP, on_hup)
     bind_host, bind_port = host or cfg.api.host, port if port is not None else cfg.api.port
     typer.echo(
-        f"mlink: site {cfg.site}, {len(cfg.streams)} cameras, API on http://{bind_host}:{bind_port} (docs at /docs)",
+        f"mlink: site {cfg.site}, {len(cfg.streams)} cameras, API on http://{bind_host}:{bind_port} (docs at /docs)"
+        f", {cfg.api.read_workers} reader process(es)",
         err=True,
     )
+    if not cfg.api.read_workers:
+        try:
+            uvicorn.run(create_app(daemon), host=bind_host, port=bind_port, log_level=log_level.lower())
+        finally:
+            daemon.stop()
+        return
+    from mlink.server.readers import ReaderPool
+
+    # Reads are answered by reader processes on the public port; the daemon's own app (health,
+    # /metrics, reload, docs) serves them on a private unix socket.
     try:
-        uvicorn.run(create_app(daemon), host=bind_host, port=bind_port, log_level=log_level.lower())
+        readers = ReaderPool(daemon, cfg.api.read_workers, bind_host, bind_port, log_level=log_level.lower()).start()
+    except OSError as exc:
+        daemon.stop()
+        fail(f"cannot listen on {bind_host}:{bind_port}: {exc}")
+    try:
+        uvicorn.run(create_app(daemon, readers=readers), uds=readers.upstream, log_level=log_level.lower())
     finally:
+        readers.close()
         daemon.stop()
 
 

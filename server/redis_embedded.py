@@ -8,8 +8,9 @@ The server listens on no TCP port (``port 0``), only on ``DIR/redis.sock`` with 
 private 0700 temp folder, so no other user of the machine can reach it. ``stop()`` shuts it down
 cleanly (``SHUTDOWN NOSAVE``, then SIGTERM, then SIGKILL); ``kill()`` simulates a crash (SIGKILL);
 ``start()`` after either starts it again on the same socket path, so clients reconnect to the same
-URL. With ``appendonly=True`` the data survives a stop or a kill (AOF in DIR; the file is written
-before Redis replies, so a SIGKILL loses nothing acknowledged); without it, a restart is empty.
+URL. With ``appendonly=True`` the data survives a stop or a kill (AOF in DIR; with the default
+``appendfsync="always"`` the file is written before Redis replies, so a SIGKILL loses nothing
+acknowledged; ``"everysec"`` trades up to ~2 s of writes for speed); without it, a restart is empty.
 
     with EmbeddedRedis() as server:
         client = redis.Redis.from_url(server.url)
@@ -36,6 +37,7 @@ from redis.retry import Retry
 log = logging.getLogger("mlink.redis")
 
 SERVER_ENV = "MLINK_REDIS_SERVER"
+FSYNC_POLICIES = ("always", "everysec", "no")  # Redis's appendfsync values
 
 
 def _die_with_parent() -> None:
@@ -94,6 +96,7 @@ class EmbeddedRedis:
         directory: str | Path | None = None,
         *,
         appendonly: bool = False,
+        appendfsync: str = "always",
         maxmemory: str | None = None,
         startup_timeout: float = 10.0,
         binary: str | Path | None = None,
@@ -111,7 +114,10 @@ class EmbeddedRedis:
         self.socket_path = self.directory / "redis.sock"
         if len(os.fsencode(str(self.socket_path))) > 100:
             raise EmbeddedRedisError(f"socket path too long for a unix socket: {self.socket_path}")
+        if appendfsync not in FSYNC_POLICIES:
+            raise ValueError(f"appendfsync must be one of {', '.join(FSYNC_POLICIES)}, got {appendfsync!r}")
         self.appendonly = appendonly
+        self.appendfsync = appendfsync
         self.maxmemory = maxmemory
         self.startup_timeout = startup_timeout
         self._proc: subprocess.Popen[bytes] | None = None
@@ -150,11 +156,11 @@ class EmbeddedRedis:
             "daemonize no",
             'save ""',  # no RDB snapshots; persistence, when wanted, is the AOF
             f"appendonly {'yes' if self.appendonly else 'no'}",
-            # Every write reaches the AOF before its reply: with "everysec", Redis may postpone
+            # "always" (the default, cache.fsync): every write reaches the disk before its reply,
+            # so a crash loses nothing the cache counted as stored. "everysec": Redis may postpone
             # AOF writes for up to 2 s while a background fsync runs, and a crash in that window
-            # loses results the cache already counted as stored. The daemon writes a few
-            # results a second, so the fsync per write costs nothing that matters.
-            "appendfsync always",
+            # loses them, for a higher write rate (measured in bench/daemon.py).
+            f"appendfsync {self.appendfsync}",
             f'logfile "{self.directory / "redis.log"}"',
             "loglevel notice",
             "databases 16",

@@ -1,0 +1,157 @@
+"""The API's read routes (cameras, results, models, schedule, links), and what they share with the
+rest of the API: the snapshot headers, the JSON error shape, the daemon dependency.
+
+Served twice: by the daemon's own app (:func:`mlink.server.api.create_app`) and by the reader
+processes (:mod:`mlink.server.reader_app`), where ``get_daemon`` gives a
+:class:`~mlink.server.reader_state.ReaderView` with the same attributes, read from Redis and the
+published snapshot. So this module imports nothing heavy (no daemon, no models): a reader
+process starts in a fraction of a second and holds no torch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Annotated, Any
+
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from mlink.server.cache import records_json
+from mlink.server.cache_layout import CacheUnavailable
+
+if TYPE_CHECKING:
+    from mlink.server.daemon import Daemon
+    from mlink.server.snapshot import Snapshot
+
+SNAPSHOT_HEADER = "X-Mlink-Snapshot"
+PLAN_HEADER = "X-Mlink-Plan"
+
+
+def snapshot_headers(snap: Snapshot) -> dict[str, str]:
+    headers = {SNAPSHOT_HEADER: str(snap.version)}
+    if snap.plan_id is not None:
+        headers[PLAN_HEADER] = str(snap.plan_id)
+    return headers
+
+
+def _tag(response: Response, snap: Snapshot) -> None:
+    response.headers.update(snapshot_headers(snap))
+
+
+async def get_daemon(request: Request) -> Daemon:
+    """The daemon this app serves (``create_app`` keeps it on ``app.state``; a reader process, its
+    :class:`~mlink.server.reader_state.ReaderView`)."""
+    daemon: Daemon = request.app.state.daemon
+    return daemon
+
+
+# FastAPI resolves the annotation when the routes are declared: at run time it names no class, so
+# this module does not import the daemon (and, through it, the scheduler and torch).
+if TYPE_CHECKING:
+    DaemonDep = Annotated[Daemon, Depends(get_daemon)]
+else:
+    DaemonDep = Annotated[Any, Depends(get_daemon)]
+
+
+async def _http_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
+    body = exc.detail if isinstance(exc.detail, dict) else {"error": str(exc.detail)}
+    return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+
+async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = [{"path": ".".join(str(p) for p in e["loc"]), "message": e["msg"]} for e in exc.errors()]
+    return JSONResponse({"error": "invalid request", "errors": errors}, status_code=422)
+
+
+def camera_or_404(daemon: Daemon, camera_id: str) -> None:
+    cameras = daemon.snapshot.cameras
+    if camera_id not in cameras:
+        raise HTTPException(404, {"error": f"no camera {camera_id!r}", "cameras": list(cameras)})
+
+
+cameras_router = APIRouter(tags=["cameras"])
+results_router = APIRouter(tags=["results"])
+scheduler_router = APIRouter(tags=["scheduler"])
+READ_ROUTERS = (cameras_router, results_router, scheduler_router)
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """JSON errors (``{"error": ..., "errors": [...]}``), the same from every process."""
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+
+
+@cameras_router.get("/api/v1/cameras")
+def cameras(daemon: DaemonDep, response: Response) -> list[dict[str, Any]]:
+    snap = daemon.snapshot
+    _tag(response, snap)
+    status = daemon.ingest.status() if daemon.ingest else {}
+    return [status[c].to_dict() if c in status else {"id": c, "state": "unknown"} for c in snap.cameras]
+
+
+@cameras_router.get("/api/v1/cameras/{camera_id}")
+def camera(daemon: DaemonDep, camera_id: str) -> dict[str, Any]:
+    camera_or_404(daemon, camera_id)
+    status = daemon.ingest.status() if daemon.ingest else {}
+    return status[camera_id].to_dict() if camera_id in status else {"id": camera_id, "state": "unknown"}
+
+
+@results_router.get("/api/v1/cameras/{camera_id}/results/latest")
+def latest(daemon: DaemonDep, camera_id: str) -> dict[str, Any]:
+    camera_or_404(daemon, camera_id)
+    try:
+        rec = daemon.cache.latest(camera_id) if daemon.cache else None
+    except CacheUnavailable as exc:
+        raise HTTPException(503, {"error": str(exc)}) from None
+    if rec is None:
+        raise HTTPException(404, {"error": f"no result for camera {camera_id!r} yet"})
+    return rec.to_dict()
+
+
+@results_router.get("/api/v1/cameras/{camera_id}/results")
+def results(
+    daemon: DaemonDep,
+    camera_id: str,
+    since: float | None = Query(None, description="unix seconds, inclusive"),
+    until: float | None = Query(None, description="unix seconds, inclusive"),
+    limit: int = Query(100, ge=1, le=10000, description="the newest results in the range"),
+) -> dict[str, Any]:
+    camera_or_404(daemon, camera_id)
+    for name, value in (("since", since), ("until", until)):
+        if value is not None and not math.isfinite(value):  # nan/inf parse as floats; Redis refuses them
+            raise HTTPException(422, {"error": f"{name} must be a finite number of unix seconds, got {value}"})
+    if since is not None and until is not None and since > until:
+        raise HTTPException(400, {"error": "since is after until"})
+    try:
+        recs = daemon.cache.history(camera_id, since, until, limit) if daemon.cache else []
+    except CacheUnavailable as exc:
+        raise HTTPException(503, {"error": str(exc)}) from None
+    return {"camera": camera_id, "count": len(recs), "results": records_json(recs)}
+
+
+@scheduler_router.get("/api/v1/models")
+def models(daemon: DaemonDep, response: Response) -> list[dict[str, Any]]:
+    snap = daemon.snapshot
+    _tag(response, snap)
+    return list(snap.models)
+
+
+@scheduler_router.get("/api/v1/schedule")
+def schedule(daemon: DaemonDep, response: Response) -> dict[str, Any]:
+    snap = daemon.snapshot
+    if snap.plan_json is None:
+        raise HTTPException(503, {"error": f"no plan yet (daemon is {daemon.state})"})
+    _tag(response, snap)
+    return {"state": daemon.state, "plan": snap.plan_json, "pool": snap.pool}
+
+
+@scheduler_router.get("/api/v1/links")
+def links(daemon: DaemonDep, response: Response) -> dict[str, Any]:
+    snap = daemon.snapshot
+    if snap.links.matrix is None:
+        raise HTTPException(503, {"error": f"no links yet (daemon is {daemon.state})"})
+    _tag(response, snap)
+    return snap.links.matrix

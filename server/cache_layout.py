@@ -1,0 +1,98 @@
+"""What the result cache keeps in Redis and how, shared by the writer (:mod:`mlink.server.cache`, in
+the daemon) and the API's reader processes (:mod:`mlink.server.reader_state`), which read the same
+keys without importing the writer.
+
+Key layout (``P`` is the prefix, default ``mlink``; the daemon uses ``mlink:SITE``)::
+
+    P:cameras               SET     camera ids that ever had a result
+    P:cam:ID:latest         STRING  envelope of the last result put for camera ID
+    P:cam:ID:history        ZSET    envelopes scored by their timestamp ``ts`` (unix seconds, float)
+    P:latest                CHANNEL "ID ENVELOPE", published in the same MULTI/EXEC as each SET of
+                                    P:cam:ID:latest, so a subscriber that applies the messages in
+                                    order holds every camera's latest result without asking Redis
+    P:snapshot              HASH    the daemon's published snapshot as JSON views (server/snapshot_publish.py)
+    P:snapshot              CHANNEL its version, published when the hash changes
+    P:status                STRING  JSON: the daemon's state and every camera's status, every 0.5 s
+
+An envelope is the JSON text ``{"id": UNIQUE, "ts": SECONDS, "result": {...}}``. Camera ids match
+``[A-Za-z0-9_.-]+`` (no space), so the first space of a P:latest message ends the id.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+CAMERA_ID = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+class CacheUnavailable(RuntimeError):
+    """Redis is unreachable and the answer cannot be given from the buffer."""
+
+
+@dataclass(frozen=True)
+class Keys:
+    """The Redis names of one cache (one prefix)."""
+
+    prefix: str = "mlink"
+
+    @property
+    def cameras(self) -> str:
+        return f"{self.prefix}:cameras"
+
+    def latest(self, camera: str) -> str:
+        return f"{self.prefix}:cam:{camera}:latest"
+
+    def history(self, camera: str) -> str:
+        return f"{self.prefix}:cam:{camera}:history"
+
+    @property
+    def latest_channel(self) -> str:
+        return f"{self.prefix}:latest"
+
+    @property
+    def snapshot(self) -> str:
+        """The snapshot hash, and the channel announcing its new versions."""
+        return f"{self.prefix}:snapshot"
+
+    @property
+    def status(self) -> str:
+        return f"{self.prefix}:status"
+
+
+@dataclass(frozen=True)
+class Record:
+    camera: str
+    ts: float  # the score: unix seconds (the daemon's results: the frame's wall time of capture)
+    result: dict[str, Any]
+    id: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"camera": self.camera, "ts": self.ts, "result": self.result}
+
+
+@dataclass
+class CacheStats:
+    connected: bool
+    buffered: int  # results waiting in memory for Redis
+    buffer_limit: int
+    written: int  # results written straight to Redis by put()
+    flushed: int  # results written to Redis from the buffer
+    dropped: int  # results lost: buffer overflow (oldest first) or still buffered at close
+    reconnects: int  # times Redis came back after being unreachable
+    errors: int  # Redis errors seen
+    last_error: str | None
+    dropped_by_camera: dict[str, int] = field(default_factory=dict)
+
+
+def decode(camera: str, raw: str | bytes) -> Record:
+    """The record of an envelope."""
+    env = json.loads(raw)
+    return Record(camera=camera, ts=env["ts"], result=env["result"], id=env["id"])
+
+
+def response_body(record: Record) -> bytes:
+    """The bytes the API answers for ``record`` (as FastAPI's JSONResponse encodes a dict)."""
+    return json.dumps(record.to_dict(), ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()

@@ -12,10 +12,16 @@ export MLINK_ASSET_MIRROR ?= $(if $(wildcard $(SHARED_MIRROR)/README.md),$(SHARE
 
 .PHONY: install run demo test lint bench bench-table4 assets gpu-check gpu-fleet clean
 
+# ONNX Runtime: the gpu extra (onnxruntime-gpu) where nvidia-smi is found, else cpu (onnxruntime).
+# Never both in one environment (see pyproject.toml): switching uninstalls the two first.
+ORT_EXTRA ?= $(if $(shell command -v nvidia-smi 2>/dev/null),gpu,cpu)
+ORT_OTHER := $(if $(filter gpu,$(ORT_EXTRA)),onnxruntime,onnxruntime-gpu)
+
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	! $(BIN)/python -m pip show -q $(ORT_OTHER) 2>/dev/null || $(BIN)/python -m pip uninstall -q -y onnxruntime onnxruntime-gpu
+	$(BIN)/python -m pip install -q -e '.[dev,$(ORT_EXTRA)]'
 	touch $@
 
 install: $(BIN)/.installed

@@ -154,7 +154,7 @@ def test_dockerfile_cuda_base_non_root_and_build_time_assets() -> None:
     users = [a for k, a in final if k == "USER"]
     assert users and users[-1].split(":")[0] not in ("root", "0")
     run_all = " ".join(a for k, a in final if k == "RUN")
-    assert "useradd" in run_all and "pip install ." in run_all
+    assert "useradd" in run_all and 'pip install ".[gpu]"' in run_all
     # assets are fetched (and verified) in a RUN before the switch to the runtime user
     fetch = next(i for i, (k, a) in enumerate(final) if k == "RUN" and "mlink assets fetch" in a)
     last_user = max(i for i, (k, _) in enumerate(final) if k == "USER")
@@ -173,6 +173,27 @@ def test_dockerfile_cuda_base_non_root_and_build_time_assets() -> None:
             *srcs, _dest = a.split()
             for src in srcs:
                 assert (REPO / src).exists(), f"COPY source {src} missing"
+
+
+def test_gpu_image_installs_onnxruntime_gpu_alone() -> None:
+    """The image's ONNX models must run on the CUDA provider: the project is installed with the
+    gpu extra, which is onnxruntime-gpu, never beside the CPU-only onnxruntime (which would shadow
+    it), and the build fails if the installed ONNX Runtime has no CUDA provider."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert project["optional-dependencies"]["gpu"] == ["onnxruntime-gpu>=1.19"]
+    assert not any(re.match(r"onnxruntime\b", d) for d in project["dependencies"])
+    final = _instructions((DOCKER / "Dockerfile").read_text())
+    install = next(a for k, a in final if k == "RUN" and "pip install" in a and "[gpu]" in a)
+    steps = [s.strip() for s in install.split("&&")]
+    pip_installs = [s for s in steps if s.startswith("pip install") and "--upgrade pip" not in s]
+    assert pip_installs == ['pip install ".[gpu]"'], pip_installs  # no [cpu], no [dev], no plain onnxruntime
+    check = next(s for s in steps if "get_available_providers" in s)
+    assert steps.index(check) > steps.index(pip_installs[0]) and "CUDAExecutionProvider" in check
+    assert "sys.exit" in check  # a missing provider fails the build
 
 
 def test_dockerignore_keeps_the_context_small() -> None:

@@ -14,8 +14,8 @@ when its control pipe reaches EOF, or when its parent pid changes (the serving p
 Its log lines go up the pipe and are logged by the serving process.
 
 Parent side (:class:`CaptureHost`): a supervising thread starts the process, dispatches its
-messages to the cameras' :class:`~mlink.server.ingest.CameraReader` (the same sink methods a
-reader thread calls), and when the process dies, marks its cameras ``retrying`` with the error,
+messages to its cameras' readers (:class:`HostedCamera`: the same sink methods a reader
+thread calls), and when the process dies, marks its cameras ``retrying`` with the error,
 removes their rings, waits the backoff and starts a new process for them.
 """
 
@@ -30,7 +30,7 @@ import os
 import threading
 import time
 from multiprocessing.connection import Connection
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -40,7 +40,24 @@ from mlink.server.shm_ring import RingClosed, ShmRing, unlink_name
 
 if TYPE_CHECKING:
     from mlink.models.assets import AssetStore
-    from mlink.server.ingest import CameraReader
+    from mlink.server.capture import CaptureSink
+
+
+class HostedCamera(Protocol):
+    """What a capture host needs of a camera (``ingest.HostedCamera``): who it is, what to
+    decode, and the capture sink its messages are handed to."""
+
+    id: str
+    key: str  # unique per reader, across restarts of the camera
+    serial: int
+    safe_url: str
+    stream: StreamEntry
+    settings: IngestConfig
+
+    @property
+    def sink(self) -> CaptureSink: ...
+    def is_ended(self) -> bool: ...
+
 
 log = logging.getLogger("mlink.ingest")
 
@@ -230,7 +247,7 @@ class CaptureHost:
         self.settings, self.store = settings, store
         self.serial = next(_serial)
         self.name = f"{PROCESS_PREFIX}-{self.serial}"
-        self.members: dict[str, CameraReader] = {}
+        self.members: dict[str, HostedCamera] = {}
         self._rings: dict[str, _Rings] = {}
         self._acks: dict[str, threading.Event] = {}
         self._lock = threading.RLock()  # members, rings, the control pipe
@@ -253,7 +270,7 @@ class CaptureHost:
     def thread(self) -> threading.Thread:
         return self._thread
 
-    def attach(self, reader: CameraReader) -> None:
+    def attach(self, reader: HostedCamera) -> None:
         with self._lock:
             self.members[reader.key] = reader
             self._acks[reader.key] = threading.Event()
@@ -263,12 +280,12 @@ class CaptureHost:
                 self._started = True
                 self._thread.start()
 
-    def request_stop(self, reader: CameraReader) -> None:
+    def request_stop(self, reader: HostedCamera) -> None:
         with self._lock:
             if reader.key in self.members:
                 self._send(("stop", reader.key))
 
-    def detach(self, reader: CameraReader, timeout: float) -> bool:
+    def detach(self, reader: HostedCamera, timeout: float) -> bool:
         """Stop one camera; True if the capture process confirmed within ``timeout``."""
         self.request_stop(reader)
         ack = self._acks.get(reader.key)
@@ -312,7 +329,7 @@ class CaptureHost:
         with contextlib.suppress(BrokenPipeError, EOFError, OSError):  # died: the supervisor restarts it
             self._ctrl.send(msg)
 
-    def _start_camera(self, reader: CameraReader) -> None:
+    def _start_camera(self, reader: HostedCamera) -> None:
         prefix = f"mlk{os.getpid()}_{self.serial}_{self._incarnation}_{reader.serial}"
         self._rings[reader.key] = _Rings(prefix)
         self._send(("start", reader.key, reader.stream, reader.settings, self.store, prefix))
@@ -333,7 +350,7 @@ class CaptureHost:
             out_send.close()
             self._proc, self._ctrl, self._out = proc, ctrl_send, out_recv
             for reader in self.members.values():
-                if reader.status().state != "ended":  # a file that ended stays ended
+                if not reader.is_ended():  # a file that ended stays ended
                     self._start_camera(reader)
 
     def _close_pipes(self) -> None:
@@ -374,13 +391,13 @@ class CaptureHost:
         why = f"capture process died (exit code {code})" if code is not None else "capture process failed to start"
         delay = self._backoff.next()
         for reader in members:
-            reader.error(why)
-            reader.retrying(time.time() + delay)
+            reader.sink.error(why)
+            reader.sink.retrying(time.time() + delay)
             log.warning("camera %s (%s): %s; restarting it in %.2fs", reader.id, reader.safe_url, why, delay)
         if self._stop.wait(delay):
             return
         for reader in members:
-            reader.reconnecting()
+            reader.sink.reconnecting()
 
     def _pump(self) -> None:
         out = self._out
@@ -410,7 +427,7 @@ class CaptureHost:
             _, _, slot, index, pts, wall = msg
             if rings.ring is not None:
                 image = rings.ring.take(slot)
-                reader.frame(index, pts, wall, image, self._stop)
+                reader.sink.frame(index, pts, wall, image, self._stop)
                 self._backoff.reset()
         elif kind == "ring":
             rings.announce(msg[2], msg[3], msg[4], msg[5])
@@ -419,4 +436,4 @@ class CaptureHost:
             if ack is not None:
                 ack.set()
         elif kind in _SINK_EVENTS:  # the sink methods of the same name, as a reader thread calls them
-            getattr(reader, kind)(*msg[2:])
+            getattr(reader.sink, kind)(*msg[2:])

@@ -4,6 +4,7 @@ results are being put."""
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import threading
@@ -322,3 +323,55 @@ def test_revisions_join_the_history_and_latest_holds_the_newest_frames_newest(se
         assert c.latest("a").result == {"f": 2, "revision": 1}
         got = [(r.result["f"], r.result["revision"]) for r in c.history("a")]
         assert sorted(got) == [(1, 0), (1, 1), (2, 0), (2, 1)]
+
+
+def _execs(client: redis.Redis) -> int:
+    return int(client.info("commandstats").get("cmdstat_exec", {}).get("calls", 0))
+
+
+def test_put_many_is_one_round_trip_and_publishes_each_cameras_new_latest(server: EmbeddedRedis) -> None:
+    """Issue 13 item 5: a batch of results is one MULTI/EXEC; in it, each camera whose latest
+    changed is published on the readers' channel (a revision of an older frame is not); a bad
+    item is left out and named, the rest stored in order."""
+    cache = ResultCache(server.url, prefix="mlink:b")
+    client = server.client()
+    sub = client.pubsub()
+    sub.subscribe("mlink:b:latest")
+    assert wait_for(lambda: (m := sub.get_message(timeout=0.1)) and m["type"] == "subscribe", 5)
+    try:
+        cache.put("a", {"n": 0}, 10.0)
+        before = _execs(client)
+        done = cache.put_many(
+            [
+                ("a", {"n": 1}, 11.0, False),
+                ("x y", {"n": -1}, 11.0, False),
+                ("b", {"n": 2}, 12.0, False),
+                ("a", {"n": 3}, 13.0, False),
+                ("a", {"rev": 0}, 10.0, True),
+            ]
+        )
+        assert _execs(client) == before + 1
+        assert done.written and done.stored == 4 and [i for i, _ in done.rejected] == [1]
+        assert "camera id" in str(done.rejected[0][1])
+        assert [r.result for r in cache.history("a")] == [{"n": 0}, {"rev": 0}, {"n": 1}, {"n": 3}]
+        assert cache.latest("a").result == {"n": 3} and cache.latest("b").result == {"n": 2}
+        got = []
+        wait_for(lambda: ((m := sub.get_message(timeout=0.1)) is None and len(got) >= 3) or (m and got.append(m)), 5)
+        assert [m["data"].split(b" ", 1)[0] for m in got] == [b"a", b"a", b"b"]  # put, then the batch's last per camera
+        assert json.loads(got[1]["data"].split(b" ", 1)[1])["result"] == {"n": 3}
+    finally:
+        sub.close()
+        cache.close()
+
+
+@pytest.mark.parametrize("policy", ["always", "everysec"])
+def test_the_fsync_policy_is_the_embedded_servers(policy: str) -> None:
+    cache, server = open_cache(CacheConfig(fsync=policy), prefix="mlink:f")
+    try:
+        assert server is not None
+        assert server.client().config_get("appendfsync") == {"appendfsync": policy}
+    finally:
+        cache.close()
+        server.close()
+    with pytest.raises(ValueError, match="appendfsync"):
+        EmbeddedRedis(appendfsync="sometimes")

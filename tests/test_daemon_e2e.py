@@ -14,16 +14,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 import yaml
+from daemons import running_daemon  # tests/daemons.py
 from waiting import wait_for as _wait_for  # tests/waiting.py
 
-from mlink.configs.load import load_config
 from mlink.links import LinkSet
 from mlink.models.assets import AssetStore
-from mlink.models.catalog import zoo_catalog
 from mlink.scheduler.accuracy import LinkAccuracy
-from mlink.server.api import create_app
 from mlink.server.daemon import Daemon
 
 TOKEN = "test-token"
@@ -59,30 +56,10 @@ def wait_for(pred, timeout: float, what: str):
 
 @pytest.fixture(scope="module")
 def running(store: AssetStore, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Daemon, httpx.Client, Path]]:
-    home = tmp_path_factory.mktemp("daemon-home")
-    config_path = home / "site.yaml"
-    config_path.write_text(yaml.safe_dump(site_yaml("0.6x", [WALKWAY, BROKEN])))
-    daemon = Daemon(
-        load_config(config_path, catalog=zoo_catalog()),
-        config_path,
-        AssetStore(home=home, mirror=store.mirror, offline=True),
-        progress=False,
-    )
-    daemon.start()
-    server = uvicorn.Server(uvicorn.Config(create_app(daemon), host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_for(lambda: server.started, 30, "the HTTP server")
-    port = server.servers[0].sockets[0].getsockname()[1]
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
-    try:
-        assert daemon.wait_ready(600), f"daemon did not become ready: {daemon.state} {daemon.error}"
-        yield daemon, client, config_path
-    finally:
-        client.close()
-        server.should_exit = True
-        thread.join(10)
-        daemon.stop()
+    site = site_yaml("0.6x", [WALKWAY, BROKEN])
+    with running_daemon(site, tmp_path_factory.mktemp("daemon-home"), store, http=True) as run:
+        assert run.client is not None
+        yield run.daemon, run.client, run.config_path
 
 
 def test_health_before_and_after_readiness(running) -> None:

@@ -9,15 +9,12 @@ holds more than the budget at any instant.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import pytest
-import yaml
+from daemons import running_daemon  # tests/daemons.py
 from waiting import wait_for  # tests/waiting.py
 
-from mlink.configs.load import load_config
 from mlink.models.assets import AssetStore
-from mlink.models.catalog import zoo_catalog
 from mlink.server.daemon import Daemon
 
 
@@ -43,21 +40,8 @@ def _site() -> dict:
 
 @pytest.fixture(scope="module")
 def daemon(store: AssetStore, tmp_path_factory: pytest.TempPathFactory):
-    home: Path = tmp_path_factory.mktemp("hybrid-home")
-    path = home / "site.yaml"
-    path.write_text(yaml.safe_dump(_site()))
-    d = Daemon(
-        load_config(path, catalog=zoo_catalog()),
-        path,
-        AssetStore(home=home, mirror=store.mirror, offline=True),
-        progress=False,
-    )
-    d.start()
-    try:
-        assert d.wait_ready(300), f"daemon did not become ready: {d.state} {d.error}"
-        yield d
-    finally:
-        d.stop()
+    with running_daemon(_site(), tmp_path_factory.mktemp("hybrid-home"), store, ready_s=300) as run:
+        yield run.daemon
 
 
 def _revisions(d: Daemon) -> list[dict]:

@@ -173,6 +173,10 @@ class SchedulerConfig(_Strict):
         description="how long a batch that is not full waits for more cameras' frames: fuller batches for the "
         "models at this much added latency (0: serve what is queued at once)",
     )
+    period_worker: bool = Field(
+        default=True,
+        description="re-profile, fine-tune and re-measure beside serving in a worker thread (false: inline, serving waits)",
+    )
     hybrid: HybridConfig = Field(
         default_factory=HybridConfig, description="hybrid plans: rotating models over short frame buffers"
     )

@@ -34,6 +34,7 @@ class PlannerOptions:
     profile_frames: int = 1000  # links.profile_frames: frames profiled when there are no links
     fine_tune: bool = True  # links.fine_tune: fine-tune the links on each period's tuples
     frame_rate: float | None = None  # frames per second over all streams (their fps added up)
+    period_worker: bool = True  # scheduler.period_worker: periods beside serving (the daemon's PeriodWorker)
     # the planner's own
     cost_margin: float = 0.1  # each measured cost is charged plus this share (or its spread)
     heldout_share: float = HELDOUT_SHARE  # share of the first profile held out for accuracies (as `mlink links train`)
@@ -73,6 +74,7 @@ class PlannerOptions:
             profile_frames=cfg.links.profile_frames,
             fine_tune=cfg.links.fine_tune,
             frame_rate=sum(st.fps for st in cfg.streams),
+            period_worker=s.period_worker,
         )
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(overrides) - known)

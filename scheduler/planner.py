@@ -23,23 +23,23 @@ buffering the next ``ceil(profile_share * period_s * frame rate)`` frames (the f
 site's streams' sampling rates added up; paper: 1% of an hour), at least two. When the buffer is
 full (or half a period has passed with at least one frame), :meth:`Planner.run_period`:
 
-1. profiles the buffered frames through **all** models, one after another
-   (:func:`~mlink.scheduler.profiler.profile`, the same code path as ``mlink profile``): first
-   the models already loaded (no load at all), then the others, each loaded through the pool
-   while the budget holds. To make room the planner unloads, before anything else, models the
-   next plan is unlikely to need; a model is never loaded over the budget (the pool refuses, and
-   a model that does not fit even alone is skipped and reported). Models likely to be chosen
-   (last period's candidate set) are profiled last, so they are still loaded when the plan is
-   applied;
-2. splits the new tuples: half fine-tune the links (:meth:`LinkSet.fine_tune`, when
-   ``links.fine_tune``), half join a sliding evaluation window of held-out tuples (the links
-   never trained on them; the window keeps the most recent ``eval_window`` tuples, initially the
-   held-out set), on which accuracies are re-measured (a new
-   :class:`~mlink.scheduler.accuracy.LinkAccuracy` every period);
-3. re-selects (``scheduler.selector``: ``"paper"`` or ``"objective"``) and applies hysteresis
-   (:func:`~mlink.scheduler.selection.keep_or_switch` with ``switch_margin`` and
-   ``min_residency_s``, against the current plan re-evaluated with the fresh numbers);
-4. applies the plan to the pool once (unload first, then load).
+1. **profile**: the buffered frames through **all** models, one after another
+   (:func:`~mlink.scheduler.profiler.profile`, as ``mlink profile``): first the models already
+   loaded (no load), then the others, each loaded through the pool within the budget, making
+   room by unloading first the models the next plan is unlikely to need (a model that does not
+   fit even alone is skipped and reported); likely ones last, so they are still loaded at apply;
+2. **learn**: half the new tuples fine-tune the links (when ``links.fine_tune``), half join a
+   sliding window of held-out tuples (the last ``eval_window``; initially the held-out set) on
+   which accuracies are re-measured (a new :class:`~mlink.scheduler.accuracy.LinkAccuracy`);
+3. **apply**: re-select (``scheduler.selector``) with hysteresis
+   (:func:`~mlink.scheduler.selection.keep_or_switch`: ``switch_margin``, ``min_residency_s``,
+   against the current plan re-evaluated) and apply the plan to the pool once.
+
+The steps are :meth:`begin_period`, :meth:`profile_period`,
+:func:`~mlink.scheduler.period_job.learn` and :meth:`finish_period` over a
+:class:`~mlink.scheduler.period_job.PeriodJob`; :meth:`run_period` runs them inline, and
+:class:`~mlink.scheduler.period_worker.PeriodWorker` runs the first two beside serving, on a
+copy of the links, so that only the apply happens between two of the pipeline's batches.
 
 Loads and unloads are kept to at most one of each per model per period (see
 :mod:`~mlink.scheduler.loads`). Period 0 (:meth:`Planner.initial`) measures every cost; when the
@@ -55,10 +55,11 @@ between calls (a failing load from elsewhere).
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from mlink.configs.budget import resolve_site_budget
@@ -67,6 +68,7 @@ from mlink.links import LinkSet, TupleSet
 from mlink.scheduler.accuracy import LinkAccuracy
 from mlink.scheduler.loads import LoadBook
 from mlink.scheduler.options import PlannerOptions
+from mlink.scheduler.period_job import PeriodJob, learn
 from mlink.scheduler.plans import PeriodReport, Plan, Tick
 from mlink.scheduler.pool import ModelPool
 from mlink.scheduler.profiler import Frame, head
@@ -74,7 +76,7 @@ from mlink.scheduler.selection import Selection, evaluate, keep_or_switch
 from mlink.scheduler.selector import select_models
 from mlink.scheduler.serving import FrameResult, serve
 from mlink.scheduler.site import site_served
-from mlink.scheduler.upkeep import fine_tune_links, initial_links, slide_window
+from mlink.scheduler.upkeep import initial_links
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +130,7 @@ class Planner:
         self._frames_last_period = 0
         self._active_since = -math.inf
         self._pending_failures: list[tuple[str, str]] = []
+        self.job: PeriodJob | None = None  # the period between begin_period and finish_period
         self._chain_failures(pool)
 
     def _chain_failures(self, pool: ModelPool) -> None:
@@ -169,13 +172,13 @@ class Planner:
         return int(min(max(n, opts.min_profile_frames), opts.max_profile_frames))
 
     # -- selection -----------------------------------------------------------------------------
-    def _select(self) -> Selection:
+    def _select(self, accuracy: LinkAccuracy | None = None) -> Selection:
         """The selector's choice under this period's constraints (unavailable, deferred, kept)."""
         unavailable = set(self.pool.unavailable())
         return select_models(
             self.options.selector,
             self.book.costs(),  # margins already added, per model
-            self.accuracy,
+            accuracy if accuracy is not None else self.accuracy,
             self.budget,
             models=self.universe,
             exclude=unavailable | self.book.spent(),
@@ -264,12 +267,6 @@ class Planner:
                 report.failures[name] = why
         return pending
 
-    def _remeasure(self, report: PeriodReport) -> None:
-        """A new accuracy object for the current links and evaluation tuples (see the contract
-        in :mod:`~mlink.scheduler.accuracy`: replaced whenever either changes)."""
-        self.accuracy = LinkAccuracy(self.links, self.eval_tuples, self.served)
-        report.eval_tuples = self.accuracy.n
-
     def _begin(self, report: PeriodReport) -> PeriodReport:
         self.book.report = report
         self.book.new_period()
@@ -308,7 +305,8 @@ class Planner:
         self.eval_tuples = self.heldout
         report.fine_tune_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        self._remeasure(report)
+        self.accuracy = LinkAccuracy(self.links, self.eval_tuples, self.served)  # replaced whenever either changes
+        report.eval_tuples = self.accuracy.n
         self._next_at = now + self.options.period_s
         self._drain_failures(report)
         sel = self._select()
@@ -369,7 +367,7 @@ class Planner:
             raise RuntimeError("call Planner.initial() before on_frames()")
         now = self.clock() if now is None else now
         tick = Tick(plan=self.plan)
-        if self._pending_failures:
+        if self._pending_failures and self.job is None:  # a period in flight re-plans when it applies
             self._replan_failures(now)
             tick.replanned = True
         self._frames_seen += len(frames)
@@ -400,7 +398,16 @@ class Planner:
         return full or stale
 
     def run_period(self, now: float | None = None) -> PeriodReport:
-        """Re-profile the buffered frames, fine-tune and re-measure, re-select, apply once."""
+        """Re-profile the buffered frames, fine-tune and re-measure, re-select, apply once: the
+        three steps of :mod:`~mlink.scheduler.period_job` one after another, in this thread."""
+        job = self.begin_period(now)
+        self.profile_period(job)
+        learn(job, self.served, self.options, len(self.heldout) if self.heldout is not None else 0)
+        return self.finish_period(job)
+
+    def begin_period(self, now: float | None = None, *, copy_links: bool = False) -> PeriodJob:
+        """Take the buffered frames, start a period (the pipeline's thread). ``copy_links``: the job
+        fine-tunes a copy (serving predicts with these until :meth:`finish_period`)."""
         if self.plan is None:
             raise RuntimeError("call Planner.initial() before run_period()")
         now = self.clock() if now is None else now
@@ -413,30 +420,38 @@ class Planner:
             PeriodReport(period=self.period, started_at=started, ran_at=now, frames=len(frames), budget=self.budget)
         )
         self._drain_failures(report)
+        taught, self.taught = self.taught, []
+        links = copy.deepcopy(self.links) if copy_links else self.links
+        seed = self.options.seed + self.period
+        job = PeriodJob(report, frames, self._profile_order(), now, t_start, links, self.eval_tuples, taught, seed)
+        self.job = job
+        return job
 
-        # 1. profile: loaded models first (no load), then the rest, likely ones last.
+    def profile_period(self, job: PeriodJob) -> None:
+        """Step 1: the job's frames through each model of ``job.order`` (loaded models first, no
+        load; then the rest, likely ones last), one model at a time, until ``job.cancel``."""
         t0 = time.perf_counter()
-        parts = (
-            self.book.profile(frames, self._profile_order(), self.served, report, batch_size=self.options.batch_size)
-            if frames
-            else {}
-        )
-        report.profile_s = time.perf_counter() - t0
+        for name in job.order if job.frames else ():
+            if job.cancel.is_set():
+                job.report.skipped[name] = "cancelled"
+                continue
+            part = self.book.profile(job.frames, [name], self.served, job.report, batch_size=self.options.batch_size)
+            job.parts.update(part)
+        job.report.profile_s = time.perf_counter() - t0
 
-        # 2. fine-tune on half the new tuples, re-measure on a window holding the other half.
-        t0 = time.perf_counter()
-        self._update_links(parts, report)
-        report.fine_tune_s = time.perf_counter() - t0
-        self._remeasure(report)
-
-        # 3. re-select, with hysteresis against the current plan re-evaluated.
+    def finish_period(self, job: PeriodJob, now: float | None = None) -> PeriodReport:
+        """Step 3 (the pipeline thread, between two batches): swap in the job's links, window and
+        accuracies, re-select with hysteresis, apply once."""
+        now = job.now if now is None else now
+        report = job.report
+        if job.accuracy is not None:  # learned: else (a failed worker) the old figures stay
+            self.links, self.eval_tuples, self.accuracy = job.links, job.eval_tuples, job.accuracy
         chosen, candidate = self._reselect(report, now)
-
-        # 4. apply once.
         t0 = time.perf_counter()
         plan = self._apply(chosen, "period", now, report, candidate=candidate)
         report.apply_s = time.perf_counter() - t0
-        self._finish(report, plan, t_start)
+        self._finish(report, plan, job.t_start)
+        self.job = None
         return report
 
     def _profile_order(self) -> list[str]:
@@ -445,35 +460,17 @@ class Planner:
         rest.sort(key=lambda m: (m in self.book.likely, -(self.pool.cost(m) or 0), m))
         return [m for m in self.universe if m in loaded] + rest
 
-    def _update_links(self, parts: Mapping[str, TupleSet], report: PeriodReport) -> None:
-        if self.links is None:
-            report.fine_tune_note = "no links"
-            return
-        opts = self.options
-        held = fine_tune_links(
-            self.links,
-            parts,
-            report,
-            fine_tune=opts.fine_tune,
-            epochs=opts.fine_tune_epochs,
-            seed=opts.seed + self.period,
-            taught=self.taught,
-        )
-        if held is not None:
-            cap = opts.eval_window or max(len(self.heldout) if self.heldout is not None else 0, 50)
-            self.eval_tuples = slide_window(self.eval_tuples, held, cap)
-
     def _reselect(self, report: PeriodReport, now: float) -> tuple[Selection, Selection]:
         """(the plan to apply, the selector's candidate): hysteresis against the current plan."""
         assert self.plan is not None
         self._drain_failures(report)
-        t0 = time.perf_counter()
+        t0, measured = time.perf_counter(), self.accuracy.seconds  # a warmed accuracy measured some already
         candidate = self._select()
         current = self._evaluate(self.plan.active, selector=self.plan.selector)
         residency_ok = now - self._active_since >= self.options.min_residency_s
         chosen = keep_or_switch(current, candidate, self.options.switch_margin, residency_ok)
         report.measure_s = self.accuracy.seconds
-        report.select_s = time.perf_counter() - t0 - self.accuracy.seconds
+        report.select_s = time.perf_counter() - t0 - (self.accuracy.seconds - measured)
         report.candidate = candidate.to_json()
         report.current_objective = current.objective
         report.switched = chosen.active != self.plan.active

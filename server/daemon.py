@@ -1,10 +1,11 @@
 """The daemon: cameras in, the scheduler's serving step in the middle, Redis out.
 
 One worker thread owns the pipeline: it takes frames round-robin from the camera readers,
-hands them to the planner (which may run a period's re-profiling inside the call; the readers
-keep ingesting meanwhile, dropping their oldest frames if the pause is long, and count it),
-serves them (loaded models execute, links predict the rest) and writes every result to the
-cache. Because only that thread touches the planner and the pool, a config reload that changes
+hands them to the planner, serves them (loaded models execute, links predict the rest) and writes every result to the
+cache. A re-profiling period runs beside it (:class:`~mlink.scheduler.period_worker.PeriodWorker`:
+profiling, fine-tuning and re-measuring in a worker thread, the new links and plan applied by
+the pipeline thread between two batches; ``scheduler.period_worker: false`` runs it inline, and
+serving waits). Only the pipeline thread changes the plan: a config reload that changes
 the plan is handed to it and applied between two batches; stream-only changes go straight to
 the ingest manager, which restarts only the cameras that changed.
 
@@ -40,6 +41,7 @@ from mlink.models.assets import AssetStore, default_store
 from mlink.models.catalog import zoo_catalog
 from mlink.scheduler.frame import FrameRecord
 from mlink.scheduler.options import PlannerOptions
+from mlink.scheduler.period_worker import PeriodWorker
 from mlink.scheduler.planner import Planner
 from mlink.scheduler.plans import Plan
 from mlink.scheduler.profiler import link_store_dir
@@ -118,6 +120,7 @@ class Daemon:
         self.pool = None
         self.planner: Planner | None = None
         self.rotation: Rotation | None = None  # hybrid plans (scheduler.hybrid.enabled)
+        self.periods: PeriodWorker | None = None  # re-profiling periods (beside serving, or inline)
         self.links: LinkSet | None = None
         self.frames_total: Counter[str] = Counter()
         self.outputs_total: Counter[tuple[str, str]] = Counter()
@@ -161,6 +164,8 @@ class Daemon:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
+        if self.periods is not None:
+            self.periods.close(timeout)
         for part in (self.ingest, self.pool, self.cache, self._redis):
             if part is None:
                 continue
@@ -312,8 +317,17 @@ class Daemon:
             raise RuntimeError(f"no camera delivered frames to profile within {timeout:.0f} s")
         return frames
 
+    def _period_worker(self, planner: Planner) -> PeriodWorker:
+        def counts() -> dict[str, int]:
+            drops = sum(st.drops for st in self.ingest.status().values()) if self.ingest is not None else 0
+            return {"served": sum(self.frames_total.values()), "dropped": drops}
+
+        return PeriodWorker(planner, background=planner.options.period_worker, counts=counts)
+
     def _apply_plan_request(self, req: _PlanRequest) -> None:
         previous = self.planner
+        if self.periods is not None:
+            self.periods.close()  # the old planner's period in flight is dropped (it may share the pool)
         try:
             self.pool, self.planner = self._build_planner(req.cfg, previous)
             self.links = self.planner.links
@@ -326,6 +340,8 @@ class Daemon:
             except Exception:
                 log.exception("reload: restoring the previous plan failed too")
         finally:
+            if self.planner is not None:
+                self.periods = self._period_worker(self.planner)
             self._publish_pipeline("plan")  # before the reload returns: its caller sees the new plan
             self.state = "serving"
             req.done.set()
@@ -335,6 +351,7 @@ class Daemon:
         try:
             self.pool, self.planner = self._build_planner(self.cfg)
             self.links = self.planner.links
+            self.periods = self._period_worker(self.planner)
             self._publish_pipeline("plan")
             self.state = "serving"
         except Exception as exc:
@@ -354,6 +371,8 @@ class Daemon:
             batch = self._take_batch()
             if batch:
                 self._step(batch)
+            elif self.periods is not None and self.periods.poll() is not None:
+                self._on_new_plan()  # a period the worker finished, applied while no frame came
             if time.monotonic() - self._refreshed_at >= self.refresh_s:
                 self._publish_pipeline("refresh")
 
@@ -382,11 +401,10 @@ class Daemon:
         t0 = time.perf_counter()
         taken = time.time()
         self.stages.add("queue_wait", sum(max(taken - f.wall_time, 0.0) for f in batch), len(batch))
-        self.planner.on_frames(batch)  # may run a period (re-profile, re-select) before serving
-        if self.rotation is not None:
-            self.rotation.on_plan()  # a new plan: choose the hybrid modes (may replace the plan)
-        if self.planner.plan is not self.snapshot.plan:
-            self._publish_pipeline("plan")  # before any result of the new plan is stored
+        self.planner.on_frames(batch, run=False)  # buffers a period's frames
+        if self.periods is not None:
+            self.periods.poll()  # starts a due period (worker) or applies a finished one; inline: runs it
+        self._on_new_plan()
         t1 = time.perf_counter()
         self.stages.add("plan", t1 - t0, len(batch))
         results = self.planner.serve(batch)
@@ -417,6 +435,12 @@ class Daemon:
         dt = time.perf_counter() - t0
         self.step_seconds += dt
         self.stages.add("step", dt, len(batch))
+
+    def _on_new_plan(self) -> None:
+        if self.rotation is not None:
+            self.rotation.on_plan()  # a new plan: choose the hybrid modes (may replace the plan)
+        if self.planner is not None and self.planner.plan is not self.snapshot.plan:
+            self._publish_pipeline("plan")  # before any result of the new plan is stored
 
     def _store(self, r: FrameResult) -> None:
         assert self.cache is not None

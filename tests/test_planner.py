@@ -347,6 +347,55 @@ def test_periods_reprofile_reselect_and_load_once_per_period(store: AssetStore, 
     pool.close()
 
 
+def _one_period(store: AssetStore, frames, trained, split: bool):
+    """A planner's period 0 and period 1 on the same frames: inline, or in the worker's steps
+    (begin with a copy of the links, profile, learn and warm, stage, finish) in this thread."""
+    from mlink.scheduler.period_job import learn
+    from mlink.scheduler.period_worker import stage
+
+    cfg = site_cfg(budget="0.95x")
+    pool = build_pool(cfg, store=store)
+    links = fresh_links(trained)
+    planner = Planner(cfg, pool, links, heldout=trained[1], options=PlannerOptions.from_site(cfg, frame_rate=5.0))
+    t0 = frames[40].timestamp
+    planner.initial(now=t0)
+    for i in range(40, 60, 2):
+        if planner.on_frames(frames[i : i + 2], now=t0 + 2.5, run=False).collecting and planner.period_due(t0 + 2.5):
+            break
+    if not split:
+        report = planner.run_period(now=t0 + 2.5)
+    else:
+        job = planner.begin_period(now=t0 + 2.5, copy_links=True)
+        planner.profile_period(job)
+        learn(job, planner.served, planner.options, len(trained[1]), warm=True)
+        # Serving still predicts with the links and figures of before: nothing was swapped in.
+        assert planner.links is links and job.links is not links and not links.history
+        assert planner.accuracy is not job.accuracy
+        stage(planner, job)
+        report = planner.finish_period(job)
+        assert planner.links is job.links and planner.job is None
+    plan = planner.plan
+    out = (report, plan, planner.accuracy.table(), sorted(pool.loaded()), pool.high_water, planner.budget)
+    pool.close()
+    return out
+
+
+def test_a_period_in_the_worker_steps_makes_the_inline_plan(store: AssetStore, frames, trained) -> None:
+    """profile / learn / apply, split as the period worker runs them, give the plan and the
+    accuracies the inline period gives for the same frames and seed; memory stays in budget."""
+    inline = _one_period(store, frames, trained, split=False)
+    split = _one_period(store, frames, trained, split=True)
+    for report, plan, _table, loaded, high_water, budget in (inline, split):
+        assert report.frames == 4 and sorted(report.profiled) == sorted(site_served(site_cfg()))
+        assert report.fine_tuned and plan.period == 1 and set(plan.active) <= set(loaded)
+        assert 0 < high_water <= budget
+    (r1, p1, t1, *_), (r2, p2, t2, *_) = inline, split
+    assert t1 == t2  # the same fine-tuned links measured on the same window
+    assert p1.active == p2.active and p1.expected == p2.expected
+    assert p1.objective == pytest.approx(p2.objective)
+    assert r1.eval_tuples == r2.eval_tuples and r1.switched == r2.switched
+
+
 # -- the CLI and the GPU check ----------------------------------------------------------------
 
 

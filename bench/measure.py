@@ -7,7 +7,11 @@ scheduler's pool charges), the load time alone, and latencies over real frames, 
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import threading
 import time
+from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
@@ -57,3 +61,150 @@ def measure_loads(
             holder.clear()
             meter.release()
     return peaks, deltas, secs, obj
+
+
+# -- a model's cost idle and under ingest load -------------------------------------------------
+
+
+class IngestLoad:
+    """``threads`` threads decoding ``video`` with OpenCV and keeping their last ``keep`` frames.
+
+    What ingest does to this process's memory: every decoded frame is a fresh buffer (1.3 MB
+    for vtest's 768x576), and the newest few stay referenced, so process memory churns by tens
+    of MB while a model is being measured. Used as a context manager; loops the video.
+    """
+
+    def __init__(self, video: str, threads: int = 8, keep: int = 4) -> None:
+        self.video = video
+        self.keep = keep
+        self.frames = 0
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._decode, name=f"ingest-{i}", daemon=True) for i in range(threads)]
+
+    def _decode(self) -> None:
+        import cv2
+
+        kept: deque[Any] = deque(maxlen=self.keep)
+        while not self._stop.is_set():
+            cap = cv2.VideoCapture(self.video)
+            try:
+                while not self._stop.is_set():
+                    ok, frame = cap.read()
+                    if not ok:
+                        break
+                    kept.append(frame)
+                    self.frames += 1
+            finally:
+                cap.release()
+
+    def __enter__(self) -> IngestLoad:
+        for t in self._threads:
+            t.start()
+        deadline = time.monotonic() + 10.0
+        while self.frames < 4 * len(self._threads) and time.monotonic() < deadline:
+            time.sleep(0.05)  # decoding under way before anything is measured
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join()
+
+
+def cost_in_process(meter: Any, factory: Any, name: str, device: str, frames: Sequence[Any]) -> int:
+    """A model's cost as one in-process measurement of load + warm-up sees it (then unloaded)."""
+    holder = [factory(name)]
+
+    def load_and_warm() -> None:
+        holder[0].load(device)
+        holder[0].infer(list(frames))
+
+    _, m = meter.measure_call(load_and_warm)
+    holder[0].unload()
+    holder.clear()
+    meter.release()
+    return max(int(m.peak_delta), 0)
+
+
+def cost_by_pool(cfg: Any, store: Any, name: str) -> tuple[int, str]:
+    """A model's cost as a fresh pool records it for the planner (isolated figures not cached):
+    (bytes, how: isolated / stable / UNSTABLE, and the in-process figure when it differs)."""
+    from mlink.scheduler.isolated import clear_cache
+    from mlink.scheduler.site import build_pool
+
+    clear_cache()  # measured again, not remembered from the idle round
+    pool = build_pool(cfg, store=store, budget=1 << 50)
+    try:
+        pool.load(name)
+        record = pool.load_records[-1]
+        pool.unload(name, reason="bench")
+    finally:
+        pool.close()
+    how = "isolated" if record.isolated else ("stable" if record.stable else "UNSTABLE")
+    if record.in_process != record.cost:
+        how += f"; in process {record.in_process / MB:.1f} MB"
+    return record.cost, how
+
+
+def isolation_main(argv: Sequence[str] | None = None) -> int:
+    """Each model of a site measured idle and under ingest load, in process and by the pool."""
+    ap = argparse.ArgumentParser(prog="python -m mlink.bench.measure", description=isolation_main.__doc__)
+    ap.add_argument("--config", default="configs/default.yaml")
+    ap.add_argument("--device", default=None, help="default: the config's")
+    ap.add_argument("--threads", type=int, default=8, help="decoding threads (ingest load)")
+    ap.add_argument("--keep", type=int, default=4, help="frames each decoding thread keeps")
+    ap.add_argument(
+        "--modes", default="in-process,pool", help="in-process (one measurement), pool (what a fresh pool plans on)"
+    )
+    args = ap.parse_args(argv)
+
+    from mlink.configs.load import load_config
+    from mlink.models.assets import default_store
+    from mlink.models.catalog import model_info, zoo_catalog
+    from mlink.scheduler.pool import ModelPool
+    from mlink.scheduler.priming import synthetic_frame
+    from mlink.scheduler.site import build_pool
+
+    cfg = load_config(args.config, catalog=zoo_catalog())
+    device = args.device or cfg.device
+    cfg = cfg.model_copy(update={"device": device})
+    store = default_store()
+    video = str(store.path("vtest"))
+    names = [m.name for m in cfg.models]
+    for name in names:
+        for asset in model_info(name).assets:
+            store.path(asset)  # fetched before anything is measured
+    pool: ModelPool = build_pool(cfg, store=store, budget=1 << 50)
+    frames = [synthetic_frame()] * pool.warmup_batch
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    rows = []
+    for mode in modes:
+        for name in names:
+            figures = []
+            for loaded in (False, True):
+                ctx = IngestLoad(video, args.threads, args.keep) if loaded else contextlib.nullcontext()
+                with ctx:
+                    if mode == "in-process":
+                        cost, how = cost_in_process(pool.meter, pool.factory, name, device, frames), "in-process"
+                    else:
+                        cost, how = cost_by_pool(cfg, store, name)
+                figures.append((cost, how))
+            (idle, how_idle), (busy, how_busy) = figures
+            ratio = busy / idle if idle else float("nan")
+            rows.append((mode, name, idle, busy, ratio, how_idle, how_busy))
+            print(
+                f"{mode:10s} {name:14s} idle {idle / MB:8.1f} MB ({how_idle})  under {args.threads} decoders "
+                f"{busy / MB:8.1f} MB ({how_busy})  ratio {ratio:.3f}",
+                flush=True,
+            )
+    pool.close()
+    worst = max(abs(r[4] - 1) for r in rows if r[0] == "pool") if "pool" in modes else None
+    if worst is not None:
+        print(f"pool: largest |loaded/idle - 1| = {worst:.3f} (target <= 0.05)")
+    return 0
+
+
+MB = 1e6
+
+if __name__ == "__main__":
+    raise SystemExit(isolation_main())

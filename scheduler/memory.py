@@ -27,6 +27,16 @@ torch's ``max_memory_reserved`` delta (the caching allocator's peak), which samp
 :meth:`MemoryMeter.release` gives freed memory back before a baseline and after an unload
 (:func:`~mlink.scheduler.procmem.release_memory`); :meth:`MemoryMeter.prepare` pays the
 process's one-time costs first (:mod:`mlink.scheduler.priming`).
+
+Other threads. Every figure is process-wide, so another thread allocating during ``measure``
+is charged to the call (a model measured under camera ingest read up to 2x its idle cost).
+Two defences, both reported in the :class:`Measurement`: ``measure_call(..., probe_s=...)``
+watches the usage for a moment before and after the call, while this thread does nothing, and
+calls the measurement unstable (``stable=False``, ``noise`` = the movement seen) when it moves;
+and :meth:`MemoryMeter.measure_isolated` measures a call in a child process where nothing else
+runs (:mod:`mlink.scheduler.isolated`), which is what the pool plans on. The probe only catches
+churn it happens to see (steady decoding moved anonymous RSS by 0 B in most 50 ms probes), so
+a quiet probe is no proof of a clean figure; an isolated one is.
 """
 
 from __future__ import annotations
@@ -65,6 +75,9 @@ class Measurement:
     samples: int
     source: str
     parts: tuple[int, ...] = ()  # the peak estimates max() chose from (end, sampled, high-water/allocator)
+    noise: int = 0  # the most the usage moved while nothing was measured (probes around the call)
+    stable: bool = True  # False: the probes saw other activity, so the figure may be polluted
+    isolated: bool = False  # measured in a child process where nothing else ran
 
 
 CPU_SOURCES = ("anon", "uss", "rss")
@@ -79,6 +92,9 @@ class MemoryMeter:
     ``/proc/self/statm`` exists, else USS, else RSS) or ``"nvml"``. ``nvml_error`` keeps the
     reason a CUDA device fell back to a CPU source.
     """
+
+    #: Movement of the usage, while nothing is measured, that a probe tolerates as noise.
+    noise_floor: int = 2 << 20
 
     def __init__(self, device: str = "cpu", sample_interval: float = 0.002, prefer: str | None = None) -> None:
         if prefer not in (None, "nvml", *CPU_SOURCES):
@@ -184,15 +200,19 @@ class MemoryMeter:
         result, m = self.measure_call(fn, release_before=release_before)
         return result, m.delta, m.peak_delta
 
-    def measure_call(self, fn: Callable[[], T], release_before: bool = True) -> tuple[T, Measurement]:
+    def measure_call(
+        self, fn: Callable[[], T], release_before: bool = True, probe_s: float = 0.0
+    ) -> tuple[T, Measurement]:
         """Run ``fn`` while sampling memory; the peak delta is the cost of whatever ``fn`` loaded.
 
         Exceptions from ``fn`` propagate (the sampler is stopped first). Allocations by other
-        threads of this process during the call are charged to it too: the pool serialises
-        loads, but concurrent inference adds noise (conservatively, upwards).
+        threads of this process during the call are charged to it too (see the module
+        docstring). With ``probe_s`` > 0 the usage is watched that long before and after the
+        call; movement above :attr:`noise_floor` marks the measurement unstable.
         """
         if release_before:
             self.release()
+        noise = self._quiet_spread(probe_s)
         probe: _GpuProbe | _CpuProbe = _GpuProbe(self, self._nvml) if self._nvml is not None else _CpuProbe(self)
         sampler = _PeakSampler(probe.sample, probe.first, self.sample_interval)
         start = time.perf_counter()
@@ -201,6 +221,7 @@ class MemoryMeter:
         seconds = time.perf_counter() - start
         before, after, delta, peak_deltas = probe.finish(sampler.peak)
         peak_delta = max(peak_deltas)
+        noise = max(noise, self._quiet_spread(probe_s))
         m = Measurement(
             before=before,
             after=after,
@@ -211,8 +232,42 @@ class MemoryMeter:
             samples=sampler.count,
             source=self.source,
             parts=tuple(int(x) for x in peak_deltas),
+            noise=noise,
+            stable=noise <= self.noise_floor,
         )
         return result, m
+
+    def _quiet_spread(self, seconds: float) -> int:
+        """How far the usage moves over ``seconds`` while this thread only reads it (0: no probe)."""
+        if seconds <= 0:
+            return 0
+        values = [self.used()]
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            time.sleep(self.sample_interval)
+            values.append(self.used())
+        return max(values) - min(values)
+
+    def measure_isolated(
+        self,
+        fn: Callable[..., Any],
+        *args: Any,
+        backends: Iterable[str] | None = None,
+        setup: Callable[[], Any] | None = None,
+        timeout: float = 600.0,
+    ) -> Measurement:
+        """Measure ``fn(*args)`` in a child process where nothing else allocates.
+
+        Same source as this meter; the child primes ``backends`` (after ``setup``, e.g. the
+        imports this process paid before its baseline) so its one-time costs are not charged.
+        ``fn`` and ``args`` must pickle; what ``fn`` returns stays in the child. Cached per
+        process; raises :class:`~mlink.scheduler.isolated.IsolationError` when the child fails.
+        See :mod:`mlink.scheduler.isolated`.
+        """
+        from mlink.scheduler.isolated import measure_in_child
+
+        prefer = self.source if self.source in CPU_SOURCES else None
+        return measure_in_child(self.device, fn, args, prefer=prefer, backends=backends, setup=setup, timeout=timeout)
 
     def close(self) -> None:
         if self._nvml is not None:

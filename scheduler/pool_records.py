@@ -45,6 +45,10 @@ class LoadRecord:
     seconds: float
     source: str
     at: float
+    in_process: int = -1  # this load's own peak delta (cost may be the isolated or known figure)
+    noise: int = 0  # movement of memory seen around the measurement while nothing was loading
+    stable: bool = True  # False: the in-process figure was polluted by other activity, not planned on
+    isolated: bool = False  # cost was measured in a child process where nothing else ran
 
 
 @dataclass(frozen=True)

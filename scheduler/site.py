@@ -23,18 +23,29 @@ def site_served(cfg: SiteConfig) -> dict[str, tuple[str, ...]]:
     return {m.name: tuple(m.served) for m in cfg.models}
 
 
+class SiteModelFactory:
+    """Creates a site's models by name with their config params and ``store``.
+
+    A class rather than a closure so that it pickles: the pool measures a model's cost in a
+    child process with the same factory (:mod:`mlink.scheduler.isolated`).
+    """
+
+    def __init__(self, params: Mapping[str, Mapping[str, Any]], store: Any = None) -> None:
+        self.params = {name: dict(p) for name, p in params.items()}
+        self.store = store
+
+    def __call__(self, name: str) -> Any:
+        from mlink.models.catalog import create_model
+
+        params = self.params.get(name, {})
+        return (
+            create_model(name, store=self.store, **params) if self.store is not None else create_model(name, **params)
+        )
+
+
 def model_factory(cfg: SiteConfig, store: Any = None) -> Callable[[str], Any]:
     """A factory creating the site's models with their config params and ``store``."""
-    from mlink.models.catalog import create_model
-
-    def make(name: str) -> Any:
-        try:
-            params = cfg.model(name).params
-        except KeyError:
-            params = {}
-        return create_model(name, store=store, **params) if store is not None else create_model(name, **params)
-
-    return make
+    return SiteModelFactory({m.name: m.params for m in cfg.models}, store)
 
 
 def build_pool(

@@ -1,7 +1,7 @@
 """GPU check for a CUDA machine: measured model costs, a few planner periods, the peak vs the budget.
 
     python -m mlink.bench.gpu_check [--device cuda] [--budget auto|0.6x|BYTES] [--periods 3] [--frames 32]
-        [--models a,b] [--no-hybrid] [--hybrid-buffers 4] [--hybrid-frames 8] [--json]
+        [--models a,b] [--no-hybrid] [--hybrid-buffers 4] [--hybrid-frames 8] [--no-onnx] [--json]
 
 1. Loads each torch model of the zoo on the GPU through a :class:`ModelPool` (load + warm-up
    at the serving batch), one at a time, and prints the pool's NVML figures per model (peak
@@ -22,9 +22,14 @@
    at a time through the pool while NVML is sampled; prints the rotation loads/unloads, frames
    executed by rotating models and revised, the measured peak against that budget and the
    pool's charged peak.
+5. ONNX models (:mod:`mlink.bench.gpu_check_onnx`; ``--no-onnx`` skips it, ``--onnx-models a,b``
+   narrows it): each ONNX model of the zoo loaded twice through a pool on the GPU; where it
+   executes (its session must run on CUDAExecutionProvider, no CPU fallback), its NVML-measured
+   cost at both loads (must be above zero), what the unload freed, milliseconds per frame.
 
-Exit status 1 when a measured peak exceeded its budget, or a period loaded or unloaded a model
-twice. ``--models a,b`` restricts the check to those torch models.
+Exit status 1 when a measured peak exceeded its budget, a period loaded or unloaded a model
+twice, or an ONNX model ran off the GPU or measured 0 B. ``--models a,b`` restricts the check
+to those torch models.
 
 On a machine without a usable CUDA device it prints ``skipped: no CUDA device (...)`` with the
 reason and exits 0. Sized to finish within a few minutes on an H100 (a CPU dry run of the same
@@ -40,7 +45,7 @@ import sys
 import time
 from typing import Any
 
-from mlink.bench import gpu_check_hybrid
+from mlink.bench import gpu_check_hybrid, gpu_check_onnx
 
 MiB = 1 << 20
 
@@ -125,6 +130,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--models", default="", help="comma-separated torch models to check (default: every one)")
     gpu_check_hybrid.add_arguments(ap)
+    gpu_check_onnx.add_arguments(ap)
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--dry-run-cpu", action="store_true", help=argparse.SUPPRESS)  # the same steps on the CPU meter
     return ap.parse_args(argv)
@@ -312,6 +318,8 @@ def _print_report(
         print(f"refused loads (measured over budget): {dict(pool.refusals)}")
     if out.get("hybrid") is not None:
         gpu_check_hybrid.print_hybrid(out["hybrid"], _mib)
+    if out.get("onnx") is not None:
+        gpu_check_onnx.print_onnx(out["onnx"], _mib)
     print(f"{'PASS' if out['ok'] else 'FAIL'} in {out['seconds']:.0f} s")
 
 
@@ -403,9 +411,13 @@ def _check(
             args, cfg, store, meter, costs, planner, frames[planner_frames:], frames[: args.frames], fps
         )
     out["hybrid"] = hybrid
-    out["ok"] = not over and not twice and (hybrid is None or hybrid["ok"])
-    out["seconds"] = time.perf_counter() - t_all
     pool.close()
+
+    # 5. the ONNX models on the GPU (CUDA provider, NVML-measured costs), in a pool of their own.
+    onnx = None if args.no_onnx else gpu_check_onnx.run_onnx(args, store, meter, frames[: args.batch])
+    out["onnx"] = onnx
+    out["ok"] = not over and not twice and (hybrid is None or hybrid["ok"]) and (onnx is None or onnx["ok"])
+    out["seconds"] = time.perf_counter() - t_all
 
     if args.json:
         print(json.dumps(out, default=str))

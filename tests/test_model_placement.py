@@ -127,3 +127,24 @@ def test_cpu_site_runs_where_it_asked(store: AssetStore):
         assert latest_placement("yolox_nano", "cpu") == Placement("cpu", "cpu", None)
     finally:
         pool.close()
+
+
+# -- the GPU check's ONNX step, dry run on the CPU meter ---------------------------------------
+def test_gpu_check_onnx_step_dry_run_on_cpu(store: AssetStore, vtest_frames):
+    """The step the GPU host runs (two measured loads, placement, time per frame), here on the
+    CPU meter: the model must execute on the CPU asked for, with a cost above zero at both loads."""
+    import argparse
+
+    from mlink.bench.gpu_check_onnx import onnx_models, run_onnx
+    from mlink.scheduler.memory import MemoryMeter
+
+    names, left_out = onnx_models(store)
+    assert set(names) | set(left_out) == {"yolox_nano", "centerface"}
+    args = argparse.Namespace(device="cpu", batch=2, onnx_models="")  # a dry run: yolox_nano alone
+    out = run_onnx(args, store, MemoryMeter("cpu"), vtest_frames[:2])
+    assert out["ok"], out
+    assert out["left_out"] == {"centerface": "not in --onnx-models"}
+    (row,) = out["models"]
+    assert (row["model"], row["executes_on"], row["fallback"]) == ("yolox_nano", "cpu", None)
+    assert row["providers"] == ["CPUExecutionProvider"]
+    assert len(row["loads"]) == 2 and all(x["cost"] > 0 for x in row["loads"]) and row["ms_per_frame"] > 0

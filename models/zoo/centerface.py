@@ -183,6 +183,7 @@ class CenterFace(BlackBoxModel):
     def __init__(self, store: Any = None, **params: Any) -> None:
         super().__init__(store, **params)
         self._session: Any = None
+        self.providers: list[str] = []  # the ONNX Runtime execution providers the session runs on
 
     def _load(self, device: str) -> None:
         path = self.store.path("centerface")
@@ -196,9 +197,11 @@ class CenterFace(BlackBoxModel):
         w, h = self.network_size(*WARM_UP_FRAME)
         warm_up(session, {INPUT_NAME: np.zeros((1, 3, h, w), np.float32)}, OUTPUT_NAMES)
         self._session = session
+        self.providers = list(session.get_providers())
 
     def _unload(self) -> None:
         self._session = None
+        self.providers = []
 
     def network_size(self, width: int, height: int) -> tuple[int, int]:
         """(w, h) the network sees for a frame of ``width`` x ``height``: multiples of 32."""

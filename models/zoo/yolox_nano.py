@@ -106,6 +106,7 @@ class YoloxNano(BlackBoxModel):
     def __init__(self, store: Any = None, **params: Any) -> None:
         super().__init__(store, **params)
         self._session: Any = None
+        self.providers: list[str] = []  # the ONNX Runtime execution providers the session runs on
 
     def _load(self, device: str) -> None:
         path = self.store.path("yolox_nano")
@@ -118,9 +119,11 @@ class YoloxNano(BlackBoxModel):
         self._input = inputs[0].name
         warm_up(session, {self._input: np.zeros((1, 3, INPUT_SIZE, INPUT_SIZE), np.float32)})
         self._session = session
+        self.providers = list(session.get_providers())
 
     def _unload(self) -> None:
         self._session = None
+        self.providers = []
 
     def _infer(self, frames: list[np.ndarray]) -> list[ModelOutput]:
         results = []

@@ -145,8 +145,6 @@ def print_onnx(o: dict[str, Any], mib: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mlink.bench.gpu_check import cuda_status, sample_frames
-
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--batch", type=int, default=4)
@@ -154,18 +152,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dry-run-cpu", action="store_true", help="the same steps on the CPU meter")
     add_arguments(ap)
     args = ap.parse_args(argv)
+    import torch
+
     if args.dry_run_cpu:
         args.device = "cpu"
-    elif (why := cuda_status(args.device)) is not None:
-        print(f"skipped: no CUDA device ({why})")
+    elif not torch.cuda.is_available():
+        print(f"skipped: no CUDA device (torch {torch.__version__} sees no GPU)")
         return 0
 
     from mlink.models.assets import default_store
     from mlink.scheduler.memory import MemoryMeter
+    from mlink.scheduler.priming import synthetic_frame
 
     meter = MemoryMeter(args.device)
-    store = default_store()
-    out = run_onnx(args, store, meter, sample_frames(store, args.batch, 4.0))
+    frames = [synthetic_frame(640, 480, seed=i) for i in range(max(1, args.batch))]
+    out = run_onnx(args, default_store(), meter, frames)
     if args.json:
         print(json.dumps(out, default=str))
     else:

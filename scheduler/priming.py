@@ -35,12 +35,20 @@ def tiny_onnx_model() -> bytes:
     return field(1, 8) + field(8, opset) + field(7, graph)
 
 
-def prime_onnxruntime() -> None:
-    """One session of :func:`tiny_onnx_model` on the CPU, run once."""
+def prime_onnxruntime(device: str = "cpu") -> None:
+    """One session of :func:`tiny_onnx_model` on the CPU, or on ``cuda:N`` through ONNX Runtime's
+    CUDA provider (its library and CUDA libraries loaded, a first kernel run: the process's
+    one-time costs, not the first ONNX model's), run once. A CUDA device the provider cannot
+    serve primes nothing: the ONNX models then run on the CPU and report it."""
     import numpy as np
     import onnxruntime as ort
 
-    session = ort.InferenceSession(tiny_onnx_model(), providers=["CPUExecutionProvider"])
+    from mlink.models.zoo._onnx import choose_providers
+
+    choice = choose_providers(device, ort.get_available_providers())
+    if device != "cpu" and not choice.wants_cuda:
+        return
+    session = ort.InferenceSession(tiny_onnx_model(), providers=choice.providers)
     session.run(None, {"x": np.array([-1.0, 1.0, -2.0, 2.0], dtype=np.float32)})
 
 
@@ -84,7 +92,7 @@ def prime_backends(device: str, backends: Iterable[str] | None = None) -> None:
     ``"onnxruntime"``; default: those already imported) on ``device``; never raises.
 
     On CUDA: create the CUDA context and, when torch is among the backends, run the small
-    convnet there. On the CPU: a tiny ONNX Runtime session and the small torch convnet, per
+    convnet there; when onnxruntime is, a tiny session on its CUDA provider. On the CPU: a tiny ONNX Runtime session and the small torch convnet, per
     backend. A backend that is missing or broken is logged and skipped (its first model pays).
     """
     wanted = set(backends) if backends is not None else {b for b in ("torch", "onnxruntime") if b in sys.modules}
@@ -99,6 +107,11 @@ def prime_backends(device: str, backends: Iterable[str] | None = None) -> None:
                     prime_torch(device)
         except Exception as exc:  # no torch, or no CUDA in this torch
             log.info("memory meter: could not create a CUDA context on %s: %s", device, exc)
+        if "onnxruntime" in wanted:
+            try:
+                prime_onnxruntime(device)
+            except Exception as exc:  # no ONNX Runtime, or its CUDA provider failed: the first model pays
+                log.info("memory meter: could not prime onnxruntime on %s: %s", device, exc)
         return
     for backend, prime in (("onnxruntime", prime_onnxruntime), ("torch", prime_torch)):
         if backend in wanted:

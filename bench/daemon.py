@@ -1,26 +1,27 @@
 """Daemon benchmark: API latency under load, and the pipeline's overhead beside model time.
 
-1. GET ``/api/v1/cameras/{id}/results/latest`` at a fixed request rate from a second process on
-   loopback (open loop: requests are sent on schedule whether or not earlier ones returned,
-   so a slow server shows up as latency, not as a lower rate); p50/p99 of the latencies.
+1. GET ``/api/v1/cameras/{id}/results/latest`` at fixed request rates (default 200 and 1000/s)
+   from a second process on loopback, open loop (:mod:`mlink.bench.api_load`): p50/p99/max, and
+   the pipeline's served frames/s without the load and under each rate; with the reads answered
+   in the daemon's process (``api.read_workers: 0``, before issue 13) and by a reader process.
 2. Per-camera pipeline overhead: for the same frames, the time spent decoding, scheduling
    (the planner's per-batch work, outside re-profiling periods), predicting with links (the
    serving step's time minus the executed models' own time on the same frame) and writing
    results to Redis, as a share of the time the executed models take.
+3. Cache writes per second for each durability policy (``cache.fsync``: always, everysec), one
+   round trip per result and one per batch.
 
-    python -m mlink.bench.daemon [--rate 200] [--seconds 10] [--frames 60]
+    python -m mlink.bench.daemon [--rates 200,1000] [--workers 0,1] [--seconds 10] [--frames 60]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -37,69 +38,30 @@ SITE = {
     "scheduler": {"batch_size": 1},
 }
 
-LOADGEN = r"""
-import json, sys, time, threading, httpx
-url, rate, seconds = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
-lat, errors, lock = [], [0], threading.Lock()
-client = httpx.Client(timeout=5, limits=httpx.Limits(max_connections=64, max_keepalive_connections=64))
-def one():
-    t0 = time.perf_counter()
-    try:
-        ok = client.get(url).status_code == 200
-    except Exception:
-        ok = False
-    dt = time.perf_counter() - t0
-    with lock:
-        (lat.append(dt) if ok else None)
-        errors[0] += 0 if ok else 1
-start = time.perf_counter(); n = int(rate * seconds); threads = []
-for i in range(n):
-    delay = start + i / rate - time.perf_counter()
-    if delay > 0: time.sleep(delay)
-    t = threading.Thread(target=one); t.start(); threads.append(t)
-for t in threads: t.join()
-lat.sort()
-q = lambda p: lat[min(len(lat) - 1, int(p * len(lat)))] * 1000 if lat else None
-print(json.dumps({"requests": n, "ok": len(lat), "errors": errors[0], "achieved_rate": n / (time.perf_counter() - start), "p50_ms": q(0.5), "p99_ms": q(0.99), "max_ms": lat[-1] * 1000 if lat else None}))
-"""
 
+def cache_writes(policy: str, n: int, batch: int) -> dict[str, Any]:
+    """Results stored per second by the cache on an embedded Redis with AOF ``appendfsync policy``:
+    one round trip per result (``put``), and one per ``batch`` results (``put_many``)."""
+    from mlink.server.cache import ResultCache
+    from mlink.server.redis_embedded import EmbeddedRedis
 
-def api_latency(rate: float, seconds: float) -> dict:
-    import uvicorn
-
-    from mlink.configs.load import parse_config
-    from mlink.models.assets import default_store
-    from mlink.models.catalog import zoo_catalog
-    from mlink.server.api import create_app
-    from mlink.server.daemon import Daemon
-
-    home = Path(tempfile.mkdtemp(prefix="mlink-bench-"))
-    store = default_store()
-    from mlink.models.assets import AssetStore
-
-    store = AssetStore(home=home, mirror=store.mirror, offline=store.offline)
-    daemon = Daemon(parse_config(yaml.safe_dump(SITE), catalog=zoo_catalog()), None, store, progress=True)
-    daemon.start()
-    server = uvicorn.Server(uvicorn.Config(create_app(daemon), host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        if not daemon.wait_ready(900):
-            raise RuntimeError(f"daemon not ready: {daemon.state} {daemon.error}")
-        while not server.started:
-            time.sleep(0.05)
-        while daemon.frames_total["walkway"] < 2:
-            time.sleep(0.1)
-        port = server.servers[0].sockets[0].getsockname()[1]
-        url = f"http://127.0.0.1:{port}/api/v1/cameras/walkway/results/latest"
-        out = subprocess.run(
-            [sys.executable, "-c", LOADGEN, url, str(rate), str(seconds)], capture_output=True, text=True, check=True
-        )
-        return json.loads(out.stdout)
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        daemon.stop()
+    result = {
+        "plan_id": 1,
+        "outputs": {f"m{i}:out": {"provenance": "predicted", "value": [0.5] * 40} for i in range(4)},
+    }
+    out: dict[str, Any] = {"policy": policy, "results": n}
+    with EmbeddedRedis(appendonly=True, appendfsync=policy) as server:
+        cache = ResultCache(server.url, history=n)
+        t0 = time.perf_counter()
+        for i in range(n):
+            cache.put("cam", result, float(i))
+        out["put_per_s"] = round(n / (time.perf_counter() - t0))
+        t0 = time.perf_counter()
+        for i in range(0, n, batch):
+            cache.put_many([("cam", result, float(n + j), False) for j in range(i, min(n, i + batch))])
+        out[f"put_many_{batch}_per_s"] = round(n / (time.perf_counter() - t0))
+        cache.close()
+    return out
 
 
 def pipeline_overhead(frames: int) -> dict:
@@ -164,28 +126,44 @@ def pipeline_overhead(frames: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rate", type=float, default=200.0, help="GET requests per second")
-    ap.add_argument("--seconds", type=float, default=10.0)
-    ap.add_argument("--frames", type=int, default=60, help="frames for the overhead measurement")
+    from mlink.bench.api_load import api_under_load
+
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    ap.add_argument("--rates", default="200,1000", help="GET requests per second, comma-separated")
+    ap.add_argument("--workers", default="0,1", help="api.read_workers values to compare, comma-separated")
+    ap.add_argument("--seconds", type=float, default=10.0, help="length of each window")
+    ap.add_argument("--frames", type=int, default=60, help="frames for the overhead measurement (0: skip)")
+    ap.add_argument("--writes", type=int, default=2000, help="results written per fsync policy (0: skip)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
-    api = api_latency(args.rate, args.seconds)
-    pipe = pipeline_overhead(args.frames)
+    rates = [float(r) for r in args.rates.split(",") if r]
+    home = Path(tempfile.mkdtemp(prefix="mlink-bench-"))  # shared: the second start reuses the links
+    api = [api_under_load(SITE, home, int(w), rates, args.seconds) for w in args.workers.split(",") if w]
+    fsync = [cache_writes(p, args.writes, 4) for p in ("always", "everysec")] if args.writes else []
+    pipe = pipeline_overhead(args.frames) if args.frames else None
     if args.json:
-        print(json.dumps({"api": api, "pipeline": pipe}))
+        print(json.dumps({"api": api, "fsync": fsync, "pipeline": pipe}))
         return 0
-    print(f"\nGET latest result, {args.rate:.0f} req/s for {args.seconds:.0f} s from a second process on loopback:")
-    print(
-        f"  p50 {api['p50_ms']:.2f} ms   p99 {api['p99_ms']:.2f} ms   max {api['max_ms']:.2f} ms   "
-        f"({api['ok']}/{api['requests']} ok, achieved {api['achieved_rate']:.0f} req/s)"
-    )
-    print(f"\npipeline per frame ({pipe['frames']} frames of vtest, active {pipe['active']}):")
-    for k, v in pipe["per_frame_ms"].items():
-        print(f"  {k:<9} {v:8.2f} ms")
-    print(
-        f"  overhead (decode + scheduling + links + cache write) / model time: {pipe['overhead_share_of_model_time']:.1%}"
-    )
+    for run in api:
+        where = f"{run['read_workers']} reader process(es)" if run["read_workers"] else "the daemon's process"
+        print(f"\nreads answered by {where}: pipeline {run['quiet_fps']:.2f} frames/s without load", end="")
+        print(f" ({run['quiet_fps_after']:.2f} after)")
+        for rate in rates:
+            r = run[f"{rate:g}"]
+            print(
+                f"  GET latest at {rate:>5.0f}/s: p50 {r['p50_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms  max {r['max_ms']:.1f} ms"
+                f"  ({r['ok']}/{r['requests']} ok, {r['achieved_rate']:.0f}/s sent)  pipeline {r['fps']:.2f} frames/s"
+            )
+    for f in fsync:
+        print(
+            f"\ncache.fsync {f['policy']:<8}: {f['put_per_s']:>6} results/s one by one, {f['put_many_4_per_s']:>6} in batches of 4"
+        )
+    if pipe:
+        print(f"\npipeline per frame ({pipe['frames']} frames of vtest, active {pipe['active']}):")
+        for k, v in pipe["per_frame_ms"].items():
+            print(f"  {k:<9} {v:8.2f} ms")
+        share = pipe["overhead_share_of_model_time"]
+        print(f"  overhead (decode + scheduling + links + cache write) / model time: {share:.1%}")
     return 0
 
 

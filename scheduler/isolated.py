@@ -16,7 +16,7 @@ allocator layout), which is why a figure is measured once per process and cached
 
 So the figure the planner plans on is measured in a child (``spawn``: a fresh interpreter, no
 thread of ours, no CUDA state inherited) that runs ``setup`` (the imports the parent paid
-before its baseline), primes the same backends (:meth:`MemoryMeter.prepare`: on CUDA the
+before its baseline), primes the same backends (:meth:`~mlink.scheduler.memory.MemoryMeter.prepare`: on CUDA the
 child's own context and cuDNN/cuBLAS workspaces, which the child's baseline then excludes),
 and measures ``fn(*args)`` with a :class:`~mlink.scheduler.memory.MemoryMeter` of the same
 source. Only the :class:`~mlink.scheduler.memory.Measurement` comes back (``isolated=True``);
@@ -42,7 +42,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from mlink.scheduler.memory import Measurement, MemoryMeter
+from mlink.scheduler.memory import CPU_SOURCES, Measurement, MemoryMeter
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +173,23 @@ def measure_in_child(
         with _cache_lock:
             _cache[key] = m
     return m
+
+
+def measure_isolated(
+    meter: MemoryMeter,
+    fn: Callable[..., Any],
+    *args: Any,
+    backends: Iterable[str] | None = None,
+    setup: Callable[[], Any] | None = None,
+    timeout: float = 600.0,
+) -> Measurement:
+    """Measure ``fn(*args)`` in a child process, as ``meter`` would (same device and source).
+
+    The child primes ``backends`` after ``setup`` (e.g. the imports this process paid before
+    its baseline) so their one-time costs are not charged. See :func:`measure_in_child`.
+    """
+    prefer = meter.source if meter.source in CPU_SOURCES else None
+    return measure_in_child(meter.device, fn, args, prefer=prefer, backends=backends, setup=setup, timeout=timeout)
 
 
 def clear_cache() -> None:

@@ -33,7 +33,7 @@ is charged to the call (a model measured under camera ingest read up to 2x its i
 Two defences, both reported in the :class:`Measurement`: ``measure_call(..., probe_s=...)``
 watches the usage for a moment before and after the call, while this thread does nothing, and
 calls the measurement unstable (``stable=False``, ``noise`` = the movement seen) when it moves;
-and :meth:`MemoryMeter.measure_isolated` measures a call in a child process where nothing else
+and :func:`mlink.scheduler.isolated.measure_isolated` measures a call in a child process where nothing else
 runs (:mod:`mlink.scheduler.isolated`), which is what the pool plans on. The probe only catches
 churn it happens to see (steady decoding moved anonymous RSS by 0 B in most 50 ms probes), so
 a quiet probe is no proof of a clean figure; an isolated one is.
@@ -247,27 +247,6 @@ class MemoryMeter:
             time.sleep(self.sample_interval)
             values.append(self.used())
         return max(values) - min(values)
-
-    def measure_isolated(
-        self,
-        fn: Callable[..., Any],
-        *args: Any,
-        backends: Iterable[str] | None = None,
-        setup: Callable[[], Any] | None = None,
-        timeout: float = 600.0,
-    ) -> Measurement:
-        """Measure ``fn(*args)`` in a child process where nothing else allocates.
-
-        Same source as this meter; the child primes ``backends`` (after ``setup``, e.g. the
-        imports this process paid before its baseline) so its one-time costs are not charged.
-        ``fn`` and ``args`` must pickle; what ``fn`` returns stays in the child. Cached per
-        process; raises :class:`~mlink.scheduler.isolated.IsolationError` when the child fails.
-        See :mod:`mlink.scheduler.isolated`.
-        """
-        from mlink.scheduler.isolated import measure_in_child
-
-        prefer = self.source if self.source in CPU_SOURCES else None
-        return measure_in_child(self.device, fn, args, prefer=prefer, backends=backends, setup=setup, timeout=timeout)
 
     def close(self) -> None:
         if self._nvml is not None:

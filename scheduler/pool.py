@@ -11,22 +11,9 @@ is charged against it is, with ``accounting="measured"`` (the default on a GPU),
 the loaded models' costs added up and the meter's reading above the baseline; with
 ``accounting="costs"`` (the default on the CPU), the costs alone: on the CPU every part of the
 process (imports, frame buffers, link training) shares the meter, so its reading above the
-baseline is not the models' doing. A model's cost is the *peak* delta
-across its load plus a warm-up inference on a synthetic frame, as measured by the meter; the
-pool remembers it across loads and can be seeded from a profile.
-
-Costs measured in isolation. The meter reads the whole process, so camera decoding, serving
-and training threads allocating during a load would be charged to the model (issue 13: 2x
-under 16 decoding cameras). The figure the pool plans on is therefore measured once per model
-in a child process that does nothing else (:meth:`MemoryMeter.measure_isolated`, running
-:func:`load_and_warm` with the same factory, device and warm-up batch), and the in-process
-measurement of each load is checked against it: within ``tolerance`` it is recorded as
-``stable``, otherwise flagged (``stable=False`` in the :class:`LoadRecord`, logged) and not
-planned on. A seeded cost (``costs=``, stored) that an in-process load disagrees with is
-settled by an isolated measurement too. When the factory does not pickle (a closure) or the
-child fails, the pool measures in process as before, watches for other activity around the
-call (``probe_s``) and, when it saw some, keeps a known figure rather than the polluted one
-(and flags the record either way).
+baseline is not the models' doing. A model's cost is the *peak* delta across its load plus a
+warm-up inference on a synthetic frame, measured in a child process where nothing else
+allocates (:mod:`mlink.scheduler.cost_settling`), remembered and seedable from a profile.
 
 Admission: :meth:`ModelPool.load` raises :class:`BudgetExceeded` (and loads nothing) when the
 known cost plus what is charged now exceeds the budget. When the cost is unknown (or has grown)
@@ -72,8 +59,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from mlink.scheduler.isolated import IsolationError, picklable
-from mlink.scheduler.memory import Measurement, MemoryMeter
+from mlink.scheduler.cost_settling import CostSettler, warm
+from mlink.scheduler.memory import MemoryMeter
 from mlink.scheduler.model_calls import CallLock, TakingTurns
 from mlink.scheduler.pool_records import (
     ApplyReport,
@@ -106,42 +93,6 @@ def _default_factory(name: str) -> Any:
     return create_model(name)
 
 
-def load_and_warm(factory: Callable[[str], Any], name: str, device: str, frames: list[np.ndarray]) -> Any:
-    """Create ``name``, load it on ``device`` and run the warm-up batch: what a load costs."""
-    model = factory(name)
-    model.load(device)
-    model.infer(frames)
-    return model
-
-
-def import_zoo() -> None:
-    """Import every zoo backend (what the pool does before its baseline); a child's set-up."""
-    from mlink.models.catalog import zoo
-
-    zoo()
-
-
-class _Isolating:
-    """An isolated measurement running in a thread (it waits on a child process); ``join()``
-    gives its figure, or None when it failed or there was none to run."""
-
-    def __init__(self, measure: Callable[[], int | None] | None) -> None:
-        self.result: int | None = None
-        self._thread: threading.Thread | None = None
-        if measure is not None:
-
-            def run() -> None:
-                self.result = measure()
-
-            self._thread = threading.Thread(target=run, name="mlink-isolated-cost", daemon=True)
-            self._thread.start()
-
-    def join(self) -> int | None:
-        if self._thread is not None:
-            self._thread.join()
-        return self.result
-
-
 class ModelPool:
     """Loads, measures, pins and unloads models under a memory budget (see the module docstring)."""
 
@@ -164,9 +115,6 @@ class ModelPool:
         prepare: bool = True,
         models: Iterable[str] | None = None,
         isolate: bool = True,
-        tolerance: float = 0.05,
-        probe_s: float = 0.05,
-        isolation_timeout: float = 600.0,
     ) -> None:
         if budget < 0:
             raise ValueError(f"budget must be >= 0, got {budget}")
@@ -184,23 +132,12 @@ class ModelPool:
         self.sticky_tolerance = sticky_tolerance
         self.sticky_floor = sticky_floor
         self.cost_window = max(1, cost_window)
-        # Costs measured in isolation (see the module docstring).
-        self.isolate = isolate
-        self.tolerance = tolerance
-        self.probe_s = probe_s
-        self.isolation_timeout = isolation_timeout
-        self._prepared = prepare
-        self._backends: set[str] | None = None
-        self._isolation_off: str | None = None  # why isolated measurement is not used, once known
 
         self._op_lock = threading.RLock()  # one load/unload/apply at a time
         self._cond = threading.Condition(threading.Lock())  # slots, pins, tables
         self._slots: dict[str, _Slot] = {}
         self._cost_history: dict[str, list[int]] = {}
-        # Per model, the figure later loads are checked against, and where it came from:
-        # "isolated", "seeded" (costs=) or "measured" (in process, quiet, without isolation).
-        self._stable: dict[str, int] = {}
-        self._stable_kind: dict[str, str] = {}
+        self.settler = CostSettler(self.meter, self.factory, device, self._record_cost, isolate, prepared=prepare)
         self._unavailable: dict[str, str] = {}
         self._pending_failures: list[tuple[str, str]] = []
 
@@ -216,7 +153,7 @@ class ModelPool:
 
         for name, cost in (costs or {}).items():
             self._record_cost(name, int(cost))
-            self._stable[name], self._stable_kind[name] = int(cost), "seeded"
+            self.settler.seed(name, int(cost))
         if prepare:
             # Import the backends before the baseline (importing torch alone is ~370 MB of
             # process memory that no model should be charged) and pay their one-time costs.
@@ -229,7 +166,7 @@ class ModelPool:
                 for name in models:
                     with contextlib.suppress(Exception):  # an unknown name fails at load, with a reason
                         backends.add(model_info(name).backend)
-            self._backends = backends
+            self.settler.backends = backends
             self.meter.prepare(backends)
         else:
             self.meter.release()
@@ -367,42 +304,19 @@ class ModelPool:
             raise BudgetExceeded(name, known, charged, self.budget, measured=False)
 
         frames = [self.warmup_frame] * self.warmup_batch
-        with self._cond:
-            first = name not in self._stable
-        # A model never measured: its isolated measurement runs beside the load (the child's
-        # memory is its own, so neither charges the other).
-        isolating = self._start_isolated(name, frames) if first else None
+        isolating = self.settler.start(name, frames) if not self.settler.known(name) else None  # beside the load
         try:
             model = slot.model = self.factory(name)
-
-            def load_and_warm_here() -> None:
-                model.load(self.device)
-                model.infer(frames)
-
-            _, m = self.meter.measure_call(load_and_warm_here, probe_s=self.probe_s)
+            _, m = self.meter.measure_call(lambda: warm(model, self.device, frames), probe_s=self.settler.probe_s)
         except Exception as exc:  # AssetError, ModelError, MemoryError, torch OOM, adapter bugs
             self._fail(name, slot, exc)
-            if isolating is not None:
-                isolating.join()
             return False
 
-        cost, cost_index, stable, isolated = self._settle_cost(name, m, frames, isolating)
+        cost, cost_index, flags = self.settler.settle(name, m, frames, isolating)
         self.high_water = max(self.high_water, charged + cost)  # this load's measured peak, refused or not
         self.meter.release()
         resident = self.meter.used() - m.before if m.source == self.meter.source else m.delta
-        record = LoadRecord(
-            name,
-            cost,
-            int(m.delta),
-            int(resident),
-            m.seconds,
-            m.source,
-            time.time(),
-            in_process=max(int(m.peak_delta), 0),
-            noise=m.noise,
-            stable=stable,
-            isolated=isolated,
-        )
+        record = LoadRecord(name, cost, int(m.delta), int(resident), m.seconds, m.source, time.time(), **flags)
         with self._cond:
             self.load_records.append(record)
             self.load_seconds.setdefault(name, []).append(m.seconds)
@@ -435,88 +349,6 @@ class ModelPool:
             m.source,
         )
         return True
-
-    # -- settling a cost -------------------------------------------------------------------
-    def _agrees(self, measured: int, known: int) -> bool:
-        return abs(measured - known) <= max(self.tolerance * known, self.meter.noise_floor)
-
-    def _settle_cost(
-        self, name: str, m: Measurement, frames: list[np.ndarray], isolating: _Isolating | None = None
-    ) -> tuple[int, int, bool, bool]:
-        """The cost to plan on after an in-process load measured ``m`` (see the module docstring).
-
-        Returns (cost, its index in the cost history for an unload to correct, or -1, whether
-        the in-process figure was stable, whether the cost was measured in isolation).
-        """
-        measured = max(int(m.peak_delta), 0)
-        with self._cond:
-            known, kind = self._stable.get(name), self._stable_kind.get(name)
-        agrees = m.stable and known is not None and self._agrees(measured, known)
-        if isolating is None and not agrees:
-            isolating = self._start_isolated(name, frames)
-        isolated = isolating.join() if isolating is not None else None
-        if isolated is not None:
-            stable = m.stable and self._agrees(measured, isolated)
-            with self._cond:
-                self._stable[name], self._stable_kind[name] = isolated, "isolated"
-            self._record_cost(name, isolated)
-            if not stable:
-                log.warning(
-                    "pool: %s measured %d B in process (noise %d B) but %d B in isolation: the in-process "
-                    "figure is polluted by other activity and not planned on",
-                    name,
-                    measured,
-                    m.noise,
-                    isolated,
-                )
-            return isolated, -1, stable, True
-        if agrees and kind in ("isolated", "seeded"):
-            assert known is not None
-            self._record_cost(name, known)  # confirmed: keep planning on the checked figure
-            return known, -1, True, kind == "isolated"
-        if not m.stable and known is not None:
-            log.warning(
-                "pool: %s measured %d B while other allocations moved memory by %d B; keeping %d B",
-                name,
-                measured,
-                m.noise,
-                known,
-            )
-            return known, -1, False, False
-        if m.stable:
-            with self._cond:
-                self._stable[name], self._stable_kind[name] = measured, "measured"
-        else:
-            log.warning("pool: %s measured %d B with %d B of noise and nothing better known", name, measured, m.noise)
-        return measured, self._record_cost(name, measured), m.stable, False
-
-    def _start_isolated(self, name: str, frames: list[np.ndarray]) -> _Isolating | None:
-        """Start measuring ``name`` in a child process; None when that is not possible here."""
-        if not self.isolate or self._isolation_off is not None:
-            return None
-        if not picklable(self.factory):
-            self._isolation_off = "the factory does not pickle"
-            log.info("pool: costs measured in process only: %s", self._isolation_off)
-            return None
-        return _Isolating(lambda: self._isolated_cost(name, frames))
-
-    def _isolated_cost(self, name: str, frames: list[np.ndarray]) -> int | None:
-        """``name``'s cost measured in a child process (cached there), or None when it failed."""
-        try:
-            m = self.meter.measure_isolated(
-                load_and_warm,
-                self.factory,
-                name,
-                self.device,
-                frames,
-                backends=sorted(self._backends) if self._backends is not None else None,
-                setup=import_zoo if self._prepared else None,
-                timeout=self.isolation_timeout,
-            )
-        except IsolationError as exc:
-            log.warning("pool: isolated measurement of %s failed (%s); measuring in process", name, exc)
-            return None
-        return max(int(m.peak_delta), 0)
 
     def _fail(self, name: str, slot: _Slot, exc: BaseException) -> None:
         reason = f"{type(exc).__name__}: {exc}"

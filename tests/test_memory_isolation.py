@@ -15,7 +15,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from mlink.scheduler.isolated import clear_cache
+from mlink.scheduler.isolated import clear_cache, measure_isolated
 from mlink.scheduler.memory import MemoryMeter
 from mlink.scheduler.pool import ModelPool
 
@@ -87,7 +87,7 @@ def test_in_process_measurement_under_churn_is_flagged_and_isolation_matches_idl
     assert idle.stable and abs(idle.peak_delta - SIZE) <= TOLERANCE * SIZE, idle
     with churning():
         _, busy = meter.measure_call(lambda: allocate(SIZE), probe_s=0.05)
-        isolated = meter.measure_isolated(allocate, SIZE)
+        isolated = measure_isolated(meter, allocate, SIZE)
     # The churn is seen around the call, so the in-process figure says it is not to be trusted.
     assert not busy.stable and busy.noise >= 20 * MiB, busy
     assert isolated.isolated and isolated.source == meter.source

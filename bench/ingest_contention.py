@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import threading
 import time
-from typing import Any
+from typing import Any, Literal
 
 from mlink.configs.schema import IngestConfig, StreamEntry
 from mlink.server.ingest import Ingest
@@ -32,7 +32,7 @@ def busy_loop(seconds: float) -> float:
             return n / seconds
 
 
-def run(processes: int | str | None, cameras: int, fps: float, seconds: float) -> dict[str, Any]:
+def run(processes: int | Literal["auto"] | None, cameras: int, fps: float, seconds: float) -> dict[str, Any]:
     if processes is None:
         return {"mode": "no cameras", "loop_per_s": busy_loop(seconds)}
     settings = IngestConfig(realtime=False, processes=processes, queue=4)

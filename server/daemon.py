@@ -33,12 +33,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mlink.configs.load import ConfigError, load_config, parse_config
 from mlink.configs.schema import SiteConfig
 from mlink.links import LinkError, LinkSet, TupleSet, node_model
 from mlink.links.matrix import heldout_split
 from mlink.models.assets import AssetStore, default_store
-from mlink.models.catalog import zoo_catalog
 from mlink.scheduler.frame import FrameRecord
 from mlink.scheduler.options import PlannerOptions
 from mlink.scheduler.period_worker import PeriodWorker
@@ -52,6 +50,7 @@ from mlink.server.cache import ResultCache, open_cache
 from mlink.server.hybrid import ProfileTap, build_rotation
 from mlink.server.ingest import Ingest
 from mlink.server.profiling import NoProfileFiles, plan_stream_frames, site_frames, stored_profile
+from mlink.server.reload import ReloadResult, config_from_file, config_from_text, diff, replans
 from mlink.server.snapshot import NO_LINKS, LinkViews, ServedCounts, Snapshot, link_views, model_rows
 from mlink.server.stages import StageTimes
 
@@ -59,30 +58,6 @@ if TYPE_CHECKING:
     from mlink.server.redis_embedded import EmbeddedRedis
 
 log = logging.getLogger("mlink.daemon")
-
-PLAN_FIELDS = ("device", "budget", "models", "scheduler", "links")
-
-
-@dataclass
-class ReloadResult:
-    ok: bool
-    changed: list[str] = field(default_factory=list)
-    cameras: dict[str, list[str]] = field(default_factory=dict)
-    replanned: bool = False
-    restart_needed: list[str] = field(default_factory=list)
-    errors: list[dict[str, str]] = field(default_factory=list)
-    message: str = ""
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "ok": self.ok,
-            "changed": self.changed,
-            "cameras": self.cameras,
-            "replanned": self.replanned,
-            "restart_needed": self.restart_needed,
-            "errors": self.errors,
-            "message": self.message,
-        }
 
 
 @dataclass
@@ -417,19 +392,16 @@ class Daemon:
             results = self.rotation.serve(results)
             self.stages.add("rotation", time.perf_counter() - t1, len(results))
         t1 = time.perf_counter()
+        self._store(results)
+        self.stages.add("cache", time.perf_counter() - t1, len(results))
         for r in results:
-            f = r.frame
-            self._store(r)
-            self.frames_total[f.camera] += 1
+            self.frames_total[r.frame.camera] += 1
             for node, out in r.outputs.items():
                 self.outputs_total[(node_model(node), out.provenance)] += 1
-            self.ingest.mark_processed(f.camera)
-        self.stages.add("cache", time.perf_counter() - t1, len(results))
+            self.ingest.mark_processed(r.frame.camera)
         if self.rotation is not None and self.rotation.due():
             t1 = time.perf_counter()
-            revised = self.rotation.close()  # rotating models ran: revised results
-            for r in revised:
-                self._store(r)
+            self._store(self.rotation.close())  # rotating models ran: revised results
             self.stages.add("rotation", time.perf_counter() - t1, 0)
         self.served = ServedCounts.of(self.frames_total, self.outputs_total)
         dt = time.perf_counter() - t0
@@ -442,44 +414,35 @@ class Daemon:
         if self.planner is not None and self.planner.plan is not self.snapshot.plan:
             self._publish_pipeline("plan")  # before any result of the new plan is stored
 
-    def _store(self, r: FrameResult) -> None:
+    def _store(self, results: list[FrameResult]) -> None:
+        """Every result of a batch in one Redis round trip (the cache buffers them while Redis is down)."""
         assert self.cache is not None
-        try:
-            self.cache.put(r.frame.camera, r.to_json(), ts=r.frame.wall_time, revision=r.revision > 0)
-        except (TypeError, ValueError):
+        done = self.cache.put_many((r.frame.camera, r.to_json(), r.frame.wall_time, r.revision > 0) for r in results)
+        for i, exc in done.rejected:
             self.results_failed += 1
-            log.exception("result of camera %s could not be stored", r.frame.camera)
+            log.error("result of camera %s could not be stored: %s", results[i].frame.camera, exc)
 
     # -- reload ------------------------------------------------------------------------------
     def reload_file(self, path: Path | None = None) -> ReloadResult:
         path = path or self.config_path
         if path is None:
             return ReloadResult(False, message="no config file to reload from")
-        try:
-            cfg = load_config(path, catalog=zoo_catalog())
-        except ConfigError as exc:
-            return _rejected(exc)
-        return self.reload(cfg)
+        cfg = config_from_file(path)
+        return cfg if isinstance(cfg, ReloadResult) else self.reload(cfg)
 
     def reload_text(self, text: str, source: str = "request body") -> ReloadResult:
-        try:
-            cfg = parse_config(text, source, catalog=zoo_catalog(), environment=False)
-        except ConfigError as exc:
-            return _rejected(exc)
-        return self.reload(cfg)
+        cfg = config_from_text(text, source)
+        return cfg if isinstance(cfg, ReloadResult) else self.reload(cfg)
 
     def reload(self, new: SiteConfig, timeout: float = 600.0) -> ReloadResult:
         """Apply a validated config as a diff; a failure leaves the running config in place."""
         with self._reload_lock:
             old = self.cfg
-            if new.site != old.site:
-                return ReloadResult(
-                    False, message=f"site name changed ({old.site} -> {new.site}): start a new daemon for another site"
-                )
-            changed = [k for k in SiteConfig.model_fields if getattr(old, k) != getattr(new, k)]
-            result = ReloadResult(True, changed=changed)
-            result.restart_needed = [k for k in ("api", "cache") if k in changed]
-            if any(k in changed for k in PLAN_FIELDS):
+            result = diff(old, new)
+            changed = result.changed
+            if not result.ok:
+                return result
+            if replans(result):
                 if self.state not in ("serving",):
                     return ReloadResult(
                         False, changed=changed, message=f"the daemon is {self.state}; try again when it serves"
@@ -535,11 +498,3 @@ def _plan_json(plan: Plan | None, rotation: Rotation | None) -> dict[str, Any] |
     if plan is None:
         return None
     return {**plan.to_json(), "hybrid": rotation.to_json()} if rotation is not None else plan.to_json()
-
-
-def _rejected(exc: ConfigError) -> ReloadResult:
-    return ReloadResult(
-        False,
-        errors=[{"path": p, "message": m} for p, m in exc.errors],
-        message=f"invalid config {exc.source}: the running config is unchanged",
-    )

@@ -6,12 +6,12 @@ Two runs of :mod:`mlink.bench.throughput` on ``cuda``, each from a fresh ``$MLIN
 first start profiles ``links.profile_frames: 100`` frames and trains the links, as a new site's
 would):
 
-1. **Fleet** (``bench/sites/gpu_fleet.yaml``: keypointrcnn, fasterrcnn, mobilenet_v2,
+1. **Fleet** (``bench/site_gpu_fleet.yaml``: keypointrcnn, fasterrcnn, mobilenet_v2,
    yolox_nano under 0.6x): ``--cameras`` cameras decoded unthrottled (every frame decoded, as
    live cameras cost) and served at 5 fps. Reports the seconds to ready (target: 90), served
    against offered frames/s and drops over a ``--seconds`` window that holds a re-profiling
    period (target: no drop), per-stage time, CPU cores and GPU utilisation.
-2. **Saturation** (``bench/sites/gpu_resident.yaml``: yolox_nano, mobilenet_v2, fasterrcnn, all
+2. **Saturation** (``bench/site_gpu_resident.yaml``: yolox_nano, mobilenet_v2, fasterrcnn, all
    resident): cameras paced at their native 25 fps, every frame sampled, stepped through
    ``--steps``; the largest count that keeps up and the highest served rate (target: 500
    frames/s).
@@ -31,7 +31,7 @@ from pathlib import Path
 
 from mlink.bench import throughput
 
-SITES = Path(__file__).resolve().parent / "sites"
+SITES = Path(__file__).resolve().parent
 
 
 def cuda_reason() -> str | None:
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         "fleet",
         [
             "--config",
-            str(SITES / "gpu_fleet.yaml"),
+            str(SITES / "site_gpu_fleet.yaml"),
             "--device",
             "cuda",
             "--cameras",
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         "saturation",
         [
             "--config",
-            str(SITES / "gpu_resident.yaml"),
+            str(SITES / "site_gpu_resident.yaml"),
             "--device",
             "cuda",
             "--cameras",

@@ -248,6 +248,7 @@ def markdown(report: Report) -> str:
         "offered/s",
         "served/s",
         "drops",
+        "periods",
         "CPU cores",
         "GPU %",
         "decode ms",

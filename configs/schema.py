@@ -224,6 +224,13 @@ class IngestConfig(_Strict):
     ring_slots: int = Field(
         default=3, ge=2, le=64, description="shared-memory frame slots per camera (capture processes only)"
     )
+    capture_nice: int = Field(
+        default=10,
+        ge=0,
+        le=19,
+        description="CPU priority of capture processes below the daemon's (nice increment): when decoding and "
+        "serving compete for the cores, serving wins and decoding gets what is left",
+    )
 
     @field_validator("processes")
     @classmethod

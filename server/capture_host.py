@@ -167,11 +167,15 @@ def _camera_thread(
         send(("stopped", key))
 
 
-def child_main(ctrl: Connection, out: Connection, parent_pid: int) -> None:
-    """Entry point of a capture process (see the module docstring)."""
+def child_main(ctrl: Connection, out: Connection, parent_pid: int, nice: int = 0) -> None:
+    """Entry point of a capture process (see the module docstring). ``nice``: how far below the
+    serving process it runs, so that decoding frames nobody samples never starves serving."""
     import cv2
 
     cv2.setNumThreads(1)
+    if nice > 0:
+        with contextlib.suppress(OSError):
+            os.nice(nice)
     lock = threading.Lock()
 
     def send(msg: tuple[Any, ...]) -> None:
@@ -339,7 +343,9 @@ class CaptureHost:
         ctrl_recv, ctrl_send = ctx.Pipe(duplex=False)
         out_recv, out_send = ctx.Pipe(duplex=False)
         proc = ctx.Process(
-            target=child_main, args=(ctrl_recv, out_send, os.getpid()), name=f"{self.name}.{self._incarnation}"
+            target=child_main,
+            args=(ctrl_recv, out_send, os.getpid(), self.settings.capture_nice),
+            name=f"{self.name}.{self._incarnation}",
         )
         proc.daemon = True
         with self._lock:

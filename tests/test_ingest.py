@@ -417,11 +417,15 @@ def test_a_killed_capture_process_is_restarted_and_the_camera_serves_again(store
         assert st.hw_decode in ("software", "vaapi", "d3d11", "mfx", "any")  # hw_decode auto: asked, fell back here
         first = wait_for(lambda: reader.pid, 10, "the capture process's pid")
         assert first != os.getpid()
+        # decoding runs below serving: capture_nice (default 10) under this process's priority
+        assert os.getpriority(os.PRIO_PROCESS, first) == min(os.getpriority(os.PRIO_PROCESS, 0) + 10, 19)
         os.kill(first, signal.SIGKILL)
         assert wait_for(lambda: ing.status()["v"].state == "retrying", 10, "the camera to show retrying")
         st = ing.status()["v"]
         assert st.last_error is not None and "capture process died" in st.last_error and "-9" in st.last_error
         assert wait_for(lambda: reader.pid not in (None, first), 20, "a new capture process")
+        niced = min(os.getpriority(os.PRIO_PROCESS, 0) + 10, 19)
+        assert wait_for(lambda: os.getpriority(os.PRIO_PROCESS, reader.pid) == niced, 10, "the new process niced")
         assert _gone(first)  # reaped, not left a zombie
         killed_at = time.time()
         while (f := ing.next_frame(timeout=30)) is not None and f.wall_time < killed_at:

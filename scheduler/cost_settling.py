@@ -138,13 +138,15 @@ class CostSettler:
                 self._stable[name], self._kind[name] = isolated, "isolated"
             self._record(name, isolated)
             if not stable:
+                why = "other activity was charged to it" if measured > isolated else "it missed part of the load"
                 log.warning(
                     "pool: %s measured %d B in process (noise %d B) but %d B in isolation: the in-process "
-                    "figure is polluted by other activity and not planned on",
+                    "figure is not planned on (%s)",
                     name,
                     measured,
                     m.noise,
                     isolated,
+                    why,
                 )
             return isolated, -1, stable, True
         if agrees and kind in ("isolated", "seeded"):

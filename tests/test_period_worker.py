@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+import yaml
+from daemons import running_daemon  # tests/daemons.py
 from waiting import wait_for  # tests/waiting.py
 
 from mlink.configs.load import parse_config
@@ -45,16 +47,10 @@ ingest:
 
 @pytest.fixture(scope="module")
 def daemon(store: AssetStore, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    home = tmp_path_factory.mktemp("period-home")
-    cfg = parse_config(SITE, "period-worker test", catalog=zoo_catalog())
-    assert cfg.scheduler.period_worker  # the default
-    d = Daemon(cfg, None, AssetStore(home=home, mirror=store.mirror, offline=True), progress=False)
-    d.start()
-    try:
-        assert d.wait_ready(600), f"daemon did not become ready: {d.state} {d.error}"
-        yield d
-    finally:
-        d.stop()
+    site = yaml.safe_load(SITE)
+    assert parse_config(SITE, "period-worker test", catalog=zoo_catalog()).scheduler.period_worker  # the default
+    with running_daemon(site, tmp_path_factory.mktemp("period-home"), store) as run:
+        yield run.daemon
 
 
 def test_serving_goes_on_while_a_period_runs_in_the_worker(daemon: Daemon) -> None:

@@ -119,6 +119,7 @@ class Planner:
         self.plan: Plan | None = None
         self.accuracy = LinkAccuracy(links, heldout, self.served)
         self.eval_tuples: TupleSet | None = heldout
+        self.profiled: TupleSet | None = None  # the initial phase's profile (the daemon stores it)
         self.taught: list[TupleSet] = []  # real outputs of part of the models (rotation): next period's fine-tuning
         self.reports: list[PeriodReport] = []
         self.period = 0
@@ -295,6 +296,7 @@ class Planner:
             raise ValueError("the initial phase needs frames to profile: no links or no held-out tuples were given")
         t0 = time.perf_counter()
         tuples = self._profile_initial(frames, report, keep=not measuring) if frames is not None else None
+        self.profiled = tuples
         self.book.measure_unknown(report, unload=measuring)
         report.profile_s = time.perf_counter() - t0
         if measuring:

@@ -73,20 +73,27 @@ health = APIRouter(tags=["health"])
 operator = APIRouter(tags=["operator"])
 
 
-@health.get("/healthz")
-def healthz(daemon: DaemonDep, request: Request) -> dict[str, Any]:
-    """The process is alive (not that it is ready: see /readyz). With reader processes: how many
-    are alive and how often they were restarted; ``status`` is ``degraded`` while one is down."""
-    body: dict[str, Any] = {"status": "ok", "state": daemon.state}
+@health.get(
+    "/healthz", responses={503: {"description": "the pipeline thread died or the embedded Redis cannot recover"}}
+)
+def healthz(daemon: DaemonDep, request: Request) -> JSONResponse:
+    """The process is alive (not that it is ready: see /readyz): 503 with ``reasons`` when the
+    pipeline thread died or the embedded Redis cannot recover (a supervisor restarts it). With
+    reader processes: how many are alive and how often they were restarted; ``status`` is
+    ``degraded`` while one is down."""
+    alive, reasons = daemon.health()
+    body: dict[str, Any] = {"status": "ok" if alive else "failing", "state": daemon.state}
+    if reasons:
+        body["reasons"] = reasons
     readers: ReaderHealth | None = getattr(request.app.state, "readers", None)
     if readers is not None:
         body["readers"] = health = readers.health()
-        if health["alive"] < health["workers"]:
+        if alive and health["alive"] < health["workers"]:
             body["status"] = "degraded"
-    return body
+    return JSONResponse(body, status_code=200 if alive else 503)
 
 
-@health.get("/readyz")
+@health.get("/readyz", responses={503: {"description": "not ready: the reasons say why"}})
 def readyz(daemon: DaemonDep) -> JSONResponse:
     """200 when Redis is reachable, a plan is loaded and every stream is open or retrying."""
     ok, reasons = daemon.readiness()

@@ -16,9 +16,11 @@ second; a reload publishes the new camera list. The API reads :attr:`Daemon.snap
 
 Startup: links and held-out tuples are taken from the link store and the site's latest profile
 when they match the config; otherwise the initial phase profiles ``links.profile_frames`` frames
-of the site's streams and trains them (with progress on stderr), and stores the links but not
-that profile, so the next start profiles again unless a command (``mlink links train``)
-stored one. The HTTP API is up during that time and ``/readyz`` says why it is not ready yet.
+of the site's streams and trains them (with progress on stderr), and stores both the links and
+that profile (as the site's latest), so a restart with the same config is ready without
+profiling again. The HTTP API is up during that time and ``/readyz`` says why it is not ready
+yet. A failing step is retried, a dead pipeline thread fails ``/healthz``
+(:mod:`~mlink.server.pipeline_health`).
 """
 
 from __future__ import annotations
@@ -29,7 +31,6 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,13 +43,16 @@ from mlink.scheduler.options import PlannerOptions
 from mlink.scheduler.period_worker import PeriodWorker
 from mlink.scheduler.planner import Planner
 from mlink.scheduler.plans import Plan
-from mlink.scheduler.profiler import link_store_dir
+from mlink.scheduler.profiler import link_store_dir, save_profile
 from mlink.scheduler.rotation import Rotation
 from mlink.scheduler.serving import FrameResult
 from mlink.scheduler.site import build_pool
+from mlink.server.batching import take_batch
 from mlink.server.cache import ResultCache, open_cache
 from mlink.server.hybrid import ProfileTap, build_rotation
 from mlink.server.ingest import Ingest
+from mlink.server.pipeline_health import StepGuard, health, readiness
+from mlink.server.plan_request import PlanRequest
 from mlink.server.profiling import NoProfileFiles, plan_stream_frames, site_frames, stored_profile
 from mlink.server.reload import ReloadResult, config_from_file, config_from_text, diff, replans
 from mlink.server.snapshot import NO_LINKS, LinkViews, ServedCounts, Snapshot, link_views, model_rows
@@ -58,13 +62,6 @@ if TYPE_CHECKING:
     from mlink.server.redis_embedded import EmbeddedRedis
 
 log = logging.getLogger("mlink.daemon")
-
-
-@dataclass
-class _PlanRequest:
-    cfg: SiteConfig
-    done: threading.Event = field(default_factory=threading.Event)
-    error: str | None = None
 
 
 class Daemon:
@@ -104,7 +101,8 @@ class Daemon:
         self.stages = StageTimes()  # per-stage time of the pipeline (bench.throughput reads it)
         self.reloads: Counter[str] = Counter()
         self._stop = threading.Event()
-        self._requests: queue.Queue[_PlanRequest] = queue.Queue()
+        self._requests: queue.Queue[PlanRequest] = queue.Queue()
+        self.steps = StepGuard(self._stop)
         self._reload_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         # Published state: written by one assignment each, under _publish_lock (publishers
@@ -261,6 +259,16 @@ class Daemon:
                 store=self.store,
                 costs={k: v for k, v in (known or {}).items() if k in {m.name for m in cfg.models}} or None,
             )
+        try:
+            return pool, self._plan_on(cfg, pool, links, heldout, previous)
+        except BaseException:
+            if previous is None or pool is not previous.pool:
+                pool.close()  # a failed apply releases what it built before anything else loads
+            raise
+
+    def _plan_on(
+        self, cfg: SiteConfig, pool: Any, links: LinkSet | None, heldout: TupleSet | None, previous: Planner | None
+    ) -> Planner:
         next_id = previous.plan.id + 1 if previous is not None and previous.plan is not None else 1
         options = PlannerOptions.from_site(cfg, progress=self.progress)
         planner = Planner(cfg, pool, links, heldout, options=options, first_plan_id=next_id)
@@ -276,8 +284,10 @@ class Daemon:
         planner.initial(tap if tap is not None else frames)
         if links is None and planner.links is not None:
             planner.links.save(link_store_dir(cfg, self.store.home))
+            if planner.profiled is not None:  # the profile those links came from: the next start reuses both
+                log.info("profile stored at %s", save_profile(planner.profiled, self.store.home, cfg.site))
         self.rotation = build_rotation(cfg, planner, tap)
-        return pool, planner
+        return planner
 
     def _ingested_frames(self, n: int, timeout: float = 600.0) -> list[FrameRecord]:
         """Buffer ``n`` frames from the running cameras (live sites have no file to profile)."""
@@ -299,7 +309,9 @@ class Daemon:
 
         return PeriodWorker(planner, background=planner.options.period_worker, counts=counts)
 
-    def _apply_plan_request(self, req: _PlanRequest) -> None:
+    def _apply_plan_request(self, req: PlanRequest) -> None:
+        if not req.begin():
+            return  # cancelled: its caller was told the previous config keeps running
         previous = self.planner
         if self.periods is not None:
             self.periods.close()  # the old planner's period in flight is dropped (it may share the pool)
@@ -319,7 +331,7 @@ class Daemon:
                 self.periods = self._period_worker(self.planner)
             self._publish_pipeline("plan")  # before the reload returns: its caller sees the new plan
             self.state = "serving"
-            req.done.set()
+            req.finish()
 
     # -- the pipeline ------------------------------------------------------------------------
     def _run(self) -> None:
@@ -334,6 +346,14 @@ class Daemon:
             self.error = f"{type(exc).__name__}: {exc}"
             self.state = "failed"
             return
+        try:
+            self._loop()
+        except Exception as exc:
+            log.exception("the pipeline thread ends: a step kept failing")
+            self.error = f"{type(exc).__name__}: {exc}"
+            self.state = "failed"
+
+    def _loop(self) -> None:
         assert self.ingest is not None
         while not self._stop.is_set():
             try:
@@ -345,7 +365,7 @@ class Daemon:
                 continue
             batch = self._take_batch()
             if batch:
-                self._step(batch)
+                self.steps.run(self._step, batch)
             elif self.periods is not None and self.periods.poll() is not None:
                 self._on_new_plan()  # a period the worker finished, applied while no frame came
             if time.monotonic() - self._refreshed_at >= self.refresh_s:
@@ -353,21 +373,7 @@ class Daemon:
 
     def _take_batch(self) -> list[FrameRecord]:
         assert self.ingest is not None
-        batch: list[FrameRecord] = []
-        first = self.ingest.next_frame(timeout=self.poll_s)
-        if first is None:
-            return batch
-        batch.append(first)
-        # Across cameras: fill the batch from what is queued, waiting at most batch_wait_ms
-        # after the first frame, so a GPU gets fuller batches at a bounded added latency.
-        sched = self.cfg.scheduler
-        deadline = time.monotonic() + sched.batch_wait_ms / 1000.0
-        while len(batch) < sched.batch_size:
-            more = self.ingest.next_frame(timeout=max(deadline - time.monotonic(), 0.0))
-            if more is None:
-                break
-            batch.append(more)
-        return batch
+        return take_batch(self.ingest, self.cfg.scheduler, self.poll_s)
 
     def _step(self, batch: list[FrameRecord]) -> None:
         """Serve ingest's records as they are; each result carries its record, and is stored
@@ -447,13 +453,13 @@ class Daemon:
                     return ReloadResult(
                         False, changed=changed, message=f"the daemon is {self.state}; try again when it serves"
                     )
-                req = _PlanRequest(new)
+                req = PlanRequest(new)
                 self._requests.put(req)
-                if not req.done.wait(timeout):
+                if not req.wait(timeout):  # cancelled before it started: it is never applied
                     return ReloadResult(
                         False,
                         changed=changed,
-                        message="the new plan did not finish in time; the previous one keeps running",
+                        message="the new plan did not start in time and was cancelled; the previous one keeps running",
                     )
                 if req.error:
                     self.reloads["failed"] += 1
@@ -481,17 +487,11 @@ class Daemon:
             return result
 
     # -- views for the API (the snapshot, Redis and ingest counters) -------------------------
+    def health(self) -> tuple[bool, list[str]]:
+        return health(self)
+
     def readiness(self) -> tuple[bool, list[str]]:
-        reasons = []
-        if self.cache is None or not self.cache.ping():
-            reasons.append("cache: Redis is not reachable")
-        if self.snapshot.plan is None:
-            reasons.append(f"plan: not loaded yet (daemon is {self.state}{': ' + self.error if self.error else ''})")
-        if self.ingest is not None:
-            for cam, st in self.ingest.status().items():
-                if not st.healthy:
-                    reasons.append(f"camera {cam}: {st.state}")
-        return not reasons, reasons
+        return readiness(self)
 
 
 def _plan_json(plan: Plan | None, rotation: Rotation | None) -> dict[str, Any] | None:

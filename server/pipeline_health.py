@@ -1,0 +1,96 @@
+"""Whether the daemon's pipeline is alive and ready: what /healthz and /readyz report.
+
+The pipeline thread is the daemon's one worker (server/daemon.py): if it dies, nothing is served
+while the HTTP API still answers, so its health is part of the process's health. A failing step
+is retried a bounded number of times (:class:`StepGuard`: a transient error such as a model's
+out-of-memory should not end the process); past that the thread ends with the error recorded,
+``/healthz`` answers 503 with the reason, and ``mlink serve`` exits non-zero so its supervisor
+(systemd, a container restart policy) starts it again. The embedded Redis's own health
+(``EmbeddedRedis.health()`` where it has one) is part of it too.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
+
+if TYPE_CHECKING:
+    from mlink.server.daemon import Daemon
+
+log = logging.getLogger("mlink.daemon")
+
+T = TypeVar("T")
+
+
+class StepGuard:
+    """Runs one pipeline step, retrying it (same batch) up to ``retries`` times in a row.
+
+    A step that still fails after that raises, which ends the pipeline thread. A retried batch
+    may store some results twice (a step that failed after storing); results are keyed by
+    camera and time, so a reader sees one version.
+    """
+
+    def __init__(self, stop: threading.Event, retries: int = 3, backoff_s: float = 0.5) -> None:
+        self.stop = stop
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self.failed_total = 0  # steps that raised, retried or not
+
+    def run(self, step: Callable[[T], None], batch: T) -> None:
+        for attempt in range(1, self.retries + 1):
+            try:
+                step(batch)
+                return
+            except Exception:
+                self.failed_total += 1
+                if attempt == self.retries or self.stop.is_set():
+                    raise
+                log.exception("pipeline step failed (attempt %d of %d); retrying", attempt, self.retries)
+                self.stop.wait(self.backoff_s * attempt)
+
+
+def pipeline_problem(daemon: Daemon) -> str | None:
+    """Why the pipeline thread is not running, or None while it runs (or was stopped on purpose)."""
+    thread = daemon._thread
+    if daemon.state == "stopped" or thread is None:
+        return None
+    if daemon.state == "failed" or not thread.is_alive():
+        return f"pipeline: the pipeline thread ended ({daemon.error or 'no error recorded'})"
+    return None
+
+
+def redis_problem(daemon: Daemon) -> str | None:
+    """The embedded Redis's own account of itself, where it gives one."""
+    check = getattr(daemon._redis, "health", None)
+    if check is None:
+        return None
+    try:
+        ok, why = check()
+    except Exception as exc:  # a health check that fails is itself an answer
+        ok, why = False, f"health check failed: {type(exc).__name__}"
+    return None if ok else f"cache: embedded Redis {why}"
+
+
+def health(daemon: Daemon) -> tuple[bool, list[str]]:
+    """(alive, reasons): False when the pipeline thread died or the embedded Redis cannot recover."""
+    reasons = [r for r in (pipeline_problem(daemon), redis_problem(daemon)) if r]
+    return not reasons, reasons
+
+
+def readiness(daemon: Daemon) -> tuple[bool, list[str]]:
+    """(ready, reasons): Redis reachable, a plan loaded, the pipeline running, every camera
+    open or retrying."""
+    reasons = []
+    if daemon.cache is None or not daemon.cache.ping():
+        reasons.append("cache: Redis is not reachable")
+    if (dead := pipeline_problem(daemon)) is not None:
+        reasons.append(dead)
+    elif daemon.snapshot.plan is None:
+        reasons.append(f"plan: not loaded yet (daemon is {daemon.state}{': ' + daemon.error if daemon.error else ''})")
+    if daemon.ingest is not None:
+        for cam, st in daemon.ingest.status().items():
+            if not st.healthy:
+                reasons.append(f"camera {cam}: {st.state}")
+    return not reasons, reasons

@@ -42,7 +42,6 @@ import time
 import uuid
 from collections import Counter, deque
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
 import redis
@@ -50,26 +49,29 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from mlink.server.backoff import Backoff
-from mlink.server.cache_layout import CAMERA_ID, CacheStats, CacheUnavailable, Keys, Record, decode
+from mlink.server.cache_layout import (
+    CAMERA_ID,
+    CacheStats,
+    CacheUnavailable,
+    Entry,
+    Keys,
+    PutBatch,
+    Record,
+    decode,
+    records_json,
+    write_entries,
+)
 from mlink.server.redact import redact_url
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from mlink.configs.schema import CacheConfig
     from mlink.server.redis_embedded import EmbeddedRedis
 
 log = logging.getLogger("mlink.cache")
 
 __all__ = ["CacheStats", "CacheUnavailable", "PutBatch", "Record", "ResultCache", "open_cache", "records_json"]
-
-
-@dataclass
-class _Entry:
-    camera: str
-    ts: float
-    id: str
-    member: str  # the envelope JSON
-    revision: bool = False  # put as a revision of an earlier frame's result
-    latest: bool = True  # becomes the camera's latest (a revision of an older frame does not)
 
 
 class ResultCache:
@@ -108,7 +110,7 @@ class ResultCache:
         )
         self._lock = threading.RLock()
         self._drained = threading.Condition(self._lock)
-        self._buffer: deque[_Entry] = deque()
+        self._buffer: deque[Entry] = deque()
         self._node = uuid.uuid4().hex[:10]
         self._ids = itertools.count()
         self._newest: dict[str, float] = {}  # camera -> the ts of its last put (not a revision)
@@ -121,6 +123,7 @@ class ResultCache:
         self._connected = True
         self._closing = False
         self._wake = threading.Event()
+        self._retry = threading.Event()  # cuts the flusher's backoff short: Redis answered again
         self._stop = threading.Event()
         self._connected = self._ping()
         if not self._connected:
@@ -164,7 +167,7 @@ class ResultCache:
         one Redis round trip (one MULTI/EXEC) instead of one per result. An item that ``put`` would
         refuse (bad camera id, result not a JSON object) is left out and named in
         ``PutBatch.rejected`` with its error; the others are stored, in order."""
-        entries: list[_Entry] = []
+        entries: list[Entry] = []
         rejected: list[tuple[int, Exception]] = []
         for i, (camera, result, ts, revision) in enumerate(items):
             try:
@@ -173,7 +176,7 @@ class ResultCache:
                 rejected.append((i, exc))
         return PutBatch(written=self._admit(entries) if entries else True, stored=len(entries), rejected=rejected)
 
-    def _prepare(self, camera: str, result: dict[str, Any], ts: float | None, revision: bool) -> _Entry:
+    def _prepare(self, camera: str, result: dict[str, Any], ts: float | None, revision: bool) -> Entry:
         if not isinstance(camera, str) or not CAMERA_ID.match(camera):
             raise ValueError(f"camera id must match {CAMERA_ID.pattern}, got {camera!r}")
         if not isinstance(result, dict):
@@ -186,9 +189,9 @@ class ResultCache:
             member = json.dumps({"id": rid, "ts": ts, "result": result}, separators=(",", ":"), ensure_ascii=False)
         except (TypeError, ValueError) as exc:
             raise TypeError(f"result for camera {camera} is not JSON-serialisable: {exc}") from None
-        return _Entry(camera, ts, rid, member, revision)
+        return Entry(camera, ts, rid, member, revision)
 
-    def _admit(self, entries: list[_Entry]) -> bool:
+    def _admit(self, entries: list[Entry]) -> bool:
         """Write ``entries`` now (one round trip) or queue them behind the buffer."""
         with self._lock:
             if self._closing:
@@ -208,7 +211,7 @@ class ResultCache:
         self._wake.set()
         return False
 
-    def _enqueue(self, entry: _Entry) -> None:
+    def _enqueue(self, entry: Entry) -> None:
         # caller holds the lock
         if len(self._buffer) >= self.buffer_limit:
             old = self._buffer.popleft()
@@ -223,20 +226,8 @@ class ResultCache:
                 )
         self._buffer.append(entry)
 
-    def _write(self, entries: list[_Entry]) -> None:
-        """One MULTI/EXEC: every entry's ZADD, each camera's last SET, SADD, and the trims."""
-        pipe = self._client.pipeline(transaction=True)
-        last: dict[str, _Entry | None] = {}
-        for e in entries:
-            pipe.zadd(self._k_history(e.camera), {e.member: e.ts})
-            last[e.camera] = e if e.latest else last.get(e.camera)
-        for cam, le in last.items():
-            if le is not None:
-                pipe.set(self._k_latest(cam), le.member)
-                pipe.publish(self.keys.latest_channel, f"{cam} {le.member}")  # the readers' copy (not in the AOF)
-            pipe.zremrangebyrank(self._k_history(cam), 0, -(self.history_limit + 1))
-        pipe.sadd(self._k_cameras(), *last)
-        pipe.execute()
+    def _write(self, entries: list[Entry]) -> None:
+        write_entries(self._client.pipeline(transaction=True), self.keys, entries, self.history_limit)
 
     def _mark_down(self, exc: BaseException) -> None:
         # caller holds the lock
@@ -302,11 +293,13 @@ class ResultCache:
             if ok:
                 self._backoff.reset()
                 continue
-            self._stop.wait(self._backoff.next())
+            self._retry.wait(self._backoff.next())
+            self._retry.clear()
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wake the flusher and wait until the buffer is empty; False if it is not within timeout."""
         self._backoff.reset()
+        self._retry.set()
         self._wake.set()
         deadline = time.monotonic() + timeout
         with self._lock:
@@ -322,7 +315,7 @@ class ResultCache:
     def _decode(self, camera: str, raw: str | bytes) -> Record:
         return decode(camera, raw)
 
-    def _buffered(self, camera: str) -> list[_Entry]:
+    def _buffered(self, camera: str) -> list[Entry]:
         with self._lock:
             return [e for e in self._buffer if e.camera == camera]
 
@@ -415,9 +408,11 @@ class ResultCache:
             return False
 
     def ping(self) -> bool:
-        """True when Redis answers PING now (never raises); wakes the flusher when it does."""
+        """True when Redis answers PING now (never raises); when it does, the flusher retries at once
+        rather than at the end of its backoff (an embedded server's ``on_restart`` calls this)."""
         ok = self._ping()
         if ok:
+            self._retry.set()
             self._wake.set()
         return ok
 
@@ -458,6 +453,7 @@ class ResultCache:
             log.error("cache closed with %d results still buffered (Redis unreachable): counted as dropped", len(left))
         self._stop.set()
         self._wake.set()
+        self._retry.set()
         self._thread.join(timeout=5.0)
         self._client.close()
 
@@ -469,32 +465,34 @@ class ResultCache:
 
 
 def open_cache(
-    cfg: CacheConfig, *, prefix: str = "mlink", directory: str | None = None
+    cfg: CacheConfig,
+    *,
+    prefix: str = "mlink",
+    directory: str | Path | None = None,
+    home: str | Path | None = None,
 ) -> tuple[ResultCache, EmbeddedRedis | None]:
-    """The daemon's cache: cfg.redis_url, or an embedded redis-server (returned, to be closed after
-    the cache) when it has none."""
+    """The daemon's cache: cfg.redis_url, or an embedded, supervised redis-server (returned, to be
+    closed after the cache) when it has none. Its data folder, kept and reused by the next start
+    (the AOF reloads the history): ``directory``, else ``HOME/redis/SITE`` with HOME ``home`` or
+    ``$MLINK_HOME`` and SITE from the prefix ``mlink:SITE``. After each restart of a crashed
+    server the cache pings it, so the outage buffer flushes at once, not at the end of a backoff."""
     server = None
     if not cfg.redis_url:
+        from mlink.models.assets import default_home
         from mlink.server.redis_embedded import EmbeddedRedis
+        from mlink.server.redis_folder import site_folder, site_of_prefix
 
-        server = EmbeddedRedis(directory, appendonly=True, appendfsync=cfg.fsync).start()
+        if directory is None:
+            directory = site_folder(home if home is not None else default_home(), site_of_prefix(prefix))
+        server = EmbeddedRedis(directory, appendonly=True, appendfsync=cfg.fsync)
     try:
-        return ResultCache.from_config(cfg, server.url if server else None, prefix=prefix), server
+        if server is not None:
+            server.start()
+        cache = ResultCache.from_config(cfg, server.url if server else None, prefix=prefix)
     except BaseException:
         if server is not None:
             server.close()
         raise
-
-
-@dataclass(frozen=True)
-class PutBatch:
-    """What :meth:`ResultCache.put_many` did: ``written`` True when the batch reached Redis now (False:
-    buffered); ``stored`` results accepted; ``rejected`` (index in the batch, error) for the others."""
-
-    written: bool
-    stored: int
-    rejected: list[tuple[int, Exception]] = field(default_factory=list)
-
-
-def records_json(records: Iterable[Record]) -> list[dict[str, Any]]:
-    return [r.to_dict() for r in records]
+    if server is not None:
+        server.on_restart(cache.ping)
+    return cache, server

@@ -22,8 +22,11 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
+
+import redis
 
 CAMERA_ID = re.compile(r"^[A-Za-z0-9_.-]+$")
 
@@ -96,3 +99,45 @@ def decode(camera: str, raw: str | bytes) -> Record:
 def response_body(record: Record) -> bytes:
     """The bytes the API answers for ``record`` (as FastAPI's JSONResponse encodes a dict)."""
     return json.dumps(record.to_dict(), ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+
+
+@dataclass(frozen=True)
+class PutBatch:
+    """What :meth:`ResultCache.put_many` did: ``written`` True when the batch reached Redis now (False:
+    buffered); ``stored`` results accepted; ``rejected`` (index in the batch, error) for the others."""
+
+    written: bool
+    stored: int
+    rejected: list[tuple[int, Exception]] = field(default_factory=list)
+
+
+def records_json(records: Iterable[Record]) -> list[dict[str, Any]]:
+    return [r.to_dict() for r in records]
+
+
+@dataclass
+class Entry:
+    """One result on its way to Redis (the writer's; readers see envelopes)."""
+
+    camera: str
+    ts: float
+    id: str
+    member: str  # the envelope JSON
+    revision: bool = False  # put as a revision of an earlier frame's result
+    latest: bool = True  # becomes the camera's latest (a revision of an older frame does not)
+
+
+def write_entries(pipe: redis.client.Pipeline, keys: Keys, entries: list[Entry], history_limit: int) -> None:
+    """One MULTI/EXEC on ``pipe``: every entry's ZADD, each camera's last SET and its publish, the
+    trims to ``history_limit``, the SADD. Raises redis.RedisError when Redis does not take it."""
+    last: dict[str, Entry | None] = {}
+    for e in entries:
+        pipe.zadd(keys.history(e.camera), {e.member: e.ts})
+        last[e.camera] = e if e.latest else last.get(e.camera)
+    for cam, le in last.items():
+        if le is not None:
+            pipe.set(keys.latest(cam), le.member)
+            pipe.publish(keys.latest_channel, f"{cam} {le.member}")  # the readers' copy (not in the AOF)
+        pipe.zremrangebyrank(keys.history(cam), 0, -(history_limit + 1))
+    pipe.sadd(keys.cameras, *last)
+    pipe.execute()

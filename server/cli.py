@@ -386,49 +386,58 @@ def serve_cmd(
     from mlink.server.api import create_app
     from mlink.server.daemon import Daemon
     from mlink.server.redact import redact
+    from mlink.server.serve_lifecycle import StopRequested, StopSignals, serve_until_stopped
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = run_guarded(lambda: resolve_config(site, config))
+    signals = StopSignals().install()  # SIGTERM/SIGINT: the daemon's stop below, then exit 0
     daemon = Daemon(cfg, config_path(site, config))
+    readers = None
+    died: str | None = None
     try:
-        daemon.start()
-    except Exception as exc:
-        fail(f"cannot start: {redact(str(exc))}")
-
-    def on_hup(*_: object) -> None:
-        def work() -> None:
-            result = daemon.reload_file()
-            logging.getLogger("mlink.daemon").info("SIGHUP reload: %s", result.to_json())
-
-        threading.Thread(target=work, name="mlink-reload", daemon=True).start()
-
-    signal.signal(signal.SIGHUP, on_hup)
-    bind_host, bind_port = host or cfg.api.host, port if port is not None else cfg.api.port
-    typer.echo(
-        f"mlink: site {cfg.site}, {len(cfg.streams)} cameras, API on http://{bind_host}:{bind_port} (docs at /docs)"
-        f", {cfg.api.read_workers} reader process(es)",
-        err=True,
-    )
-    if not cfg.api.read_workers:
         try:
-            uvicorn.run(create_app(daemon), host=bind_host, port=bind_port, log_level=log_level.lower())
-        finally:
-            daemon.stop()
-        return
-    from mlink.server.readers import ReaderPool
+            daemon.start()
+        except Exception as exc:
+            fail(f"cannot start: {redact(str(exc))}")
 
-    # Reads are answered by reader processes on the public port; the daemon's own app (health,
-    # /metrics, reload, docs) serves them on a private unix socket.
-    try:
-        readers = ReaderPool(daemon, cfg.api.read_workers, bind_host, bind_port, log_level=log_level.lower()).start()
-    except OSError as exc:
-        daemon.stop()
-        fail(f"cannot listen on {bind_host}:{bind_port}: {exc}")
-    try:
-        uvicorn.run(create_app(daemon, readers=readers), uds=readers.upstream, log_level=log_level.lower())
+        def on_hup(*_: object) -> None:
+            def work() -> None:
+                result = daemon.reload_file()
+                logging.getLogger("mlink.daemon").info("SIGHUP reload: %s", result.to_json())
+
+            threading.Thread(target=work, name="mlink-reload", daemon=True).start()
+
+        signal.signal(signal.SIGHUP, on_hup)
+        bind_host, bind_port = host or cfg.api.host, port if port is not None else cfg.api.port
+        typer.echo(
+            f"mlink: site {cfg.site}, {len(cfg.streams)} cameras, API on http://{bind_host}:{bind_port} (docs at /docs)"
+            f", {cfg.api.read_workers} reader process(es)",
+            err=True,
+        )
+        if cfg.api.read_workers:
+            from mlink.server.readers import ReaderPool
+
+            # Reads are answered by reader processes on the public port; the daemon's own app
+            # (health, /metrics, reload, docs) serves them on a private unix socket.
+            try:
+                pool = ReaderPool(daemon, cfg.api.read_workers, bind_host, bind_port, log_level=log_level.lower())
+                readers = pool.start()
+            except OSError as exc:
+                fail(f"cannot listen on {bind_host}:{bind_port}: {exc}")
+            where: dict[str, Any] = {"uds": readers.upstream}
+        else:
+            where = {"host": bind_host, "port": bind_port}
+        uv = uvicorn.Config(create_app(daemon, readers=readers), log_level=log_level.lower(), **where)
+        died = serve_until_stopped(uvicorn.Server(uv), daemon)
+    except StopRequested:
+        pass  # the stop below is the whole answer to SIGTERM/SIGINT
     finally:
-        readers.close()
+        signals.stopping()
+        if readers is not None:
+            readers.close()
         daemon.stop()
+    if died is not None:
+        fail(f"{redact(died)}; exiting so that a supervisor restarts the daemon", code=1)
 
 
 # -- demo -----------------------------------------------------------------------------------

@@ -14,14 +14,34 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeVar
+from typing import Protocol, TypeVar
 
-if TYPE_CHECKING:
-    from mlink.server.daemon import Daemon
+from mlink.server.cache import ResultCache
+from mlink.server.ingest import Ingest
+from mlink.server.snapshot import Snapshot
 
 log = logging.getLogger("mlink.daemon")
 
 T = TypeVar("T")
+
+
+class Daemon(Protocol):
+    """What health reads of :class:`mlink.server.daemon.Daemon` (which imports this module)."""
+
+    @property
+    def state(self) -> str: ...
+    @property
+    def error(self) -> str | None: ...
+    @property
+    def _thread(self) -> threading.Thread | None: ...
+    @property
+    def _redis(self) -> object: ...
+    @property
+    def cache(self) -> ResultCache | None: ...
+    @property
+    def snapshot(self) -> Snapshot: ...
+    @property
+    def ingest(self) -> Ingest | None: ...
 
 
 class StepGuard:

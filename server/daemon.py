@@ -126,7 +126,7 @@ class Daemon:
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
         """Open the cache and the cameras now; plan and serve on the worker thread."""
-        self.cache, self._redis = open_cache(self.cfg.cache, prefix=f"mlink:{self.cfg.site}")
+        self.cache, self._redis = open_cache(self.cfg.cache, prefix=f"mlink:{self.cfg.site}", home=self.store.home)
         self.ingest = Ingest(self.cfg.ingest, store=self.store)
         self.ingest.apply(self.cfg.streams)
         self._thread = threading.Thread(target=self._run, name="mlink-pipeline", daemon=True)

@@ -40,7 +40,7 @@ SITE = {
 def pool(store: AssetStore, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Daemon, ReaderPool]]:
     cfg = parse_config(yaml.safe_dump(SITE), catalog=zoo_catalog())
     daemon = Daemon(cfg, None, store, progress=False)
-    daemon.cache, daemon._redis = open_cache(cfg.cache, prefix="mlink:readers")
+    daemon.cache, daemon._redis = open_cache(cfg.cache, prefix="mlink:readers", home=tmp_path_factory.mktemp("home"))
     readers = ReaderPool(daemon, 1, "127.0.0.1", 0).start()
     server = uvicorn.Server(
         uvicorn.Config(create_app(daemon, readers=readers), uds=readers.upstream, log_level="warning")

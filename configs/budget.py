@@ -124,7 +124,34 @@ def resolve_budget(spec: int | float | str, total: int, models_cost: int | None 
     out = int(amount * base)
     if out < 1:  # e.g. a device share of 1e-300: every output would be "predicted" from nothing
         raise ValueError(f"budget {spec!r} comes to {out} bytes: nothing fits")
+    if kind == "bytes" and total > 0 and out > total:  # e.g. 1000TiB: a budget that bounds nothing
+        raise ValueError(
+            f"budget {spec!r} ({_human(out)}) is more than the device's memory ({_human(total)}): "
+            "write at most the device's memory, or a share of it (0.8, 80%)"
+        )
     return out
+
+
+def _human(n: float) -> str:
+    """``n`` bytes as the budget messages write them (binary units)."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover - the loop always returns
+
+
+def check_holds_a_model(budget: int, costs: Mapping[str, int], spec: int | float | str = "") -> None:
+    """Refuse a budget under the smallest measured model cost: no model could ever load, and every
+    output would be "predicted" from no source at all. Checked at plan time, when costs are known."""
+    if not costs:
+        return
+    name, smallest = min(costs.items(), key=lambda kv: kv[1])
+    if budget < smallest:
+        shown = f"{spec!r} = " if spec != "" else ""
+        raise ValueError(
+            f"budget {shown}{_human(budget)} cannot hold any model: the smallest, {name}, needs {_human(smallest)}"
+        )
 
 
 def budget_is_relative(spec: int | float | str) -> bool:
@@ -140,13 +167,20 @@ def resolve_site_budget(
     ``total`` is the device's memory (``MemoryMeter.total()``). A share of the models' cost
     (``"0.5x"``) adds up ``costs`` of ``models`` (default: every model in ``costs``, e.g. those
     that could be measured) and is None while one of ``models`` has no cost yet (measure them
-    first); bytes and device shares ignore the costs.
+    first). Whatever the kind, a budget beyond the device's memory or under the smallest known
+    model cost is refused with the reason (a ValueError): it would bound nothing, or hold nothing.
     """
     if not budget_is_relative(spec):
-        return resolve_budget(spec, total)
+        out = resolve_budget(spec, total)
+        if costs:
+            known = {n: int(c) for n, c in costs.items() if models is None or n in set(models)}
+            check_holds_a_model(out, known, spec)
+        return out
     if costs is None:
         return None
     names = list(costs) if models is None else list(models)
     if any(n not in costs for n in names):
         return None
-    return resolve_budget(spec, total, sum(int(costs[n]) for n in names))
+    out = resolve_budget(spec, total, sum(int(costs[n]) for n in names))
+    check_holds_a_model(out, {n: int(costs[n]) for n in names}, spec)
+    return out

@@ -114,10 +114,46 @@ class ModelEntry(_Strict):
 
 class StreamEntry(_Strict):
     id: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="camera id used in the API")
-    url: str = Field(description="file path, rtsp/http(s) URL, device index, or asset://NAME for a sample video")
+    url: str = Field(
+        max_length=4096,
+        description="file path, rtsp/rtsps/http(s) URL, file:// URL, device index, or asset://NAME for a sample "
+        "video; local files must lie in ingest.allowed_dirs",
+    )
     fps: float = Field(default=1.0, gt=0, le=60, description="frames sampled per second")
     loop: bool = Field(default=False, description="replay a file from the start when it ends (demos)")
     accuracy_target: float | None = Field(default=None, ge=0, le=1)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        check_stream_url(v)
+        return v
+
+
+STREAM_SCHEMES = ("rtsp", "rtsps", "http", "https", "file", "asset")
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
+ASSET_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+
+
+def check_stream_url(url: str) -> None:
+    """Refuse a stream URL outside the allowed kinds: a scheme other than :data:`STREAM_SCHEMES`
+    (OpenCV and FFmpeg open many more, e.g. ``concat:`` or ``subfile,``), an ``asset://`` name
+    that is not a plain name (``asset://../..``), control characters. Whether a local file lies in
+    an allowed folder needs the config's folder: :func:`mlink.configs.load.check_local_files`."""
+    if not url.strip() or any(ord(c) < 32 or ord(c) == 127 for c in url):
+        raise ValueError("a stream URL must be non-empty, without control characters")
+    if url.isdigit():
+        return  # a device index
+    m = _SCHEME.match(url)
+    if m is None or (len(m.group(1)) == 1 and url[1:3] in (":\\", ":/")):  # a path (or a Windows drive)
+        return
+    scheme = m.group(1).lower()
+    if scheme not in STREAM_SCHEMES or not url[m.end() :].startswith("//"):
+        raise ValueError(
+            f"stream URL scheme {scheme!r} is not allowed: use one of {', '.join(STREAM_SCHEMES)}, a path or a device index"
+        )
+    if scheme == "asset" and not ASSET_NAME.fullmatch(url[len("asset://") :]):
+        raise ValueError("asset://NAME takes a sample video's name from the manifest (letters, digits, _ . -)")
 
 
 class LinksConfig(_Strict):
@@ -223,6 +259,12 @@ class IngestConfig(_Strict):
     )
     ring_slots: int = Field(
         default=3, ge=2, le=64, description="shared-memory frame slots per camera (capture processes only)"
+    )
+    allowed_dirs: list[str] | None = Field(
+        default=None,
+        max_length=64,
+        description="folders local stream files (paths, file:// URLs) may lie in; default: the config file's "
+        "folder and the asset store. A config sent in a reload request may narrow them, never widen them",
     )
     capture_nice: int = Field(
         default=10,

@@ -21,6 +21,7 @@ import anyio
 from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
+from mlink.configs.load import MAX_CONFIG_BYTES
 from mlink.scheduler.plans import Plan
 from mlink.server.api_read import (
     PLAN_HEADER,
@@ -29,6 +30,7 @@ from mlink.server.api_read import (
     DaemonDep,
     add_error_handlers,
     camera_or_404,
+    error_responses,
     get_daemon,
     snapshot_headers,
 )
@@ -108,10 +110,34 @@ def metrics(daemon: DaemonDep) -> PlainTextResponse:
     )
 
 
-@operator.post("/api/v1/config/reload", dependencies=[Depends(require_token)])
+async def read_body(request: Request, limit: int = MAX_CONFIG_BYTES) -> str:
+    """The request body as text, refused (413) past ``limit`` bytes before more is read (a 10 MB
+    body once parsed for minutes) and (400) when it is not UTF-8."""
+    too_big = HTTPException(413, {"error": f"the body is larger than {limit // 1024} KiB, the most a config may be"})
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_big
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_big
+        chunks.append(chunk)
+    try:
+        return b"".join(chunks).decode("utf-8")
+    except UnicodeDecodeError:
+        raise HTTPException(400, {"error": "the body is not UTF-8 text"}) from None
+
+
+@operator.post(
+    "/api/v1/config/reload",
+    dependencies=[Depends(require_token)],
+    responses=error_responses(400, 401, 403, 409, 413),
+)
 async def reload(daemon: DaemonDep, request: Request) -> JSONResponse:
-    """Reload the config file (empty body) or apply the YAML in the body. Invalid: 400, nothing changes."""
-    body = (await request.body()).decode("utf-8", "replace")
+    """Reload the config file (empty body) or apply the YAML in the body (at most 256 KiB, plain
+    values: see ``mlink.configs.load``). Invalid: 400, nothing changes; too large: 413."""
+    body = await read_body(request)
     if body.strip():
         result = await anyio.to_thread.run_sync(daemon.reload_text, body)
     else:

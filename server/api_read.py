@@ -10,15 +10,18 @@ process starts in a fraction of a second and holds no torch.
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 
 from mlink.server.cache import records_json
 from mlink.server.cache_layout import CacheUnavailable
+from mlink.server.redact import redact
 
 if TYPE_CHECKING:
     from mlink.server.daemon import Daemon
@@ -26,6 +29,7 @@ if TYPE_CHECKING:
 
 SNAPSHOT_HEADER = "X-Mlink-Snapshot"
 PLAN_HEADER = "X-Mlink-Plan"
+log = logging.getLogger("mlink.api")
 
 
 def snapshot_headers(snap: Snapshot) -> dict[str, str]:
@@ -52,6 +56,40 @@ if TYPE_CHECKING:
     DaemonDep = Annotated[Daemon, Depends(get_daemon)]
 else:
     DaemonDep = Annotated[Any, Depends(get_daemon)]
+
+
+class ErrorBody(BaseModel):
+    """Every error the API answers: a message, and for validation each error's path."""
+
+    error: str
+    errors: list[dict[str, Any]] | None = None
+
+
+_REASONS = {
+    400: "the request is invalid (e.g. a config that fails validation: each error with its path)",
+    401: "a valid bearer token is required",
+    403: "operator actions are disabled (no api.token in the config)",
+    404: "no such camera, or no result yet",
+    409: "the change cannot be applied; the running config is unchanged",
+    413: "the request body is too large",
+    422: "a parameter is invalid (each error with its path)",
+    503: "not available yet or for now (no plan yet, the result store unreachable)",
+}
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """The ``responses`` of a route that can answer ``codes``: each with :class:`ErrorBody`, so the
+    OpenAPI document lists every status code a client can get."""
+    return {c: {"model": ErrorBody, "description": _REASONS[c]} for c in codes}
+
+
+def unavailable(exc: CacheUnavailable) -> HTTPException:
+    """A 503 for a result store that cannot answer. The reason stays in the daemon's log: it names
+    the store's address (a unix socket path, a host), which is nobody's business outside."""
+    log.warning("result store unavailable: %s", redact(str(exc)))
+    return HTTPException(
+        503, {"error": "the result store is unreachable; try again shortly"}, headers={"Retry-After": "1"}
+    )
 
 
 async def _http_error(_: Request, exc: Exception) -> JSONResponse:
@@ -92,26 +130,26 @@ def cameras(daemon: DaemonDep, response: Response) -> list[dict[str, Any]]:
     return [status[c].to_dict() if c in status else {"id": c, "state": "unknown"} for c in snap.cameras]
 
 
-@cameras_router.get("/api/v1/cameras/{camera_id}")
+@cameras_router.get("/api/v1/cameras/{camera_id}", responses=error_responses(404, 422))
 def camera(daemon: DaemonDep, camera_id: str) -> dict[str, Any]:
     camera_or_404(daemon, camera_id)
     status = daemon.ingest.status() if daemon.ingest else {}
     return status[camera_id].to_dict() if camera_id in status else {"id": camera_id, "state": "unknown"}
 
 
-@results_router.get("/api/v1/cameras/{camera_id}/results/latest")
+@results_router.get("/api/v1/cameras/{camera_id}/results/latest", responses=error_responses(404, 422, 503))
 def latest(daemon: DaemonDep, camera_id: str) -> dict[str, Any]:
     camera_or_404(daemon, camera_id)
     try:
         rec = daemon.cache.latest(camera_id) if daemon.cache else None
     except CacheUnavailable as exc:
-        raise HTTPException(503, {"error": str(exc)}) from None
+        raise unavailable(exc) from None
     if rec is None:
         raise HTTPException(404, {"error": f"no result for camera {camera_id!r} yet"})
     return rec.to_dict()
 
 
-@results_router.get("/api/v1/cameras/{camera_id}/results")
+@results_router.get("/api/v1/cameras/{camera_id}/results", responses=error_responses(400, 404, 422, 503))
 def results(
     daemon: DaemonDep,
     camera_id: str,
@@ -128,7 +166,7 @@ def results(
     try:
         recs = daemon.cache.history(camera_id, since, until, limit) if daemon.cache else []
     except CacheUnavailable as exc:
-        raise HTTPException(503, {"error": str(exc)}) from None
+        raise unavailable(exc) from None
     return {"camera": camera_id, "count": len(recs), "results": records_json(recs)}
 
 
@@ -139,7 +177,7 @@ def models(daemon: DaemonDep, response: Response) -> list[dict[str, Any]]:
     return list(snap.models)
 
 
-@scheduler_router.get("/api/v1/schedule")
+@scheduler_router.get("/api/v1/schedule", responses=error_responses(503))
 def schedule(daemon: DaemonDep, response: Response) -> dict[str, Any]:
     snap = daemon.snapshot
     if snap.plan_json is None:
@@ -148,7 +186,7 @@ def schedule(daemon: DaemonDep, response: Response) -> dict[str, Any]:
     return {"state": daemon.state, "plan": snap.plan_json, "pool": snap.pool}
 
 
-@scheduler_router.get("/api/v1/links")
+@scheduler_router.get("/api/v1/links", responses=error_responses(503))
 def links(daemon: DaemonDep, response: Response) -> dict[str, Any]:
     snap = daemon.snapshot
     if snap.links.matrix is None:

@@ -437,7 +437,7 @@ class Daemon:
         return cfg if isinstance(cfg, ReloadResult) else self.reload(cfg)
 
     def reload_text(self, text: str, source: str = "request body") -> ReloadResult:
-        cfg = config_from_text(text, source)
+        cfg = config_from_text(text, source, self.cfg, self.config_path)
         return cfg if isinstance(cfg, ReloadResult) else self.reload(cfg)
 
     def reload(self, new: SiteConfig, timeout: float = 600.0) -> ReloadResult:

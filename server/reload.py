@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mlink.configs.load import ConfigError, load_config, parse_config
+from mlink.configs.load import ConfigError, load_config, parse_config, stream_roots
 from mlink.configs.schema import SiteConfig
 from mlink.models.catalog import zoo_catalog
 
@@ -59,10 +59,15 @@ def config_from_file(path: Path) -> SiteConfig | ReloadResult:
         return rejected(exc)
 
 
-def config_from_text(text: str, source: str = "request body") -> SiteConfig | ReloadResult:
-    """A config sent in a request (``${VAR}`` refused), or the rejection."""
+def config_from_text(
+    text: str, source: str = "request body", running: SiteConfig | None = None, config_path: Path | None = None
+) -> SiteConfig | ReloadResult:
+    """A config sent in a request (``${VAR}`` refused), or the rejection. Its local stream files
+    must lie in the folders the ``running`` config (read from ``config_path``) allows."""
+    base = config_path.resolve().parent if config_path is not None else None
+    roots = stream_roots(running, base) if running is not None else None
     try:
-        return parse_config(text, source, catalog=zoo_catalog(), environment=False)
+        return parse_config(text, source, catalog=zoo_catalog(), environment=False, base_dir=base, allowed_dirs=roots)
     except ConfigError as exc:
         return rejected(exc)
 

@@ -6,9 +6,10 @@ a text (an error message, say). Camera URLs (``server/ingest.py``, ``server/fram
 Redis URL (``server/cache.py``) both go through here.
 
 Users do not always percent-encode a password, so the userinfo is taken to run to the last
-``@`` before the query: a password holding ``@`` or ``/`` leaks nothing (a path holding ``@``
-behind a ``user:`` or ``host:port`` authority is hidden with it). An ``@`` after a plain host
-(``http://h/p/@me``) or in the query (``?mail=a@b.c``) is not a credential and stays.
+``@`` that can end one: a password holding ``@``, ``/``, ``?`` or ``#`` leaks nothing (a path or
+query holding ``@`` behind a ``user:`` or ``host:port`` authority is hidden with it: the safe
+side of an ambiguous URL). An ``@`` after a plain host (``http://h/p/@me``, ``?mail=a@b.c``) is
+not a credential and stays. What follows the userinfo goes through ``urllib.parse.urlsplit``.
 """
 
 from __future__ import annotations
@@ -40,19 +41,31 @@ _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S*")
 
 def _userinfo_end(rest: str) -> int:
     """Where the userinfo of ``rest`` (a URL after its ``scheme://``) ends: the index of its
-    ``@``, or -1 when it has none."""
-    before_query = re.split(r"[?#]", rest, maxsplit=1)[0]
-    at = before_query.rfind("@")
-    if at < 0:
-        return -1
-    authority = before_query.split("/", 1)[0]
-    return at if "@" in authority or ":" in authority else -1
+    ``@``, or -1 when it has none. The last ``@`` whose text before it starts as a userinfo does
+    (``user:...``, or a ``user`` with no ``/``, ``?`` or ``#`` at all): a password may hold ``/``,
+    ``?``, ``#`` and ``@`` unencoded, and ``?mail=a@b.c`` behind a plain host is no credential."""
+    at = len(rest)
+    while (at := rest.rfind("@", 0, at)) >= 0:
+        before = rest[:at]
+        first = re.split(r"[/?#]", before, maxsplit=1)[0]
+        if ":" in first or first == before:
+            return at
+    return -1
+
+
+# a parameter named like these at its end is a secret too: access_token, x-amz-signature, apiKey
+_SECRET_ENDINGS = ("token", "password", "passwd", "secret", "key", "signature")
+
+
+def _is_secret(param: str) -> bool:
+    name = param.lower()
+    return name in SECRET_PARAMS or name.endswith(_SECRET_ENDINGS)
 
 
 def _hide_params(query: str) -> str:
     def one(pair: str) -> str:
         key, eq, _ = pair.partition("=")
-        return f"{key}={HIDDEN}" if eq and unquote_plus(key).lower() in SECRET_PARAMS else pair
+        return f"{key}={HIDDEN}" if eq and _is_secret(unquote_plus(key)) else pair
 
     return "&".join(one(p) for p in query.split("&"))
 

@@ -190,7 +190,7 @@ def parse_config(
     if roots is None and (base_dir is not None or cfg.ingest.allowed_dirs is not None):
         roots = stream_roots(cfg, base_dir)
     if roots is not None:
-        errors = check_local_files(cfg, roots, base_dir)
+        errors = check_local_files(cfg, roots)
         if allowed_dirs is not None:
             errors += _widened(cfg, roots, base_dir)
         if errors:
@@ -233,16 +233,14 @@ def _within(path: Path, roots: Sequence[Path]) -> bool:
     return any(path == r or r in path.parents for r in roots)
 
 
-def check_local_files(cfg: SiteConfig, roots: Sequence[Path], base_dir: Path | None = None) -> list[tuple[str, str]]:
+def check_local_files(cfg: SiteConfig, roots: Sequence[Path]) -> list[tuple[str, str]]:
     """(path, reason) for each stream whose local file lies outside ``roots``. Decided on the path
     alone, the same whether the file exists or not: the reply is no file-existence oracle."""
     errors = []
     for i, s in enumerate(cfg.streams):
         local = _local_file(s.url)
-        # a relative path is checked from the config's folder and from the working directory,
-        # where the camera reader opens it: both must lie in the allowed folders
-        bases = {base_dir or Path.cwd(), Path.cwd()}
-        if local is not None and not all(_within(_real(b / local), roots) for b in bases):
+        # a relative path is checked where the camera reader opens it: from the working directory
+        if local is not None and not _within(_real(Path.cwd() / local), roots):
             errors.append(
                 (f"streams.{i}.url", "a local file outside the allowed folders (ingest.allowed_dirs) is not served")
             )

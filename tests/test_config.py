@@ -3,6 +3,7 @@ adapter params are typed, and the schema sits on the bottom floor with the zoo c
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from functools import partial
@@ -126,7 +127,87 @@ def test_budgets_that_mean_nothing_are_refused() -> None:
         parse_config("site: s\nbudget: nanx\nmodels: [{name: hog_people}]\nstreams: []\n", "t.yaml")
     with pytest.raises(ValueError, match="0 bytes"):
         resolve_budget(1e-300, 16 * 2**30)
-    assert resolve_budget(1e-9, 16 * 2**30) == 17  # tiny, but a real budget
+    assert resolve_budget(1e-9, 16 * 2**30) == 17  # tiny, but a real budget (a model's cost refuses it later)
+
+
+def test_budgets_beyond_the_device_or_under_every_model_are_refused_with_the_reason() -> None:
+    """Issue 14 item 7: ``1000TiB`` was silent; a budget no model fits in predicted from nothing."""
+    from mlink.configs.budget import resolve_budget, resolve_site_budget
+
+    with pytest.raises(ValueError, match=r"more than the device's memory \(16.0 GiB\)"):
+        resolve_budget("1000TiB", 16 * 2**30)
+    assert resolve_budget("8GiB", 16 * 2**30) == 8 * 2**30
+    costs = {"hog_people": 40_000_000, "yolox_nano": 90_000_000}
+    with pytest.raises(ValueError, match=r"cannot hold any model: the smallest, hog_people, needs 38\.1 MiB"):
+        resolve_site_budget("30MB", 16 * 2**30, costs)
+    with pytest.raises(ValueError, match="cannot hold any model"):
+        resolve_site_budget("0.2x", 16 * 2**30, costs)  # 26 MB of 130 MB
+    assert resolve_site_budget("50MB", 16 * 2**30, costs) == 50_000_000
+    assert resolve_site_budget("30MB", 16 * 2**30) == 30_000_000  # no cost known yet: checked at plan time
+
+
+SITE = "site: s\nmodels: [{name: hog_people}]\n"
+
+
+def test_config_text_is_bounded_before_it_is_parsed() -> None:
+    """Issue 14 item 6: a 2.6M-item list parsed for minutes; an alias bomb grows tenfold per level."""
+    cases = {
+        "larger than 256 KiB": SITE + "streams: [" + "1," * 200_000 + "1]\n",
+        "more than 50000 values": SITE + "x: [" + "1," * 60_000 + "1]\n",
+        "deeper than 32 levels": SITE + "x: " + "[" * 40 + "]" * 40 + "\n",
+        "more than 256 aliases": SITE + "a: &a 1\nx: [" + ", ".join(["*a"] * 300) + "]\n",
+    }
+    lol = ["a0: &a0 [" + ", ".join(["lol"] * 10) + "]"]
+    lol += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 9)]
+    cases["more than 50000 values (aliases expanded)"] = SITE + "\n".join(lol) + "\n"
+    for reason, text in cases.items():
+        with pytest.raises(ConfigError) as err:
+            parse_config(text, "body")
+        assert reason in str(err.value), (reason, str(err.value)[:300])
+    anchors = SITE + "x: &x {a: 1}\ny: *x\n"  # a modest alias is fine (then refused as an unknown key)
+    with pytest.raises(ConfigError, match="Extra inputs"):
+        parse_config(anchors, "body")
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["concat:/etc/passwd|a.mp4", "ftp://h/x.mp4", "gopher://h/", "asset://../../etc/passwd", "asset://a/b", "x\x00y"],
+)
+def test_stream_urls_outside_the_allowed_kinds_are_refused(url: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(SITE + f"streams: [{{id: a, url: {json.dumps(url)}}}]\n", "t.yaml")
+    assert [p for p, _ in err.value.errors] == ["streams.0.url"]
+
+
+def test_stream_urls_of_the_allowed_kinds_pass() -> None:
+    for url in ("rtsp://u:p@h/s", "rtsps://h/s", "http://h/x.mjpg", "https://h/x", "asset://vtest", "0", "v.mp4"):
+        assert parse_config(SITE + f"streams: [{{id: a, url: {url!r}}}]\n", "t.yaml").streams[0].url == url
+
+
+def test_local_stream_files_lie_in_the_allowed_folders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decided on the path alone (the same answer whether the file exists: no existence oracle)."""
+    site_dir = tmp_path / "site"
+    (site_dir / "videos").mkdir(parents=True)
+    monkeypatch.chdir(site_dir)  # a relative path is opened from the working directory
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "real.mp4").write_bytes(b"x")
+
+    def load(url: str, extra: str = "") -> SiteConfig:
+        path = site_dir / "site.yaml"
+        path.write_text(SITE + f"streams: [{{id: a, url: {url!r}}}]\n" + extra)
+        return load_config(path)
+
+    assert load("videos/a.mp4").streams[0].url == "videos/a.mp4"
+    assert load(f"file://{site_dir}/videos/a.mp4")
+    messages = []
+    for url in (str(other / "real.mp4"), str(other / "missing.mp4"), "../other/real.mp4", "file:///etc/shadow"):
+        with pytest.raises(ConfigError) as err:
+            load(url)
+        messages.append(err.value.errors)
+    assert all(m == messages[0] for m in messages) and "allowed folders" in messages[0][0][1]
+    assert load(str(other / "real.mp4"), f"ingest: {{allowed_dirs: [{str(other)!r}]}}\n")
+    assert load("0").streams[0].url == "0"  # a device index is no file
 
 
 def test_budget_forms() -> None:

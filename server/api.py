@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 
 from mlink.configs.load import MAX_CONFIG_BYTES
 from mlink.scheduler.plans import Plan
+from mlink.server.access_log import strip_query_strings
 from mlink.server.api_read import (
     PLAN_HEADER,
     READ_ROUTERS,
@@ -151,7 +152,8 @@ async def reload(daemon: DaemonDep, request: Request) -> JSONResponse:
 
 def create_app(daemon: Daemon, readers: ReaderHealth | None = None) -> FastAPI:
     """The app serving ``daemon``: its handlers reach it through the :func:`get_daemon` dependency.
-    ``readers``: the reader processes in front of it, whose health /healthz reports."""
+    ``readers``: the reader processes in front of it, whose health /healthz reports. Installs the
+    access log's query-string filter (uvicorn's logging setup keeps a logger's filters)."""
     app = FastAPI(
         title="mlink",
         version="0.1.0",
@@ -159,6 +161,7 @@ def create_app(daemon: Daemon, readers: ReaderHealth | None = None) -> FastAPI:
     )
     app.state.daemon = daemon
     app.state.readers = readers
+    strip_query_strings()  # a token sent as ?token=... stays out of uvicorn's access log
     add_error_handlers(app)
     for router in (health, *READ_ROUTERS, operator):
         app.include_router(router)

@@ -383,7 +383,6 @@ def serve_cmd(
 
     import uvicorn
 
-    from mlink.server.access_log import strip_query_strings
     from mlink.server.api import create_app
     from mlink.server.daemon import Daemon
     from mlink.server.redact import redact
@@ -429,7 +428,6 @@ def serve_cmd(
         else:
             where = {"host": bind_host, "port": bind_port}
         uv = uvicorn.Config(create_app(daemon, readers=readers), log_level=log_level.lower(), **where)
-        strip_query_strings()  # a token sent as ?token=... stays out of the access log
         died = serve_until_stopped(uvicorn.Server(uv), daemon)
     except StopRequested:
         pass  # the stop below is the whole answer to SIGTERM/SIGINT

@@ -27,7 +27,7 @@ from waiting import wait_for  # tests/waiting.py
 from mlink.configs.load import load_config
 from mlink.models.assets import AssetStore
 from mlink.models.catalog import zoo_catalog
-from mlink.server.access_log import ACCESS_LOGGER, strip_query_strings
+from mlink.server.access_log import ACCESS_LOGGER
 from mlink.server.api import create_app
 from mlink.server.cache import ResultCache
 from mlink.server.daemon import Daemon
@@ -196,11 +196,11 @@ class _Lines(logging.Handler):
 
 
 def test_the_access_log_has_no_query_strings(tmp_path: Path, store: AssetStore) -> None:
-    """uvicorn's own access log, configured as ``mlink serve`` configures it."""
+    """uvicorn's own access log, configured as ``mlink serve`` configures it (after ``create_app``,
+    which installs the filter)."""
     cfg = load_config(_write(tmp_path), catalog=zoo_catalog())
     daemon = Daemon(cfg, tmp_path / "site.yaml", AssetStore(home=tmp_path, mirror=store.mirror), progress=False)
     server = uvicorn.Server(uvicorn.Config(create_app(daemon), host="127.0.0.1", port=0, log_level="info"))
-    strip_query_strings()
     lines = _Lines()
     logging.getLogger(ACCESS_LOGGER).addHandler(lines)
     thread = threading.Thread(target=server.run, daemon=True)

@@ -13,10 +13,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import unquote, urlsplit
 
 import cv2
 import numpy as np
 
+from mlink.configs.schema import ASSET_NAME
 from mlink.server.redact import redact
 
 if TYPE_CHECKING:
@@ -83,11 +85,18 @@ def open_capture(url: str | int, hw: bool = False) -> cv2.VideoCapture:
 
 
 def resolve_url(url: str, store: AssetStore | None = None) -> str:
-    """``asset://NAME`` -> verified local path of that sample video; anything else unchanged."""
+    """``asset://NAME`` -> verified local path of that sample video (a name of the manifest, never
+    a path: ``asset://../..`` is refused here too, not only by the config); ``file:///p`` -> ``/p``
+    (the path the config checked against ``ingest.allowed_dirs``); anything else unchanged."""
     if url.startswith("asset://"):
         from mlink.models.assets import default_store
 
-        return str((store or default_store()).path(url.removeprefix("asset://")))
+        name = url.removeprefix("asset://")
+        if not ASSET_NAME.fullmatch(name):
+            raise FrameSourceError(f"asset://{name}: not an asset name (letters, digits, _ . -)")
+        return str((store or default_store()).path(name))
+    if url.lower().startswith("file://"):
+        return unquote(urlsplit(url).path)
     return url
 
 

@@ -223,3 +223,13 @@ def _write(tmp_path: Path) -> Path:
     path = tmp_path / "site.yaml"
     path.write_text(body())
     return path
+
+
+def test_the_camera_reader_resolves_only_asset_names_and_file_urls(store: AssetStore) -> None:
+    """Behind the config's check, :func:`resolve_url` refuses an asset path on its own."""
+    from mlink.server.frames import FrameSourceError, resolve_url
+
+    with pytest.raises(FrameSourceError, match="not an asset name"):
+        resolve_url("asset://../../etc/passwd", store)
+    assert resolve_url("file:///srv/videos/a%20b.mp4") == "/srv/videos/a b.mp4"
+    assert resolve_url("asset://vtest", store).endswith(".avi")

@@ -26,7 +26,7 @@ class NoQueryStrings(logging.Filter):
         if isinstance(args, tuple) and len(args) >= 3:
             record.args = (*args[:2], _path_only(args[2]), *args[3:])
         elif isinstance(record.msg, str) and "?" in record.msg and not args:
-            record.msg = " ".join(_path_only(w) if w.startswith("/") else w for w in record.msg.split(" "))
+            record.msg = " ".join(w.split("?", 1)[0] if w.startswith("/") else w for w in record.msg.split(" "))
         return True
 
 

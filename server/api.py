@@ -134,6 +134,13 @@ async def read_body(request: Request, limit: int = MAX_CONFIG_BYTES) -> str:
     "/api/v1/config/reload",
     dependencies=[Depends(require_token)],
     responses=error_responses(400, 401, 403, 409, 413),
+    openapi_extra={
+        "requestBody": {
+            "required": False,
+            "description": "a whole site config as YAML (at most 256 KiB); empty: reload the config file",
+            "content": {"application/yaml": {"schema": {"type": "string", "maxLength": MAX_CONFIG_BYTES}}},
+        }
+    },
 )
 async def reload(daemon: DaemonDep, request: Request) -> JSONResponse:
     """Reload the config file (empty body) or apply the YAML in the body (at most 256 KiB, plain

@@ -135,8 +135,8 @@ class Daemon:
     def stop(self, timeout: float = 10.0) -> None:
         """Stop every part, each even if another failed to stop (Redis last: results flush to it)."""
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        if self._thread is not None:  # profiling does not look at _stop: its result is dropped anyway
+            self._thread.join(timeout if self.state == "serving" else min(timeout, 2.0))
         if self.periods is not None:
             self.periods.close(timeout)
         for part in (self.ingest, self.pool, self.cache, self._redis):

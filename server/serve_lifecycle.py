@@ -34,8 +34,10 @@ log = logging.getLogger("mlink.serve")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-class StopRequested(Exception):
-    """SIGTERM or SIGINT arrived: stop everything and exit 0."""
+class StopRequested(BaseException):
+    """SIGTERM or SIGINT arrived: stop everything and exit 0. A BaseException, as
+    KeyboardInterrupt is, so that no ``except Exception`` on the way (a start that reports its
+    failure, a retry loop) swallows it."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)

@@ -124,7 +124,7 @@ def resolve_budget(spec: int | float | str, total: int, models_cost: int | None 
     out = int(amount * base)
     if out < 1:  # e.g. a device share of 1e-300: every output would be "predicted" from nothing
         raise ValueError(f"budget {spec!r} comes to {out} bytes: nothing fits")
-    if kind == "bytes" and total > 0 and out > total:  # e.g. 1000TiB: a budget that bounds nothing
+    if total > 0 and out > total:  # e.g. 1000TiB or 1000x: a budget that bounds nothing
         raise ValueError(
             f"budget {spec!r} ({_human(out)}) is more than the device's memory ({_human(total)}): "
             "write at most the device's memory, or a share of it (0.8, 80%)"

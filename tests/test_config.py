@@ -137,6 +137,8 @@ def test_budgets_beyond_the_device_or_under_every_model_are_refused_with_the_rea
     with pytest.raises(ValueError, match=r"more than the device's memory \(16.0 GiB\)"):
         resolve_budget("1000TiB", 16 * 2**30)
     assert resolve_budget("8GiB", 16 * 2**30) == 8 * 2**30
+    with pytest.raises(ValueError, match="more than the device's memory"):
+        resolve_budget("1000x", 16 * 2**30, 2**30)
     costs = {"hog_people": 40_000_000, "yolox_nano": 90_000_000}
     with pytest.raises(ValueError, match=r"cannot hold any model: the smallest, hog_people, needs 38\.1 MiB"):
         resolve_site_budget("30MB", 16 * 2**30, costs)

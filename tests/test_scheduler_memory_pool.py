@@ -61,7 +61,9 @@ def test_budget_forms():
     assert resolve_budget("0.5x", total, models_cost=300) == 150
     # A share of the models' cost: known once every model named has a cost.
     assert resolve_site_budget("0.5x", total, {"a": 100, "b": 200}) == 150
-    assert resolve_site_budget("0.5x", total, {"a": 100, "b": 200}, ["a"]) == 50
+    assert resolve_site_budget("0.5x", total, {"a": 100, "b": 200}, ["a", "b"]) == 150
+    with pytest.raises(ValueError, match="cannot hold any model"):  # half of the one model named
+        resolve_site_budget("0.5x", total, {"a": 100, "b": 200}, ["a"])
     assert resolve_site_budget("0.5x", total, {"a": 100}, ["a", "b"]) is None
     assert resolve_site_budget("0.5x", total) is None
     assert parse_bytes("1.5GB") == 1_500_000_000

@@ -62,7 +62,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from mlink.configs.budget import resolve_site_budget
+from mlink.configs.budget import check_holds_a_model, resolve_site_budget
 from mlink.configs.schema import SiteConfig
 from mlink.links import LinkSet, TupleSet
 from mlink.scheduler.accuracy import LinkAccuracy
@@ -301,6 +301,8 @@ class Planner:
         report.profile_s = time.perf_counter() - t0
         if measuring:
             self._budget_from_measured(report, total)
+        else:  # a budget in bytes or a device share: refused now if no served model fits in it
+            check_holds_a_model(self.budget, {m: c for m, c in self.pool.costs().items() if m in self.served})
         report.budget = self.budget
         t0 = time.perf_counter()
         self.links, self.heldout = initial_links(self.links, self.heldout, tuples, self.options, report)

@@ -31,6 +31,7 @@ from typing import Any
 import httpx
 from fastapi import FastAPI
 
+from mlink.configs.load import MAX_CONFIG_BYTES
 from mlink.server.api_read import READ_ROUTERS, add_error_handlers
 from mlink.server.cache import ResultCache
 from mlink.server.reader_state import ReaderState, ReaderView
@@ -126,6 +127,12 @@ class ReaderApp:
         while True:
             msg = await receive()
             body += msg.get("body", b"")
+            if len(body) > MAX_CONFIG_BYTES:  # the daemon refuses it too: do not hold more of it here
+                status, data = _json(413, {"error": f"the body is larger than {MAX_CONFIG_BYTES // 1024} KiB"})
+                headers = [*JSON, (b"content-length", b"%d" % len(data)), (b"connection", b"close"), SERVED_BY]
+                await send({"type": "http.response.start", "status": status, "headers": headers})
+                await send({"type": "http.response.body", "body": data})
+                return
             if not msg.get("more_body"):
                 break
         target = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")

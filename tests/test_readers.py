@@ -123,6 +123,9 @@ def test_other_routes_are_forwarded_with_their_auth(pool, clients) -> None:
     assert public.post("/api/v1/config/reload", content="site: x").status_code == 401
     r = public.post("/api/v1/config/reload", content="site: [", headers={"Authorization": "Bearer t0ken"})
     assert r.status_code == 400 and r.json()["errors"]
+    big = public.post("/api/v1/config/reload", content=b"#" * (10 * 2**20), headers={"Authorization": "Bearer t0ken"})
+    assert big.status_code == 413 and "256 KiB" in big.json()["error"]
+    assert big.headers.get("x-mlink-served-by") == "reader"  # refused by the reader, not held and forwarded
     assert public.get("/metrics").text.startswith("# HELP")
     assert public.get("/nowhere").status_code == 404
     assert public.delete("/api/v1/models").status_code == 405

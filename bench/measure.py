@@ -133,7 +133,7 @@ def cost_by_pool(cfg: Any, store: Any, name: str) -> tuple[int, str]:
     from mlink.scheduler.site import build_pool
 
     clear_cache()  # measured again, not remembered from the idle round
-    pool = build_pool(cfg, store=store, budget=1 << 50)
+    pool = build_pool(cfg, store=store, budget=1.0)  # the whole device: every model loads
     try:
         pool.load(name)
         record = pool.load_records[-1]
@@ -174,7 +174,7 @@ def isolation_main(argv: Sequence[str] | None = None) -> int:
     for name in names:
         for asset in model_info(name).assets:
             store.path(asset)  # fetched before anything is measured
-    pool: ModelPool = build_pool(cfg, store=store, budget=1 << 50)
+    pool: ModelPool = build_pool(cfg, store=store, budget=1.0)  # the whole device: every model loads
     frames = [synthetic_frame()] * pool.warmup_batch
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     rows = []

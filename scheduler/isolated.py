@@ -43,6 +43,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from mlink.scheduler.memory import CPU_SOURCES, Measurement, MemoryMeter
+from mlink.scheduler.procmem import single_arena
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,7 @@ def _child_main(
 ) -> None:
     """In the child: set up as the parent did, prime, measure ``fn(*args)``, send the Measurement."""
     try:
+        single_arena()  # before any thread: a figure that does not depend on thread timing
         if torch_threads is not None:
             import torch
 

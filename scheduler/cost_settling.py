@@ -12,14 +12,17 @@ known figure is kept and the measurement flagged.
 
 from __future__ import annotations
 
+import json
 import logging
+import sys
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from mlink.scheduler.isolated import IsolationError, measure_isolated, picklable
+from mlink.scheduler.isolated import IsolationError, StoredFigures, measure_isolated, picklable
 from mlink.scheduler.memory import Measurement, MemoryMeter
 
 log = logging.getLogger(__name__)
@@ -35,6 +38,17 @@ def warm(model: Any, device: str, frames: list[np.ndarray]) -> Any:
 def load_and_warm(factory: Callable[[str], Any], name: str, device: str, frames: list[np.ndarray]) -> Any:
     """Create ``name`` and :func:`warm` it: what the child process measures."""
     return warm(factory(name), device, frames)
+
+
+def device_name(device: str) -> str:
+    """The GPU's name for a CUDA device (a figure measured on one GPU model is not another's)."""
+    torch = sys.modules.get("torch")
+    if not device.startswith("cuda") or torch is None:
+        return ""
+    try:
+        return str(torch.cuda.get_device_name(torch.device(device)))
+    except Exception:  # no CUDA here: the figure's key says so
+        return "unavailable"
 
 
 def import_zoo() -> None:
@@ -179,6 +193,34 @@ class CostSettler:
             return None
         return _Isolating(lambda: self._isolated_cost(name, frames))
 
+    def _stored(self, name: str, frames: list[np.ndarray]) -> StoredFigures | None:
+        """Where ``name``'s isolated figure is kept across starts: ``<home>/costs`` of the
+        factory's asset store, keyed by all it depends on; None without a home."""
+        home = getattr(getattr(self.factory, "store", None), "home", None)
+        if home is None:
+            return None
+        params = getattr(self.factory, "params", {}).get(name, {})
+        versions = {
+            m: getattr(sys.modules[m], "__version__", "?") for m in ("torch", "onnxruntime", "cv2") if m in sys.modules
+        }
+        torch = sys.modules.get("torch")
+        key = json.dumps(
+            {
+                "model": name,
+                "params": params,
+                "device": self.device,
+                "gpu": device_name(self.device),
+                "source": self.meter.source,
+                "backends": sorted(self.backends) if self.backends is not None else None,
+                "warmup": [list(f.shape) for f in frames],
+                "versions": versions,
+                "threads": torch.get_num_threads() if torch is not None else None,
+            },
+            sort_keys=True,
+            default=str,
+        )
+        return StoredFigures(Path(home) / "costs", key)
+
     def _isolated_cost(self, name: str, frames: list[np.ndarray]) -> int | None:
         """``name``'s cost measured in a child process (cached there), or None when it failed."""
         try:
@@ -192,6 +234,7 @@ class CostSettler:
                 backends=sorted(self.backends) if self.backends is not None else None,
                 setup=import_zoo if self.prepared else None,
                 timeout=self.timeout,
+                stored=self._stored(name, frames),
             )
         except IsolationError as exc:
             log.warning("pool: isolated measurement of %s failed (%s); measuring in process", name, exc)

@@ -33,13 +33,16 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import multiprocessing
+import os
 import pickle
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 from mlink.scheduler.memory import CPU_SOURCES, Measurement, MemoryMeter
@@ -114,6 +117,7 @@ def measure_in_child(
     timeout: float = 600.0,
     cache: bool = True,
     repeats: int = 2,
+    stored: StoredFigures | None = None,
 ) -> Measurement:
     """Measure ``fn(*args)`` in a spawned child that does nothing else; see the module docstring.
 
@@ -121,8 +125,11 @@ def measure_in_child(
     ``backends`` are primed in the child before its baseline (default: those ``setup`` imported).
     The child runs the call ``repeats`` times (dropping what it returned and releasing in
     between) and reports the last round. Raises :class:`IsolationError` when the child fails
-    or takes longer than ``timeout`` s.
+    or takes longer than ``timeout`` s. ``stored``: figures kept on disk from earlier starts
+    (looked up first, written after a measurement).
     """
+    if stored is not None and (hit := stored.get()) is not None:
+        return hit
     args = tuple(args)
     wanted = sorted(backends) if backends is not None else None
     torch_threads = None
@@ -174,7 +181,42 @@ def measure_in_child(
     if cache:
         with _cache_lock:
             _cache[key] = m
+    if stored is not None:
+        stored.put(m)
     return m
+
+
+class StoredFigures:
+    """An isolated figure kept on disk across starts, under a key that names everything it
+    depends on (model, params, device, warm-up shapes, library versions; the caller builds it).
+
+    Why: isolating costs a child process per model (about 5 s each on a CPU, more with a CUDA
+    context), which a restart of the same site would pay again for the same figure. A file that
+    is missing, unreadable or not a measurement is measured again, never trusted.
+    """
+
+    def __init__(self, folder: Path, key: str) -> None:
+        self.path = folder / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
+        self.key = key
+
+    def get(self) -> Measurement | None:
+        try:
+            data = json.loads(self.path.read_text())
+            if data.pop("key") != self.key:
+                return None
+            data["parts"] = tuple(data.get("parts", ()))
+            return Measurement(**data)
+        except (OSError, ValueError, TypeError, KeyError):
+            return None
+
+    def put(self, m: Measurement) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"key": self.key, **dataclasses.asdict(m)}))
+            os.replace(tmp, self.path)
+        except OSError as exc:  # a read-only home measures again next start; nothing else changes
+            log.info("memory meter: isolated figure not stored (%s)", exc)
 
 
 def measure_isolated(
@@ -184,6 +226,7 @@ def measure_isolated(
     backends: Iterable[str] | None = None,
     setup: Callable[[], Any] | None = None,
     timeout: float = 600.0,
+    stored: StoredFigures | None = None,
 ) -> Measurement:
     """Measure ``fn(*args)`` in a child process, as ``meter`` would (same device and source).
 
@@ -191,7 +234,9 @@ def measure_isolated(
     its baseline) so their one-time costs are not charged. See :func:`measure_in_child`.
     """
     prefer = meter.source if meter.source in CPU_SOURCES else None
-    return measure_in_child(meter.device, fn, args, prefer=prefer, backends=backends, setup=setup, timeout=timeout)
+    return measure_in_child(
+        meter.device, fn, args, prefer=prefer, backends=backends, setup=setup, timeout=timeout, stored=stored
+    )
 
 
 def clear_cache() -> None:

@@ -8,6 +8,7 @@ block makes the call look smaller); measured the way the pool plans on, it is no
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -15,7 +16,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from mlink.scheduler.isolated import clear_cache, measure_isolated
+from mlink.scheduler.isolated import StoredFigures, clear_cache, measure_isolated
 from mlink.scheduler.memory import MemoryMeter
 from mlink.scheduler.pool import ModelPool
 
@@ -118,3 +119,25 @@ def test_pool_plans_on_the_isolated_figure_while_another_thread_churns():
     assert closure.cost("block") == idle or closure.load_records[-1].stable
     pool.close()
     closure.close()
+
+
+def test_an_isolated_figure_is_kept_on_disk_for_the_next_start_and_a_bad_file_is_measured_again(tmp_path):
+    clear_cache()
+    meter = MemoryMeter("cpu")
+    stored = StoredFigures(tmp_path / "costs", json.dumps({"model": "block", "bytes": SIZE}))
+    first = measure_isolated(meter, allocate, SIZE, stored=stored)
+    assert stored.path.is_file() and stored.get() == first
+    # A later start reads the file instead of measuring: a planted figure comes back as is.
+    planted = json.loads(stored.path.read_text())
+    planted["peak_delta"] = 12345
+    stored.path.write_text(json.dumps(planted))
+    clear_cache()
+    assert measure_isolated(meter, allocate, SIZE, stored=stored).peak_delta == 12345
+    # Another key (other params, device or versions) does not read it.
+    other = StoredFigures(tmp_path / "costs", json.dumps({"model": "block", "bytes": SIZE + 1}))
+    assert other.get() is None
+    # A damaged file is measured again, never trusted.
+    stored.path.write_text("{not json")
+    clear_cache()
+    again = measure_isolated(meter, allocate, SIZE, stored=stored)
+    assert abs(again.peak_delta - SIZE) <= TOLERANCE * SIZE and stored.get() == again

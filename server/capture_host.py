@@ -27,6 +27,7 @@ import logging
 import multiprocessing
 import multiprocessing.spawn
 import os
+import signal
 import threading
 import time
 from multiprocessing.connection import Connection
@@ -167,15 +168,26 @@ def _camera_thread(
         send(("stopped", key))
 
 
-def child_main(ctrl: Connection, out: Connection, parent_pid: int, nice: int = 0) -> None:
-    """Entry point of a capture process (see the module docstring). ``nice``: how far below the
-    serving process it runs, so that decoding frames nobody samples never starves serving."""
+def _settle_process(nice: int) -> None:
+    """A capture process's own settings: one OpenCV thread, group signals left to the daemon,
+    and ``nice`` below the serving process's CPU priority."""
     import cv2
 
     cv2.setNumThreads(1)
+    # A signal to the whole process group (Ctrl-C, `timeout`, systemd's stop) is the daemon's
+    # to handle: it stops its cameras in order; a capture process ends on "exit", on its pipe
+    # closing or when its parent is gone, never half-way through a frame on a stray signal.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     if nice > 0:
         with contextlib.suppress(OSError):
             os.nice(nice)
+
+
+def child_main(ctrl: Connection, out: Connection, parent_pid: int, nice: int = 0) -> None:
+    """Entry point of a capture process (see the module docstring). ``nice``: how far below the
+    serving process it runs, so that decoding frames nobody samples never starves serving."""
+    _settle_process(nice)
     lock = threading.Lock()
 
     def send(msg: tuple[Any, ...]) -> None:

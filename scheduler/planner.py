@@ -299,10 +299,7 @@ class Planner:
         self.profiled = tuples
         self.book.measure_unknown(report, unload=measuring)
         report.profile_s = time.perf_counter() - t0
-        if measuring:
-            self._budget_from_measured(report, total)
-        else:  # a budget in bytes or a device share: refused now if no served model fits in it
-            check_holds_a_model(self.budget, {m: c for m, c in self.pool.costs().items() if m in self.served})
+        self._settle_budget(report, total, measuring)
         report.budget = self.budget
         t0 = time.perf_counter()
         self.links, self.heldout = initial_links(self.links, self.heldout, tuples, self.options, report)
@@ -338,12 +335,13 @@ class Planner:
         self.budget = self.pool.budget = budget
         return False, total
 
-    def _budget_from_measured(self, report: PeriodReport, total: int) -> None:
-        # Those loads only measured costs (each model alone, unloaded after); serving starts
-        # now, so they do not hold a chosen model back from loading.
+    def _settle_budget(self, report: PeriodReport, total: int, measuring: bool) -> None:
+        costs = {m: c for m, c in self.pool.costs().items() if m in self.served}
+        if not measuring:  # a budget in bytes or a device share: refused if no served model fits in it
+            return check_holds_a_model(self.budget, costs)
+        # Those loads only measured costs (each model alone, unloaded after): not held back from loading.
         report.measured = {m: self.book.loads[m] for m in self.universe if self.book.loads[m]}
         self.book.new_period()
-        costs = {m: c for m, c in self.pool.costs().items() if m in self.served}
         budget = resolve_site_budget(self.options.budget, total, costs)
         assert budget is not None  # the costs that could be measured are all given
         self.budget = self.pool.budget = budget

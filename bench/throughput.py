@@ -36,6 +36,8 @@ from typing import Any
 import psutil
 import yaml
 
+from mlink.scheduler.nvml import Nvml
+
 KEEP_UP = 0.95  # served / offered at or above this keeps up
 VIDEOS = ("asset://vtest", "asset://one_by_one", "asset://market_street", "asset://car_detection")
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
@@ -110,15 +112,10 @@ class _Sampler:
         self.cpu: list[float] = []
         self.gpu: list[float] = []
         self._stop = threading.Event()
-        self._nv: Any = None
+        self._nv: Nvml | None = None
         if device.startswith("cuda"):
             try:
-                import pynvml
-
-                from mlink.scheduler.nvml import cuda_index
-
-                pynvml.nvmlInit()
-                self._nv = (pynvml, pynvml.nvmlDeviceGetHandleByIndex(cuda_index(device)))
+                self._nv = Nvml(device)  # cuda:N as CUDA numbers it (CUDA_VISIBLE_DEVICES)
             except Exception as exc:  # a bench without NVML still reports CPU figures
                 print(f"GPU utilisation not measured: {exc}", file=sys.stderr)
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -141,8 +138,7 @@ class _Sampler:
                 self.cpu.append((c - last_c) / (now - last_t))
             last_t, last_c = now, c
             if self._nv is not None:
-                nv, h = self._nv
-                self.gpu.append(float(nv.nvmlDeviceGetUtilizationRates(h).gpu))
+                self.gpu.append(float(self._nv.nv.nvmlDeviceGetUtilizationRates(self._nv.handle).gpu))
 
     def __enter__(self) -> _Sampler:
         self._thread.start()
@@ -151,6 +147,8 @@ class _Sampler:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(2)
+        if self._nv is not None:
+            self._nv.close()
 
 
 def _mean(xs: list[float]) -> float:

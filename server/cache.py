@@ -141,16 +141,6 @@ class ResultCache:
             raise ValueError("no Redis URL: the config has none and no embedded server URL was given")
         return cls(target, history=cfg.history, buffer=cfg.buffer, prefix=prefix, **kwargs)
 
-    # -- keys ------------------------------------------------------------------------------
-    def _k_cameras(self) -> str:
-        return self.keys.cameras
-
-    def _k_latest(self, camera: str) -> str:
-        return self.keys.latest(camera)
-
-    def _k_history(self, camera: str) -> str:
-        return self.keys.history(camera)
-
     @property
     def _safe_url(self) -> str:
         return redact_url(self.url)
@@ -312,9 +302,6 @@ class ResultCache:
             return True
 
     # -- reading ---------------------------------------------------------------------------
-    def _decode(self, camera: str, raw: str | bytes) -> Record:
-        return decode(camera, raw)
-
     def _buffered(self, camera: str) -> list[Entry]:
         with self._lock:
             return [e for e in self._buffer if e.camera == camera]
@@ -339,15 +326,15 @@ class ResultCache:
         pending = [e for e in self._buffered(camera) if e.latest]
         if pending:
             e = pending[-1]
-            return self._decode(camera, e.member)
+            return decode(camera, e.member)
         err = self._down()
         if err:
             raise err
         try:
-            raw = self._client.get(self._k_latest(camera))
+            raw = self._client.get(self.keys.latest(camera))
         except redis.RedisError as exc:
             raise self._fail(exc) from None
-        return self._decode(camera, raw) if raw is not None else None
+        return decode(camera, raw) if raw is not None else None
 
     def history(
         self,
@@ -368,18 +355,20 @@ class ResultCache:
         hi = "+inf" if until is None else repr(float(until))
         try:
             if limit is None:
-                raw = list(self._client.zrangebyscore(self._k_history(camera), lo, hi))
+                raw = list(self._client.zrangebyscore(self.keys.history(camera), lo, hi))
             else:
-                raw = list(reversed(self._client.zrevrangebyscore(self._k_history(camera), hi, lo, start=0, num=limit)))
+                raw = list(
+                    reversed(self._client.zrevrangebyscore(self.keys.history(camera), hi, lo, start=0, num=limit))
+                )
         except redis.RedisError as exc:
             raise self._fail(exc) from None
-        records = [self._decode(camera, cast(str, r)) for r in raw]  # members: str (decode_responses)
+        records = [decode(camera, cast(str, r)) for r in raw]  # members: str (decode_responses)
         pending = [
             e for e in self._buffered(camera) if (since is None or e.ts >= since) and (until is None or e.ts <= until)
         ]
         if pending:
             seen = {r.id for r in records}
-            records += [self._decode(camera, e.member) for e in pending if e.id not in seen]
+            records += [decode(camera, e.member) for e in pending if e.id not in seen]
             records.sort(key=lambda r: r.ts)  # stable: equal timestamps keep put order
             if limit is not None:
                 records = records[-limit:]
@@ -391,7 +380,7 @@ class ResultCache:
         if err:
             raise err
         try:
-            ids = {str(c) for c in self._client.smembers(self._k_cameras())}  # str already (decode_responses)
+            ids = {str(c) for c in self._client.smembers(self.keys.cameras)}  # str already (decode_responses)
         except redis.RedisError as exc:
             raise self._fail(exc) from None
         with self._lock:

@@ -96,9 +96,14 @@ def decode(camera: str, raw: str | bytes) -> Record:
     return Record(camera=camera, ts=env["ts"], result=env["result"], id=env["id"])
 
 
+def json_body(value: Any) -> bytes:
+    """``value`` as the API's JSON bytes (as FastAPI's JSONResponse encodes it)."""
+    return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+
+
 def response_body(record: Record) -> bytes:
-    """The bytes the API answers for ``record`` (as FastAPI's JSONResponse encodes a dict)."""
-    return json.dumps(record.to_dict(), ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+    """The bytes the API answers for ``record``."""
+    return json_body(record.to_dict())
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ from fastapi import FastAPI
 from mlink.configs.load import MAX_CONFIG_BYTES
 from mlink.server.api_read import READ_ROUTERS, add_error_handlers
 from mlink.server.cache import ResultCache
+from mlink.server.cache_layout import json_body
 from mlink.server.reader_state import ReaderState, ReaderView
 
 log = logging.getLogger("mlink.reader")
@@ -59,7 +60,7 @@ Scope = dict[str, Any]
 
 
 def _json(status: int, body: dict[str, Any]) -> tuple[int, bytes]:
-    return status, json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+    return status, json_body(body)
 
 
 def read_app(view: ReaderView) -> FastAPI:

@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mlink.server.backoff import Backoff
 from mlink.server.reader_app import ENV
 from mlink.server.redis_embedded import _die_with_parent
 from mlink.server.snapshot_publish import SnapshotPublisher
@@ -60,7 +61,7 @@ class _Worker:
         self.proc: subprocess.Popen[bytes] | None = None
         self.started_at = 0.0
         self.next_start = 0.0
-        self.pause = 0.5  # doubles while the worker dies within 10 s of its start
+        self.backoff = Backoff(0.5, 30.0, jitter=0.0)  # grows while the worker dies within 10 s of its start
 
 
 class ReaderPool:
@@ -134,13 +135,13 @@ class ReaderPool:
             code = w.proc.poll()
             if code is None:
                 if now - w.started_at > 10.0:
-                    w.pause = 0.5
+                    w.backoff.reset()
                 return
+            pause = w.backoff.next()
             self.last_exit = f"reader {w.index} (pid {w.proc.pid}) exited with code {code}"
-            log.error("%s; starting it again in %.1f s", self.last_exit, w.pause)
+            log.error("%s; starting it again in %.1f s", self.last_exit, pause)
             w.proc = None
-            w.next_start = now + w.pause
-            w.pause = min(w.pause * 2, 30.0)
+            w.next_start = now + pause
         if now >= w.next_start:
             self._spawn(w)
             self.restarts += 1

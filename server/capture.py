@@ -80,9 +80,7 @@ class CaptureLoop:
 
     def open(self) -> tuple[cv2.VideoCapture, bool, str]:
         """(capture, live, decoder used); raises FrameSourceError (or AssetError) when it cannot."""
-        url = resolve_url(self.stream.url, self.store)
-        if url.lower().startswith("file://"):
-            url = url[len("file://") :]
+        url = resolve_url(self.stream.url, self.store)  # asset:// and file:// made paths
         live = is_live(url)
         hw = self.settings.hw_decode == "auto"
         if live and not url.isdigit():

@@ -83,8 +83,7 @@ def _preparation_data(name: str) -> dict[str, Any]:
     return data
 
 
-if multiprocessing.spawn.get_preparation_data is _original_preparation:
-    multiprocessing.spawn.get_preparation_data = _preparation_data
+multiprocessing.spawn.get_preparation_data = _preparation_data
 
 
 # -- child side ------------------------------------------------------------------------------------

@@ -170,17 +170,13 @@ def resolve_site_budget(
     first). Whatever the kind, a budget beyond the device's memory or under the smallest known
     model cost is refused with the reason (a ValueError): it would bound nothing, or hold nothing.
     """
+    names = list(costs or ()) if models is None else list(models)
+    known = {n: int(costs[n]) for n in names if n in costs} if costs else {}
     if not budget_is_relative(spec):
         out = resolve_budget(spec, total)
-        if costs:
-            known = {n: int(c) for n, c in costs.items() if models is None or n in set(models)}
-            check_holds_a_model(out, known, spec)
-        return out
-    if costs is None:
-        return None
-    names = list(costs) if models is None else list(models)
-    if any(n not in costs for n in names):
-        return None
-    out = resolve_budget(spec, total, sum(int(costs[n]) for n in names))
-    check_holds_a_model(out, {n: int(costs[n]) for n in names}, spec)
+    elif costs is None or any(n not in costs for n in names):
+        return None  # a share of costs not all measured yet
+    else:
+        out = resolve_budget(spec, total, sum(int(costs[n]) for n in names))
+    check_holds_a_model(out, known, spec)
     return out

@@ -389,10 +389,8 @@ class Daemon:
         t1 = time.perf_counter()
         self.stages.add("plan", t1 - t0, len(batch))
         results = self.planner.serve(batch)
-        for r in results:
-            for m, sec in r.model_seconds.items():
-                self.stages.add(f"model:{m}", sec)
-            self.stages.add("links", r.link_seconds)
+        self.stages.add_each((f"model:{m}", sec) for r in results for m, sec in r.model_seconds.items())
+        self.stages.add("links", sum(r.link_seconds for r in results), len(results))
         if self.rotation is not None:
             t1 = time.perf_counter()
             results = self.rotation.serve(results)

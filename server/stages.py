@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
+from collections.abc import Iterable
 from typing import Any
 
 
@@ -28,6 +29,13 @@ class StageTimes:
         with self._lock:
             self._seconds[stage] = self._seconds.get(stage, 0.0) + seconds
             self._count[stage] += count
+
+    def add_each(self, pairs: Iterable[tuple[str, float]]) -> None:
+        """:meth:`add` (one item) for every ``(stage, seconds)`` pair, under one lock: a batch's per-result figures."""
+        with self._lock:
+            for stage, seconds in pairs:
+                self._seconds[stage] = self._seconds.get(stage, 0.0) + seconds
+                self._count[stage] += 1
 
     def snapshot(self) -> dict[str, dict[str, float]]:
         """``{stage: {"seconds": total, "count": n}}`` at this instant."""

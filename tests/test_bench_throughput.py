@@ -43,3 +43,11 @@ def test_stage_times_difference_per_item() -> None:
     ms = per_item_ms(before, st.snapshot())
     assert abs(ms["model:a"] - 100.0) < 1e-9
     assert abs(ms["cache"] - 1.0) < 1e-9
+
+
+def test_stage_times_add_each_counts_one_item_per_pair() -> None:
+    st = StageTimes()
+    st.add_each([("model:a", 0.1), ("model:b", 0.3), ("model:a", 0.2)])
+    snap = st.snapshot()
+    assert snap["model:a"]["count"] == 2 and abs(snap["model:a"]["seconds"] - 0.3) < 1e-9
+    assert snap["model:b"] == {"seconds": 0.3, "count": 1.0}

@@ -45,8 +45,6 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, cast
 
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from mlink.server.backoff import Backoff
 from mlink.server.cache_layout import (
@@ -57,6 +55,7 @@ from mlink.server.cache_layout import (
     Keys,
     PutBatch,
     Record,
+    connect,
     decode,
     records_json,
     write_entries,
@@ -101,13 +100,7 @@ class ResultCache:
         self.backoff_max = backoff_max
         # No retries inside redis-py: an outage must send results to the buffer at once, and the
         # flusher owns reconnection and its backoff.
-        self._client = redis.Redis.from_url(
-            url,
-            decode_responses=True,
-            socket_timeout=socket_timeout,
-            socket_connect_timeout=socket_timeout,
-            retry=Retry(NoBackoff(), 0),
-        )
+        self._client = connect(url, timeout=socket_timeout, decode_responses=True)
         self._lock = threading.RLock()
         self._drained = threading.Condition(self._lock)
         self._buffer: deque[Entry] = deque()

@@ -27,8 +27,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 CAMERA_ID = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+def connect(url: str, *, timeout: float = 2.0, **kwargs: Any) -> redis.Redis:
+    """A client for ``url`` that retries nothing inside redis-py: a Redis that is away fails the
+    call at once, and its caller owns reconnection and its backoff."""
+    return redis.Redis.from_url(
+        url, socket_timeout=timeout, socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0), **kwargs
+    )
 
 
 class CacheUnavailable(RuntimeError):

@@ -22,12 +22,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from mlink.server.backoff import Backoff
 from mlink.server.cache import ResultCache
-from mlink.server.cache_layout import Keys, decode, response_body
+from mlink.server.cache_layout import Keys, connect, decode, response_body
 
 log = logging.getLogger("mlink.reader")
 
@@ -77,9 +75,7 @@ class ReaderState:
 
     def __init__(self, url: str, prefix: str) -> None:
         self.keys = Keys(prefix)
-        self._client = redis.Redis.from_url(
-            url, socket_timeout=2.0, socket_connect_timeout=2.0, retry=Retry(NoBackoff(), 0)
-        )
+        self._client = connect(url)
         self.snapshot: PublishedSnapshot | None = None
         self.latest: dict[str, bytes] = {}  # camera -> the body of GET .../results/latest
         self.live = False  # subscribed and loaded: snapshot and latest are current

@@ -25,10 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 from fastapi.encoders import jsonable_encoder
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
-from mlink.server.cache_layout import Keys
+from mlink.server.cache_layout import Keys, connect
 
 if TYPE_CHECKING:
     from mlink.server.daemon import Daemon
@@ -48,9 +46,7 @@ class SnapshotPublisher:
         self.daemon = daemon
         self.keys = Keys(prefix)
         self.interval_s = interval_s
-        self._client = redis.Redis.from_url(
-            url, socket_timeout=2.0, socket_connect_timeout=2.0, retry=Retry(NoBackoff(), 0)
-        )
+        self._client = connect(url)
         self._encoded: dict[str, tuple[object, str]] = {}  # view -> (the object encoded, its JSON)
         self._written = -1  # the snapshot version Redis holds (-1: unknown, write it)
         self._down = False

@@ -28,6 +28,7 @@ from mlink.server.frames import (
     grab_failed_reason,
     hw_decode_used,
     is_live,
+    nominal_fps,
     open_capture,
     open_hw_first,
     resolve_url,
@@ -160,10 +161,7 @@ class CaptureLoop:
 
     def _pump(self, cap: cv2.VideoCapture, live: bool) -> str:
         """Read until stop, end of file or failure: "stopped", "eof" or an error message."""
-        native = cap.get(cv2.CAP_PROP_FPS) or 0.0
-        if native <= 0 or native > 1000:
-            native = 25.0
-        sampler = FrameSampler(live, self.stream.fps, native, time.monotonic())
+        sampler = FrameSampler(live, self.stream.fps, nominal_fps(cap), time.monotonic())
         anchor: float | None = None  # files with realtime: monotonic time of video t=0
         index = -1
         produced = 0

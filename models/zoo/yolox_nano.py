@@ -18,16 +18,15 @@ fallback (:mod:`mlink.models.zoo._onnx`).
 from __future__ import annotations
 
 from functools import cache
-from typing import Any
 
 import cv2
 import numpy as np
 from pydantic import Field
 
-from mlink.models.base import BlackBoxModel, ModelError, ModelOutput
+from mlink.models.base import ModelError, ModelOutput
 from mlink.models.detections import COCO_OUTPUTS, coco_outputs
 from mlink.models.registry import register
-from mlink.models.zoo._onnx import OnnxParams, onnx_session, warm_up
+from mlink.models.zoo._onnx import OnnxModel, OnnxParams, onnx_session, warm_up
 
 INPUT_SIZE = 416  # square network input, pixels
 STRIDES = (8, 16, 32)
@@ -92,7 +91,7 @@ class YoloxParams(OnnxParams):
 
 
 @register
-class YoloxNano(BlackBoxModel):
+class YoloxNano(OnnxModel):
     name = "yolox_nano"
     task = "detection"
     backend = "onnxruntime"
@@ -102,11 +101,6 @@ class YoloxNano(BlackBoxModel):
     description = "YOLOX-Nano COCO detector (0.91M params, 416x416): person/vehicle/object counts and boxes"
     Params = YoloxParams
     params: YoloxParams
-
-    def __init__(self, store: Any = None, **params: Any) -> None:
-        super().__init__(store, **params)
-        self._session: Any = None
-        self.providers: list[str] = []  # the ONNX Runtime execution providers the session runs on
 
     def _load(self, device: str) -> None:
         path = self.store.path("yolox_nano")
@@ -119,11 +113,6 @@ class YoloxNano(BlackBoxModel):
         self._input = inputs[0].name
         warm_up(session, {self._input: np.zeros((1, 3, INPUT_SIZE, INPUT_SIZE), np.float32)})
         self._session = session
-        self.providers = list(session.get_providers())
-
-    def _unload(self) -> None:
-        self._session = None
-        self.providers = []
 
     def _infer(self, frames: list[np.ndarray]) -> list[ModelOutput]:
         results = []

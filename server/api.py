@@ -25,14 +25,10 @@ from mlink.configs.load import MAX_CONFIG_BYTES
 from mlink.scheduler.plans import Plan
 from mlink.server.access_log import strip_query_strings
 from mlink.server.api_read import (
-    PLAN_HEADER,
     READ_ROUTERS,
-    SNAPSHOT_HEADER,
     DaemonDep,
     add_error_handlers,
-    camera_or_404,
     error_responses,
-    get_daemon,
     snapshot_headers,
 )
 from mlink.server.cache import CacheStats
@@ -41,15 +37,7 @@ from mlink.server.ingest import CameraStatus
 from mlink.server.metrics import Metric, per_label, placement_metrics, render
 from mlink.server.snapshot import ServedCounts, Snapshot
 
-__all__ = [
-    "PLAN_HEADER",
-    "SNAPSHOT_HEADER",
-    "camera_or_404",
-    "collect_metrics",
-    "create_app",
-    "get_daemon",
-    "snapshot_headers",
-]
+__all__ = ["collect_metrics", "create_app"]
 
 
 class ReaderHealth(Protocol):
@@ -158,7 +146,7 @@ async def reload(daemon: DaemonDep, request: Request) -> JSONResponse:
 
 
 def create_app(daemon: Daemon, readers: ReaderHealth | None = None) -> FastAPI:
-    """The app serving ``daemon``: its handlers reach it through the :func:`get_daemon` dependency.
+    """The app serving ``daemon``: its handlers reach it through the :func:`~mlink.server.api_read.get_daemon` dependency.
     ``readers``: the reader processes in front of it, whose health /healthz reports. Installs the
     access log's query-string filter (uvicorn's logging setup keeps a logger's filters)."""
     app = FastAPI(

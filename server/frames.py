@@ -75,7 +75,7 @@ def open_capture(url: str | int, hw: bool = False) -> cv2.VideoCapture:
         if not path.is_file():
             raise FrameSourceError(f"video {redact(url)}: no such file")
     source: str | int = int(url) if isinstance(url, str) and url.isdigit() else url
-    cap = open_hw_first(source, cv2.CAP_ANY, [], hw) if hw else cv2.VideoCapture(source)
+    cap = open_hw_first(source, cv2.CAP_ANY, [], hw)
     if not cap.isOpened():
         cap.release()
         raise FrameSourceError(

@@ -249,10 +249,7 @@ def check_local_files(cfg: SiteConfig, roots: Sequence[Path]) -> list[tuple[str,
 
 def _widened(cfg: SiteConfig, roots: Sequence[Path], base_dir: Path | None) -> list[tuple[str, str]]:
     """A request may narrow ``ingest.allowed_dirs``, never widen them past the running ``roots``."""
-    if cfg.ingest.allowed_dirs is None:
-        return []
-    base = base_dir or Path.cwd()
-    if all(_within(_real(base / d), roots) for d in cfg.ingest.allowed_dirs):
+    if cfg.ingest.allowed_dirs is None or all(_within(d, roots) for d in stream_roots(cfg, base_dir)):
         return []
     return [("ingest.allowed_dirs", "a config sent in a request cannot add folders to ingest.allowed_dirs")]
 

@@ -19,8 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from mlink.server.cache import records_json
-from mlink.server.cache_layout import CacheUnavailable
+from mlink.server.cache_layout import CacheUnavailable, records_json
 from mlink.server.redact import redact
 
 if TYPE_CHECKING:

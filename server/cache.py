@@ -57,7 +57,6 @@ from mlink.server.cache_layout import (
     Record,
     connect,
     decode,
-    records_json,
     write_entries,
 )
 from mlink.server.redact import redact_url
@@ -70,7 +69,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mlink.cache")
 
-__all__ = ["CacheStats", "CacheUnavailable", "PutBatch", "Record", "ResultCache", "open_cache", "records_json"]
+__all__ = ["CacheStats", "CacheUnavailable", "PutBatch", "Record", "ResultCache", "open_cache"]
 
 
 class ResultCache:

@@ -115,6 +115,16 @@ class Serve:
     def text(self) -> str:
         return self.log.read_text(errors="replace")
 
+    def ready_then_stop(self, sig: int, timeout: float = 300) -> tuple[float, str]:
+        """(seconds to ready, the log) of a start stopped by ``sig`` once ready; it must exit 0."""
+        try:
+            seconds = self.ready(timeout)
+        finally:
+            rc = self.stop(sig)
+        log = self.text()
+        assert rc == 0, log[-3000:]
+        return seconds, log
+
 
 def _api_folders(log: str) -> list[Path]:
     """The private folders the log names (the daemon app's unix socket)."""
@@ -126,26 +136,14 @@ def test_sigterm_exits_0_clean_and_a_restart_is_ready_without_profiling(
 ) -> None:
     tmp = tmp_path / "tmpdir"
     tmp.mkdir()
-    first = Serve(home, store, tmp, "first")
-    try:
-        first_s = first.ready(300)
-    finally:
-        rc = first.stop(signal.SIGTERM)
-    log = first.text()
-    assert rc == 0, log[-3000:]
+    first_s, log = Serve(home, store, tmp, "first").ready_then_stop(signal.SIGTERM)
     assert "profile stored at" in log, "the first start profiles and stores that profile"
     assert "SIGTERM: stopping" in log and "Traceback" not in log, log[-3000:]
     assert re.search(r"redis-server .* stopped", log), "Redis is stopped by the daemon, not by its parent's death"
     assert [p.name for p in tmp.iterdir() if not THIRD_PARTY_TMP.match(p.name)] == []
     assert _api_folders(log) and not any(p.exists() for p in _api_folders(log))
 
-    second = Serve(home, store, tmp, "second")
-    try:
-        restart_s = second.ready(300)
-    finally:
-        rc = second.stop(signal.SIGINT)
-    log = second.text()
-    assert rc == 0, log[-3000:]
+    restart_s, log = Serve(home, store, tmp, "second").ready_then_stop(signal.SIGINT)
     assert "profile stored at" not in log and "training links" not in log and "profiling" not in log, log[-3000:]
     print(f"\nready after start: first (profiles, trains) {first_s:.1f} s; restart (stored profile) {restart_s:.1f} s")
 

@@ -362,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
 def _check(
     args: argparse.Namespace, store: Any, meter: Any, params: dict[str, dict[str, Any]], out: dict[str, Any]
 ) -> int:
-    """Steps 1-4 (module docstring) and the report; the exit status."""
+    """Steps 1-5 (module docstring) and the report; the exit status."""
     names = sorted(params)
     cfg = _site_config(args, params)
     fps = 4.0

@@ -44,6 +44,11 @@ EWMA = 0.05  # weight of a new sample in decode_ms (about the last 20 frames)
 STATS_EVERY_S = 0.5  # how often decode_ms is reported when no frame is sampled
 
 
+def ewma(average: float, sample: float) -> float:
+    """``average`` moved by EWMA towards ``sample``; 0 means no sample yet (the first is taken whole)."""
+    return sample if average == 0 else average + EWMA * (sample - average)
+
+
 class CaptureSink(Protocol):
     """Where a capture loop reports: state changes and sampled frames."""
 
@@ -153,7 +158,7 @@ class CaptureLoop:
 
     def _timed(self, started: float) -> None:
         ms = (time.perf_counter() - started) * 1000
-        self.decode_ms = ms if self.decode_ms == 0 else self.decode_ms + EWMA * (ms - self.decode_ms)
+        self.decode_ms = ewma(self.decode_ms, ms)
         now = time.monotonic()
         if now - self._stats_at >= STATS_EVERY_S:
             self._stats_at = now

@@ -54,7 +54,7 @@ from mlink.configs.schema import IngestConfig, StreamEntry
 from mlink.scheduler.frame import FrameRecord
 from mlink.server.backoff import Backoff  # noqa: F401  (re-exported for callers and tests)
 from mlink.server.camera_status import CameraStatus, Rate
-from mlink.server.capture import EWMA, CaptureLoop
+from mlink.server.capture import CaptureLoop, ewma
 from mlink.server.capture_host import CaptureHost
 from mlink.server.frames import is_live
 from mlink.server.redact import redact
@@ -171,8 +171,7 @@ class CameraReader:
         if f is not None:
             ms = max(0.0, (time.time() - f.wall_time) * 1000)
             with self._slock:
-                w = self._queue_wait_ms
-                self._queue_wait_ms = ms if w == 0 else w + EWMA * (ms - w)
+                self._queue_wait_ms = ewma(self._queue_wait_ms, ms)
         return f
 
     def get(self, timeout: float | None = None) -> FrameRecord | None:

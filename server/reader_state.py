@@ -92,6 +92,11 @@ class ReaderState:
         self._thread.join(5.0)
         self._client.close()
 
+    def published_status(self) -> dict[str, Any]:
+        """The daemon's state and camera statuses as it last published them (one GET)."""
+        raw = self._client.get(self.keys.status)
+        return json.loads(raw) if raw else {}
+
     # -- loading -----------------------------------------------------------------------------
     def _load_snapshot(self) -> None:
         h = self._client.hgetall(self.keys.snapshot)
@@ -203,8 +208,7 @@ class ReaderView:
         return self._state.snapshot
 
     def published_status(self) -> dict[str, Any]:
-        raw = self._state._client.get(self._state.keys.status)
-        return json.loads(raw) if raw else {}
+        return self._state.published_status()
 
     @property
     def state(self) -> str:

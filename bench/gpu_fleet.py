@@ -30,19 +30,9 @@ import tempfile
 from pathlib import Path
 
 from mlink.bench import throughput
+from mlink.bench.gpu_check import cuda_status
 
 SITES = Path(__file__).resolve().parent
-
-
-def cuda_reason() -> str | None:
-    """Why this host cannot run the check, or None when it can."""
-    try:
-        import torch
-    except ImportError as exc:  # pragma: no cover - torch is a dependency
-        return f"torch not importable: {exc}"
-    if not torch.cuda.is_available():
-        return "torch sees no CUDA device"
-    return None
 
 
 def one(name: str, argv: list[str], out: Path) -> throughput.Report:
@@ -62,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cameras", type=int, default=16)
     p.add_argument("--steps", default="8,16,24,32")
     args = p.parse_args(argv)
-    why = cuda_reason()
+    why = cuda_status("cuda")
     if why is not None:
         print(f"skipped: no CUDA device ({why})")
         return 0

@@ -52,7 +52,6 @@ import numpy as np
 
 from mlink.configs.schema import IngestConfig, StreamEntry
 from mlink.scheduler.frame import FrameRecord
-from mlink.server.backoff import Backoff  # noqa: F401  (re-exported for callers and tests)
 from mlink.server.camera_status import CameraStatus, Rate
 from mlink.server.capture import CaptureLoop, ewma
 from mlink.server.capture_host import CaptureHost

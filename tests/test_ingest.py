@@ -21,8 +21,9 @@ from waiting import wait_for  # tests/waiting.py
 
 from mlink.configs.schema import IngestConfig, StreamEntry
 from mlink.scheduler.frame import FrameRecord
+from mlink.server.backoff import Backoff
 from mlink.server.frames import read_frames, resolve_url
-from mlink.server.ingest import Backoff, CameraReader, Ingest, is_live, redact
+from mlink.server.ingest import CameraReader, Ingest, is_live, redact
 
 FAST = IngestConfig(
     processes=0,

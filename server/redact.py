@@ -37,20 +37,19 @@ SECRET_PARAMS = frozenset(
 )
 # a URL inside a text: a scheme, "://", and everything up to the next blank
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S*")
+_FIRST_SEP = re.compile(r"[/?#]")
 
 
 def _userinfo_end(rest: str) -> int:
     """Where the userinfo of ``rest`` (a URL after its ``scheme://``) ends: the index of its
     ``@``, or -1 when it has none. The last ``@`` whose text before it starts as a userinfo does
     (``user:...``, or a ``user`` with no ``/``, ``?`` or ``#`` at all): a password may hold ``/``,
-    ``?``, ``#`` and ``@`` unencoded, and ``?mail=a@b.c`` behind a plain host is no credential."""
-    at = len(rest)
-    while (at := rest.rfind("@", 0, at)) >= 0:
-        before = rest[:at]
-        first = re.split(r"[/?#]", before, maxsplit=1)[0]
-        if ":" in first or first == before:
-            return at
-    return -1
+    ``?``, ``#`` and ``@`` unencoded, and ``?mail=a@b.c`` behind a plain host is no credential.
+    So: the last ``@`` when the text up to the first ``/``, ``?`` or ``#`` holds a ``:``, else the
+    last ``@`` before that first one (one pass, however many ``@`` the URL holds)."""
+    sep = _FIRST_SEP.search(rest)
+    end = len(rest) if sep is None else sep.start()
+    return rest.rfind("@") if ":" in rest[:end] else rest.rfind("@", 0, end)
 
 
 # a parameter named like these at its end is a secret too: access_token, x-amz-signature, apiKey

@@ -37,9 +37,8 @@ class ShmRing:
         if slots < 1 or not shape or min(shape) < 1:
             raise ValueError(f"ring {name}: bad shape {shape} or slots {slots}")
         self.name, self.shape, self.slots = name, tuple(shape), slots
-        self.frame_bytes = int(np.prod(shape))
-        size = HEADER + slots * self.frame_bytes
-        self.shm = shared_memory.SharedMemory(name=name, create=create, size=size if create else 0)
+        size = self.bytes_for(self.shape, slots) if create else 0
+        self.shm = shared_memory.SharedMemory(name=name, create=create, size=size)
         buf = self.shm.buf
         assert buf is not None
         self._released = np.ndarray((1,), np.uint64, buffer=buf, offset=0)

@@ -255,6 +255,16 @@ class _Rings:
         unlink_name(f"{self.prefix}_{self.gen + 1}")
 
 
+def _reap(proc: Any, timeout: float) -> bool:
+    """Wait up to ``timeout`` for ``proc`` to exit, then kill it; True if it exited by itself."""
+    proc.join(timeout)
+    if not proc.is_alive():
+        return True
+    proc.kill()
+    proc.join(5)
+    return False
+
+
 class CaptureHost:
     """One capture process and the cameras it decodes; restarted with backoff when it dies."""
 
@@ -320,19 +330,11 @@ class CaptureHost:
         with self._lock:
             self._send(("exit",))
             proc = self._proc
-        clean = True
-        if proc is not None:
-            proc.join(timeout)
-            if proc.is_alive():
-                clean = False
-                proc.kill()
-                proc.join(5)
+        clean = _reap(proc, timeout) if proc is not None else True
         if self._started and self._thread is not threading.current_thread():
             self._thread.join(timeout + 1)
         with self._lock:
-            for rings in self._rings.values():
-                rings.remove_all()
-            self._rings.clear()
+            self._remove_rings()
             self.members.clear()
         self._close_pipes()
         return clean
@@ -370,6 +372,12 @@ class CaptureHost:
                 if not reader.is_ended():  # a file that ended stays ended
                     self._start_camera(reader)
 
+    def _remove_rings(self) -> None:
+        """Every camera's rings of the process that stopped or died (called under the lock)."""
+        for rings in self._rings.values():
+            rings.remove_all()
+        self._rings.clear()
+
     def _close_pipes(self) -> None:
         for conn in (self._ctrl, self._out):
             if conn is not None:
@@ -392,18 +400,13 @@ class CaptureHost:
         proc = self._proc
         code = None
         if proc is not None:
-            proc.join(2)
-            if proc.is_alive():
-                proc.kill()
-                proc.join(5)
+            _reap(proc, 2)
             code = proc.exitcode
         with self._lock:
             self._close_pipes()
             self._proc = None
             self._incarnation += 1
-            for rings in self._rings.values():
-                rings.remove_all()
-            self._rings.clear()
+            self._remove_rings()
             members = list(self.members.values())
         why = f"capture process died (exit code {code})" if code is not None else "capture process failed to start"
         delay = self._backoff.next()

@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 
 
 class HostedCamera(Protocol):
-    """What a capture host needs of a camera (``ingest.HostedCamera``): who it is, what to
+    """What a capture host needs of a camera (``ingest.CameraReader``): who it is, what to
     decode, and the capture sink its messages are handed to."""
 
     id: str

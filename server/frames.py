@@ -3,7 +3,7 @@
 Sampling is by timestamp, not by frame count, so a 10 fps file and a 30 fps camera sampled at
 1 fps both give one frame per second of video. Timestamps are the frame index over the nominal
 fps (25 when the source reports none). :class:`FrameSampler` is the same sampling for the
-camera readers (``server/ingest.py``), which grab frame by frame and sample live streams by
+capture loop (``server/capture.py``), which grabs frame by frame and samples live streams by
 wall time.
 """
 

@@ -97,7 +97,6 @@ class Daemon:
         self.frames_total: Counter[str] = Counter()
         self.outputs_total: Counter[tuple[str, str]] = Counter()
         self.results_failed = 0
-        self.step_seconds = 0.0
         self.stages = StageTimes()  # per-stage time of the pipeline (bench.throughput reads it)
         self.reloads: Counter[str] = Counter()
         self._stop = threading.Event()
@@ -408,9 +407,7 @@ class Daemon:
             self._store(self.rotation.close())  # rotating models ran: revised results
             self.stages.add("rotation", time.perf_counter() - t1, 0)
         self.served = ServedCounts.of(self.frames_total, self.outputs_total)
-        dt = time.perf_counter() - t0
-        self.step_seconds += dt
-        self.stages.add("step", dt, len(batch))
+        self.stages.add("step", time.perf_counter() - t0, len(batch))
 
     def _on_new_plan(self) -> None:
         if self.rotation is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import threading
 import time
 from collections import deque
@@ -113,15 +114,12 @@ class IngestLoad:
 
 def cost_in_process(meter: Any, factory: Any, name: str, device: str, frames: Sequence[Any]) -> int:
     """A model's cost as one in-process measurement of load + warm-up sees it (then unloaded)."""
-    holder = [factory(name)]
+    from mlink.scheduler.cost_settling import warm
 
-    def load_and_warm() -> None:
-        holder[0].load(device)
-        holder[0].infer(list(frames))
-
-    _, m = meter.measure_call(load_and_warm)
-    holder[0].unload()
-    holder.clear()
+    model = factory(name)
+    m = meter.measure_call(functools.partial(warm, model, device, list(frames)))[1]
+    model.unload()
+    del model  # gone before the release, as the pool's unload does
     meter.release()
     return max(int(m.peak_delta), 0)
 

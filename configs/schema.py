@@ -240,7 +240,15 @@ class IngestConfig(_Strict):
         default=4, ge=1, le=1000, description="frames held per camera; when full the oldest is dropped and counted"
     )
     backoff_base_s: float = Field(default=0.5, gt=0, description="first reconnect delay; doubles per failed try")
-    backoff_max_s: float = Field(default=30.0, gt=0, description="longest reconnect delay")
+    backoff_max_s: float = Field(
+        default=2.0,
+        gt=0,
+        description=(
+            "longest reconnect delay: a camera back from a restart is served again within this (plus"
+            " the open) -- a refused open costs one connect, so short is cheap; raise it for fleets of"
+            " cameras that stay down"
+        ),
+    )
     backoff_jitter: float = Field(
         default=0.2, ge=0, le=1, description="each delay is scaled by a random factor in [1-j, 1+j]"
     )

@@ -55,6 +55,7 @@ from mlink.server.pipeline_health import StepGuard, health, readiness
 from mlink.server.plan_request import PlanRequest
 from mlink.server.profiling import NoProfileFiles, plan_stream_frames, site_frames, stored_profile
 from mlink.server.reload import ReloadResult, config_from_file, config_from_text, diff, replans
+from mlink.server.result_listeners import ResultListeners
 from mlink.server.snapshot import NO_LINKS, LinkViews, ServedCounts, Snapshot, link_views, model_rows
 from mlink.server.stages import StageTimes
 
@@ -114,6 +115,7 @@ class Daemon:
         # Called with every snapshot just installed (worker thread): how the state reaches
         # readers outside this process. A listener that raises is logged and skipped.
         self.snapshot_listeners: list[Callable[[Snapshot], None]] = []
+        self.result_listeners = ResultListeners()  # told of every stored batch (server/result_listeners.py)
         self.snapshot = Snapshot(
             version=0,
             published_at=time.time(),
@@ -362,17 +364,13 @@ class Daemon:
             if req is not None:
                 self._apply_plan_request(req)
                 continue
-            batch = self._take_batch()
+            batch = take_batch(self.ingest, self.cfg.scheduler, self.poll_s)
             if batch:
                 self.steps.run(self._step, batch)
             elif self.periods is not None and self.periods.poll() is not None:
                 self._on_new_plan()  # a period the worker finished, applied while no frame came
             if time.monotonic() - self._refreshed_at >= self.refresh_s:
                 self._publish_pipeline("refresh")
-
-    def _take_batch(self) -> list[FrameRecord]:
-        assert self.ingest is not None
-        return take_batch(self.ingest, self.cfg.scheduler, self.poll_s)
 
     def _step(self, batch: list[FrameRecord]) -> None:
         """Serve ingest's records as they are; each result carries its record, and is stored
@@ -418,10 +416,12 @@ class Daemon:
     def _store(self, results: list[FrameResult]) -> None:
         """Every result of a batch in one Redis round trip (the cache buffers them while Redis is down)."""
         assert self.cache is not None
-        done = self.cache.put_many((r.frame.camera, r.to_json(), r.frame.wall_time, r.revision > 0) for r in results)
+        rows = [(r.frame.camera, r.to_json(), r.frame.wall_time, r.revision > 0) for r in results]
+        done = self.cache.put_many(rows)
         for i, exc in done.rejected:
             self.results_failed += 1
             log.error("result of camera %s could not be stored: %s", results[i].frame.camera, exc)
+        self.result_listeners(results, [row[1] for row in rows])
 
     # -- reload ------------------------------------------------------------------------------
     def reload_file(self, path: Path | None = None) -> ReloadResult:

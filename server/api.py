@@ -19,11 +19,12 @@ from typing import Any, Protocol
 
 import anyio
 from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from mlink.configs.load import MAX_CONFIG_BYTES
 from mlink.scheduler.plans import Plan
 from mlink.server.access_log import strip_query_strings
+from mlink.server.api_events import events_router
 from mlink.server.api_read import (
     READ_ROUTERS,
     DaemonDep,
@@ -31,10 +32,12 @@ from mlink.server.api_read import (
     error_responses,
     snapshot_headers,
 )
+from mlink.server.api_snapshots import install_snapshots
 from mlink.server.cache import CacheStats
 from mlink.server.daemon import Daemon
 from mlink.server.ingest import CameraStatus
-from mlink.server.metrics import Metric, per_label, placement_metrics, render
+from mlink.server.metrics import CONTENT_TYPE, collect_metrics
+from mlink.server.metrics_app import AppMetrics, install_metrics
 from mlink.server.snapshot import ServedCounts, Snapshot
 
 __all__ = ["collect_metrics", "create_app"]
@@ -92,11 +95,12 @@ def readyz(daemon: DaemonDep) -> JSONResponse:
 
 
 @health.get("/metrics", response_class=PlainTextResponse)
-def metrics(daemon: DaemonDep) -> PlainTextResponse:
+def metrics(daemon: DaemonDep, request: Request) -> Response:
+    """Prometheus text format (``mlink.server.metrics_app``): the figures of the snapshot the
+    ``X-Mlink-Snapshot`` header names, the pipeline's and the HTTP requests' histograms."""
     snap = daemon.snapshot
-    return PlainTextResponse(
-        render(collect_metrics(daemon, snap)), media_type="text/plain; version=0.0.4", headers=snapshot_headers(snap)
-    )
+    registry: AppMetrics = request.app.state.metrics
+    return Response(registry.scrape(snap), media_type=CONTENT_TYPE, headers=snapshot_headers(snap))
 
 
 async def read_body(request: Request, limit: int = MAX_CONFIG_BYTES) -> str:
@@ -160,130 +164,8 @@ def create_app(daemon: Daemon, readers: ReaderHealth | None = None) -> FastAPI:
     add_error_handlers(app)
     for router in (health, *READ_ROUTERS, operator):
         app.include_router(router)
+    install_metrics(app, daemon, readers)  # its own registry; request latency by route
+    app.include_router(events_router)  # server-sent events of each camera's results
+    install_snapshots(app, daemon)  # /api/v1/cameras/{id}/snapshot.jpg
     return app
 
-
-def collect_metrics(daemon: Daemon, snap: Snapshot | None = None) -> list[Metric]:
-    """The /metrics families: plan, pool, models and links from ``snap`` (default: the current
-    snapshot), frame and output counts as of the last batch, camera and cache counters as their
-    owners copy them out now."""
-    snap = daemon.snapshot if snap is None else snap
-    ms = [
-        Metric("mlink_snapshot_version", "Version of the published state these figures come from.", "gauge").add(
-            snap.version
-        ),
-        Metric("mlink_snapshot_timestamp_seconds", "When that state was published (unix seconds).", "gauge").add(
-            snap.published_at
-        ),
-        *_served_metrics(daemon.served),
-    ]
-    if daemon.ingest is not None:
-        ms += _camera_metrics(daemon.ingest.status())
-    if snap.pool is not None:
-        ms += _pool_metrics(snap.pool, [row["name"] for row in snap.models])
-    ms += placement_metrics(snap.models)  # where each model executes; 1 on a fallback
-    if snap.plan is not None:
-        ms += _plan_metrics(snap.plan)
-    links = Metric("mlink_link_accuracy", "Held-out accuracy of each single link.", "gauge")
-    for src, dst, acc in snap.links.single:
-        links.add(acc, source=src, target=dst)
-    ms.append(links)
-    if daemon.cache is not None:
-        ms += _cache_metrics(daemon.cache.stats())
-    return ms
-
-
-def _served_metrics(served: ServedCounts) -> list[Metric]:
-    outputs = Metric(
-        "mlink_outputs_total", "Outputs served, by model and provenance (executed/predicted/unavailable).", "counter"
-    )
-    for (model, prov), n in sorted(served.outputs.items()):
-        outputs.add(n, model=model, provenance=prov)
-    return [
-        per_label("mlink_frames_total", "Frames served per camera.", "counter", "camera", dict(served.frames)),
-        outputs,
-    ]
-
-
-def _camera_metrics(status: Mapping[str, CameraStatus]) -> list[Metric]:
-    return [
-        per_label(
-            "mlink_frames_dropped_total",
-            "Frames dropped by full camera queues.",
-            "counter",
-            "camera",
-            {c: s.drops for c, s in status.items()},
-        ),
-        per_label(
-            "mlink_stream_reconnects_total",
-            "Camera reconnect attempts.",
-            "counter",
-            "camera",
-            {c: s.reconnects for c, s in status.items()},
-        ),
-        per_label(
-            "mlink_stream_connected",
-            "1 while the camera is connected.",
-            "gauge",
-            "camera",
-            {c: float(s.state == "connected") for c, s in status.items()},
-        ),
-    ]
-
-
-def _pool_metrics(pm: dict[str, Any], names: list[str]) -> list[Metric]:
-    return [
-        Metric("mlink_gpu_budget_bytes", "Memory budget of the model pool.", "gauge").add(pm["budget_bytes"]),
-        Metric("mlink_gpu_memory_used_bytes", f"Memory charged to loaded models ({pm['source']}).", "gauge").add(
-            pm["charged_bytes"]
-        ),
-        per_label(
-            "mlink_model_loaded",
-            "1 when the model is loaded.",
-            "gauge",
-            "model",
-            {n: float(n in pm["loaded"]) for n in names},
-        ),
-        per_label(
-            "mlink_model_memory_bytes",
-            "Measured memory cost (peak over load + warm-up).",
-            "gauge",
-            "model",
-            {n: pm["costs"][n] for n in names if n in pm["costs"]},
-        ),
-        per_label(
-            "mlink_model_load_seconds",
-            "Duration of the model's last load.",
-            "gauge",
-            "model",
-            {n: v[-1] for n, v in pm["load_seconds"].items() if v},
-        ),
-        per_label("mlink_model_unloads_total", "Unloads by reason.", "counter", "reason", pm["unloads"]),
-    ]
-
-
-def _plan_metrics(plan: Plan) -> list[Metric]:
-    return [
-        Metric("mlink_plan_id", "Id of the plan being served.", "gauge").add(plan.id),
-        Metric("mlink_plan_expected_accuracy", "Expected mean output accuracy of the plan (Eq. 1).", "gauge").add(
-            plan.objective
-        ),
-        per_label(
-            "mlink_output_expected_accuracy",
-            "Expected accuracy per served output.",
-            "gauge",
-            "output",
-            dict(plan.expected_nodes),
-        ),
-    ]
-
-
-def _cache_metrics(st: CacheStats) -> list[Metric]:
-    return [
-        Metric("mlink_cache_buffered", "Results waiting in memory for Redis.", "gauge").add(st.buffered),
-        Metric("mlink_cache_dropped_total", "Results dropped because the outage buffer was full.", "counter").add(
-            st.dropped
-        ),
-        Metric("mlink_cache_reconnects_total", "Reconnects to Redis.", "counter").add(st.reconnects),
-        Metric("mlink_cache_up", "1 while Redis is reachable.", "gauge").add(float(st.connected)),
-    ]

@@ -387,7 +387,7 @@ class Daemon:
         self.stages.add("plan", t1 - t0, len(batch))
         results = self.planner.serve(batch)
         self.stages.add_each((f"model:{m}", sec) for r in results for m, sec in r.model_seconds.items())
-        self.stages.add("links", sum(r.link_seconds for r in results), len(results))
+        self.stages.add_each(("links", r.link_seconds) for r in results)  # per frame: its histogram too
         if self.rotation is not None:
             t1 = time.perf_counter()
             results = self.rotation.serve(results)
@@ -395,6 +395,7 @@ class Daemon:
         t1 = time.perf_counter()
         self._store(results)
         self.stages.add("cache", time.perf_counter() - t1, len(results))
+        self.stages.add_each(("end_to_end", time.time() - r.frame.wall_time) for r in results)  # capture to cache
         for r in results:
             self.frames_total[r.frame.camera] += 1
             for node, out in r.outputs.items():

@@ -5,8 +5,10 @@ readers take :meth:`StageTimes.snapshot`, a plain dict, and difference two of th
 window. Stages: ``queue_wait`` (capture to the pipeline taking the frame), ``plan`` (the
 planner's per-batch work, a period's included when it runs inline), ``model:<name>`` (each
 executed model's share of its batch call), ``links`` (link prediction), ``rotation`` (hybrid
-plans' rotating models and reuse), ``cache`` (writing results to Redis) and ``step`` (all of
-it, per batch). Decode time is the ingest's (per camera, in its status).
+plans' rotating models and reuse), ``cache`` (writing results to Redis), ``end_to_end`` (a
+frame's capture to its result in the cache) and ``step`` (all of it, per batch). Decode time is
+the ingest's (per camera, in its status). The per-item figures (:meth:`StageTimes.add_each`)
+also go into histograms (:mod:`~mlink.server.stage_histograms`), which ``/metrics`` shows.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
+from mlink.server.stage_histograms import StageHistograms
+
 
 class StageTimes:
     """Seconds and counts per stage; one writer (the pipeline thread), any number of readers."""
@@ -24,6 +28,7 @@ class StageTimes:
         self._lock = threading.Lock()
         self._seconds: dict[str, float] = {}
         self._count: Counter[str] = Counter()
+        self.histograms = StageHistograms()
 
     def add(self, stage: str, seconds: float, count: int = 1) -> None:
         with self._lock:
@@ -31,11 +36,13 @@ class StageTimes:
             self._count[stage] += count
 
     def add_each(self, pairs: Iterable[tuple[str, float]]) -> None:
-        """:meth:`add` (one item) for every ``(stage, seconds)`` pair, under one lock: a batch's per-result figures."""
+        """:meth:`add` (one item) for every ``(stage, seconds)`` pair, under one lock: a batch's
+        per-result figures; each is also observed in the stage's histogram, if it has one."""
         with self._lock:
             for stage, seconds in pairs:
                 self._seconds[stage] = self._seconds.get(stage, 0.0) + seconds
                 self._count[stage] += 1
+                self.histograms.observe(stage, seconds)
 
     def snapshot(self) -> dict[str, dict[str, float]]:
         """``{stage: {"seconds": total, "count": n}}`` at this instant."""

@@ -224,6 +224,14 @@ class CacheConfig(_Strict):
     )
     history: int = Field(default=10000, ge=1, description="results kept per camera")
     buffer: int = Field(default=10000, ge=1, description="results held in memory while Redis is unreachable")
+    stream_length: int = Field(
+        default=1000,
+        ge=1,
+        le=1_000_000,
+        description="results kept in each camera's Redis stream (XADD MAXLEN ~, so a few more may stay), which "
+        "other services and /api/v1/cameras/ID/events read (resuming from a stream id); the all-cameras stream "
+        "keeps this many per camera",
+    )
     fsync: Literal["always", "everysec"] = Field(
         default="always",
         description="durability of the embedded Redis (its appendfsync): always, every write is on disk before "

@@ -27,7 +27,8 @@ raises ``CacheUnavailable`` (the API answers 503) rather than serving a partial 
 were complete. While Redis is up, reads merge any not-yet-flushed entries. Revisions (hybrid
 plans revise a frame's result; its ``revision`` counts from 0): each put is a history member, so
 the history lists every revision; ``put(..., revision=True)`` replaces ``latest`` only when no
-later frame was put since. Results must be JSON objects; they round-trip exactly (``json`` writes floats by ``repr``), except
+later frame was put since. Every write also appends each result to the camera's Redis stream and
+the all-cameras stream, in the same MULTI/EXEC (push: :mod:`mlink.server.result_stream`). Results must be JSON objects; they round-trip exactly (``json`` writes floats by ``repr``), except
 that tuples come back as lists.
 """
 
@@ -60,6 +61,7 @@ from mlink.server.cache_layout import (
     write_entries,
 )
 from mlink.server.redact import redact_url
+from mlink.server.result_stream import append_streams
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -83,15 +85,17 @@ class ResultCache:
         buffer: int = 10000,
         prefix: str = "mlink",
         batch: int = 500,
+        stream: int = 1000,
         backoff_base: float = 0.05,
         backoff_max: float = 5.0,
         socket_timeout: float = 2.0,
     ) -> None:
-        if history < 1 or buffer < 1 or batch < 1:
-            raise ValueError("history, buffer and batch must be >= 1")
+        if history < 1 or buffer < 1 or batch < 1 or stream < 1:
+            raise ValueError("history, buffer, batch and stream must be >= 1")
         self.url = url
         self.history_limit = history
         self.buffer_limit = buffer
+        self.stream_limit = stream  # entries kept per camera in its result stream (server/result_stream.py)
         self.prefix = prefix
         self.keys = Keys(prefix)
         self.batch = batch
@@ -131,7 +135,7 @@ class ResultCache:
         target = cfg.redis_url or url
         if not target:
             raise ValueError("no Redis URL: the config has none and no embedded server URL was given")
-        return cls(target, history=cfg.history, buffer=cfg.buffer, prefix=prefix, **kwargs)
+        return cls(target, history=cfg.history, buffer=cfg.buffer, stream=cfg.stream_length, prefix=prefix, **kwargs)
 
     @property
     def _safe_url(self) -> str:
@@ -209,7 +213,10 @@ class ResultCache:
         self._buffer.append(entry)
 
     def _write(self, entries: list[Entry]) -> None:
-        write_entries(self._client.pipeline(transaction=True), self.keys, entries, self.history_limit)
+        # caller holds the lock: the streams get entries in put order, buffered ones at their flush
+        pipe = self._client.pipeline(transaction=True)
+        append_streams(pipe, self.keys, entries, self.stream_limit, len(self._newest))
+        write_entries(pipe, self.keys, entries, self.history_limit)
 
     def _mark_down(self, exc: BaseException) -> None:
         # caller holds the lock

@@ -13,6 +13,9 @@ Key layout (``P`` is the prefix, default ``mlink``; the daemon uses ``mlink:SITE
     P:snapshot              HASH    the daemon's published snapshot as JSON views (server/snapshot_publish.py)
     P:snapshot              CHANNEL its version, published when the hash changes
     P:status                STRING  JSON: the daemon's state and every camera's status, every 0.5 s
+    P:cam:ID:events         STREAM  every result put for camera ID, in put order, the newest ~N kept
+    P:events                STREAM  the same for all cameras, interleaved in put order
+                                    (both written in each put's MULTI/EXEC: server/result_stream.py)
 
 An envelope is the JSON text ``{"id": UNIQUE, "ts": SECONDS, "result": {...}}``. Camera ids match
 ``[A-Za-z0-9_.-]+`` (no space), so the first space of a P:latest message ends the id.
@@ -60,6 +63,15 @@ class Keys:
 
     def history(self, camera: str) -> str:
         return f"{self.prefix}:cam:{camera}:history"
+
+    def stream(self, camera: str) -> str:
+        """Camera's result stream (XADD per put; what ``/api/v1/cameras/ID/events`` reads)."""
+        return f"{self.prefix}:cam:{camera}:events"
+
+    @property
+    def events(self) -> str:
+        """Every camera's results in one stream (what ``/api/v1/events`` reads)."""
+        return f"{self.prefix}:events"
 
     @property
     def latest_channel(self) -> str:

@@ -32,6 +32,7 @@ import httpx
 from fastapi import FastAPI
 
 from mlink.configs.load import MAX_CONFIG_BYTES
+from mlink.server.api_events import events_router
 from mlink.server.api_read import READ_ROUTERS, add_error_handlers
 from mlink.server.cache import ResultCache
 from mlink.server.cache_layout import json_body
@@ -42,6 +43,7 @@ log = logging.getLogger("mlink.reader")
 ENV = "MLINK_READER"
 LATEST = re.compile(r"^/api/v1/cameras/([^/]+)/results/latest$")
 READ = re.compile(r"^/api/v1/(?:cameras(?:/[^/]+(?:/results(?:/latest)?)?)?|models|schedule|links)$")
+EVENTS = re.compile(r"^/api/v1/(?:cameras/[^/]+/)?events$")  # answered here too (server/api_events.py)
 HOP = {
     b"connection",
     b"keep-alive",
@@ -70,6 +72,7 @@ def read_app(view: ReaderView) -> FastAPI:
     add_error_handlers(app)
     for router in READ_ROUTERS:
         app.include_router(router)
+    app.include_router(events_router)
     return app
 
 
@@ -90,7 +93,12 @@ class ReaderApp:
         if scope["type"] != "http":
             return  # lifespan is off; websockets are not served
         snap = self.state.snapshot
-        if snap is not None and self.state.live and scope["method"] in ("GET", "HEAD") and READ.match(scope["path"]):
+        if (
+            snap is not None
+            and self.state.live
+            and scope["method"] in ("GET", "HEAD")
+            and (READ.match(scope["path"]) or EVENTS.match(scope["path"]))
+        ):
             m = LATEST.match(scope["path"])
             if m is not None and scope["method"] == "GET":
                 await self._latest(m.group(1), snap, send)

@@ -9,6 +9,7 @@ socket, and the JPEG must come through intact.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator
 
@@ -148,7 +149,10 @@ def test_one_frame_per_camera_encoded_once_dropped_on_removal(vtest_frames: list
 SITE = {
     "site": "snapshots",
     "budget": "0.6x",
-    "models": [{"name": "hog_people", "params": {"upscale": 1.0}}, {"name": "yolox_nano", "outputs": ["boxes"]}],
+    "models": [
+        {"name": "hog_people", "params": {"upscale": 1.0}, "outputs": ["person_count", "boxes"]},
+        {"name": "yolox_nano", "outputs": ["boxes"]},
+    ],
     "streams": [{"id": "walkway", "url": "asset://vtest", "fps": 4, "loop": True}],
     "links": {"profile_frames": 20},
     "scheduler": {"period_s": 3600, "batch_size": 2},
@@ -205,9 +209,11 @@ def test_snapshot_through_the_reader_has_the_outputs_drawn(served: tuple[Daemon,
     assert "x-mlink-served-by" not in r.headers  # the daemon's answer, forwarded
     result, drawn, raw = wait_for(lambda: _same_frame(daemon, client), 60, "a frame with boxes", every=0.2)
     assert drawn.shape == raw.shape == (576, 768, 3)  # vtest.avi's frames, whole (under the 960 px cap)
-    provenances = {o["provenance"] for o in result["outputs"].values()}
-    assert {"executed", "predicted"} <= provenances, "the budget holds one detector: the other is predicted"
-    changed = np.abs(drawn.astype(int) - raw.astype(int)).max(axis=-1) > 60
+    boxes = {o["provenance"] for o in result["outputs"].values() if isinstance(o["value"], list)}
+    assert boxes == {"executed", "predicted"}, "the budget holds one detector: the other's boxes are predicted"
+    if os.environ.get("MLINK_TEST_ARTEFACTS"):  # to look at what an operator sees
+        cv2.imwrite(os.path.join(os.environ["MLINK_TEST_ARTEFACTS"], "snapshot.jpg"), drawn)
+    changed = np.abs(drawn.astype(int) - raw.astype(int)).max(axis=-1) > 30  # JPEG noise stays under
     assert changed[:30, :200].mean() > 0.05, "the legend is drawn"
     h, w = raw.shape[:2]
     for node, out in result["outputs"].items():

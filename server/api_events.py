@@ -42,6 +42,7 @@ HEARTBEAT_S = 15.0
 BLOCK_MS = 1000  # one XREAD waits this long at most, so a gone client is noticed this soon
 COUNT = 500  # entries per XREAD
 STREAM_ID = re.compile(r"^[0-9]{1,20}(?:-[0-9]{1,20})?$")
+CLIENT_NAME = "mlink-events"  # in Redis's CLIENT LIST: one per open event stream
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 events_router = APIRouter(tags=["events"])
@@ -97,12 +98,14 @@ async def _open(cache: Any, key: str, resume: str | None) -> tuple[aioredis.Redi
             {"error": f"too many event streams open ({MAX_CLIENTS}); try again later"},
             headers={"Retry-After": "5"},
         )
-    client = aioredis.Redis.from_url(cache.url, socket_connect_timeout=2.0, socket_timeout=BLOCK_MS / 1000 + 5.0)
+    client = aioredis.Redis.from_url(
+        cache.url, socket_connect_timeout=2.0, socket_timeout=BLOCK_MS / 1000 + 5.0, client_name=CLIENT_NAME
+    )
     try:
         if resume is None:
-            newest = await client.xrevrange(key, count=1)
+            newest: Any = await client.xrevrange(key, count=1)  # [(id, fields)]: bytes (no decoding)
             return client, newest[0][0].decode() if newest else "0-0", b""
-        oldest = await client.xrange(key, count=1)
+        oldest: Any = await client.xrange(key, count=1)
     except (redis.RedisError, OSError) as exc:
         await client.aclose()
         raise _unavailable(f"{type(exc).__name__}: {exc}") from None
@@ -117,7 +120,7 @@ async def _events(request: Request, client: aioredis.Redis, key: str, after: str
     beat = time.monotonic()
     while not await request.is_disconnected():
         try:
-            got = await client.xread({key: after}, count=COUNT, block=BLOCK_MS)
+            got: Any = await client.xread({key: after}, count=COUNT, block=BLOCK_MS)  # [(key, [(id, fields)])]
         except (redis.RedisError, OSError) as exc:
             log.warning("event stream ended: the result store stopped answering (%s)", type(exc).__name__)
             yield b": the result store stopped answering; reconnect with Last-Event-ID\n\n"

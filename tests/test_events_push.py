@@ -27,6 +27,7 @@ from waiting import wait_for  # tests/waiting.py
 from mlink.configs.load import parse_config
 from mlink.models.assets import AssetStore
 from mlink.models.catalog import zoo_catalog
+from mlink.server import api_events
 from mlink.server.api import create_app
 from mlink.server.cache import ResultCache, open_cache
 from mlink.server.daemon import Daemon
@@ -129,6 +130,24 @@ def test_bad_requests_get_their_status(running) -> None:
     paths = client.get("/openapi.json").json()["paths"]
     assert {"200", "404", "422", "503"} <= set(paths["/api/v1/cameras/{camera_id}/events"]["get"]["responses"])
     assert {"200", "422", "503"} <= set(paths["/api/v1/events"]["get"]["responses"])
+
+
+def test_streams_are_bounded_in_number_and_leave_nothing_behind(running, monkeypatch) -> None:
+    daemon, client = running
+    r = redis.Redis.from_url(daemon.cache.url, decode_responses=True)
+
+    def held() -> int:  # Redis connections of open event streams
+        return sum(c.get("name") == api_events.CLIENT_NAME for c in r.client_list())
+
+    monkeypatch.setattr(api_events, "MAX_CLIENTS", 2)
+    with client.stream("GET", "/api/v1/events") as one, client.stream("GET", "/api/v1/cameras/walkway/events") as two:
+        assert one.status_code == two.status_code == 200
+        assert (held(), api_events._slots.open) == (2, 2)
+        third = client.get("/api/v1/events")
+        assert third.status_code == 503 and "too many" in third.json()["error"]
+    # both clients went away mid-stream: their streams end, their slots and connections are freed
+    wait_for(lambda: held() == 0 and api_events._slots.open == 0, 10, "the streams' connections closed")
+    r.close()
 
 
 # -- a reader process, and a Redis outage --------------------------------------------------------

@@ -36,6 +36,7 @@ from mlink.server.api_events import events_router
 from mlink.server.api_read import READ_ROUTERS, add_error_handlers
 from mlink.server.cache import ResultCache
 from mlink.server.cache_layout import json_body
+from mlink.server.http_metrics import time_reader
 from mlink.server.reader_state import ReaderState, ReaderView
 
 log = logging.getLogger("mlink.reader")
@@ -191,7 +192,12 @@ def main() -> None:
     cache = ResultCache(cfg["redis_url"], prefix=cfg["prefix"])
     app = ReaderApp(state, read_app(ReaderView(state, cache)), cfg["upstream"])
     server = uvicorn.Server(
-        uvicorn.Config(app, lifespan="off", log_level=cfg.get("log_level", "warning"), access_log=False)
+        uvicorn.Config(
+            time_reader(app, SERVED_BY, LATEST),  # its own answers' latency, read by the daemon's /metrics
+            lifespan="off",
+            log_level=cfg.get("log_level", "warning"),
+            access_log=False,
+        )
     )
     try:
         server.run(sockets=[sock])

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mlink.server.backoff import Backoff
+from mlink.server.http_metrics import MULTIPROC_ENV, reader_metrics_dir
 from mlink.server.reader_app import ENV
 from mlink.server.redis_embedded import _die_with_parent
 from mlink.server.snapshot_publish import SnapshotPublisher
@@ -85,6 +86,7 @@ class ReaderPool:
         self.last_exit: str | None = None
         self._dir = Path(tempfile.mkdtemp(prefix="mlink-api-", dir="/tmp" if os.path.isdir("/tmp") else None))
         self.upstream = str(self._dir / "daemon.sock")
+        self.metrics_dir = reader_metrics_dir(self._dir)  # the readers' request histograms (/metrics)
         self.sock = bind(host, port)
         self.port: int = self.sock.getsockname()[1]
         self.publisher = SnapshotPublisher(daemon, daemon.cache.url, daemon.cache.prefix)
@@ -112,7 +114,7 @@ class ReaderPool:
         }
         w.proc = subprocess.Popen(
             [sys.executable, "-m", "mlink.server.reader_app"],
-            env={**os.environ, ENV: json.dumps(settings)},
+            env={**os.environ, ENV: json.dumps(settings), MULTIPROC_ENV: str(self.metrics_dir)},
             pass_fds=(self.sock.fileno(),),
             stdin=subprocess.DEVNULL,
             start_new_session=True,  # a Ctrl-C is the daemon's to handle; it stops the readers

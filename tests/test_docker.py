@@ -210,3 +210,41 @@ def test_compose_site_config_is_valid(monkeypatch: pytest.MonkeyPatch) -> None:
     assert cfg.api.token == "s3cret"
     assert cfg.device == "cuda"
     assert cfg.streams and all(s.loop for s in cfg.streams)
+
+
+@needs_compose
+def test_compose_monitoring_profile_runs_prometheus_and_grafana_beside_the_daemon(compose: dict) -> None:
+    """Off by default; with ``--profile monitoring``: Prometheus with the shipped scrape config and
+    alert rules, Grafana with the provisioned datasource and dashboard, both on loopback only."""
+    assert "prometheus" not in compose["services"] and "grafana" not in compose["services"]
+    proc = compose_config(DOCKER / "compose.yaml", {"MLINK_API_TOKEN": "t0ken", "COMPOSE_PROFILES": "monitoring"})
+    assert proc.returncode == 0, proc.stderr
+    services = json.loads(proc.stdout)["services"]
+    assert {"mlink", "redis", "prometheus", "grafana"} <= set(services)
+    prom, graf = services["prometheus"], services["grafana"]
+    assert prom["profiles"] == ["monitoring"] and graf["profiles"] == ["monitoring"]
+    mounts = {v["target"]: Path(v["source"]) for s in (prom, graf) for v in s["volumes"] if v["type"] == "bind"}
+    assert mounts["/etc/prometheus/prometheus.yml"] == DOCKER / "prometheus" / "prometheus.yml"
+    assert mounts["/etc/prometheus/alerts.yml"] == DOCKER / "prometheus" / "alerts.yml"
+    assert mounts["/etc/grafana/provisioning"] == DOCKER / "grafana" / "provisioning"
+    assert mounts["/var/lib/grafana/dashboards"] == DOCKER / "grafana" / "dashboards"
+    for path in mounts.values():
+        assert path.exists(), path
+    assert all(p["host_ip"] == "127.0.0.1" for s in (prom, graf) for p in s["ports"])
+    assert graf["depends_on"]["prometheus"]["condition"] == "service_healthy"
+    # the scrape config points at the daemon's service and port on the compose network
+    import yaml
+
+    scrape = yaml.safe_load((DOCKER / "prometheus" / "prometheus.yml").read_text())
+    targets = [
+        t
+        for job in scrape["scrape_configs"]
+        if job["job_name"] == "mlink"
+        for c in job["static_configs"]
+        for t in c["targets"]
+    ]
+    assert targets == ["mlink:8000"] and scrape["rule_files"] == ["/etc/prometheus/alerts.yml"]
+    ds = yaml.safe_load((DOCKER / "grafana" / "provisioning" / "datasources" / "prometheus.yml").read_text())
+    uid = ds["datasources"][0]["uid"]
+    dashboard = json.loads((DOCKER / "grafana" / "dashboards" / "mlink.json").read_text())
+    assert {p["datasource"]["uid"] for p in dashboard["panels"]} == {uid}

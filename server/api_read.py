@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response
@@ -19,7 +20,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from mlink.server.cache_layout import CacheUnavailable, records_json
+from mlink.server.cache_layout import CacheUnavailable, records_json, response_body
+from mlink.server.freshness import latest_body
 from mlink.server.redact import redact
 
 if TYPE_CHECKING:
@@ -136,8 +138,22 @@ def camera(daemon: DaemonDep, camera_id: str) -> dict[str, Any]:
     return status[camera_id].to_dict() if camera_id in status else {"id": camera_id, "state": "unknown"}
 
 
-@results_router.get("/api/v1/cameras/{camera_id}/results/latest", responses=error_responses(404, 422, 503))
-def latest(daemon: DaemonDep, camera_id: str) -> dict[str, Any]:
+class LatestResult(BaseModel):
+    """A camera's newest result, with how old it is now (``server/freshness.py``)."""
+
+    camera: str
+    ts: float  # unix seconds: when its frame was captured
+    result: dict[str, Any]
+    age_s: float  # seconds from ts to this answer
+    stale: bool  # the camera is not delivering, or the result is older than its rate allows
+
+
+@results_router.get(
+    "/api/v1/cameras/{camera_id}/results/latest",
+    response_model=LatestResult,
+    responses=error_responses(404, 422, 503),
+)
+def latest(daemon: DaemonDep, camera_id: str) -> Response:
     camera_or_404(daemon, camera_id)
     try:
         rec = daemon.cache.latest(camera_id) if daemon.cache else None
@@ -145,7 +161,9 @@ def latest(daemon: DaemonDep, camera_id: str) -> dict[str, Any]:
         raise unavailable(exc) from None
     if rec is None:
         raise HTTPException(404, {"error": f"no result for camera {camera_id!r} yet"})
-    return rec.to_dict()
+    st = daemon.ingest.status().get(camera_id) if daemon.ingest else None
+    body = latest_body(response_body(rec), rec.ts, time.time(), st.to_dict() if st is not None else None)
+    return Response(body, media_type="application/json")
 
 
 @results_router.get("/api/v1/cameras/{camera_id}/results", responses=error_responses(400, 404, 422, 503))

@@ -25,6 +25,7 @@ import logging
 import os
 import re
 import socket
+import time
 from collections.abc import MutableMapping
 from typing import Any
 
@@ -36,6 +37,7 @@ from mlink.server.api_events import events_router
 from mlink.server.api_read import READ_ROUTERS, add_error_handlers
 from mlink.server.cache import ResultCache
 from mlink.server.cache_layout import json_body
+from mlink.server.freshness import latest_body
 from mlink.server.http_metrics import time_reader
 from mlink.server.reader_state import ReaderState, ReaderView
 
@@ -119,9 +121,10 @@ class ReaderApp:
             status, body = _json(404, {"error": f"no camera {camera!r}", "cameras": list(snap.cameras)})
         else:
             held = self.state.latest.get(camera)
-            status, body = (
-                (200, held) if held is not None else _json(404, {"error": f"no result for camera {camera!r} yet"})
-            )
+            if held is None:
+                status, body = _json(404, {"error": f"no result for camera {camera!r} yet"})
+            else:
+                status, body = 200, latest_body(*held, time.time(), self.state.camera_status(camera))
         await send(
             {
                 "type": "http.response.start",

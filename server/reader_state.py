@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,8 +78,10 @@ class ReaderState:
         self.keys = Keys(prefix)
         self._client = connect(url)
         self.snapshot: PublishedSnapshot | None = None
-        self.latest: dict[str, bytes] = {}  # camera -> the body of GET .../results/latest
+        self.latest: dict[str, tuple[bytes, float]] = {}  # camera -> (its latest record's body, its ts)
         self.live = False  # subscribed and loaded: snapshot and latest are current
+        self._status: dict[str, Any] = {}
+        self._status_at = -1e9
         self._backoff = Backoff(0.05, 2.0, jitter=0.25)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="mlink-reader-sub", daemon=True)
@@ -97,6 +100,19 @@ class ReaderState:
         raw = self._client.get(self.keys.status)
         return json.loads(raw) if raw else {}
 
+    def camera_status(self, camera: str, max_age_s: float = 1.0) -> dict[str, Any] | None:
+        """``camera``'s published status, re-read at most every ``max_age_s`` (the hot route
+        asks on every request; the daemon publishes it about once a second anyway)."""
+        now = time.monotonic()
+        if now - self._status_at > max_age_s:
+            try:
+                self._status = self.published_status()
+            except redis.RedisError:
+                self._status = {}  # unknown: the result shows stale
+            self._status_at = now
+        cameras = self._status.get("cameras", {})
+        return cameras.get(camera) if isinstance(cameras, dict) else None
+
     # -- loading -----------------------------------------------------------------------------
     def _load_snapshot(self) -> None:
         h = self._client.hgetall(self.keys.snapshot)
@@ -113,13 +129,15 @@ class ReaderState:
             return
         for cam, raw in zip(cams, self._client.mget([self.keys.latest(c) for c in cams])):
             if raw is not None:
-                self.latest[cam] = response_body(decode(cam, raw))
+                rec = decode(cam, raw)
+                self.latest[cam] = (response_body(rec), rec.ts)
 
     def _on_message(self, channel: bytes, data: bytes) -> None:
         if channel == self._latest_channel:
             cam, _, member = data.partition(b" ")
             camera = cam.decode()
-            self.latest[camera] = response_body(decode(camera, member))
+            rec = decode(camera, member)
+            self.latest[camera] = (response_body(rec), rec.ts)
         else:
             self._load_snapshot()
 

@@ -419,3 +419,24 @@ def test_reload_and_period_during_a_burst_of_readers_serve_whole_snapshots(runni
     assert any(
         s.links is not period.links for s in published.values() if s.plan is not None and s.plan.id < period.plan.id
     )
+
+
+def test_a_camera_that_stopped_keeps_its_last_result_marked_stale(running) -> None:
+    """Issue 14 item 11: results/latest says how old the result is, and that it is stale once
+    its camera stopped delivering (here: its reader stopped; a dead stream reads the same)."""
+    daemon, client, _ = running
+    url = "/api/v1/cameras/walkway/results/latest"
+    fresh = wait_for(lambda: (b := client.get(url).json()).get("stale") is False and b, 60, "a fresh result")
+    assert 0 <= fresh["age_s"] < 5  # within the threshold: max(5 s, 10 periods at 4 fps)
+    daemon.ingest.reader("walkway").stop()
+    wait_for(lambda: client.get("/api/v1/cameras/walkway").json()["state"] == "stopped", 10, "walkway stopped")
+
+    def settled():  # frames queued before the stop may still be served: wait for the last one
+        a = client.get(url).json()
+        time.sleep(0.5)
+        b = client.get(url).json()
+        return b["ts"] == a["ts"] and (a, b)
+
+    first, later = wait_for(settled, 30, "the camera's last result")
+    assert first["stale"] is True and later["stale"] is True  # the same last result, kept ...
+    assert later["age_s"] >= first["age_s"] + 0.4  # ... and getting older

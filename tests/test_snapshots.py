@@ -33,6 +33,7 @@ from mlink.server.daemon import Daemon
 from mlink.server.latest_frames import LatestFrames, latest_frames
 from mlink.server.overlay import PALETTE, draw, legend_lines, model_colours
 from mlink.server.readers import ReaderPool
+from mlink.server.result_listeners import ResultListeners
 
 EXECUTED = [0.55, 0.55, 0.9, 0.95]  # away from the legend in the top-left corner
 PREDICTED = [0.1, 0.6, 0.45, 0.95]
@@ -142,6 +143,22 @@ def test_one_frame_per_camera_encoded_once_dropped_on_removal(vtest_frames: list
     assert image.shape[1] == 384 and image.shape[0] == round(384 * 576 / 768)  # scaled to max_width
     frames.retain(["b"])
     assert frames.cameras() == ["b"] and frames.jpeg("a") is None
+
+
+def test_a_failing_result_listener_is_skipped(vtest_frames: list[np.ndarray], caplog: pytest.LogCaptureFixture) -> None:
+    listeners, heard = ResultListeners(), []
+
+    def broken(results: object, stored: object) -> None:
+        raise RuntimeError("listener bug")
+
+    listeners.add(broken)
+    listeners.add(lambda results, stored: heard.append(len(results)))
+    batch = [_record("a", 0, vtest_frames[0])]
+    listeners(batch, [r.to_json() for r in batch])
+    assert heard == [1] and "listener bug" in caplog.text
+    listeners.remove(broken)
+    listeners(batch, [r.to_json() for r in batch])
+    assert heard == [1, 1] and len(caplog.records) == 1
 
 
 # -- a real daemon behind a real reader process --------------------------------------------

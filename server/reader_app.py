@@ -8,6 +8,9 @@ listening socket the daemon bound, which every reader accepts from. Per request:
   FastAPI, no thread hop), with the daemon's status codes and JSON;
 - the other read routes (cameras, results history, models, schedule, links): the same FastAPI
   routes as the daemon's (:mod:`mlink.server.api_read`), over the published snapshot and Redis;
+- the event streams (``/api/v1/events``, ``/api/v1/cameras/{id}/events``): the daemon's routes
+  (:mod:`mlink.server.api_events`), each reading the Redis streams on its own connection, so a
+  long-lived client holds nothing of the daemon's;
 - everything else (health, /metrics, reload, the docs, unknown paths, other methods), and every
   request while the reader has no current copy (Redis down, nothing published yet): forwarded
   to the daemon's own app on its private unix socket, headers (the bearer token) and body as

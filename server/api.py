@@ -35,6 +35,7 @@ from mlink.server.api_read import (
 from mlink.server.api_snapshots import install_snapshots
 from mlink.server.cache import CacheStats
 from mlink.server.daemon import Daemon
+from mlink.server.dashboard import dashboard_router
 from mlink.server.ingest import CameraStatus
 from mlink.server.metrics import CONTENT_TYPE, collect_metrics
 from mlink.server.metrics_app import AppMetrics, install_metrics
@@ -167,5 +168,6 @@ def create_app(daemon: Daemon, readers: ReaderHealth | None = None) -> FastAPI:
     install_metrics(app, daemon, readers)  # its own registry; request latency by route
     app.include_router(events_router)  # server-sent events of each camera's results
     install_snapshots(app, daemon)  # /api/v1/cameras/{id}/snapshot.jpg
+    app.include_router(dashboard_router)  # the operator's page at / (server/dashboard-ui/)
     return app
 

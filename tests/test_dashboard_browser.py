@@ -13,16 +13,22 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
+import uvicorn
 import yaml
 from browser import Chromium, find_chromium  # tests/browser.py
 from daemons import Running, running_daemon  # tests/daemons.py
 from waiting import wait_for  # tests/waiting.py
 
 from mlink.models.assets import AssetStore
+from mlink.server.api import create_app
+from mlink.server.dashboard import FILES
+from mlink.server.readers import ReaderPool
 
 TOKEN = "dash-token"
 CAMERAS = ("walkway", "room")
@@ -87,6 +93,29 @@ def test_the_page_and_its_files_are_served_with_no_outside_reference(run: Runnin
         assert r.status_code == 200 and kind in r.headers["content-type"] and r.content
         assert "http://" not in r.text.replace("http://www.w3.org/2000/svg", "") and "https://" not in r.text
     assert "/" not in run.client.get("/openapi.json").json()["paths"]  # a page, not part of the API
+
+
+def test_reader_processes_pass_the_page_through(run: Running) -> None:
+    """With ``api.read_workers`` the public port is the readers': they forward what they do not
+    answer (the page and its files) to the daemon's app, bytes and content type as they are."""
+    assert run.client is not None
+    readers = ReaderPool(run.daemon, 1, "127.0.0.1", 0).start()
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(run.daemon, readers=readers), uds=readers.upstream, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: server.started, 30, "the daemon's app behind the readers", every=0.1)
+        with httpx.Client(base_url=f"http://127.0.0.1:{readers.port}", timeout=30) as public:
+            for path in FILES:
+                direct, forwarded = run.client.get(path), public.get(path)
+                assert forwarded.status_code == 200 and forwarded.content == direct.content, path
+                assert forwarded.headers["content-type"] == direct.headers["content-type"], path
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        readers.close()
 
 
 def test_the_grid_shows_every_camera_with_its_frame_and_outputs(page: Chromium) -> None:

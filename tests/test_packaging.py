@@ -31,7 +31,7 @@ def test_wheel_holds_every_module_and_config(wheel: Path) -> None:
     tracked = subprocess.run(
         ["git", "ls-files", *FOLDERS], cwd=REPO, capture_output=True, text=True, check=True
     ).stdout.split()
-    expected = {f"mlink/{p}" for p in tracked if p.endswith((".py", ".yaml"))}
+    expected = {f"mlink/{p}" for p in tracked if p.endswith((".py", ".yaml", ".html", ".js", ".css"))}
     assert expected, "no tracked files found"
     assert expected <= names, sorted(expected - names)
     assert not any(n.startswith(("models/", "server/")) for n in names), "a top-level package would shadow others"

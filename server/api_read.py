@@ -200,7 +200,7 @@ def schedule(daemon: DaemonDep, response: Response) -> dict[str, Any]:
     if snap.plan_json is None:
         raise HTTPException(503, {"error": f"no plan yet (daemon is {daemon.state})"})
     _tag(response, snap)
-    return {"state": daemon.state, "plan": snap.plan_json, "pool": snap.pool}
+    return {"state": daemon.state, "plan": snap.plan_json, "pool": snap.pool, "history": list(snap.history)}
 
 
 @scheduler_router.get("/api/v1/links", responses=error_responses(503))
@@ -209,4 +209,4 @@ def links(daemon: DaemonDep, response: Response) -> dict[str, Any]:
     if snap.links.matrix is None:
         raise HTTPException(503, {"error": f"no links yet (daemon is {daemon.state})"})
     _tag(response, snap)
-    return snap.links.matrix
+    return {**snap.links.matrix, "measured": snap.measured}

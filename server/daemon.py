@@ -56,6 +56,7 @@ from mlink.server.plan_request import PlanRequest
 from mlink.server.profiling import NoProfileFiles, plan_stream_frames, site_frames, stored_profile
 from mlink.server.reload import ReloadResult, config_from_file, config_from_text, diff, replans
 from mlink.server.result_listeners import ResultListeners
+from mlink.server.schedule_views import ScheduleViews
 from mlink.server.snapshot import NO_LINKS, LinkViews, ServedCounts, Snapshot, link_views, model_rows
 from mlink.server.stages import StageTimes
 
@@ -112,6 +113,7 @@ class Daemon:
         self._link_views: LinkViews = NO_LINKS
         self._refreshed_at = 0.0
         self.served = ServedCounts()
+        self.views = ScheduleViews()  # plan JSON, plan history, measured accuracy (pipeline thread)
         # Called with every snapshot just installed (worker thread): how the state reaches
         # readers outside this process. A listener that raises is logged and skipped.
         self.snapshot_listeners: list[Callable[[Snapshot], None]] = []
@@ -198,7 +200,7 @@ class Daemon:
         try:
             changes = dict(
                 plan=plan,
-                plan_json=_plan_json(plan, self.rotation),
+                **self.views.of(plan, self.rotation),
                 pool=pool.metrics(),
                 models=model_rows(planner.cfg.models, plan, pool),
                 links=self._link_views,
@@ -488,9 +490,3 @@ class Daemon:
 
     def readiness(self) -> tuple[bool, list[str]]:
         return readiness(self)
-
-
-def _plan_json(plan: Plan | None, rotation: Rotation | None) -> dict[str, Any] | None:
-    if plan is None:
-        return None
-    return {**plan.to_json(), "hybrid": rotation.to_json()} if rotation is not None else plan.to_json()

@@ -50,6 +50,8 @@ class PublishedSnapshot:
     plan_json: dict[str, Any] | None
     pool: dict[str, Any] | None
     links: Links
+    history: tuple[dict[str, Any], ...] = ()
+    measured: dict[str, Any] | None = None
     camera_set: frozenset[str] = field(default_factory=frozenset)
 
     @classmethod
@@ -67,6 +69,8 @@ class PublishedSnapshot:
             plan_json=json.loads(f["plan_json"]),
             pool=json.loads(f["pool"]),
             links=Links(json.loads(f["links_matrix"])),
+            history=tuple(json.loads(f.get("history", b"[]"))),
+            measured=json.loads(f.get("measured", b"null")),
             camera_set=frozenset(cameras),
         )
 

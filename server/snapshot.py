@@ -66,6 +66,8 @@ class Snapshot:
     pool: dict[str, Any] | None = None  # ``ModelPool.metrics()`` when published
     links: LinkViews = NO_LINKS
     period: int = 0  # the planner's period count
+    history: tuple[dict[str, Any], ...] = ()  # the last plans' summaries, oldest first (server/schedule_views.py)
+    measured: dict[str, Any] | None = None  # the links' accuracy as rotation measured it, per output node
 
     @property
     def plan_id(self) -> int | None:

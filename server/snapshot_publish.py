@@ -5,8 +5,8 @@ the daemon's interpreter, so what those routes need leaves the process through R
 (key names in :mod:`mlink.server.cache_layout`):
 
 - every installed :class:`~mlink.server.snapshot.Snapshot` as its JSON views (cameras, models,
-  plan, pool, link matrix) in one hash, written in one MULTI/EXEC with a PUBLISH of its version,
-  so a reader reads one whole snapshot and learns of the next without polling;
+  plan, plan history, pool, link matrix, measured accuracy) in one hash, written in one
+  MULTI/EXEC with a PUBLISH of its version, so a reader reads one whole snapshot and learns of the next without polling;
 - the daemon's state and every camera's status, every ``interval_s``.
 
 Cheap on the pipeline thread: the snapshot listener only wakes this publisher's thread (no I/O,
@@ -86,6 +86,8 @@ class SnapshotPublisher:
             "plan_json": self._encode("plan_json", snap.plan_json),
             "pool": self._encode("pool", snap.pool),
             "links_matrix": self._encode("links_matrix", snap.links.matrix),
+            "history": self._encode("history", snap.history),
+            "measured": self._encode("measured", snap.measured),
         }
 
     def status(self) -> dict[str, Any]:

@@ -386,11 +386,11 @@ def serve_cmd(
     from mlink.server.api import create_app
     from mlink.server.daemon import Daemon
     from mlink.server.redact import redact
-    from mlink.server.serve_lifecycle import StopRequested, StopSignals, serve_until_stopped
+    from mlink.server.serve_lifecycle import StopRequested, begin_serving, serve_until_stopped
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = run_guarded(lambda: resolve_config(site, config))
-    signals = StopSignals().install()  # SIGTERM/SIGINT: the daemon's stop below, then exit 0
+    signals = begin_serving()  # stale temp folders swept; SIGTERM/SIGINT: the daemon's stop below, exit 0
     daemon = Daemon(cfg, config_path(site, config))
     readers = None
     died: str | None = None

@@ -27,10 +27,8 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mlink.server.backoff import Backoff
@@ -38,6 +36,7 @@ from mlink.server.http_metrics import MULTIPROC_ENV, reader_metrics_dir
 from mlink.server.reader_app import ENV
 from mlink.server.redis_embedded import _die_with_parent
 from mlink.server.snapshot_publish import SnapshotPublisher
+from mlink.server.temp_dirs import private_dir
 
 if TYPE_CHECKING:
     from mlink.server.daemon import Daemon
@@ -84,7 +83,7 @@ class ReaderPool:
         self.host, self.log_level, self.poll_s = host, log_level, poll_s
         self.restarts = 0
         self.last_exit: str | None = None
-        self._dir = Path(tempfile.mkdtemp(prefix="mlink-api-", dir="/tmp" if os.path.isdir("/tmp") else None))
+        self._dir = private_dir("mlink-api-")
         self.upstream = str(self._dir / "daemon.sock")
         self.metrics_dir = reader_metrics_dir(self._dir)  # the readers' request histograms (/metrics)
         self.sock = bind(host, port)

@@ -36,7 +36,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -47,6 +46,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from mlink.server.redis_folder import FolderInUse, FolderLock, socket_dir
+from mlink.server.temp_dirs import private_dir
 
 log = logging.getLogger("mlink.redis")
 
@@ -128,8 +128,7 @@ class EmbeddedRedis:
         self._own_dir = directory is None
         if directory is None:
             # mkdtemp creates the folder 0700. Keep the path short: unix socket paths max ~107 bytes.
-            base = "/tmp" if os.path.isdir("/tmp") else None
-            self.directory = Path(tempfile.mkdtemp(prefix="mlink-redis-", dir=base))
+            self.directory = private_dir("mlink-redis-")
         else:
             self.directory = Path(directory)
             self.directory.mkdir(parents=True, exist_ok=True)

@@ -14,8 +14,10 @@ import contextlib
 import fcntl
 import os
 import re
-import tempfile
+import shutil
 from pathlib import Path
+
+from mlink.server.temp_dirs import private_dir
 
 SOCKET_MAX = 100  # bytes; sun_path holds 108 with its NUL, keep a margin
 LOCK_NAME = "mlink.lock"
@@ -82,9 +84,8 @@ def socket_dir(folder: Path) -> tuple[Path, bool]:
     to delete)."""
     if len(os.fsencode(str(folder / "redis.sock"))) <= SOCKET_MAX:
         return folder, False
-    base = "/tmp" if os.path.isdir("/tmp") else None
-    short = Path(tempfile.mkdtemp(prefix="mlink-rs-", dir=base))  # 0700
+    short = private_dir("mlink-rs-")  # 0700
     if len(os.fsencode(str(short / "redis.sock"))) > SOCKET_MAX:
-        os.rmdir(short)
+        shutil.rmtree(short, ignore_errors=True)
         raise ValueError(f"no short enough folder for a unix socket (tried {short})")
     return short, True

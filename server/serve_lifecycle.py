@@ -23,6 +23,7 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 from mlink.server.pipeline_health import pipeline_problem
+from mlink.server.temp_dirs import sweep_stale
 
 if TYPE_CHECKING:
     import uvicorn
@@ -69,6 +70,14 @@ class StopSignals:
         self.received = signum
         log.info("%s: stopping", name)
         raise StopRequested(signum)
+
+
+def begin_serving() -> StopSignals:
+    """What ``mlink serve`` does before it starts anything: remove the temporary folders of
+    daemons that were killed (``kill -9`` leaves them; see :mod:`mlink.server.temp_dirs`) and
+    install the stop signals' handlers."""
+    sweep_stale()
+    return StopSignals().install()
 
 
 def serve_until_stopped(server: uvicorn.Server, daemon: Daemon, every_s: float = 0.5) -> str | None:

@@ -3,7 +3,8 @@
 Three models whose memory cannot all be held (a budget of 0.62x their measured cost): the
 modes keep one resident and rotate another one into what it leaves, over buffers of a few
 seconds. The results served at once are revised when a rotating model ran, and the pool never
-holds more than the budget at any instant.
+holds more than the budget at any instant. The API publishes what rotation measured of the
+links' accuracy, and the plan history.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from daemons import running_daemon  # tests/daemons.py
+from daemons import Running, running_daemon  # tests/daemons.py
 from waiting import wait_for  # tests/waiting.py
 
 from mlink.models.assets import AssetStore
@@ -39,9 +40,14 @@ def _site() -> dict:
 
 
 @pytest.fixture(scope="module")
-def daemon(store: AssetStore, tmp_path_factory: pytest.TempPathFactory):
-    with running_daemon(_site(), tmp_path_factory.mktemp("hybrid-home"), store, ready_s=300) as run:
-        yield run.daemon
+def run(store: AssetStore, tmp_path_factory: pytest.TempPathFactory):
+    with running_daemon(_site(), tmp_path_factory.mktemp("hybrid-home"), store, http=True, ready_s=300) as r:
+        yield r
+
+
+@pytest.fixture(scope="module")
+def daemon(run: Running) -> Daemon:
+    return run.daemon
 
 
 def _revisions(d: Daemon) -> list[dict]:
@@ -85,3 +91,40 @@ def test_rotating_models_execute_revise_and_stay_within_the_budget(daemon: Daemo
     # the schedule shows the modes
     time.sleep(1.2)
     assert daemon.snapshot.plan_json is not None and daemon.snapshot.plan_json["hybrid"]["modes"]
+
+
+def test_the_api_publishes_the_measured_accuracy_and_the_plan_history(run: Running) -> None:
+    """``measured`` in /api/v1/links: rotation's audits per output (a rotating model's outputs
+    checked against its real runs), refreshed while rotation runs; ``history`` in /schedule."""
+    client, rot = run.client, run.daemon.rotation
+    assert client is not None and rot is not None
+
+    def audited() -> dict:
+        m = client.get("/api/v1/links").json()["measured"]
+        return m if any(r["n"] > 0 for r in m["nodes"].values()) else {}
+
+    first = wait_for(audited, 90, "an audited output in /api/v1/links", every=0.5)
+    assert first["source"] == "rotation" and 0 < first["correction"] <= 1
+    rotated = {m for w in rot.windows for m, runs in w["runs"].items() if runs}
+    plan = client.get("/api/v1/schedule").json()["plan"]
+    assert set(plan["expected_nodes"]) <= set(first["nodes"])  # every output listed, audited or not
+    for node, row in first["nodes"].items():
+        if row["n"] == 0:  # never checked: no figure
+            assert row["expected"] is None and row["measured"] is None and row["drift"] is None, node
+            continue
+        assert row["model"] in rotated and row["model"] in plan["predicted"], (node, rotated)
+        assert 0.0 <= row["expected"] <= 1.0 and 0.0 <= row["measured"] <= 1.0, row
+        assert abs(row["drift"] - (row["measured"] - row["expected"])) < 1e-5
+        points = first["series"][node]
+        assert sum(p[1] for p in points) == row["n"] and all(0 <= p[3] <= 1 for p in points)
+    # refreshed while rotation runs, with no new plan: more audits on a later read
+    n0 = first["audits"]
+    wait_for(lambda: client.get("/api/v1/links").json()["measured"]["audits"] > n0, 90, "more audits", every=0.5)
+    schedule = client.get("/api/v1/schedule").json()
+    history = schedule["history"]
+    assert history and history[-1]["plan_id"] == schedule["plan"]["plan_id"]
+    assert [h["plan_id"] for h in history] == sorted({h["plan_id"] for h in history})
+    # the initial plan is re-chosen with the hybrid modes before it serves: what served says so
+    assert {h["reason"] for h in history} <= {"initial", "hybrid", "period", "failure", "refused"}
+    assert history[0]["reason"] in ("initial", "hybrid"), history
+    assert all(isinstance(h["active"], list) and 0 <= h["objective"] <= 1 for h in history)

@@ -14,7 +14,6 @@ URLs are redacted everywhere.
 from __future__ import annotations
 
 import hmac
-from collections.abc import Mapping
 from typing import Any, Protocol
 
 import anyio
@@ -22,7 +21,6 @@ from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from mlink.configs.load import MAX_CONFIG_BYTES
-from mlink.scheduler.plans import Plan
 from mlink.server.access_log import strip_query_strings
 from mlink.server.api_events import events_router
 from mlink.server.api_read import (
@@ -33,13 +31,10 @@ from mlink.server.api_read import (
     snapshot_headers,
 )
 from mlink.server.api_snapshots import install_snapshots
-from mlink.server.cache import CacheStats
 from mlink.server.daemon import Daemon
 from mlink.server.dashboard import dashboard_router
-from mlink.server.ingest import CameraStatus
 from mlink.server.metrics import CONTENT_TYPE, collect_metrics
 from mlink.server.metrics_app import AppMetrics, install_metrics
-from mlink.server.snapshot import ServedCounts, Snapshot
 
 __all__ = ["collect_metrics", "create_app"]
 
@@ -170,4 +165,3 @@ def create_app(daemon: Daemon, readers: ReaderHealth | None = None) -> FastAPI:
     install_snapshots(app, daemon)  # /api/v1/cameras/{id}/snapshot.jpg
     app.include_router(dashboard_router)  # the operator's page at / (server/dashboard-ui/)
     return app
-

@@ -11,7 +11,9 @@ processes for the readers' part, as in tests/test_readers.py. promtool is Debian
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -256,3 +258,15 @@ def test_reader_requests_reach_the_daemons_scrape(readers: tuple[ReaderPool, htt
     if PROMTOOL is not None:
         proc = promtool("check", "metrics", stdin=public.get("/metrics").text)
         assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    # a reader killed and started again: what the dead one counted stays in the scrape
+    (pid,) = pool.pids()
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: pool.pids() not in ([], [pid]) and pool.health()["alive"] == 1, 30, "a new reader")
+    wait_for(lambda: public.get("/api/v1/models").headers.get("x-mlink-served-by") == "reader", 30, "a live reader")
+    assert public.get("/api/v1/cameras/gate/results/latest").headers.get("x-mlink-served-by") == "reader"
+    later = samples(public.get("/metrics").text)
+    labels = {"route": LATEST, "method": "GET", "status": "4xx"}
+    assert value(later, "mlink_http_request_duration_seconds_count", **labels) == (
+        value(after, "mlink_http_request_duration_seconds_count", **labels) + 1
+    )

@@ -166,7 +166,7 @@ def test_a_predicted_output_is_drawn_differently_from_an_executed_one(page: Chro
     assert page.js("document.getElementById('legend').textContent").count("predicted") == 1
 
 
-def test_schedule_and_links_sections_fill_in(page: Chromium) -> None:
+def test_schedule_and_links_sections_fill_in(page: Chromium, run: Running) -> None:
     wait_for(
         lambda: (
             page.js("document.querySelectorAll('#memory-chart polyline').length") == 2
@@ -182,6 +182,22 @@ def test_schedule_and_links_sections_fill_in(page: Chromium) -> None:
     )
     assert states == {"hog_people": "loaded", "yolox_nano": "predicted"}, states
     assert "initial" in page.js("document.querySelector('#plans tbody tr').textContent")
+    assert run.client is not None  # the plan history is the daemon's (newest first), not the page's own
+    history = run.client.get("/api/v1/schedule").json()["history"]
+    shown = page.js("[...document.querySelectorAll('#plans tbody tr')].map(r => Number(r.dataset.plan))")
+    assert shown == [h["plan_id"] for h in reversed(history)] and history[0]["reason"] == "initial"
+    # expected accuracy dashed; no rotation on this site: nothing measured, and the page says so
+    legend = wait_for(
+        lambda: "not measured" in (t := page.js("document.getElementById('accuracy-legend').textContent")) and t,
+        30,
+        "the accuracy legend with the measured figures",
+        every=0.5,
+    )
+    assert "yolox_nano:boxes: expected" in legend, legend
+    dash = page.js("getComputedStyle(document.querySelector('#accuracy-chart [data-kind=expected]')).strokeDasharray")
+    assert dash not in ("", "none") and not page.js(
+        "document.querySelectorAll('#accuracy-chart [data-kind=measured]').length"
+    )
     assert "next re-selection in" in page.js("document.getElementById('reselect').textContent")
 
 

@@ -7,7 +7,7 @@
 
 const API = "/api/v1";
 const POLL_MS = 1500;
-const LINKS_MS = 10000;
+const LINKS_MS = 5000; // the daemon refreshes the measured figures about once a second
 const KEEP = 240; // samples kept per chart (6 minutes at POLL_MS)
 const PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#9a6324", "#469990", "#bfef45"];
 const SVG = "http://www.w3.org/2000/svg";
@@ -20,7 +20,8 @@ const S = {
   sseLast: 0, // when it last delivered a result (ms): polling stops only while it delivers
   memory: [], // {t, used, budget}
   expected: {}, // output -> [{t, v}]
-  plans: [], // plan JSON, oldest first
+  measured: null, // /api/v1/links' measured: rotation's audits per output, with their series
+  plans: [], // plan summaries, oldest first (the daemon's history; else those seen since the page opened)
   rotating: new Set(), // predicted by the plan, yet seen executing (a rotation window)
   plan: null,
 };
@@ -224,7 +225,9 @@ function chart(svg, series, ymax, label) {
   const X = (t) => 4 + (392 * (t - t0)) / (t1 - t0), Y = (v) => 136 - (128 * v) / (ymax || 1);
   svg.replaceChildren(
     el("svg:line", { x1: 4, x2: 396, y1: 136, y2: 136, class: "axis" }),
-    ...series.map((s) => line(s.points.map((p) => [X(p.t), Y(p.v)]), s.colour, { class: s.class || "series", "data-series": s.name })),
+    ...series.map((s) => line(s.points.map((p) => [X(p.t), Y(p.v)]), s.colour, { class: s.class || "series", "data-series": s.name, "data-kind": s.kind })),
+    ...series.filter((s) => s.dots).flatMap((s) => s.points.map((p) =>
+      el("svg:circle", { cx: X(p.t), cy: Y(p.v), r: 1.8, fill: s.colour, class: "dot", "data-series": s.name, "data-kind": s.kind }))),
     el("svg:text", { x: 6, y: 12, class: "label", text: label }),
   );
 }
@@ -246,13 +249,9 @@ function renderSchedule(sched, models) {
   ], top, `max ${mib(top)}`);
   $("memory-now").textContent = `used (blue) ${mib(pool.charged_bytes)} of ${mib(pool.budget_bytes)} budget (red, dashed)` +
     (pool.source ? ` (measured: ${pool.source}, on ${pool.device})` : "");
-  chart($("accuracy-chart"), Object.entries(S.expected).map(([k, pts]) => ({ name: k, colour: colour(modelOf(k)), points: pts })), 1.12, "expected accuracy, 0–100%");
-  $("accuracy-legend").replaceChildren(...Object.keys(S.expected).map((k) => {
-    const sw = el("span", { class: "swatch" });
-    sw.style.background = colour(modelOf(k));
-    return el("span", { class: "item" }, sw, `${k} ${pct(plan.expected_nodes[k])}`);
-  }));
-  if (!S.plans.length || S.plans[S.plans.length - 1].plan_id !== plan.plan_id) S.plans.push(plan);
+  renderAccuracy();
+  if (sched.history) S.plans = sched.history;
+  else if (!S.plans.length || S.plans[S.plans.length - 1].plan_id !== plan.plan_id) S.plans.push(plan);
   $("plans").tBodies[0].replaceChildren(...S.plans.slice(-20).reverse().map((p) =>
     el("tr", { "data-plan": p.plan_id },
       el("td", { text: p.plan_id }), el("td", { text: new Date(p.created_at * 1000).toLocaleTimeString() }),
@@ -285,6 +284,28 @@ async function pollSchedule() {
 
 // ---- links ---------------------------------------------------------------------------------
 
+// Expected (the plan's figure, dashed, sampled while the page is open) and measured (solid, with
+// a dot per interval: the mean accuracy of the predictions rotation checked against a real run in
+// that interval, kept by the daemon) per output. An output no audit checked says so.
+function renderAccuracy() {
+  const plan = S.plan;
+  if (!plan) return;
+  const rows = (S.measured && S.measured.nodes) || {};
+  const series = Object.entries(S.expected).map(([k, pts]) => ({ name: k, kind: "expected", colour: colour(modelOf(k)), class: "series expected", points: pts }));
+  for (const [k, pts] of Object.entries((S.measured && S.measured.series) || {})) {
+    series.push({ name: k, kind: "measured", colour: colour(modelOf(k)), dots: true, points: pts.map(([t, , , v]) => ({ t, v })) });
+  }
+  chart($("accuracy-chart"), series, 1.12, "accuracy 0–100%: measured solid, expected dashed");
+  const outputs = [...new Set([...Object.keys(plan.expected_nodes || {}), ...Object.keys(rows)])];
+  $("accuracy-legend").replaceChildren(...outputs.map((k) => {
+    const sw = el("span", { class: "swatch" });
+    sw.style.background = colour(modelOf(k));
+    const r = rows[k];
+    const measured = !r ? "measured: –" : r.n ? `measured ${pct(r.measured)} over ${r.n} (expected then ${pct(r.expected)})` : "not measured yet";
+    return el("span", { class: "item", "data-output": k, "data-audits": r ? r.n : "" }, sw, `${k}: expected ${pct((plan.expected_nodes || {})[k])}, ${measured}`);
+  }));
+}
+
 async function pollLinks() {
   let m;
   try {
@@ -293,6 +314,8 @@ async function pollLinks() {
     if (e.status === 503) { $("heatmap").textContent = e.message; return; }
     throw e;
   }
+  S.measured = m.measured || null;
+  renderAccuracy();
   const acc = {};
   for (const l of m.links || []) acc[`${l.source}\u0000${l.target}`] = l;
   const head = el("tr", {}, el("th", { text: "source \\ target" }), ...m.targets.map((t) => el("th", { text: t })));

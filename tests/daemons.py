@@ -19,10 +19,12 @@ import uvicorn
 import yaml
 from waiting import wait_for  # tests/waiting.py
 
-from mlink.configs.load import load_config
+from mlink.configs.load import load_config, parse_config
 from mlink.models.assets import AssetStore
 from mlink.models.catalog import zoo_catalog
+from mlink.server.cache import open_cache
 from mlink.server.daemon import Daemon
+from mlink.server.readers import ReaderPool
 
 
 @dataclass
@@ -67,4 +69,31 @@ def running_daemon(
         if server is not None and thread is not None:
             server.should_exit = True
             thread.join(10)
+        daemon.stop()
+
+
+@contextmanager
+def behind_readers(site: dict[str, Any], home: Path, store: AssetStore) -> Iterator[tuple[Daemon, ReaderPool]]:
+    """A daemon that is not started (no pipeline, no plan): its cache on a real embedded Redis,
+    one reader process on an ephemeral loopback port, and the daemon's own app on the readers'
+    upstream socket, as ``mlink serve`` wires them. For tests of what the readers answer and
+    forward; results are put into ``daemon.cache`` by the test. Redis's prefix: ``mlink:SITE``."""
+    from mlink.server.api import create_app
+
+    cfg = parse_config(yaml.safe_dump(site), catalog=zoo_catalog())
+    daemon = Daemon(cfg, None, store, progress=False)
+    daemon.cache, daemon._redis = open_cache(cfg.cache, prefix=f"mlink:{cfg.site}", home=home)
+    readers = ReaderPool(daemon, 1, "127.0.0.1", 0).start()
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(daemon, readers=readers), uds=readers.upstream, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: server.started, 30, "the daemon's app")
+        yield daemon, readers
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        readers.close()
         daemon.stop()

@@ -12,24 +12,18 @@ and results buffered during a Redis outage reach the stream, in order, when it c
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 import redis
-import uvicorn
-import yaml
-from daemons import running_daemon  # tests/daemons.py
+from daemons import behind_readers, running_daemon  # tests/daemons.py
 from waiting import wait_for  # tests/waiting.py
 
-from mlink.configs.load import parse_config
 from mlink.models.assets import AssetStore
-from mlink.models.catalog import zoo_catalog
 from mlink.server import api_events
-from mlink.server.api import create_app
-from mlink.server.cache import ResultCache, open_cache
+from mlink.server.cache import ResultCache
 from mlink.server.daemon import Daemon
 from mlink.server.readers import ReaderPool
 
@@ -156,26 +150,9 @@ def test_streams_are_bounded_in_number_and_leave_nothing_behind(running, monkeyp
 @pytest.fixture(scope="module")
 def pool(store: AssetStore, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Daemon, ReaderPool]]:
     site = {**SITE, "site": "pushreaders", "api": {"read_workers": 1}}
-    cfg = parse_config(yaml.safe_dump(site), catalog=zoo_catalog())
-    daemon = Daemon(cfg, None, store, progress=False)
-    daemon.cache, daemon._redis = open_cache(
-        cfg.cache, prefix="mlink:pushreaders", home=tmp_path_factory.mktemp("home")
-    )
-    daemon.cache.backoff_max = 0.1
-    readers = ReaderPool(daemon, 1, "127.0.0.1", 0).start()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(daemon, readers=readers), uds=readers.upstream, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_for(lambda: server.started, 30, "the daemon's app")
-    try:
+    with behind_readers(site, tmp_path_factory.mktemp("home"), store) as (daemon, readers):
+        daemon.cache.backoff_max = 0.1
         yield daemon, readers
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        readers.close()
-        daemon.stop()
 
 
 def test_a_reader_answers_the_events_itself_and_an_outage_keeps_the_order(pool) -> None:

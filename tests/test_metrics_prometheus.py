@@ -15,24 +15,17 @@ import os
 import shutil
 import signal
 import subprocess
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 import yaml
-from daemons import Running, running_daemon  # tests/daemons.py
+from daemons import Running, behind_readers, running_daemon  # tests/daemons.py
 from prometheus_client.parser import text_string_to_metric_families
 from waiting import wait_for  # tests/waiting.py
 
-from mlink.configs.load import parse_config
 from mlink.models.assets import AssetStore
-from mlink.models.catalog import zoo_catalog
-from mlink.server.api import create_app
-from mlink.server.cache import open_cache
-from mlink.server.daemon import Daemon
 from mlink.server.readers import ReaderPool
 
 REPO = Path(__file__).resolve().parents[1]
@@ -212,26 +205,13 @@ READER_SITE = {
 
 @pytest.fixture(scope="module")
 def readers(store: AssetStore, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ReaderPool, httpx.Client]]:
-    cfg = parse_config(yaml.safe_dump(READER_SITE), catalog=zoo_catalog())
-    daemon = Daemon(cfg, None, store, progress=False)
-    daemon.cache, daemon._redis = open_cache(
-        cfg.cache, prefix="mlink:promreaders", home=tmp_path_factory.mktemp("home")
-    )
-    pool = ReaderPool(daemon, 1, "127.0.0.1", 0).start()
-    server = uvicorn.Server(uvicorn.Config(create_app(daemon, readers=pool), uds=pool.upstream, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_for(lambda: server.started, 30, "the daemon's app")
-    public = httpx.Client(base_url=f"http://127.0.0.1:{pool.port}", timeout=30)
-    try:
-        wait_for(lambda: public.get("/api/v1/models").headers.get("x-mlink-served-by") == "reader", 30, "a live reader")
-        yield pool, public
-    finally:
-        public.close()
-        server.should_exit = True
-        thread.join(10)
-        pool.close()
-        daemon.stop()
+    with behind_readers(READER_SITE, tmp_path_factory.mktemp("home"), store) as (_, pool):
+        public = httpx.Client(base_url=f"http://127.0.0.1:{pool.port}", timeout=30)
+        with public:
+            wait_for(
+                lambda: public.get("/api/v1/models").headers.get("x-mlink-served-by") == "reader", 30, "a live reader"
+            )
+            yield pool, public
 
 
 def test_reader_requests_reach_the_daemons_scrape(readers: tuple[ReaderPool, httpx.Client]) -> None:

@@ -12,20 +12,14 @@ from __future__ import annotations
 import os
 import re
 import signal
-import threading
 from collections.abc import Iterator
 
 import httpx
 import pytest
-import uvicorn
-import yaml
+from daemons import behind_readers  # tests/daemons.py
 from waiting import wait_for  # tests/waiting.py
 
-from mlink.configs.load import parse_config
 from mlink.models.assets import AssetStore
-from mlink.models.catalog import zoo_catalog
-from mlink.server.api import create_app
-from mlink.server.cache import open_cache
 from mlink.server.daemon import Daemon
 from mlink.server.readers import ReaderPool
 
@@ -39,27 +33,13 @@ SITE = {
 
 @pytest.fixture(scope="module")
 def pool(store: AssetStore, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Daemon, ReaderPool]]:
-    cfg = parse_config(yaml.safe_dump(SITE), catalog=zoo_catalog())
-    daemon = Daemon(cfg, None, store, progress=False)
-    daemon.cache, daemon._redis = open_cache(cfg.cache, prefix="mlink:readers", home=tmp_path_factory.mktemp("home"))
-    readers = ReaderPool(daemon, 1, "127.0.0.1", 0).start()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(daemon, readers=readers), uds=readers.upstream, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_for(lambda: server.started, 30, "the daemon's app")
-    try:
+    pids: list[int] = []
+    with behind_readers(SITE, tmp_path_factory.mktemp("home"), store) as (daemon, readers):
         yield daemon, readers
-    finally:
         pids = readers.pids()
-        server.should_exit = True
-        thread.join(10)
-        readers.close()
-        for pid in pids:  # reaped: no such process, not even a zombie
-            with pytest.raises(ProcessLookupError):
-                os.kill(pid, 0)
-        daemon.stop()
+    for pid in pids:  # reaped: no such process, not even a zombie
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
 
 
 @pytest.fixture(scope="module")

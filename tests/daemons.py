@@ -73,16 +73,11 @@ def running_daemon(
 
 
 @contextmanager
-def behind_readers(site: dict[str, Any], home: Path, store: AssetStore) -> Iterator[tuple[Daemon, ReaderPool]]:
-    """A daemon that is not started (no pipeline, no plan): its cache on a real embedded Redis,
-    one reader process on an ephemeral loopback port, and the daemon's own app on the readers'
-    upstream socket, as ``mlink serve`` wires them. For tests of what the readers answer and
-    forward; results are put into ``daemon.cache`` by the test. Redis's prefix: ``mlink:SITE``."""
+def app_behind_readers(daemon: Daemon) -> Iterator[ReaderPool]:
+    """``daemon``'s app on the upstream socket of one reader process that listens on an ephemeral
+    loopback port (``ReaderPool.port``), as ``mlink serve`` wires them."""
     from mlink.server.api import create_app
 
-    cfg = parse_config(yaml.safe_dump(site), catalog=zoo_catalog())
-    daemon = Daemon(cfg, None, store, progress=False)
-    daemon.cache, daemon._redis = open_cache(cfg.cache, prefix=f"mlink:{cfg.site}", home=home)
     readers = ReaderPool(daemon, 1, "127.0.0.1", 0).start()
     server = uvicorn.Server(
         uvicorn.Config(create_app(daemon, readers=readers), uds=readers.upstream, log_level="warning")
@@ -91,9 +86,24 @@ def behind_readers(site: dict[str, Any], home: Path, store: AssetStore) -> Itera
     thread.start()
     try:
         wait_for(lambda: server.started, 30, "the daemon's app")
-        yield daemon, readers
+        yield readers
     finally:
         server.should_exit = True
         thread.join(10)
         readers.close()
+
+
+@contextmanager
+def behind_readers(site: dict[str, Any], home: Path, store: AssetStore) -> Iterator[tuple[Daemon, ReaderPool]]:
+    """A daemon that is not started (no pipeline, no plan): its cache on a real embedded Redis,
+    and its app behind a reader process (:func:`app_behind_readers`). For tests of what the
+    readers answer and forward; results are put into ``daemon.cache`` by the test. Redis's
+    prefix: ``mlink:SITE``."""
+    cfg = parse_config(yaml.safe_dump(site), catalog=zoo_catalog())
+    daemon = Daemon(cfg, None, store, progress=False)
+    daemon.cache, daemon._redis = open_cache(cfg.cache, prefix=f"mlink:{cfg.site}", home=home)
+    try:
+        with app_behind_readers(daemon) as readers:
+            yield daemon, readers
+    finally:
         daemon.stop()

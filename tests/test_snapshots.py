@@ -10,16 +10,14 @@ socket, and the JPEG must come through intact.
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Iterator
 
 import cv2
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 import yaml
-from daemons import running_daemon  # tests/daemons.py
+from daemons import app_behind_readers, running_daemon  # tests/daemons.py
 from fastapi.testclient import TestClient
 from waiting import wait_for  # tests/waiting.py
 
@@ -32,7 +30,6 @@ from mlink.server.api import create_app
 from mlink.server.daemon import Daemon
 from mlink.server.latest_frames import LatestFrames, latest_frames
 from mlink.server.overlay import PALETTE, draw, legend_lines, model_colours
-from mlink.server.readers import ReaderPool
 from mlink.server.result_listeners import ResultListeners
 
 EXECUTED = [0.55, 0.55, 0.9, 0.95]  # away from the legend in the top-left corner
@@ -181,20 +178,11 @@ def served(store: AssetStore, tmp_path_factory: pytest.TempPathFactory) -> Itera
     with running_daemon(SITE, tmp_path_factory.mktemp("snapshots-home"), store) as run:
         daemon = run.daemon
         assert daemon.cfg.api.read_workers >= 1, "the default serves through reader processes"
-        readers = ReaderPool(daemon, daemon.cfg.api.read_workers, "127.0.0.1", 0).start()
-        server = uvicorn.Server(
-            uvicorn.Config(create_app(daemon, readers=readers), uds=readers.upstream, log_level="warning")
-        )
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        try:
-            wait_for(lambda: server.started, 30, "the daemon's app")
-            with httpx.Client(base_url=f"http://127.0.0.1:{readers.port}", timeout=30) as client:
-                yield daemon, client
-        finally:
-            server.should_exit = True
-            thread.join(10)
-            readers.close()
+        with (
+            app_behind_readers(daemon) as readers,
+            httpx.Client(base_url=f"http://127.0.0.1:{readers.port}", timeout=30) as client,
+        ):
+            yield daemon, client
 
 
 def _jpeg(r: httpx.Response) -> np.ndarray:

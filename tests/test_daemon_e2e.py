@@ -295,9 +295,10 @@ def _check_response(path: str, body, snap) -> None:
     """Every field of one response comes from ``snap``, the snapshot its header names (``body``:
     the parsed JSON, or the text of /metrics)."""
     if path == "/api/v1/links":
-        assert body == _roundtrip(snap.links.matrix)
+        assert body == _roundtrip({**snap.links.matrix, "measured": snap.measured})
     elif path == "/api/v1/schedule":
         assert body["plan"] == _roundtrip(snap.plan_json) and body["pool"] == _roundtrip(snap.pool)
+        assert body["history"] == _roundtrip(list(snap.history)) and body["history"][-1]["plan_id"] == snap.plan.id
         assert body["plan"]["plan_id"] == snap.plan.id
     elif path == "/api/v1/models":
         assert body == _roundtrip(list(snap.models))

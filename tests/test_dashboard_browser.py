@@ -193,7 +193,7 @@ def test_schedule_and_links_sections_fill_in(page: Chromium, run: Running) -> No
         "the accuracy legend with the measured figures",
         every=0.5,
     )
-    assert "yolox_nano:boxes: expected" in legend, legend
+    assert "yolox_nano:boxes: not measured yet; the plan expects" in legend, legend
     dash = page.js("getComputedStyle(document.querySelector('#accuracy-chart [data-kind=expected]')).strokeDasharray")
     assert dash not in ("", "none") and not page.js(
         "document.querySelectorAll('#accuracy-chart [data-kind=measured]').length"

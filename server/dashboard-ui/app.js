@@ -301,8 +301,8 @@ function renderAccuracy() {
     const sw = el("span", { class: "swatch" });
     sw.style.background = colour(modelOf(k));
     const r = rows[k];
-    const measured = !r ? "measured: –" : r.n ? `measured ${pct(r.measured)} over ${r.n} (expected then ${pct(r.expected)})` : "not measured yet";
-    return el("span", { class: "item", "data-output": k, "data-audits": r ? r.n : "" }, sw, `${k}: expected ${pct((plan.expected_nodes || {})[k])}, ${measured}`);
+    const measured = !r ? "measured: –" : r.n ? `measured ${pct(r.measured)} vs ${pct(r.expected)} expected over ${r.n} checked predictions` : "not measured yet";
+    return el("span", { class: "item", "data-output": k, "data-audits": r ? r.n : "" }, sw, `${k}: ${measured}; the plan expects ${pct((plan.expected_nodes || {})[k])}`);
   }));
 }
 

@@ -396,6 +396,7 @@ class Daemon:
             self.stages.add("rotation", time.perf_counter() - t1, len(results))
         t1 = time.perf_counter()
         self._store(results)
+        self.steps.committed()  # stored: a failure from here on is not retried (no result twice)
         self.stages.add("cache", time.perf_counter() - t1, len(results))
         self.stages.add_each(("end_to_end", time.time() - r.frame.wall_time) for r in results)  # capture to cache
         for r in results:

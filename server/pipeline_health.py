@@ -47,9 +47,10 @@ class Daemon(Protocol):
 class StepGuard:
     """Runs one pipeline step, retrying it (same batch) up to ``retries`` times in a row.
 
-    A step that still fails after that raises, which ends the pipeline thread. A retried batch
-    may store some results twice (a step that failed after storing); results are keyed by
-    camera and time, so a reader sees one version.
+    A step that still fails after that raises, which ends the pipeline thread. A step that
+    stored its results calls :meth:`committed`: if it fails after that point it is not run
+    again (that would store the batch's results twice), but the failure still counts towards
+    ``retries`` failures in a row, so a step that keeps failing ends the thread all the same.
     """
 
     def __init__(self, stop: threading.Event, retries: int = 3, backoff_s: float = 0.5) -> None:
@@ -57,18 +58,30 @@ class StepGuard:
         self.retries = retries
         self.backoff_s = backoff_s
         self.failed_total = 0  # steps that raised, retried or not
+        self.failed_in_row = 0
+        self._committed = False
+
+    def committed(self) -> None:
+        """Called by the running step once its results are stored: from here on, not retried."""
+        self._committed = True
 
     def run(self, step: Callable[[T], None], batch: T) -> None:
-        for attempt in range(1, self.retries + 1):
+        self._committed = False
+        while True:
             try:
                 step(batch)
+                self.failed_in_row = 0
                 return
             except Exception:
                 self.failed_total += 1
-                if attempt == self.retries or self.stop.is_set():
+                self.failed_in_row += 1
+                if self.failed_in_row >= self.retries or self.stop.is_set():
                     raise
-                log.exception("pipeline step failed (attempt %d of %d); retrying", attempt, self.retries)
-                self.stop.wait(self.backoff_s * attempt)
+                if self._committed:
+                    log.exception("pipeline step failed after storing its results; not run again")
+                    return
+                log.exception("pipeline step failed (attempt %d of %d); retrying", self.failed_in_row, self.retries)
+                self.stop.wait(self.backoff_s * self.failed_in_row)
 
 
 def pipeline_problem(daemon: Daemon) -> str | None:

@@ -112,6 +112,8 @@ def collect_metrics(daemon: Daemon, snap: Snapshot | None = None) -> list[Metric
     ms += placement_metrics(snap.models)  # where each model executes; 1 on a fallback
     if snap.plan is not None:
         ms += _plan_metrics(snap.plan)
+    if snap.measured is not None:
+        ms += _measured_metrics(snap.measured)
     links = family("mlink_link_accuracy", "Held-out accuracy of each single link.", "gauge", ["source", "target"])
     for src, dst, acc in snap.links.single:
         links.add_metric([src, dst], float(acc))  # type: ignore[attr-defined]
@@ -231,6 +233,36 @@ def _plan_metrics(plan: Plan) -> list[Metric]:
             "gauge",
             "output",
             dict(plan.expected_nodes),
+        ),
+    ]
+
+
+def _measured_metrics(measured: Mapping[str, Any]) -> list[Metric]:
+    """The links' accuracy as serving checked it (``schedule_views.MeasuredAccuracy``): outputs
+    never checked have a count of 0 and no accuracy sample (no figure is invented)."""
+    nodes: Mapping[str, Mapping[str, Any]] = measured.get("nodes") or {}
+    checked = {k: v for k, v in nodes.items() if v.get("n") and v.get("measured") is not None}
+    return [
+        per_label(
+            "mlink_output_accuracy_checks_total",
+            "Predictions of each output checked against a real execution (rotation).",
+            "counter",
+            "output",
+            {k: float(v.get("n") or 0) for k, v in nodes.items()},
+        ),
+        per_label(
+            "mlink_output_measured_accuracy",
+            "Mean accuracy of each output's checked predictions.",
+            "gauge",
+            "output",
+            {k: float(v["measured"]) for k, v in checked.items()},
+        ),
+        per_label(
+            "mlink_output_checked_expected_accuracy",
+            "Mean expected accuracy of the same checked predictions (compare with the measured one).",
+            "gauge",
+            "output",
+            {k: float(v["expected"]) for k, v in checked.items()},
         ),
     ]
 

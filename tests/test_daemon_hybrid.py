@@ -14,6 +14,7 @@ import time
 import httpx
 import pytest
 from daemons import Running, app_behind_readers, running_daemon  # tests/daemons.py
+from prometheus_client.parser import text_string_to_metric_families
 from waiting import wait_for  # tests/waiting.py
 
 from mlink.models.assets import AssetStore
@@ -136,6 +137,17 @@ def test_the_api_publishes_the_measured_accuracy_and_the_plan_history(run: Runni
         "a refresh publish with the current audits",
         every=0.2,
     )
+    # ... and in /metrics: a count per output, a measured figure only where there was a check
+    scrape = {
+        (sample.name, sample.labels.get("output")): sample.value
+        for family in text_string_to_metric_families(client.get("/metrics").text)
+        for sample in family.samples
+    }
+    for node, row in first["nodes"].items():
+        checks = scrape[("mlink_output_accuracy_checks_total", node)]  # this scrape came later: maybe more
+        assert checks >= row["n"], node
+        measured = scrape.get(("mlink_output_measured_accuracy", node))
+        assert (measured is not None) == (checks > 0) and (measured is None or 0.0 <= measured <= 1.0), node
     schedule = client.get("/api/v1/schedule").json()
     history = schedule["history"]
     assert history and history[-1]["plan_id"] == schedule["plan"]["plan_id"]

@@ -7,6 +7,10 @@ when the test failed; this is that one way.
 
 from __future__ import annotations
 
+import atexit
+import functools
+import shutil
+import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,12 +38,32 @@ class Running:
     client: httpx.Client | None = None  # the HTTP API on an ephemeral loopback port, when asked for
 
 
+@functools.cache
+def _session_costs() -> Path:
+    folder = Path(tempfile.mkdtemp(prefix="mlink-test-costs-"))
+    atexit.register(shutil.rmtree, folder, True)
+    return folder
+
+
+def share_costs(home: Path) -> None:
+    """Let ``home``'s daemon reuse the models' isolated memory costs that earlier daemons of this
+    test session measured (``<home>/costs``, keyed by model, params, device, library versions
+    and threads), as a restart on the same machine does. Each measurement spawns a child that
+    imports torch and loads the model: measured once per session instead of once per module.
+    The tests of the measurement itself (test_memory_isolation, test_faults_lifecycle) do not
+    use this."""
+    link = home / "costs"
+    if not link.exists():
+        link.symlink_to(_session_costs(), target_is_directory=True)
+
+
 @contextmanager
 def running_daemon(
     site: dict[str, Any], home: Path, store: AssetStore, *, http: bool = False, ready_s: float = 600.0
 ) -> Iterator[Running]:
     config_path = home / "site.yaml"
     config_path.write_text(yaml.safe_dump(site))
+    share_costs(home)
     daemon = Daemon(
         load_config(config_path, catalog=zoo_catalog()),
         config_path,

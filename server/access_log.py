@@ -1,4 +1,4 @@
-"""Access log lines without query strings.
+"""Access log lines without query strings (and no request URLs from the HTTP client libraries).
 
 uvicorn's access log writes each request's path with its query string, so a token a client sends
 as ``?token=...`` (or any other secret in a query) would land in the daemon's log. The filter
@@ -28,6 +28,18 @@ class NoQueryStrings(logging.Filter):
         elif isinstance(record.msg, str) and "?" in record.msg and not args:
             record.msg = " ".join(w.split("?", 1)[0] if w.startswith("/") else w for w in record.msg.split(" "))
         return True
+
+
+HTTP_CLIENT_LOGGERS = ("httpx", "httpcore")
+
+
+def quiet_http_clients() -> None:
+    """Only warnings from the HTTP client libraries: httpx logs every request it sends at INFO
+    with its whole URL, so a reader process forwarding ``/healthz?token=...`` to the daemon would
+    write the token to the log (the daemon's own access log shows the forwarded request, without
+    its query string)."""
+    for name in HTTP_CLIENT_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def strip_query_strings(logger_name: str = ACCESS_LOGGER) -> NoQueryStrings:

@@ -36,6 +36,7 @@ import httpx
 from fastapi import FastAPI
 
 from mlink.configs.load import MAX_CONFIG_BYTES
+from mlink.server.access_log import quiet_http_clients
 from mlink.server.api_events import events_router
 from mlink.server.api_read import READ_ROUTERS, add_error_handlers
 from mlink.server.cache import ResultCache
@@ -193,6 +194,7 @@ def main() -> None:
     logging.basicConfig(
         level=cfg.get("log_level", "warning").upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    quiet_http_clients()  # the forwarding client would log query strings (tokens) at INFO
     sock = socket.socket(fileno=int(cfg["fd"]))
     state = ReaderState(cfg["redis_url"], cfg["prefix"]).start()
     cache = ResultCache(cfg["redis_url"], prefix=cfg["prefix"])

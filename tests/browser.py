@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import fcntl
 import json
 import os
 import select
@@ -32,6 +33,13 @@ def find_chromium() -> str | None:
     return None
 
 
+def _above(fd: int, lowest: int) -> int:
+    """``fd`` moved to a descriptor number >= ``lowest`` (the old one closed)."""
+    moved = fcntl.fcntl(fd, fcntl.F_DUPFD, lowest)
+    os.close(fd)
+    return moved
+
+
 class BrowserError(RuntimeError):
     pass
 
@@ -44,6 +52,9 @@ class Chromium:
         self.profile = tempfile.mkdtemp(prefix="mlink-chromium-")
         to_browser_r, self._to_browser = os.pipe()
         self._from_browser, from_browser_w = os.pipe()
+        # the browser's ends at 10 or above, so the moves to fd 3 and 4 below never overwrite one
+        # of them (a process with few open files gets pipes at 3 and 4 themselves)
+        to_browser_r, from_browser_w = (_above(fd, 10) for fd in (to_browser_r, from_browser_w))
         args = [
             executable,
             "--headless",

@@ -97,12 +97,12 @@ def running_daemon(
 
 
 @contextmanager
-def app_behind_readers(daemon: Daemon) -> Iterator[ReaderPool]:
+def app_behind_readers(daemon: Daemon, log_level: str = "warning") -> Iterator[ReaderPool]:
     """``daemon``'s app on the upstream socket of one reader process that listens on an ephemeral
     loopback port (``ReaderPool.port``), as ``mlink serve`` wires them."""
     from mlink.server.api import create_app
 
-    readers = ReaderPool(daemon, 1, "127.0.0.1", 0).start()
+    readers = ReaderPool(daemon, 1, "127.0.0.1", 0, log_level=log_level).start()
     server = uvicorn.Server(
         uvicorn.Config(create_app(daemon, readers=readers), uds=readers.upstream, log_level="warning")
     )
@@ -118,7 +118,9 @@ def app_behind_readers(daemon: Daemon) -> Iterator[ReaderPool]:
 
 
 @contextmanager
-def behind_readers(site: dict[str, Any], home: Path, store: AssetStore) -> Iterator[tuple[Daemon, ReaderPool]]:
+def behind_readers(
+    site: dict[str, Any], home: Path, store: AssetStore, log_level: str = "warning"
+) -> Iterator[tuple[Daemon, ReaderPool]]:
     """A daemon that is not started (no pipeline, no plan): its cache on a real embedded Redis,
     and its app behind a reader process (:func:`app_behind_readers`). For tests of what the
     readers answer and forward; results are put into ``daemon.cache`` by the test. Redis's
@@ -127,7 +129,7 @@ def behind_readers(site: dict[str, Any], home: Path, store: AssetStore) -> Itera
     daemon = Daemon(cfg, None, store, progress=False)
     daemon.cache, daemon._redis = open_cache(cfg.cache, prefix=f"mlink:{cfg.site}", home=home)
     try:
-        with app_behind_readers(daemon) as readers:
+        with app_behind_readers(daemon, log_level) as readers:
             yield daemon, readers
     finally:
         daemon.stop()

@@ -142,3 +142,20 @@ def test_a_dead_reader_is_reported_and_restarted(pool, clients) -> None:
     assert str(pid) in health["readers"]["last_exit"] and "-9" in health["readers"]["last_exit"]
     wait_for(lambda: public.get("/api/v1/models").headers.get("x-mlink-served-by") == "reader", 30, "the new reader")
     assert readers.pids() != [pid]
+
+
+def test_a_token_in_a_forwarded_query_reaches_no_log(store: AssetStore, tmp_path, capfd) -> None:
+    """A reader logging at INFO forwards ``/healthz?token=...``: the token is in no log line (the
+    HTTP client the readers forward with logs each URL it sends at INFO, query string included)."""
+    secret = "q7-forwarded-s3cret"
+    site = {**SITE, "site": "readerlogs"}
+    with (
+        behind_readers(site, tmp_path, store, log_level="info") as (_, readers),
+        httpx.Client(base_url=f"http://127.0.0.1:{readers.port}", timeout=30) as public,
+    ):
+        wait_for(lambda: public.get("/api/v1/models").headers.get("x-mlink-served-by") == "reader", 30, "a reader")
+        for path in ("/healthz", "/metrics", "/nowhere", "/api/v1/models"):  # forwarded, forwarded, 404, answered
+            public.get(path, params={"token": secret})
+    out, err = capfd.readouterr()  # the reader process's stderr included
+    assert "mlink.reader" in out + err or "INFO" in out + err  # it does log at INFO
+    assert secret not in out + err

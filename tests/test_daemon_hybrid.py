@@ -13,6 +13,7 @@ import time
 
 import httpx
 import pytest
+from browser import Chromium, find_chromium  # tests/browser.py
 from daemons import Running, app_behind_readers, running_daemon  # tests/daemons.py
 from prometheus_client.parser import text_string_to_metric_families
 from waiting import wait_for  # tests/waiting.py
@@ -172,3 +173,28 @@ def test_reader_processes_serve_the_measured_accuracy_and_the_history(run: Runni
         assert any(r["n"] > 0 for r in measured["nodes"].values())
         history = public.get("/api/v1/schedule").json()["history"]
         assert [h["plan_id"] for h in history] == [h["plan_id"] for h in run.daemon.snapshot.history]
+
+
+def test_the_dashboard_shows_which_models_rotate(run: Running) -> None:
+    """The dashboard's models table takes each model's state from the hybrid plan's modes: the
+    rotating models say "rotating", the resident ones "loaded" (headless Chromium, as in
+    tests/test_dashboard_browser.py)."""
+    chromium = find_chromium()
+    if chromium is None:
+        pytest.skip("no Chromium found (/usr/bin/chromium: Debian's `chromium`, installed by .ci/debian-packages)")
+    assert run.client is not None
+    modes = run.client.get("/api/v1/schedule").json()["plan"]["hybrid"]["modes"]
+    assert modes["rotating"], modes  # this site rotates a model: else the test would prove nothing
+    with Chromium(chromium) as page:
+        page.goto(f"{run.client.base_url}/")
+        states = wait_for(
+            lambda: page.js(
+                "Object.fromEntries([...document.querySelectorAll('#models tbody tr')]"
+                ".map(r => [r.dataset.model, r.dataset.state]))"
+            ),
+            30,
+            "the models table",
+            every=0.5,
+        )
+    assert {m for m, s in states.items() if s == "rotating"} == set(modes["rotating"]), (states, modes)
+    assert {m for m, s in states.items() if s == "loaded"} == set(modes["resident"]), (states, modes)

@@ -22,7 +22,7 @@ const S = {
   expected: {}, // output -> [{t, v}]
   measured: null, // /api/v1/links' measured: rotation's audits per output, with their series
   plans: [], // plan summaries, oldest first (the daemon's history; else those seen since the page opened)
-  rotating: new Set(), // predicted by the plan, yet seen executing (a rotation window)
+  rotating: new Set(), // predicted by the plan, yet seen executing: for plans that do not list their modes
   plan: null,
 };
 
@@ -261,7 +261,9 @@ function renderSchedule(sched, models) {
   $("reselect").textContent = left === null ? "no periodic re-selection" :
     `next re-selection in ${left >= 120 ? `${Math.round(left / 60)} min` : `${Math.round(left)} s`} (at ${new Date(plan.next_reselect_at * 1000).toLocaleTimeString()})`;
   $("models").tBodies[0].replaceChildren(...models.map((m) => {
-    const st = m.unavailable ? "unavailable" : S.rotating.has(m.name) ? "rotating" : plan.predicted.includes(m.name) ? "predicted" : m.loaded ? "loaded" : "not loaded";
+    const modes = plan.hybrid && plan.hybrid.modes;  // a hybrid plan says which models rotate
+    const rotating = modes ? modes.rotating.includes(m.name) : S.rotating.has(m.name);
+    const st = m.unavailable ? "unavailable" : rotating ? "rotating" : plan.predicted.includes(m.name) ? "predicted" : m.loaded ? "loaded" : "not loaded";
     const sw = el("span", { class: "swatch" });
     sw.style.background = colour(m.name);
     return el("tr", { "data-model": m.name, "data-state": st },

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from mlink.models.catalog import model_info
 from mlink.models.placement import latest_placement
+from mlink.server.overlay import hex_colour, model_colours
 
 if TYPE_CHECKING:
     from mlink.scheduler.planner import Planner
@@ -96,7 +97,10 @@ def model_rows(entries: Sequence[Any], plan: Plan | None, pool: ModelPool | None
     ``executes_on`` is the device the model ran on at its latest load on the pool's device
     (None: not loaded yet), ``fallback`` why that is not the pool's device (a CUDA site whose
     ONNX Runtime has no CUDA provider, OpenCV's HOG): see :mod:`mlink.models.placement`.
+    ``colour``: the model's colour in the snapshots (:func:`mlink.server.overlay.model_colours`),
+    which the dashboard uses too, so a model looks the same on both.
     """
+    colours = model_colours(entry.name for entry in entries)
     rows = []
     for entry in entries:
         info = model_info(entry.name)
@@ -117,6 +121,7 @@ def model_rows(entries: Sequence[Any], plan: Plan | None, pool: ModelPool | None
                 "unavailable": (pool.unavailable_reason(entry.name) if pool is not None else None),
                 "executes_on": placed.executes_on if placed is not None else None,
                 "fallback": placed.fallback if placed is not None else None,
+                "colour": hex_colour(colours[entry.name]),
             }
         )
     return tuple(rows)

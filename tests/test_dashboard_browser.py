@@ -28,6 +28,7 @@ from waiting import wait_for  # tests/waiting.py
 from mlink.models.assets import AssetStore
 from mlink.server.api import create_app
 from mlink.server.dashboard import FILES
+from mlink.server.overlay import hex_colour, model_colours
 from mlink.server.readers import ReaderPool
 
 TOKEN = "dash-token"
@@ -150,7 +151,7 @@ def test_the_grid_shows_every_camera_with_its_frame_and_outputs(page: Chromium) 
     assert all(acc.endswith("%") for _, _, acc in rows), rows  # expected accuracy with every output
 
 
-def test_a_predicted_output_is_drawn_differently_from_an_executed_one(page: Chromium) -> None:
+def test_a_predicted_output_is_drawn_differently_from_an_executed_one(page: Chromium, run: Running) -> None:
     boxes = wait_for(
         lambda: (b := _boxes(page)) and {"executed", "predicted"} <= {x["provenance"] for x in b} and b,
         60,
@@ -163,6 +164,10 @@ def test_a_predicted_output_is_drawn_differently_from_an_executed_one(page: Chro
     assert all(b["dash"] == "none" for b in executed), executed  # solid
     assert all(b["dash"] not in ("", "none") for b in predicted), predicted  # dashed
     assert {b["stroke"] for b in executed}.isdisjoint({b["stroke"] for b in predicted})  # a colour per model
+    assert run.client is not None  # ... the colour snapshot.jpg draws it in (server/overlay.py, /api/v1/models)
+    colours = {m["name"]: m["colour"] for m in run.client.get("/api/v1/models").json()}
+    assert colours == {n: hex_colour(c) for n, c in model_colours(colours).items()}
+    assert all(b["stroke"] == colours[b["model"]] for b in boxes), (boxes, colours)
     assert page.js("document.getElementById('legend').textContent").count("predicted") == 1
 
 

@@ -51,6 +51,8 @@ const pct = (v) => (v === null || v === undefined ? "–" : `${(100 * v).toFixed
 const mib = (b) => (b === null || b === undefined ? "–" : `${(b / 1048576).toFixed(1)} MiB`);
 const modelOf = (output) => output.split(":")[0];
 
+// A model's colour: the server's (/api/v1/models `colour`, as snapshot.jpg draws it); the palette
+// only for a model seen in a result before the models were read.
 function colour(model) {
   if (!(model in S.colours)) S.colours[model] = PALETTE[Object.keys(S.colours).length % PALETTE.length];
   return S.colours[model];
@@ -275,7 +277,7 @@ function renderSchedule(sched, models) {
 
 async function pollSchedule() {
   const models = await getJSON(`${API}/models`);
-  models.forEach((m) => colour(m.name)); // one colour per model, in the catalogue's order
+  for (const m of models) if (m.colour) S.colours[m.name] = m.colour; // the snapshots' colours (server/overlay.py)
   try {
     renderSchedule(await getJSON(`${API}/schedule`), models);
   } catch (e) {

@@ -29,14 +29,15 @@ from mlink.server.api_read import (
     add_error_handlers,
     error_responses,
     snapshot_headers,
+    too_large,
 )
 from mlink.server.api_snapshots import install_snapshots
 from mlink.server.daemon import Daemon
 from mlink.server.dashboard import dashboard_router
-from mlink.server.metrics import CONTENT_TYPE, collect_metrics
+from mlink.server.metrics import CONTENT_TYPE
 from mlink.server.metrics_app import AppMetrics, install_metrics
 
-__all__ = ["collect_metrics", "create_app"]
+__all__ = ["create_app"]
 
 
 class ReaderHealth(Protocol):
@@ -102,7 +103,7 @@ def metrics(daemon: DaemonDep, request: Request) -> Response:
 async def read_body(request: Request, limit: int = MAX_CONFIG_BYTES) -> str:
     """The request body as text, refused (413) past ``limit`` bytes before more is read (a 10 MB
     body once parsed for minutes) and (400) when it is not UTF-8."""
-    too_big = HTTPException(413, {"error": f"the body is larger than {limit // 1024} KiB, the most a config may be"})
+    too_big = HTTPException(413, too_large(limit))
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise too_big

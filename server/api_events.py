@@ -31,9 +31,8 @@ import redis.asyncio as aioredis
 from fastapi import APIRouter, Header, HTTPException, Request
 from fastapi.responses import StreamingResponse
 
-from mlink.server.api_read import DaemonDep, camera_or_404, error_responses
+from mlink.server.api_read import DaemonDep, camera_or_404, error_responses, unavailable
 from mlink.server.cache_layout import Keys
-from mlink.server.redact import redact
 
 log = logging.getLogger("mlink.api.events")
 
@@ -70,13 +69,6 @@ class _Slots:
 _slots = _Slots()
 
 
-def _unavailable(why: str) -> HTTPException:
-    log.warning("event stream refused: %s", redact(why))
-    return HTTPException(
-        503, {"error": "the result store is unreachable; try again shortly"}, headers={"Retry-After": "1"}
-    )
-
-
 def _stream_id(raw: str | None) -> str | None:
     if raw is None or raw == "":
         return None
@@ -108,7 +100,7 @@ async def _open(cache: Any, key: str, resume: str | None) -> tuple[aioredis.Redi
         oldest: Any = await client.xrange(key, count=1)
     except (redis.RedisError, OSError) as exc:
         await client.aclose()
-        raise _unavailable(f"{type(exc).__name__}: {exc}") from None
+        raise unavailable(exc) from None
     gap = b""
     if oldest and resume not in ("0", "0-0") and _parse(resume) < _parse(oldest[0][0].decode()):
         gap = b'event: gap\ndata: {"after":"%s","oldest":"%s"}\n\n' % (resume.encode(), oldest[0][0])
@@ -163,7 +155,7 @@ async def _respond(request: Request, daemon: Any, camera: str | None, last_event
     resume = _stream_id(last_event_id)
     cache = daemon.cache
     if cache is None:
-        raise _unavailable("no result store")
+        raise unavailable("no result store")
     keys: Keys = cache.keys
     key = keys.events if camera is None else keys.stream(camera)
     client, after, gap = await _open(cache, key, resume)

@@ -84,10 +84,16 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {c: {"model": ErrorBody, "description": _REASONS[c]} for c in codes}
 
 
-def unavailable(exc: CacheUnavailable) -> HTTPException:
-    """A 503 for a result store that cannot answer. The reason stays in the daemon's log: it names
-    the store's address (a unix socket path, a host), which is nobody's business outside."""
-    log.warning("result store unavailable: %s", redact(str(exc)))
+def too_large(limit: int) -> dict[str, str]:
+    """The 413 body for a request body over ``limit`` bytes (the daemon's reload route, and a
+    reader that refuses to hold such a body before forwarding it)."""
+    return {"error": f"the body is larger than {limit // 1024} KiB, the most a config may be"}
+
+
+def unavailable(why: Exception | str) -> HTTPException:
+    """A 503 for a result store that cannot answer. The reason stays in the log: it names the
+    store's address (a unix socket path, a host), which is nobody's business outside."""
+    log.warning("result store unavailable: %s", redact(why if isinstance(why, str) else f"{type(why).__name__}: {why}"))
     return HTTPException(
         503, {"error": "the result store is unreachable; try again shortly"}, headers={"Retry-After": "1"}
     )

@@ -16,7 +16,6 @@ from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Literal
 
-from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -48,19 +47,6 @@ def per_label(name: str, help: str, type: MetricType, label: str, values: Mappin
     for key, value in values.items():
         fam.add_metric([str(key)], float(value))  # type: ignore[attr-defined]
     return fam
-
-
-class _Families(Collector):
-    def __init__(self, families: Iterable[Metric]) -> None:
-        self.families = list(families)
-
-    def collect(self) -> Iterable[Metric]:
-        return self.families
-
-
-def render(metrics: Iterable[Metric]) -> str:
-    """The text exposition (format 0.0.4) of ``metrics``, by the library's own writer."""
-    return generate_latest(_Families(metrics)).decode()
 
 
 def placement_metrics(rows: Iterable[Mapping[str, Any]]) -> list[Metric]:

@@ -38,7 +38,7 @@ from fastapi import FastAPI
 from mlink.configs.load import MAX_CONFIG_BYTES
 from mlink.server.access_log import quiet_http_clients
 from mlink.server.api_events import events_router
-from mlink.server.api_read import READ_ROUTERS, add_error_handlers
+from mlink.server.api_read import READ_ROUTERS, add_error_handlers, too_large
 from mlink.server.cache import ResultCache
 from mlink.server.cache_layout import json_body
 from mlink.server.freshness import latest_body
@@ -145,7 +145,7 @@ class ReaderApp:
             msg = await receive()
             body += msg.get("body", b"")
             if len(body) > MAX_CONFIG_BYTES:  # the daemon refuses it too: do not hold more of it here
-                status, data = _json(413, {"error": f"the body is larger than {MAX_CONFIG_BYTES // 1024} KiB"})
+                status, data = _json(413, too_large(MAX_CONFIG_BYTES))
                 headers = [*JSON, (b"content-length", b"%d" % len(data)), (b"connection", b"close"), SERVED_BY]
                 await send({"type": "http.response.start", "status": status, "headers": headers})
                 await send({"type": "http.response.body", "body": data})

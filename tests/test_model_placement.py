@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import onnxruntime as ort
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.registry import Collector
 
 from mlink.configs.load import parse_config
 from mlink.models.assets import AssetStore
@@ -18,7 +20,7 @@ from mlink.models.catalog import create_model, zoo_catalog
 from mlink.models.placement import Placement, forget_placements, latest_placement
 from mlink.models.zoo._onnx import CPU_EP, CUDA_EP, ProviderChoice, choose_providers, started_fallback
 from mlink.scheduler.pool import ModelPool
-from mlink.server.metrics import placement_metrics, render
+from mlink.server.metrics import placement_metrics
 from mlink.server.snapshot import model_rows
 
 BOTH = [CUDA_EP, CPU_EP]
@@ -65,6 +67,18 @@ def test_no_cuda_provider_falls_back_with_the_fix(packages, reason):
 def test_unknown_devices_are_refused(device):
     with pytest.raises(ModelError, match="unknown device"):
         choose_providers(device, BOTH, name="yolox_nano")
+
+
+def render(families: list) -> str:
+    """The text exposition of ``families``, as a scrape writes it."""
+
+    class Families(Collector):
+        def collect(self) -> list:
+            return families
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Families())
+    return generate_latest(registry).decode()
 
 
 def test_a_cuda_provider_that_did_not_start_is_a_fallback():

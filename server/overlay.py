@@ -21,6 +21,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from mlink.configs.nodes import node_model
+
 BGR = tuple[int, int, int]
 
 # Distinct, saturated colours that read on video (BGR): Okabe-Ito and Tableau hues.
@@ -137,7 +139,7 @@ def legend_lines(result: dict[str, Any]) -> list[tuple[str, str | None]]:
         acc = out.get("expected_accuracy")
         acc_text = "acc ?" if acc is None else f"acc {float(acc):.2f}"
         text = f"{node}: {value_text(out.get('value'))}  {provenance_text(out)}  {acc_text}"
-        lines.append((text, node.split(":", 1)[0]))
+        lines.append((text, node_model(node)))
     for model, why in sorted((result.get("missing") or {}).items()):
         lines.append((f"{model}: missing ({str(why)[:40]})", model))
     return lines
@@ -150,12 +152,12 @@ def draw(image: np.ndarray, result: dict[str, Any] | None) -> np.ndarray:
         return out
     h, w = out.shape[:2]
     outputs: dict[str, dict[str, Any]] = result.get("outputs") or {}
-    colours = model_colours([n.split(":", 1)[0] for n in outputs] + list(result.get("missing") or {}))
+    colours = model_colours([node_model(n) for n in outputs] + list(result.get("missing") or {}))
     thick = max(1, round(w / 480))
     # executed boxes last, so they stay on top where both coincide
     for node, o in sorted(outputs.items(), key=lambda kv: kv[1].get("provenance") == "executed"):
         if isinstance(o.get("value"), list):
-            _boxes(out, o["value"], colours[node.split(":", 1)[0]], style(o), thick)
+            _boxes(out, o["value"], colours[node_model(node)], style(o), thick)
     _legend(out, legend_lines(result), colours, scale=max(0.35, min(w, 2 * h) / 1600), thick=max(1, thick // 2))
     return out
 

@@ -77,11 +77,12 @@ def test_serving_goes_on_while_a_period_runs_in_the_worker(daemon: Daemon) -> No
     assert held_counts["dropped"] == at_start["dropped"]  # no frame dropped so far in the period
     worker.hold.set()
     wait_for(lambda: not worker.busy, 60, "the period applied")
-    run = worker.runs[-1]
-    assert run["mode"] == "worker" and run["period"] == 1
+    # period 1's record (period_s is 4: by now a second period may have run too)
+    run = next(r for r in worker.runs if r["period"] == 1)
+    assert run["mode"] == "worker"
     assert run["during"]["served"] >= 3 and run["during"]["dropped"] == 0, run
-    report = daemon.planner.reports[-1]
-    assert report.period == 1 and sorted(report.profiled) == ["hog_people", "mobilenet_v2", "yolox_nano"]
+    report = next(r for r in daemon.planner.reports if r.period == 1)
+    assert sorted(report.profiled) == ["hog_people", "mobilenet_v2", "yolox_nano"]
     assert report.fine_tuned and daemon.planner.plan.id > old.id
     assert daemon.planner.links is not None and daemon.planner.links.history  # the fine-tuned copy, swapped in
     new_id = daemon.planner.plan.id
